@@ -1,0 +1,132 @@
+"""Hugging Face BERT checkpoints (config.json + safetensors) <-> realm-jax parameters.
+
+The name mapping lives in `hf_to_flax_names` only.  Torch `Linear` weights are
+[out, in] and are transposed; attention projections are reshaped to
+[embed, heads, head_dim].  Safetensors holds plain tensors: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import load_file
+
+from realm_jax.models.bert import BertConfig, BertEncoder
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+# Tensors in HF files that carry no parameters.
+IGNORED_HF_TENSORS = ("embeddings.position_ids",)
+
+
+def _transpose(x: np.ndarray) -> np.ndarray:
+  return x.T
+
+
+def hf_to_flax_names(config: BertConfig, prefix: str = "") -> dict[str, tuple[tuple[str, ...], Transform]]:
+  """HF tensor name -> (flax parameter path, transform from HF layout to flax layout)."""
+  h, d = config.num_heads, config.head_dim
+  identity: Transform = np.asarray
+  heads_in: Transform = lambda w: w.T.reshape(-1, h, d)  # noqa: E731  [out,in] -> [in,h,d]
+  heads_bias: Transform = lambda b: b.reshape(h, d)  # noqa: E731
+  heads_out: Transform = lambda w: w.T.reshape(h, d, -1)  # noqa: E731  [out,in] -> [h,d,out]
+
+  def norm(hf: str, flax: tuple[str, ...]) -> dict[str, tuple[tuple[str, ...], Transform]]:
+    return {
+        f"{hf}.weight": (flax + ("norm", "scale"), identity),
+        f"{hf}.bias": (flax + ("norm", "bias"), identity),
+    }
+
+  def dense(hf: str, flax: tuple[str, ...], kernel: Transform = _transpose, bias: Transform = identity):
+    return {f"{hf}.weight": (flax + ("kernel",), kernel), f"{hf}.bias": (flax + ("bias",), bias)}
+
+  table = {}
+  for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+    table[f"embeddings.{name}.weight"] = (("embeddings", name, "embedding"), identity)
+  table |= norm("embeddings.LayerNorm", ("embeddings", "layer_norm"))
+  for i in range(config.num_layers):
+    hf, fx = f"encoder.layer.{i}", (f"layer_{i}",)
+    for proj in ("query", "key", "value"):
+      table |= dense(f"{hf}.attention.self.{proj}", fx + ("attention", proj), heads_in, heads_bias)
+    table |= dense(f"{hf}.attention.output.dense", fx + ("attention", "output"), heads_out)
+    table |= norm(f"{hf}.attention.output.LayerNorm", fx + ("attention_layer_norm",))
+    table |= dense(f"{hf}.intermediate.dense", fx + ("intermediate",))
+    table |= dense(f"{hf}.output.dense", fx + ("output",))
+    table |= norm(f"{hf}.output.LayerNorm", fx + ("output_layer_norm",))
+  table |= dense("pooler.dense", ("pooler",))
+  return {prefix + k: v for k, v in table.items()}
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint whose tensors do not match the model: names what is missing, extra or mis-shaped."""
+
+
+def find_prefix(names: set[str]) -> str:
+  """HF files store BERT either bare or under "bert." (e.g. BertForPreTraining)."""
+  return "bert." if any(n.startswith("bert.encoder.") for n in names) else ""
+
+
+def convert_hf_tensors(
+    tensors: Mapping[str, np.ndarray],
+    config: BertConfig,
+    expected_shapes: Mapping[tuple[str, ...], tuple[int, ...]],
+    source: str,
+) -> dict:
+  """Maps HF tensors onto a flax parameter tree, checking names and shapes."""
+  mapping = hf_to_flax_names(config, find_prefix(set(tensors)))
+  missing = sorted(set(mapping) - set(tensors))
+  problems = [f"missing tensor {n!r}" for n in missing]
+  flat = {}
+  for hf_name, (path, transform) in mapping.items():
+    if hf_name in missing:
+      continue
+    value = transform(np.asarray(tensors[hf_name], np.float32))
+    want = expected_shapes.get(path)
+    if want is None:
+      problems.append(f"tensor {hf_name!r} maps to unknown parameter {'/'.join(path)}")
+    elif tuple(value.shape) != tuple(want):
+      problems.append(
+          f"tensor {hf_name!r} has shape {tuple(tensors[hf_name].shape)}; "
+          f"{'/'.join(path)} needs {tuple(want)} after conversion, got {value.shape}"
+      )
+    flat[path] = value
+  unmapped = set(expected_shapes) - set(flat) - {mapping[n][0] for n in missing}
+  problems += [f"parameter {'/'.join(p)} has no tensor in the checkpoint" for p in sorted(unmapped)]
+  extra = sorted(
+      n for n in tensors
+      if n not in mapping and not n.endswith(IGNORED_HF_TENSORS) and n.startswith(find_prefix(set(tensors)))
+  )
+  problems += [f"unexpected tensor {n!r}" for n in extra]
+  if problems:
+    raise CheckpointMismatchError(f"{source}: " + "; ".join(problems))
+  return traverse_util.unflatten_dict(flat)
+
+
+def load_hf_bert(model_dir: str | Path, **config_overrides) -> tuple[BertConfig, dict]:
+  """Loads `config.json` + `model.safetensors` from a HF BERT directory into encoder params."""
+  model_dir = Path(model_dir)
+  weights = model_dir / "model.safetensors"
+  if not weights.exists():
+    bin_file = model_dir / "pytorch_model.bin"
+    hint = " (convert pytorch_model.bin to safetensors first)" if bin_file.exists() else ""
+    raise FileNotFoundError(f"{weights}: no safetensors weights{hint}")
+  config = BertConfig.from_hf_json(model_dir / "config.json", **config_overrides)
+  try:
+    tensors = load_file(str(weights))
+  except Exception as e:  # safetensors raises its own error types for corrupt headers
+    raise ValueError(f"{weights}: unreadable safetensors file: {e}") from e
+  return config, convert_hf_tensors(tensors, config, encoder_param_shapes(config), str(weights))
+
+
+def encoder_param_shapes(config: BertConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Flat parameter shapes of `BertEncoder(config)`, computed abstractly (no FLOPs, no memory)."""
+  ids = jnp.zeros((1, 4), jnp.int32)
+  abstract = jax.eval_shape(lambda: BertEncoder(config).init(jax.random.key(0), ids, ids))
+  params = nn.meta.unbox(abstract["params"])
+  return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(params).items()}

@@ -1,0 +1,355 @@
+"""Documents -> retrieval blocks, and the on-disk block store that later jobs memory-map.
+
+A block is `[CLS] title [SEP] body [SEP]` with at most `max_block_len` (288)
+word pieces.  Sentences of a document are packed greedily; a sentence longer
+than the body budget is cut at word-piece boundaries.  Entity spans are mapped
+to the word pieces that lie fully inside them (REALM's rule); spans that cross a
+block boundary or cover no word piece are dropped and counted.
+
+Store layout (one directory, written to a staging name and renamed when complete):
+  manifest.json                    counts, tokenizer fingerprint, corpus fingerprint, arrays
+  <array>.bin                      raw little-endian arrays described in the manifest
+  texts.jsonl + text_offsets.bin   per block {doc_id, title, text, uid}, random access by offset
+Arrays are CSR: `title_ids`/`title_offsets`, `body_ids`/`body_offsets`,
+`sentence_starts`/`sentence_offsets` (body-relative), `spans` [S, 3] (start, end, label id,
+body-relative, end exclusive)/`span_offsets`; `uids` [N, 20] uint8 (SHA1 of "title <sep> body").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from realm_jax.data.corpus import Document
+from realm_jax.data.tokenization import Tokenizer
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+# Sentence ends: . ! ? (plus closing quotes/brackets) followed by space and an upper-case/digit/quote start.
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9])")
+
+
+class BlockStoreError(ValueError):
+  """A block store that is missing, incomplete, corrupt or made for another vocabulary."""
+
+
+def split_sentences(text: str) -> list[tuple[int, int]]:
+  """Character spans of sentences (heuristic splitter; whitespace between sentences is dropped)."""
+  spans, start = [], 0
+  for m in _SENTENCE_END.finditer(text):
+    spans.append((start, m.start() + len(m.group(0).rstrip())))
+    start = m.end()
+  spans.append((start, len(text)))
+  return [(s, e) for s, e in spans if text[s:e].strip()]
+
+
+def block_uid(title: str, body: str) -> bytes:
+  """SHA1 of "title <sep> body", as the released REALM code identifies documents."""
+  return hashlib.sha1(f"{title} <sep> {body}".encode()).digest()
+
+
+@dataclasses.dataclass
+class Block:
+  doc_id: str
+  title: str
+  text: str  # body text (the characters the body word pieces come from)
+  title_ids: np.ndarray
+  body_ids: np.ndarray
+  sentence_starts: np.ndarray  # body-relative token index of each sentence start
+  spans: np.ndarray  # [S, 3] body-relative (start, end, label id)
+
+  @property
+  def uid(self) -> bytes:
+    return block_uid(self.title, self.text)
+
+
+class BlockPacker:
+  """Packs documents into blocks of <= max_block_len word pieces."""
+
+  def __init__(self, tokenizer: Tokenizer, max_block_len: int = 288, max_title_len: int = 64):
+    if max_block_len < max_title_len + 3 + 8:
+      raise ValueError(f"max_block_len={max_block_len} is too short for {max_title_len}-token titles")
+    self.tokenizer = tokenizer
+    self.max_block_len = max_block_len
+    self.max_title_len = max_title_len
+    self.labels: dict[str, int] = {}
+    self.stats: Counter = Counter()
+
+  def label_id(self, label: str) -> int:
+    return self.labels.setdefault(label, len(self.labels))
+
+  def pack(self, doc: Document) -> list[Block]:
+    """Greedy packing of one document's sentences."""
+    title_ids, _ = self.tokenizer.encode(doc.title)
+    if len(title_ids) > self.max_title_len:
+      self.stats["titles_truncated"] += 1
+      title_ids = title_ids[: self.max_title_len]
+    ids, offsets = self.tokenizer.encode(doc.text)
+    if not len(ids):
+      raise ValueError(f"{doc.source}: field 'text': document {doc.doc_id!r} has no word pieces")
+    budget = self.max_block_len - 3 - len(title_ids)
+    # Token ranges of sentences (a token belongs to the sentence holding its first character).
+    sentence_bounds = split_sentences(doc.text)
+    ends = np.asarray([e for _, e in sentence_bounds])
+    sentence_of_token = np.minimum(np.searchsorted(ends, offsets[:, 0], side="right"), len(ends) - 1)
+    pieces = []  # (token_start, token_end) of sentences, long ones cut to the budget
+    for s in np.unique(sentence_of_token):
+      tokens = np.flatnonzero(sentence_of_token == s)
+      for start in range(tokens[0], tokens[-1] + 1, budget):
+        pieces.append((start, min(start + budget, tokens[-1] + 1)))
+        if start > tokens[0]:
+          self.stats["sentences_cut"] += 1
+    groups, current = [], []
+    for start, end in pieces:
+      if current and end - current[0][0] > budget:
+        groups.append(current)
+        current = []
+      current.append((start, end))
+    groups.append(current)
+    return [self._make_block(doc, title_ids, ids, offsets, g) for g in groups]
+
+  def _make_block(self, doc, title_ids, ids, offsets, sentences) -> Block:
+    first, last = sentences[0][0], sentences[-1][1]
+    char_start, char_end = int(offsets[first, 0]), int(offsets[last - 1, 1])
+    spans = []
+    for cs, ce, label in doc.spans:
+      inside = np.flatnonzero((offsets[:, 0] >= cs) & (offsets[:, 1] <= ce))
+      if not len(inside):
+        self.stats["spans_without_tokens"] += 1
+      elif inside[0] < first or inside[-1] >= last:
+        if inside[-1] >= first and inside[0] < last:
+          self.stats["spans_crossing_blocks"] += 1
+      else:
+        spans.append((inside[0] - first, inside[-1] + 1 - first, self.label_id(label)))
+    self.stats["spans_kept"] += len(spans)
+    return Block(
+        doc_id=doc.doc_id,
+        title=doc.title,
+        text=doc.text[char_start:char_end],
+        title_ids=title_ids,
+        body_ids=ids[first:last],
+        sentence_starts=np.asarray([s - first for s, _ in sentences], np.int32),
+        spans=np.asarray(spans, np.int32).reshape(-1, 3),
+    )
+
+
+# name -> (dtype, trailing shape)
+_ARRAYS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "title_ids": ("int32", ()),
+    "title_offsets": ("int64", ()),
+    "body_ids": ("int32", ()),
+    "body_offsets": ("int64", ()),
+    "sentence_starts": ("int32", ()),
+    "sentence_offsets": ("int64", ()),
+    "spans": ("int32", (3,)),
+    "span_offsets": ("int64", ()),
+    "uids": ("uint8", (20,)),
+    "text_offsets": ("int64", ()),
+}
+
+
+def write_block_store(
+    blocks: Iterable[Block],
+    out_dir: str | Path,
+    tokenizer: Tokenizer,
+    max_block_len: int,
+    corpus_fingerprint: str,
+    manifest_extras: Callable[[], dict[str, Any]] = dict,
+) -> dict:
+  """Streams blocks to `<out_dir>.staging` and renames it to `out_dir` when complete.
+
+  `manifest_extras` is called once all blocks are written (e.g. to add packing statistics).
+  """
+  out_dir = Path(out_dir)
+  staging = out_dir.with_name(out_dir.name + ".staging")
+  if staging.exists():
+    shutil.rmtree(staging)
+  staging.mkdir(parents=True)
+  files = {name: (staging / f"{name}.bin").open("wb") for name in _ARRAYS}
+  counts = Counter()
+  offsets = {"title": 0, "body": 0, "sentence": 0, "span": 0, "text": 0}
+  for name in ("title_offsets", "body_offsets", "sentence_offsets", "span_offsets", "text_offsets"):
+    files[name].write(np.int64(0).tobytes())
+  with (staging / "texts.jsonl").open("wb") as texts:
+    for block in blocks:
+      line = (json.dumps(
+          {"doc_id": block.doc_id, "title": block.title, "text": block.text, "uid": block.uid.hex()},
+          ensure_ascii=False,
+      ) + "\n").encode()
+      texts.write(line)
+      for key, name, arr in (
+          ("title", "title_ids", block.title_ids),
+          ("body", "body_ids", block.body_ids),
+          ("sentence", "sentence_starts", block.sentence_starts),
+          ("span", "spans", block.spans),
+      ):
+        files[name].write(np.ascontiguousarray(arr, _ARRAYS[name][0]).tobytes())
+        offsets[key] += len(arr)
+        files[f"{key}_offsets"].write(np.int64(offsets[key]).tobytes())
+      offsets["text"] += len(line)
+      files["text_offsets"].write(np.int64(offsets["text"]).tobytes())
+      files["uids"].write(block.uid)
+      counts["blocks"] += 1
+  for f in files.values():
+    f.close()
+  n = counts["blocks"]
+  if not n:
+    shutil.rmtree(staging)
+    raise ValueError("no blocks to write: the corpus is empty")
+  lengths = {
+      "title_ids": offsets["title"], "body_ids": offsets["body"],
+      "sentence_starts": offsets["sentence"], "spans": offsets["span"], "uids": n,
+  }
+  arrays = {}
+  for name, (dtype, tail) in _ARRAYS.items():
+    rows = lengths.get(name, n + 1)
+    arrays[name] = {"dtype": dtype, "shape": [rows, *tail]}
+  manifest = {
+      "format_version": FORMAT_VERSION,
+      "num_blocks": n,
+      "max_block_len": max_block_len,
+      "tokenizer": tokenizer.fingerprint,
+      "vocab_size": tokenizer.vocab_size,
+      "special_ids": {
+          "pad": tokenizer.pad_id, "cls": tokenizer.cls_id,
+          "sep": tokenizer.sep_id, "mask": tokenizer.mask_id,
+      },
+      "corpus_fingerprint": corpus_fingerprint,
+      "arrays": arrays,
+      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+      **manifest_extras(),
+  }
+  (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+  if out_dir.exists():
+    shutil.rmtree(out_dir)
+  os.replace(staging, out_dir)
+  return manifest
+
+
+class BlockStore:
+  """Read-only, memory-mapped view of a block store directory."""
+
+  def __init__(self, path: str | Path):
+    self.path = Path(path)
+    manifest_file = self.path / MANIFEST
+    if not manifest_file.is_file():
+      raise BlockStoreError(f"{self.path}: not a block store (no {MANIFEST}; unfinished build?)")
+    try:
+      self.manifest = json.loads(manifest_file.read_text())
+    except json.JSONDecodeError as e:
+      raise BlockStoreError(f"{manifest_file}: corrupt manifest ({e})") from e
+    if self.manifest.get("format_version") != FORMAT_VERSION:
+      version = self.manifest.get("format_version")
+      raise BlockStoreError(f"{manifest_file}: format_version {version}, this code reads {FORMAT_VERSION}")
+    self.num_blocks: int = self.manifest["num_blocks"]
+    self.max_block_len: int = self.manifest["max_block_len"]
+    self.arrays: dict[str, np.ndarray] = {}
+    for name, spec in self.manifest["arrays"].items():
+      file = self.path / f"{name}.bin"
+      shape = tuple(spec["shape"])
+      expected = int(np.prod(shape)) * np.dtype(spec["dtype"]).itemsize
+      actual = file.stat().st_size if file.is_file() else None
+      if actual != expected:
+        raise BlockStoreError(
+            f"{file}: expected {expected} bytes for {spec['dtype']}{list(shape)}, found "
+            f"{'no file' if actual is None else f'{actual} bytes'} (corrupt or truncated store)"
+        )
+      self.arrays[name] = (
+          np.memmap(file, dtype=spec["dtype"], mode="r", shape=shape) if expected
+          else np.zeros(shape, spec["dtype"])
+      )
+    self._texts = (self.path / "texts.jsonl").open("rb")
+
+  def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+    if tokenizer.fingerprint != self.manifest["tokenizer"]:
+      raise BlockStoreError(
+          f"{self.path}: built with tokenizer {self.manifest['tokenizer']}, not {tokenizer.fingerprint}"
+      )
+
+  def __len__(self) -> int:
+    return self.num_blocks
+
+  def _slice(self, name: str, offsets: str, i: int) -> np.ndarray:
+    o = self.arrays[offsets]
+    return np.asarray(self.arrays[name][o[i] : o[i + 1]])
+
+  def title_ids(self, i: int) -> np.ndarray:
+    return self._slice("title_ids", "title_offsets", i)
+
+  def body_ids(self, i: int) -> np.ndarray:
+    return self._slice("body_ids", "body_offsets", i)
+
+  def sentence_starts(self, i: int) -> np.ndarray:
+    return self._slice("sentence_starts", "sentence_offsets", i)
+
+  def spans(self, i: int) -> np.ndarray:
+    return self._slice("spans", "span_offsets", i)
+
+  def uid(self, i: int) -> bytes:
+    return bytes(self.arrays["uids"][i])
+
+  def text(self, i: int) -> dict:
+    """{doc_id, title, text, uid} of block i."""
+    o = self.arrays["text_offsets"]
+    self._texts.seek(int(o[i]))
+    return json.loads(self._texts.read(int(o[i + 1] - o[i])))
+
+  def iter_texts(self) -> Iterator[dict]:
+    with (self.path / "texts.jsonl").open(encoding="utf-8") as f:
+      for line in f:
+        yield json.loads(line)
+
+  def retriever_inputs(self, ids: Iterable[int], max_len: int | None = None) -> dict[str, np.ndarray]:
+    """`[CLS] title [SEP] body [SEP]` batches: input_ids, input_mask, segment_ids [B, max_len]."""
+    max_len = max_len or self.max_block_len
+    special = self.manifest["special_ids"]
+    ids = list(ids)
+    out = {k: np.zeros((len(ids), max_len), np.int32) for k in ("input_ids", "input_mask", "segment_ids")}
+    for row, i in enumerate(ids):
+      title, body = self.title_ids(i), self.body_ids(i)
+      head = np.concatenate([[special["cls"]], title, [special["sep"]]])
+      tail = np.concatenate([body[: max(0, max_len - len(head) - 1)], [special["sep"]]])
+      tokens = np.concatenate([head, tail])[:max_len]
+      n = len(tokens)
+      out["input_ids"][row, :n] = tokens
+      out["input_mask"][row, :n] = 1
+      out["segment_ids"][row, len(head) : n] = 1
+    return out
+
+
+def build_block_store(
+    documents: Iterable[Document],
+    out_dir: str | Path,
+    tokenizer: Tokenizer,
+    corpus_fingerprint: str,
+    max_block_len: int = 288,
+    max_title_len: int = 64,
+    total: int | None = None,
+) -> dict:
+  """Packs documents into blocks and writes the store; returns the manifest (with stats)."""
+  packer = BlockPacker(tokenizer, max_block_len, max_title_len)
+
+  def blocks() -> Iterator[Block]:
+    for doc in tqdm(documents, total=total, desc="blocks", unit="doc", mininterval=2.0):
+      packer.stats["documents"] += 1
+      for block in packer.pack(doc):
+        packer.stats["tokens"] += len(block.body_ids)
+        yield block
+
+  return write_block_store(
+      blocks(), out_dir, tokenizer, max_block_len, corpus_fingerprint,
+      manifest_extras=lambda: {"span_labels": packer.labels, "stats": dict(packer.stats)},
+  )

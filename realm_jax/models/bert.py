@@ -1,0 +1,249 @@
+"""BERT encoder (post-LN, tanh pooler) and MLM head in Flax Linen.
+
+Parameters carry logical axis names (see `realm_jax.partitioning.LOGICAL_AXIS_RULES`);
+activations are constrained at layer boundaries.  Parameters are float32; `dtype`
+sets the compute dtype (bfloat16 on TPU).  Module names follow the structure of
+Hugging Face `BertModel` so `realm_jax.checkpoints.hf_bert` maps them one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Architecture of a BERT encoder.  Defaults are BERT-base uncased."""
+
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  initializer_range: float = 0.02
+  dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
+  remat: bool = False  # rematerialise each layer in the backward pass
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+    if self.dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @classmethod
+  def from_hf_json(cls, path: str | Path, **overrides: Any) -> BertConfig:
+    """Reads a Hugging Face BERT `config.json`."""
+    path = Path(path)
+    try:
+      hf = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+      raise ValueError(f"{path}: cannot read BERT config: {e}") from e
+    if hf.get("hidden_act", "gelu") != "gelu":
+      raise ValueError(f"{path}: hidden_act={hf['hidden_act']!r} unsupported (only exact 'gelu')")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+      raise ValueError(f"{path}: only absolute position embeddings are supported")
+    fields = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=hf["max_position_embeddings"],
+        type_vocab_size=hf["type_vocab_size"],
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+        hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
+        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+        initializer_range=hf.get("initializer_range", 0.02),
+    )
+    fields.update(overrides)
+    return cls(**fields)
+
+
+def _init(config: BertConfig, names: tuple[str, ...]) -> nn.initializers.Initializer:
+  return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), names)
+
+
+def _zeros(names: tuple[str, ...]) -> nn.initializers.Initializer:
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _ones(names: tuple[str, ...]) -> nn.initializers.Initializer:
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm computed in float32, scale/bias named for the rules table."""
+
+  epsilon: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return nn.LayerNorm(
+        epsilon=self.epsilon,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        scale_init=_ones(("embed",)),
+        bias_init=_zeros(("embed",)),
+        name="norm",
+    )(x.astype(jnp.float32)).astype(self.dtype)
+
+
+class Embeddings(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids: Array, token_type_ids: Array, deterministic: bool) -> Array:
+    c = self.config
+    embed = lambda n, rows, names: nn.Embed(  # noqa: E731
+        rows, c.hidden_size, embedding_init=_init(c, names), name=n
+    )
+    word = embed("word_embeddings", c.vocab_size, ("vocab", "embed"))(input_ids)
+    positions = jnp.arange(input_ids.shape[-1])[None, :]
+    pos = embed("position_embeddings", c.max_position_embeddings, ("position", "embed"))(positions)
+    types = embed("token_type_embeddings", c.type_vocab_size, ("type_vocab", "embed"))(token_type_ids)
+    x = LayerNorm(c.layer_norm_eps, c.compute_dtype, name="layer_norm")(word + pos + types)
+    return nn.Dropout(c.hidden_dropout)(x, deterministic=deterministic)
+
+
+class SelfAttention(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+    c = self.config
+    proj = lambda n: nn.DenseGeneral(  # noqa: E731
+        (c.num_heads, c.head_dim),
+        dtype=c.compute_dtype,
+        kernel_init=_init(c, ("embed", "heads", "kv")),
+        bias_init=_zeros(("heads", "kv")),
+        name=n,
+    )
+    q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(c.head_dim)
+    scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = nn.Dropout(c.attention_dropout)(probs, deterministic=deterministic)
+    context = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(c.compute_dtype), v)
+    return nn.DenseGeneral(
+        c.hidden_size,
+        axis=(-2, -1),
+        dtype=c.compute_dtype,
+        kernel_init=_init(c, ("heads", "kv", "embed")),
+        bias_init=_zeros(("embed",)),
+        name="output",
+    )(context)
+
+
+class TransformerLayer(nn.Module):
+  """One post-LN BERT layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+    c = self.config
+    dropout = nn.Dropout(c.hidden_dropout)
+    attn = SelfAttention(c, name="attention")(x, mask, deterministic)
+    x = LayerNorm(c.layer_norm_eps, c.compute_dtype, name="attention_layer_norm")(
+        x + dropout(attn, deterministic=deterministic)
+    )
+    h = nn.Dense(
+        c.intermediate_size,
+        dtype=c.compute_dtype,
+        kernel_init=_init(c, ("embed", "mlp")),
+        bias_init=_zeros(("mlp",)),
+        name="intermediate",
+    )(x)
+    h = nn.with_logical_constraint(jax.nn.gelu(h, approximate=False), ("batch", "length", "mlp"))
+    h = nn.Dense(
+        c.hidden_size,
+        dtype=c.compute_dtype,
+        kernel_init=_init(c, ("mlp", "embed")),
+        bias_init=_zeros(("embed",)),
+        name="output",
+    )(h)
+    x = LayerNorm(c.layer_norm_eps, c.compute_dtype, name="output_layer_norm")(
+        x + dropout(h, deterministic=deterministic)
+    )
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class BertEncoder(nn.Module):
+  """Returns (sequence_output [B, L, H], pooled_output [B, H])."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(
+      self,
+      input_ids: Array,
+      attention_mask: Array,
+      token_type_ids: Array | None = None,
+      deterministic: bool = True,
+  ) -> tuple[Array, Array]:
+    c = self.config
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    mask = attention_mask.astype(bool)
+    x = Embeddings(c, name="embeddings")(input_ids, token_type_ids, deterministic)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    layer_cls = nn.remat(TransformerLayer, static_argnums=(3,)) if c.remat else TransformerLayer
+    for i in range(c.num_layers):
+      x = layer_cls(c, name=f"layer_{i}")(x, mask, deterministic)
+    pooled = nn.Dense(
+        c.hidden_size,
+        dtype=c.compute_dtype,
+        kernel_init=_init(c, ("embed", "hidden")),
+        bias_init=_zeros(("hidden",)),
+        name="pooler",
+    )(x[:, 0])
+    return x, jnp.tanh(pooled)
+
+  def embedding_table(self) -> Array:
+    """The word-embedding matrix (for a tied MLM output layer)."""
+    return self.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
+
+
+class MlmHead(nn.Module):
+  """BERT's MLM head: dense + GELU + LayerNorm, output tied to the word embeddings, plus a bias."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, hidden: Array, word_embeddings: Array) -> Array:
+    c = self.config
+    h = nn.Dense(
+        c.hidden_size,
+        dtype=c.compute_dtype,
+        kernel_init=_init(c, ("embed", "hidden")),
+        bias_init=_zeros(("hidden",)),
+        name="transform",
+    )(hidden)
+    h = LayerNorm(c.layer_norm_eps, c.compute_dtype, name="layer_norm")(jax.nn.gelu(h, approximate=False))
+    bias = self.param("bias", _zeros(("vocab",)), (c.vocab_size,), jnp.float32)
+    logits = jnp.einsum("...h,vh->...v", h, jnp.asarray(word_embeddings, c.compute_dtype))
+    return logits.astype(jnp.float32) + bias

@@ -1,0 +1,93 @@
+"""Device mesh, the one logical-axis-rules table, and placement helpers.
+
+Every parameter and activation in realm-jax is named with *logical* axes
+(batch, length, embed, ...).  `LOGICAL_AXIS_RULES` is the single table that maps
+them onto the physical ("data", "model") mesh; change it (or pass other rules)
+to move between pure data parallelism, tensor parallelism and FSDP-style layouts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "model")
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+# The one table.  Logical axis -> mesh axis (None = replicated).
+LOGICAL_AXIS_RULES: Rules = (
+    ("batch", "data"),        # examples of a (global) batch
+    ("candidates", None),     # retrieved blocks per query
+    ("length", None),         # token positions
+    ("embed", None),          # hidden size (residual stream)
+    ("hidden", None),         # second hidden-size axis of square matrices (pooler)
+    ("mlp", "model"),         # feed-forward inner size
+    ("heads", "model"),       # attention heads
+    ("kv", None),             # per-head size
+    ("vocab", "model"),       # word-piece vocabulary
+    ("type_vocab", None),     # segment-type vocabulary
+    ("position", None),       # position-embedding table rows
+    ("proj", None),           # retrieval projection (128)
+    ("docs", ("data", "model")),  # rows of the block-embedding index
+)
+
+
+def make_mesh(data: int = -1, model: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+  """Builds a ("data", "model") mesh; `data=-1` takes all devices left over by `model`."""
+  devices = list(devices if devices is not None else jax.devices())
+  if data == -1:
+    if len(devices) % model:
+      raise ValueError(f"{len(devices)} devices do not split into model={model} groups")
+    data = len(devices) // model
+  if data * model != len(devices):
+    raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices, have {len(devices)}")
+  return jax.make_mesh(
+      (data, model), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices
+  )
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int, process_id: int) -> None:
+  """Joins a multi-host job (no-op for a single process); call before any other JAX use."""
+  if num_processes <= 1:
+    return
+  if not coordinator_address:
+    raise ValueError("multi-host runs need --coordinator_address host:port")
+  if jax.default_backend() == "cpu" or jax.config.jax_platforms in ("cpu",):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  logging.info(
+      "process %d/%d joined; %d local / %d global devices",
+      jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+  )
+
+
+def logical_sharding(tree: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
+  """NamedShardings for a tree of (possibly boxed) Flax variables or logical PartitionSpecs."""
+  specs = nn.get_partition_spec(tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def data_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Sharding of a batch-major array: leading axis over "data", the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec("data", *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+  """Places a host batch (global, identical on every process) batch-sharded on the mesh."""
+
+  def put(x: np.ndarray) -> jax.Array:
+    sharding = data_sharding(mesh, np.ndim(x))
+    return jax.make_array_from_callback(np.shape(x), sharding, lambda index: x[index])
+
+  return jax.tree.map(put, batch)

