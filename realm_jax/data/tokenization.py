@@ -54,10 +54,11 @@ class WordPieceTokenizer:
     if not vocab_file.is_file():
       raise FileNotFoundError(f"{vocab_file}: vocabulary file not found")
     vocab = vocab_file.read_bytes()
-    self._tok = BertWordPieceTokenizer(str(vocab_file), lowercase=lowercase)
-    missing = [t for t in SPECIAL_TOKENS if self._tok.token_to_id(t) is None]
+    entries = set(vocab.decode("utf-8").splitlines())
+    missing = [t for t in SPECIAL_TOKENS if t not in entries]
     if missing:
       raise ValueError(f"{vocab_file}: vocabulary lacks special tokens {missing}")
+    self._tok = BertWordPieceTokenizer(str(vocab_file), lowercase=lowercase)
     self.vocab_file = vocab_file
     self.vocab_size = self._tok.get_vocab_size()
     self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
@@ -102,7 +103,11 @@ class SentencePieceTokenizer:
 
   @staticmethod
   def train(texts: Iterable[str], model_file: str | Path, vocab_size: int = 30522, **options) -> Path:
-    """Trains a unigram model with [PAD]=0 [UNK]=1 [CLS] [SEP] [MASK] and writes `model_file`."""
+    """Trains a unigram model with [PAD]=0 [UNK]=1 [CLS] [SEP] [MASK] and writes `model_file`.
+
+    Byte fallback is on, so no text maps to [UNK]; `options` go to `SentencePieceTrainer.train`.
+    """
+    options = {"byte_fallback": True, "character_coverage": 0.9999, **options}
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),

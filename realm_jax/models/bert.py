@@ -128,18 +128,37 @@ class Embeddings(nn.Module):
     return nn.Dropout(c.hidden_dropout)(x, deterministic=deterministic)
 
 
+class Einsum(nn.Module):
+  """`einsum(equation, x, kernel) + bias` with logically named parameters of any rank.
+
+  (Flax's DenseGeneral initialises a flattened kernel, which breaks logical constraints.)
+  """
+
+  equation: str
+  kernel_shape: tuple[int, ...]
+  kernel_axes: tuple[str, ...]
+  bias_axes: tuple[str, ...]
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = self.config
+    kernel = self.param("kernel", _init(c, self.kernel_axes), self.kernel_shape, jnp.float32)
+    bias_shape = self.kernel_shape[-len(self.bias_axes) :]
+    bias = self.param("bias", _zeros(self.bias_axes), bias_shape, jnp.float32)
+    y = jnp.einsum(self.equation, x.astype(c.compute_dtype), kernel.astype(c.compute_dtype))
+    return y + bias.astype(c.compute_dtype)
+
+
 class SelfAttention(nn.Module):
   config: BertConfig
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
     c = self.config
-    proj = lambda n: nn.DenseGeneral(  # noqa: E731
-        (c.num_heads, c.head_dim),
-        dtype=c.compute_dtype,
-        kernel_init=_init(c, ("embed", "heads", "kv")),
-        bias_init=_zeros(("heads", "kv")),
-        name=n,
+    proj = lambda n: Einsum(  # noqa: E731
+        "ble,ehd->blhd", (c.hidden_size, c.num_heads, c.head_dim),
+        ("embed", "heads", "kv"), ("heads", "kv"), c, name=n,
     )
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
@@ -148,13 +167,9 @@ class SelfAttention(nn.Module):
     probs = jax.nn.softmax(scores, axis=-1)
     probs = nn.Dropout(c.attention_dropout)(probs, deterministic=deterministic)
     context = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(c.compute_dtype), v)
-    return nn.DenseGeneral(
-        c.hidden_size,
-        axis=(-2, -1),
-        dtype=c.compute_dtype,
-        kernel_init=_init(c, ("heads", "kv", "embed")),
-        bias_init=_zeros(("embed",)),
-        name="output",
+    return Einsum(
+        "blhd,hde->ble", (c.num_heads, c.head_dim, c.hidden_size),
+        ("heads", "kv", "embed"), ("embed",), c, name="output",
     )(context)
 
 
