@@ -25,7 +25,9 @@ _ENTITIES = flags.DEFINE_string(
 _VOCAB = flags.DEFINE_string("vocab", None, "vocab.txt (WordPiece) or *.model (SentencePiece); "
                              "default: the MiniLM wheel's uncased BERT vocabulary.")
 _OUT = flags.DEFINE_string("out", "workdir/blocks", "Output block-store directory.")
-_MAX_BLOCK_LEN = flags.DEFINE_integer("max_block_len", 288, "Word pieces per block incl. [CLS] title [SEP] ... [SEP].")
+_MAX_BLOCK_LEN = flags.DEFINE_integer(
+    "max_block_len", 288, "Word pieces per block incl. [CLS] title [SEP] ... [SEP]."
+)
 _MAX_TITLE_LEN = flags.DEFINE_integer("max_title_len", 64, "Titles are truncated to this many word pieces.")
 _TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "Go through the TFDS builder with this data_dir.")
 
