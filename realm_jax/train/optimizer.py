@@ -1,0 +1,80 @@
+"""BERT's AdamWeightDecay from optax parts, as used by ICT, REALM and ORQA.
+
+clip by global norm 1.0 -> Adam moments WITHOUT bias correction -> + 0.01 * param
+(not for LayerNorm or bias) -> * -lr(step), with lr linear warmup to `learning_rate`
+over min(10000, max(100, steps // 10)) steps and linear decay (from step 0) to 0 at `num_steps`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+
+def bert_warmup_steps(num_steps: int) -> int:
+  """The released code's warmup: min(10000, max(100, num_train_steps // 10))."""
+  return min(10000, max(100, num_steps // 10))
+
+
+def bert_schedule(learning_rate: float, num_steps: int, warmup_steps: int | None = None) -> optax.Schedule:
+  """BERT's schedule: lr * step / warmup during warmup, else lr * (1 - step / num_steps)."""
+  warmup = bert_warmup_steps(num_steps) if warmup_steps is None else warmup_steps
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    decayed = learning_rate * jnp.maximum(0.0, 1.0 - step / num_steps)
+    return jnp.where(step < warmup, learning_rate * step / max(warmup, 1), decayed)
+
+  return schedule
+
+
+class AdamMoments(NamedTuple):
+  mu: Any
+  nu: Any
+
+
+def scale_by_adam_without_bias_correction(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6):
+  """Adam's direction m / (sqrt(v) + eps) with raw (not bias-corrected) moments, as in BERT."""
+
+  def init(params):
+    zeros = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
+    return AdamMoments(mu=zeros, nu=jax.tree.map(jnp.copy, zeros))
+
+  def update(updates, state, params=None):
+    del params
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, updates)
+    direction = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
+    return direction, AdamMoments(mu, nu)
+
+  return optax.GradientTransformation(init, update)
+
+
+def decay_mask(params: Any) -> Any:
+  """True for parameters that get weight decay: everything but LayerNorm parameters and biases."""
+  flat = traverse_util.flatten_dict(params)
+  mask = {
+      path: not (path[-1] == "bias" or any("norm" in part for part in path))
+      for path in flat
+  }
+  return traverse_util.unflatten_dict(mask)
+
+
+def bert_adamw(
+    learning_rate: float,
+    num_steps: int,
+    weight_decay: float = 0.01,
+    clip_norm: float = 1.0,
+    warmup_steps: int | None = None,
+) -> optax.GradientTransformation:
+  """The BERT optimizer (see module docstring)."""
+  return optax.chain(
+      optax.clip_by_global_norm(clip_norm),
+      scale_by_adam_without_bias_correction(),
+      optax.add_decayed_weights(weight_decay, mask=decay_mask),
+      optax.scale_by_learning_rate(bert_schedule(learning_rate, num_steps, warmup_steps)),
+  )

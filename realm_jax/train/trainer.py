@@ -1,0 +1,215 @@
+"""Generic sharded trainer: jit step on the mesh, orbax checkpoints with exact resume, metrics.
+
+A `Trainer` owns the train state (step, params, optimizer state), sharded by the
+logical-axis rules.  Each step's dropout key is `fold_in(seed key, step)` and the
+data iterator's grain state is checkpointed next to the model state, so a run that
+is killed and resumed reproduces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import struct
+from jax.sharding import Mesh
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
+
+from realm_jax import partitioning
+
+LossFn = Callable[[Any, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
+
+
+class CheckpointableIterator(Protocol):
+  def __next__(self) -> dict[str, np.ndarray]: ...
+  def get_state(self) -> dict: ...
+  def set_state(self, state: dict) -> None: ...
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+  num_steps: int
+  checkpoint_every: int = 1000
+  log_every: int = 50
+  keep_checkpoints: int = 5
+  seed: int = 0
+
+
+class Trainer:
+  """Runs `loss_fn(params, batch, rng) -> (loss, metrics)` under `optimizer` on `mesh`."""
+
+  def __init__(
+      self,
+      init_params: Callable[[jax.Array], Any],
+      loss_fn: LossFn,
+      optimizer: optax.GradientTransformation,
+      mesh: Mesh,
+      workdir: str | Path,
+      config: TrainerConfig,
+      rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES,
+  ):
+    self.mesh, self.rules, self.config = mesh, rules, config
+    self.workdir = Path(workdir)
+    self.optimizer = optimizer
+    self._loss_fn = loss_fn
+    self._init_params = init_params
+    self._rng = jax.random.key(config.seed)
+
+    def boxed_state(rng):
+      params = init_params(rng)
+      return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+    abstract = jax.eval_shape(boxed_state, self._rng)
+    self.state_shardings = partitioning.logical_sharding(abstract, mesh, rules)
+    self.abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.meta.unbox(abstract), self.state_shardings,
+    )
+    self.checkpoints = ocp.CheckpointManager(
+        (self.workdir / "train").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True),
+        item_names=("state", "data"),
+    )
+    self._step_fn = jax.jit(
+        self._train_step,
+        in_shardings=(self.state_shardings, None),
+        out_shardings=(self.state_shardings, None),
+        donate_argnums=(0,),
+    )
+
+  # ---- state -------------------------------------------------------------------------------------
+
+  def init_state(self, pretrained: Callable[[Any], Any] | None = None) -> TrainState:
+    """Fresh state; `pretrained(params) -> params` may overwrite subtrees (e.g. real BERT weights)."""
+
+    def make(rng):
+      return nn.meta.unbox(TrainState(jnp.zeros((), jnp.int32), self._init_params(rng), None))
+
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      state = jax.jit(make, out_shardings=self.state_shardings.replace(opt_state=None))(self._rng)
+      params = state.params
+      if pretrained is not None:
+        params = jax.device_put(pretrained(jax.device_get(params)), self.state_shardings.params)
+      opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_shardings.opt_state)(params)
+    return TrainState(state.step, params, opt_state)
+
+  def restore_or_init(
+      self, data: CheckpointableIterator, pretrained: Callable[[Any], Any] | None = None
+  ) -> TrainState:
+    """Restores the newest checkpoint (state and data position) or starts fresh."""
+    step = self.checkpoints.latest_step()
+    if step is None:
+      return self.init_state(pretrained)
+    restored = self.checkpoints.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(self.abstract_state), data=ocp.args.JsonRestore()
+        ),
+    )
+    data.set_state(restored["data"])
+    logging.info("resumed from %s at step %d", self.checkpoints.directory, step)
+    return restored["state"]
+
+  def save(self, state: TrainState, data: CheckpointableIterator) -> None:
+    step = int(state.step)
+    self.checkpoints.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data.get_state())),
+        force=True,
+    )
+
+  # ---- step --------------------------------------------------------------------------------------
+
+  def _train_step(self, state: TrainState, batch: dict[str, jax.Array]):
+    rng = jax.random.fold_in(self._rng, state.step)
+    with nn.logical_axis_rules(self.rules):
+      (loss, metrics), grads = jax.value_and_grad(self._loss_fn, has_aux=True)(state.params, batch, rng)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  def step(self, state: TrainState, host_batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
+    with jax.set_mesh(self.mesh):
+      return self._step_fn(state, partitioning.shard_batch(host_batch, self.mesh))
+
+  # ---- loop --------------------------------------------------------------------------------------
+
+  def fit(
+      self,
+      data: CheckpointableIterator,
+      pretrained: Callable[[Any], Any] | None = None,
+      batch_size: int | None = None,
+      on_step: Callable[[int, TrainState], None] | None = None,
+  ) -> tuple[TrainState, list[dict[str, float]]]:
+    """Trains to `config.num_steps`, resuming if a checkpoint exists. Returns state and logged metrics."""
+    cfg = self.config
+    state = self.restore_or_init(data, pretrained)
+    start = int(state.step)
+    writer = SummaryWriter(str(self.workdir / "tensorboard")) if jax.process_index() == 0 else None
+    history: list[dict[str, float]] = []
+    pending: list[dict] = []
+    last_good = self.checkpoints.latest_step()
+    tick, tick_step = time.perf_counter(), start
+    progress = tqdm(total=cfg.num_steps, initial=start, desc="train", unit="step", mininterval=2.0,
+                    disable=jax.process_index() != 0)
+    try:
+      for step in range(start + 1, cfg.num_steps + 1):
+        state, metrics = self.step(state, next(data))
+        pending.append(metrics)
+        progress.update(1)
+        boundary = step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or step == cfg.num_steps
+        if boundary:
+          values = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+          pending = []
+          if not math.isfinite(values["loss"]):
+            raise NonFiniteLossError(
+                f"step {step}: loss is {values['loss']} (metrics {values}); stopping. "
+                f"Last good checkpoint: {last_good} in {self.checkpoints.directory}"
+            )
+          now = time.perf_counter()
+          values["steps_per_sec"] = (step - tick_step) / (now - tick)
+          if batch_size:
+            values["examples_per_sec"] = values["steps_per_sec"] * batch_size
+          tick, tick_step = now, step
+          history.append({"step": step, **values})
+          progress.set_postfix(loss=f"{values['loss']:.3f}")
+          logging.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
+          if writer:
+            for k, v in values.items():
+              writer.add_scalar(k, v, step)
+        if step % cfg.checkpoint_every == 0 or step == cfg.num_steps:
+          self.save(state, data)
+          last_good = step
+        if on_step:
+          on_step(step, state)
+    finally:
+      progress.close()
+      self.checkpoints.wait_until_finished()
+      if writer:
+        writer.close()
+    return state, history
+

@@ -1,0 +1,140 @@
+"""ICT warm start: examples, global in-batch negatives on the mesh, exact resume, NaN stop, init."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from realm_jax import partitioning
+from realm_jax.data.ict import IctDataConfig, IctExamples, ict_dataset
+from realm_jax.models.bert import BertConfig
+from realm_jax.models.retriever import DualEncoder
+from realm_jax.objectives.ict import ict_loss, make_ict_trainer
+from realm_jax.train.trainer import NonFiniteLossError
+
+TINY = BertConfig(vocab_size=30522, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128)
+
+
+def ict_settings(store, workdir, **overrides):
+  settings = dict(
+      workdir=str(workdir), block_store=str(store.path), encoder=TINY, mesh=partitioning.make_mesh(),
+      init_checkpoint=None, projection_size=32, share_towers=True, batch_size=16, query_len=32,
+      block_len=64, remove_prob=0.9, num_steps=6, learning_rate=1e-3, warmup_steps=2,
+      checkpoint_every=2, log_every=2, seed=3,
+  )
+  return {**settings, **overrides}
+
+
+def test_query_is_a_sentence_of_its_block_and_is_removed_90_percent_of_the_time(demo_store):
+  config = IctDataConfig(batch_size=8, query_len=96, block_len=288)
+  examples = IctExamples(demo_store, config)
+  rng = np.random.default_rng(0)
+  removed = 0
+  for block_id in examples.block_ids[:400]:
+    ex = examples(int(block_id), rng)
+    query = ex["query_input_ids"][1 : ex["query_input_mask"].sum() - 1]
+    body = demo_store.body_ids(int(block_id))
+    starts = demo_store.sentence_starts(int(block_id)).tolist() + [len(body)]
+    sentences = [body[a:b].tolist() for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    assert query.tolist() in [s[:94] for s in sentences]
+    n_block = ex["block_input_mask"].sum()
+    title = len(demo_store.title_ids(int(block_id)))
+    assert ex["block_segment_ids"][: title + 2].sum() == 0 and ex["block_segment_ids"][title + 2 : n_block].all()
+    removed += int(ex["sentence_removed"])
+    expected_body = len(body) - (len(query) if ex["sentence_removed"] else 0)
+    assert n_block == min(288, title + 3 + expected_body)
+  assert 0.85 < removed / 400 < 0.95
+
+
+def test_batches_are_deterministic_per_seed(demo_store):
+  config = IctDataConfig(batch_size=4, query_len=32, block_len=64, seed=1)
+  a, b = ict_dataset(demo_store, config)[5], ict_dataset(demo_store, config)[5]
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+  other = ict_dataset(demo_store, IctDataConfig(batch_size=4, query_len=32, block_len=64, seed=2))[5]
+  assert not np.array_equal(a["block_id"], other["block_id"])
+
+
+def test_negatives_come_from_the_global_batch_and_8_devices_equal_1(demo_store):
+  batch = ict_dataset(demo_store, IctDataConfig(batch_size=16, query_len=32, block_len=64))[0]
+  model = DualEncoder(TINY, projection_size=32)
+  zeros = {k: np.zeros((1, 32), np.int32) for k in ("input_ids", "input_mask", "segment_ids")}
+  params = jax.tree.map(np.asarray, model.init(jax.random.key(0), zeros, zeros)["params"])
+  params = __import__("flax").linen.meta.unbox(params)
+  rng = jax.random.key(7)
+  grad_fn = jax.jit(jax.value_and_grad(lambda p, b: ict_loss(model, p, b, rng), has_aux=True))
+  (loss1, metrics1), grads1 = grad_fn(params, batch)
+  mesh = partitioning.make_mesh(8, 1)
+  with jax.set_mesh(mesh):
+    (loss8, metrics8), grads8 = grad_fn(params, partitioning.shard_batch(batch, mesh))
+  assert metrics1["chance"] == pytest.approx(1 / 16)  # 15 negatives per query, not 1 per device
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), grads8, grads1)
+
+
+def _params(state):
+  return jax.tree.map(np.asarray, jax.device_get(state.params))
+
+
+def test_killed_run_resumes_to_the_same_parameters(demo_store, tmp_path):
+  trainer, data, _ = make_ict_trainer(**ict_settings(demo_store, tmp_path / "straight"))
+  straight, _ = trainer.fit(data)
+
+  def crash(step, state):
+    if step == 5:
+      raise KeyboardInterrupt("simulated kill after the step-4 checkpoint")
+
+  trainer, data, _ = make_ict_trainer(**ict_settings(demo_store, tmp_path / "killed"))
+  with pytest.raises(KeyboardInterrupt):
+    trainer.fit(data, on_step=crash)
+  assert trainer.checkpoints.latest_step() == 4
+  trainer, data, _ = make_ict_trainer(**ict_settings(demo_store, tmp_path / "killed"))
+  resumed, history = trainer.fit(data)
+  assert [h["step"] for h in history] == [6]
+  jax.tree.map(np.testing.assert_array_equal, _params(resumed), _params(straight))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo_store, tmp_path):
+  trainer, data, _ = make_ict_trainer(**ict_settings(demo_store, tmp_path, learning_rate=1e30, warmup_steps=0))
+  with pytest.raises(NonFiniteLossError, match=r"step \d+: loss is nan.*Last good checkpoint: (None|\d+)"):
+    trainer.fit(data)
+  steps = trainer.checkpoints.all_steps()
+  for step in steps:
+    restored = trainer.checkpoints.restore(step)
+    leaves = jax.tree.leaves(restored["state"]["params"])
+    assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
+
+
+def test_init_from_minilm_puts_real_weights_in_the_tower(demo_store, tmp_path, minilm_path):
+  from realm_jax.checkpoints.hf_bert import load_hf_bert
+
+  config, reference = load_hf_bert(minilm_path)
+  trainer, data, pretrained = make_ict_trainer(
+      **ict_settings(demo_store, tmp_path, encoder=config, init_checkpoint="minilm", num_steps=1)
+  )
+  state = trainer.init_state(pretrained)
+  got = jax.device_get(state.params["query_tower"]["encoder"])
+  jax.tree.map(np.testing.assert_array_equal, got, reference)
+  scratch = jax.device_get(trainer.init_state().params["query_tower"]["encoder"])
+  assert not np.allclose(scratch["layer_0"]["intermediate"]["kernel"], reference["layer_0"]["intermediate"]["kernel"])
+
+
+def test_checkpoint_of_another_architecture_is_refused(demo_store, tmp_path, minilm_path):
+  with pytest.raises(ValueError, match=r"architecture differs.*'hidden_size': \(64, 384\)"):
+    make_ict_trainer(**ict_settings(demo_store, tmp_path, init_checkpoint="minilm"))
+
+
+@pytest.mark.skipif(os.environ.get("REALM_SKIP_SLOW") == "1", reason="REALM_SKIP_SLOW=1")
+def test_ict_from_minilm_raises_in_batch_accuracy_well_above_chance(demo_store, tmp_path, minilm_path):
+  from realm_jax.checkpoints.hf_bert import load_hf_bert
+
+  config, _ = load_hf_bert(minilm_path)
+  trainer, data, pretrained = make_ict_trainer(**ict_settings(
+      demo_store, tmp_path, encoder=config, init_checkpoint="minilm", projection_size=128, batch_size=32,
+      query_len=48, block_len=128, num_steps=150, learning_rate=5e-5, warmup_steps=15, checkpoint_every=150,
+      log_every=25, mesh=partitioning.make_mesh(1, 1, jax.devices()[:1]),
+  ))
+  _, history = trainer.fit(data, pretrained)
+  first, last = history[0]["accuracy"], history[-1]["accuracy"]
+  assert last > 10 * history[-1]["chance"]
+  assert last > first + 0.1

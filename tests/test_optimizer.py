@@ -1,0 +1,63 @@
+"""BERT AdamW: schedule formula, no bias correction, no decay on LayerNorm/bias, clipping."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from realm_jax.train.optimizer import bert_adamw, bert_schedule, bert_warmup_steps, decay_mask
+
+
+@pytest.mark.parametrize("steps, warmup", [(500, 100), (5_000, 500), (200_000, 10_000), (10, 100)])
+def test_warmup_is_min_10000_max_100_tenth(steps, warmup):
+  assert bert_warmup_steps(steps) == warmup
+
+
+def test_schedule_warms_up_then_decays_linearly_from_step_zero():
+  lr = bert_schedule(1e-4, num_steps=1000)  # warmup 100
+  np.testing.assert_allclose([lr(0), lr(50), lr(100), lr(500), lr(1000)], [0, 5e-5, 9e-5, 5e-5, 0], atol=1e-12)
+
+
+def test_decay_mask_skips_layer_norm_and_biases():
+  params = {"layer_0": {"intermediate": {"kernel": 1, "bias": 2}, "output_layer_norm": {"norm": {"scale": 3}}},
+            "embeddings": {"word_embeddings": {"embedding": 4}}}
+  mask = decay_mask(params)
+  assert mask["layer_0"]["intermediate"] == {"kernel": True, "bias": False}
+  assert mask["layer_0"]["output_layer_norm"]["norm"]["scale"] is False
+  assert mask["embeddings"]["word_embeddings"]["embedding"] is True
+
+
+def test_two_updates_match_bert_adam_weight_decay_by_hand():
+  lr, wd, b1, b2, eps = 1e-3, 0.01, 0.9, 0.999, 1e-6
+  params = {"w": {"kernel": jnp.array([1.0, -2.0])}, "b": {"bias": jnp.array([0.5])}}
+  grads = [{"w": {"kernel": jnp.array([0.3, -0.1])}, "b": {"bias": jnp.array([0.2])}},
+           {"w": {"kernel": jnp.array([-0.2, 0.4])}, "b": {"bias": jnp.array([0.1])}}]
+  opt = bert_adamw(lr, num_steps=1000, weight_decay=wd, warmup_steps=0)
+  state = opt.init(params)
+  p = {k: {n: np.asarray(v) for n, v in d.items()} for k, d in params.items()}
+  m = {k: {n: 0 * v for n, v in d.items()} for k, d in p.items()}
+  v = {k: {n: 0 * x for n, x in d.items()} for k, d in p.items()}
+  for step, g in enumerate(grads):
+    updates, state = opt.update(g, state, params)
+    params = {k: {n: params[k][n] + updates[k][n] for n in d} for k, d in params.items()}
+    rate = lr * (1 - step / 1000)
+    for k in p:
+      for n in p[k]:
+        gk = np.asarray(g[k][n])
+        m[k][n] = b1 * m[k][n] + (1 - b1) * gk
+        v[k][n] = b2 * v[k][n] + (1 - b2) * gk**2
+        update = m[k][n] / (np.sqrt(v[k][n]) + eps)  # no bias correction
+        if n != "bias":
+          update = update + wd * p[k][n]
+        p[k][n] = p[k][n] - rate * update
+  for k in p:
+    for n in p[k]:
+      np.testing.assert_allclose(params[k][n], p[k][n], rtol=1e-6)
+
+
+def test_gradients_are_clipped_to_global_norm_one():
+  opt = bert_adamw(1.0, num_steps=10, weight_decay=0.0, warmup_steps=0)
+  params = {"kernel": jnp.zeros(2)}
+  state = opt.init(params)
+  big, _ = opt.update({"kernel": jnp.array([300.0, 400.0])}, state, params)
+  small, _ = opt.update({"kernel": jnp.array([0.6, 0.8])}, opt.init(params), params)
+  np.testing.assert_allclose(big["kernel"], small["kernel"], rtol=1e-6)
