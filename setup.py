@@ -6,7 +6,7 @@ setup(
     name="realm-jax",
     version="0.1.0",
     description="REALM pre-training, asynchronous MIPS index refresh and Open-QA fine-tuning in JAX/Flax",
-    packages=find_packages(include=["realm_jax", "realm_jax.*"]),
+    packages=find_packages(include=["realm_jax", "realm_jax.*", "launch", "launch.*"]),
     python_requires=">=3.11,<3.13",
     install_requires=[
         "jax>=0.10.2,<0.11",

@@ -1,7 +1,5 @@
 """ICT warm start: examples, global in-batch negatives on the mesh, exact resume, NaN stop, init."""
 
-import os
-
 import jax
 import numpy as np
 import pytest
@@ -124,17 +122,22 @@ def test_checkpoint_of_another_architecture_is_refused(demo_store, tmp_path, min
     make_ict_trainer(**ict_settings(demo_store, tmp_path, init_checkpoint="minilm"))
 
 
-@pytest.mark.skipif(os.environ.get("REALM_SKIP_SLOW") == "1", reason="REALM_SKIP_SLOW=1")
-def test_ict_from_minilm_raises_in_batch_accuracy_well_above_chance(demo_store, tmp_path, minilm_path):
+def test_ict_from_minilm_raises_held_out_in_batch_accuracy_well_above_chance(demo_store, tmp_path, minilm_path):
   from realm_jax.checkpoints.hf_bert import load_hf_bert
 
   config, _ = load_hf_bert(minilm_path)
-  trainer, data, pretrained = make_ict_trainer(**ict_settings(
+  settings = ict_settings(
       demo_store, tmp_path, encoder=config, init_checkpoint="minilm", projection_size=128, batch_size=32,
-      query_len=48, block_len=128, num_steps=150, learning_rate=5e-5, warmup_steps=15, checkpoint_every=150,
-      log_every=25, mesh=partitioning.make_mesh(1, 1, jax.devices()[:1]),
-  ))
-  _, history = trainer.fit(data, pretrained)
-  first, last = history[0]["accuracy"], history[-1]["accuracy"]
-  assert last > 10 * history[-1]["chance"]
-  assert last > first + 0.1
+      query_len=32, block_len=64, num_steps=80, learning_rate=5e-5, warmup_steps=8, checkpoint_every=80,
+      log_every=10, mesh=partitioning.make_mesh(1, 1, jax.devices()[:1]),
+  )
+  trainer, data, pretrained = make_ict_trainer(**settings)
+  model = DualEncoder(config, projection_size=128)
+  held_out = ict_dataset(demo_store, IctDataConfig(batch_size=64, query_len=32, block_len=64, seed=99))[0]
+  evaluate = jax.jit(lambda p: ict_loss(model, p, held_out, jax.random.key(0), train=False)[1]["accuracy"])
+  before = float(evaluate(trainer.init_state(pretrained).params))
+  state, _ = trainer.fit(data, pretrained)
+  after = float(evaluate(state.params))
+  print(f"held-out in-batch accuracy@1 (64-way): {before:.3f} -> {after:.3f}")
+  assert after > 10 / 64
+  assert after > before + 0.05
