@@ -28,20 +28,20 @@ def parse_gin() -> None:
   gin.parse_config_files_and_bindings(GIN_FILES.value, GIN_BINDINGS.value)
 
 
-def setup() -> tuple[Path, jax.sharding.Mesh]:
-  """Joins the multi-host job, parses gin, builds the mesh and records the config in the workdir."""
+def setup(job: str) -> tuple[Path, jax.sharding.Mesh]:
+  """Joins the multi-host job, parses gin, builds the mesh and records `<job>.config.gin` in the workdir."""
   partitioning.initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
   parse_gin()
   workdir = Path(WORKDIR.value)
   mesh = partitioning.make_mesh(MESH_DATA.value, MESH_MODEL.value)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.gin").write_text(gin.config_str())
+    (workdir / f"{job}.config.gin").write_text(gin.config_str())
   logging.info("mesh %s over %d devices; workdir %s", dict(mesh.shape), mesh.size, workdir)
   return workdir, mesh
 
 
-def save_operative_config(workdir: Path) -> None:
-  """The bindings actually used by the run (gin's operative config)."""
+def save_operative_config(workdir: Path, job: str) -> None:
+  """The bindings actually used by the run (gin's operative config): `<job>.operative_config.gin`."""
   if jax.process_index() == 0:
-    (workdir / "operative_config.gin").write_text(gin.operative_config_str())
+    (workdir / f"{job}.operative_config.gin").write_text(gin.operative_config_str())

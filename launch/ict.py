@@ -15,9 +15,9 @@ from realm_jax.objectives import ict
 
 def main(argv):
   del argv
-  workdir, mesh = common.setup()
+  workdir, mesh = common.setup("ict")
   history = gin.get_configurable(ict.run_ict)(workdir=str(workdir), mesh=mesh)
-  common.save_operative_config(workdir)
+  common.save_operative_config(workdir, "ict")
   last = history[-1]
   print(f"ICT finished at step {last['step']}: loss {last['loss']:.3f}, "
         f"in-batch accuracy@1 {last['accuracy']:.3f} (chance {last['chance']:.3f})")

@@ -34,8 +34,8 @@ def test_ict_launcher_end_to_end(demo_store, tmp_path):
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "ICT finished at step 4" in result.stdout
-  assert (workdir / "config.gin").read_text().count("hidden_size = 128") == 1
-  assert "ict.run_ict" in (workdir / "operative_config.gin").read_text()
+  assert (workdir / "ict.config.gin").read_text().count("hidden_size = 128") == 1
+  assert "ict.run_ict" in (workdir / "ict.operative_config.gin").read_text()
   assert sorted(p.name for p in (workdir / "train").iterdir() if p.name.isdigit()) == ["2", "4"]
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
 

@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 
 from realm_jax import partitioning
 
+TRAINING_DONE = "TRAINING_DONE"  # written to the workdir when the last step is saved
+
 LossFn = Callable[[Any, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -164,8 +166,14 @@ class Trainer:
       pretrained: Callable[[Any], Any] | None = None,
       batch_size: int | None = None,
       on_step: Callable[[int, TrainState], None] | None = None,
+      before_step: Callable[[int], dict[str, float]] | None = None,
   ) -> tuple[TrainState, list[dict[str, float]]]:
-    """Trains to `config.num_steps`, resuming if a checkpoint exists. Returns state and logged metrics."""
+    """Trains to `config.num_steps`, resuming if a checkpoint exists. Returns state and logged metrics.
+
+    `before_step(step)` runs between steps (e.g. an index hot-swap); the scalars it returns are
+    written to TensorBoard every step and added to the logged metrics.  `on_step(step, state)`
+    runs after each step.
+    """
     cfg = self.config
     state = self.restore_or_init(data, pretrained)
     start = int(state.step)
@@ -178,8 +186,12 @@ class Trainer:
                     disable=jax.process_index() != 0)
     try:
       for step in range(start + 1, cfg.num_steps + 1):
+        extra = before_step(step) if before_step else {}
+        if writer:
+          for k, v in extra.items():
+            writer.add_scalar(k, v, step)
         state, metrics = self.step(state, next(data))
-        pending.append(metrics)
+        pending.append({**metrics, **extra})
         progress.update(1)
         boundary = step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or step == cfg.num_steps
         if boundary:
@@ -206,6 +218,9 @@ class Trainer:
           last_good = step
         if on_step:
           on_step(step, state)
+      if jax.process_index() == 0:
+        self.checkpoints.wait_until_finished()
+        (self.workdir / TRAINING_DONE).write_text(str(cfg.num_steps))
     finally:
       progress.close()
       self.checkpoints.wait_until_finished()

@@ -1,0 +1,171 @@
+"""The index refresh job: newest trainer checkpoint -> re-embed every block -> build -> publish.
+
+Runs beside the trainer (REALM's asynchronous index builder).  It restores only the block
+tower's parameters from the trainer's orbax checkpoints (partial restore), embeds all blocks
+with a jit step sharded over the mesh, builds the chosen MIPS backend and publishes the index
+atomically (see `realm_jax.retrieval.index`).  Restarting resumes: checkpoints already indexed
+are skipped and half-written staging folders are removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from realm_jax import partitioning
+from realm_jax.data.blocks import BlockStore
+from realm_jax.models.bert import BertConfig
+from realm_jax.models.retriever import RetrieverTower
+from realm_jax.retrieval import index as index_lib
+from realm_jax.retrieval.mips import ScannConfig, ScannSearcher
+from realm_jax.train.trainer import TRAINING_DONE
+
+
+@dataclasses.dataclass
+class RefreshConfig:
+  encoder: BertConfig
+  projection_size: int = 128
+  tower_path: Sequence[str] = ("query_tower",)  # where the block tower lives in the trainer's params
+  block_len: int = 288
+  batch_size: int = 256
+  backend: str = "exact"  # "exact" (on-device search) or "scann"
+  scann: ScannConfig = dataclasses.field(default_factory=ScannConfig)
+  keep: int = 3
+
+
+def embed_all_blocks(
+    params: dict, config: RefreshConfig, store: BlockStore, mesh: Mesh, desc: str = "embed"
+) -> np.ndarray:
+  """[num_blocks, projection_size] float32 embeddings, batches sharded over the "data" axis."""
+  tower = RetrieverTower(config.encoder, config.projection_size)
+  batch = config.batch_size
+  data_size = mesh.shape["data"]
+  if batch % data_size:
+    raise ValueError(f"refresh batch_size {batch} must be a multiple of the data axis ({data_size})")
+
+  @jax.jit
+  def embed(p, b):
+    with nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
+      return tower.apply({"params": p}, b["input_ids"], b["input_mask"], b["segment_ids"], True)
+
+  out = np.zeros((store.num_blocks, config.projection_size), np.float32)
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    for first in tqdm(range(0, store.num_blocks, batch), desc=desc, unit="batch", mininterval=2.0):
+      ids = np.arange(first, min(first + batch, store.num_blocks))
+      inputs = store.retriever_inputs(np.pad(ids, (0, batch - len(ids)), mode="edge"), config.block_len)
+      out[ids] = np.asarray(embed(params, partitioning.shard_batch(inputs, mesh)))[: len(ids)]
+  seconds = time.perf_counter() - start
+  logging.info("embedded %d blocks in %.1f s (%.1f blocks/s)", store.num_blocks, seconds,
+               store.num_blocks / seconds)
+  return out
+
+
+class Refresher:
+  """Watches `<train_workdir>/train`, publishes indexes to `<index_dir>`."""
+
+  def __init__(self, train_workdir: str | Path, index_dir: str | Path, store: BlockStore, mesh: Mesh,
+               config: RefreshConfig):
+    self.train_workdir, self.index_dir = Path(train_workdir), Path(index_dir)
+    self.store, self.mesh, self.config = store, mesh, config
+    self.checkpoints = ocp.CheckpointManager(
+        (self.train_workdir / "train").absolute(),
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_names=("state", "data"),
+    )
+    stale = index_lib.clean_staging(index_dir)
+    if stale:
+      logging.warning("removed half-written indexes from a previous refresher: steps %s", stale)
+
+  def restore_block_tower(self, step: int) -> dict:
+    """Only the block tower's parameters (orbax partial restore), replicated."""
+    x = jnp.zeros((1, 8), jnp.int32)
+    tower = RetrieverTower(self.config.encoder, self.config.projection_size)
+    abstract = nn.meta.unbox(jax.eval_shape(lambda: tower.init(jax.random.key(0), x, x, x, True)["params"]))
+    item: dict = abstract
+    for key in reversed(self.config.tower_path):
+      item = {key: item}
+    item = {"params": item}
+    replicated = NamedSharding(self.mesh, P())
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=replicated), item)
+    restored = self.checkpoints.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)))
+    params = restored["state"]["params"]
+    for key in self.config.tower_path:
+      params = params[key]
+    return params
+
+  def refresh(self, step: int) -> Path:
+    """Embeds all blocks with checkpoint `step` and publishes index `step`."""
+    params = self.restore_block_tower(step)
+    embeddings = embed_all_blocks(params, self.config, self.store, self.mesh, desc=f"embed@{step}")
+    write_scann = None
+    if self.config.backend == "scann":
+      searcher = ScannSearcher.build(embeddings, self.config.scann)
+      write_scann = searcher.serialize
+    elif self.config.backend != "exact":
+      raise ValueError(f"unknown index backend {self.config.backend!r} (use 'exact' or 'scann')")
+    if jax.process_index() != 0:
+      return self.index_dir / "committed" / str(step)
+    return Path(str(index_lib.publish_index(
+        self.index_dir, step, embeddings, self.store, self.config.backend, write_scann, self.config.keep)))
+
+  def pending_step(self) -> int | None:
+    """Newest trainer checkpoint not yet indexed."""
+    self.checkpoints.reload()
+    newest = self.checkpoints.latest_step()
+    done = index_lib.committed_steps(self.index_dir)
+    if newest is None or (done and newest <= done[-1]):
+      return None
+    return newest
+
+  def training_done(self) -> bool:
+    return (self.train_workdir / TRAINING_DONE).exists()
+
+  def run(self, once: bool = False, step: int | None = None, poll_seconds: float = 10.0,
+          max_refreshes: int | None = None) -> list[int]:
+    """Refreshes until the trainer is done (or once / for one step); returns the published steps."""
+    if step is not None:
+      self.refresh(step)
+      return [step]
+    published: list[int] = []
+    while True:
+      done = self.training_done()  # read before looking for checkpoints: the final one is seen
+      pending = self.pending_step()
+      if pending is not None:
+        self.refresh(pending)
+        published.append(pending)
+        if once or (max_refreshes and len(published) >= max_refreshes):
+          return published
+        continue
+      if done or once:
+        return published
+      time.sleep(poll_seconds)
+
+
+def run_refresh(
+    workdir: str,
+    block_store: str,
+    mesh: Mesh,
+    config: RefreshConfig,
+    once: bool = False,
+    step: int | None = None,
+    poll_seconds: float = 10.0,
+) -> list[int]:
+  """Refresh job for the trainer in `workdir`; indexes go to `<workdir>/index`."""
+  store = BlockStore(block_store)
+  refresher = Refresher(workdir, Path(workdir) / "index", store, mesh, config)
+  return refresher.run(once=once, step=step, poll_seconds=poll_seconds)

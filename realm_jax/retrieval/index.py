@@ -1,0 +1,241 @@
+"""Published MIPS indexes: atomic publication in `<index_dir>/committed/<step>/` and a hot-swapping reader.
+
+A published index holds `embeddings.npy` (rows = block ids; read with allow_pickle=False),
+`manifest.json` {train_step, num_blocks, dim, dtype, corpus_fingerprint, tokenizer, backend,
+created, embeddings_sha256} and, for the ScaNN backend, `scann/` assets.  It is written under
+`tmp/<step>/` and renamed into `committed/` only when complete, so readers never see a partial
+index; the newest `keep` are kept.  Paths go through etils.epath (local disk or GCS).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from absl import logging
+from etils import epath
+
+from realm_jax.data.blocks import BlockStore
+
+MANIFEST = "manifest.json"
+EMBEDDINGS = "embeddings.npy"
+SCANN_DIR = "scann"
+
+
+class PublishedIndexError(ValueError):
+  """A published index that is corrupt or does not match the block store."""
+
+
+def _steps(directory: epath.Path) -> list[int]:
+  if not directory.exists():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if re.fullmatch(r"\d+", p.name))
+
+
+def committed_steps(index_dir: str | Path) -> list[int]:
+  return _steps(epath.Path(index_dir) / "committed")
+
+
+def _sha256(path: epath.Path) -> str:
+  digest = hashlib.sha256()
+  with path.open("rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def publish_index(
+    index_dir: str | Path,
+    train_step: int,
+    embeddings: np.ndarray,
+    store: BlockStore,
+    backend: str = "exact",
+    write_scann: Callable[[Path], None] | None = None,
+    keep: int = 3,
+) -> epath.Path:
+  """Writes tmp/<step>/, renames it to committed/<step>/, keeps the newest `keep` indexes."""
+  if embeddings.ndim != 2 or len(embeddings) != store.num_blocks:
+    raise ValueError(f"embeddings {embeddings.shape} do not have one row per block ({store.num_blocks})")
+  root = epath.Path(index_dir)
+  staging = root / "tmp" / str(train_step)
+  final = root / "committed" / str(train_step)
+  if staging.exists():
+    staging.rmtree()
+  staging.mkdir(parents=True)
+  buffer = io.BytesIO()
+  np.save(buffer, np.ascontiguousarray(embeddings), allow_pickle=False)
+  (staging / EMBEDDINGS).write_bytes(buffer.getvalue())
+  if write_scann is not None:
+    with tempfile.TemporaryDirectory() as local:  # ScaNN writes local files; copy them in (GCS-safe)
+      write_scann(Path(local))
+      (staging / SCANN_DIR).mkdir()
+      for file in Path(local).iterdir():
+        (staging / SCANN_DIR / file.name).write_bytes(file.read_bytes())
+  manifest = {
+      "train_step": int(train_step),
+      "num_blocks": int(embeddings.shape[0]),
+      "dim": int(embeddings.shape[1]),
+      "dtype": str(embeddings.dtype),
+      "corpus_fingerprint": store.manifest["corpus_fingerprint"],
+      "tokenizer": store.manifest["tokenizer"],
+      "backend": backend,
+      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+      "embeddings_sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
+  }
+  (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+  final.parent.mkdir(parents=True, exist_ok=True)
+  if final.exists():
+    final.rmtree()
+  staging.rename(final)
+  for old in _steps(root / "committed")[:-keep]:
+    (root / "committed" / str(old)).rmtree()
+  logging.info("published index step %d (%d x %d, %s) at %s", train_step, *embeddings.shape, backend, final)
+  return final
+
+
+def clean_staging(index_dir: str | Path) -> list[int]:
+  """Removes half-written indexes left by a killed refresher; returns their steps."""
+  tmp = epath.Path(index_dir) / "tmp"
+  stale = _steps(tmp)
+  for step in stale:
+    (tmp / str(step)).rmtree()
+  return stale
+
+
+def load_index(path: str | Path, store: BlockStore) -> tuple[dict[str, Any], np.ndarray]:
+  """Reads and verifies one committed index against the block store."""
+  path = epath.Path(path)
+  try:
+    manifest = json.loads((path / MANIFEST).read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise PublishedIndexError(f"{path / MANIFEST}: unreadable index manifest ({e})") from e
+  expected = {
+      "num_blocks": store.num_blocks,
+      "corpus_fingerprint": store.manifest["corpus_fingerprint"],
+      "tokenizer": store.manifest["tokenizer"],
+  }
+  for field, want in expected.items():
+    if manifest.get(field) != want:
+      raise PublishedIndexError(
+          f"{path / MANIFEST}: field {field!r} is {manifest.get(field)!r} but block store {store.path} has "
+          f"{want!r}; this index was built for another corpus"
+      )
+  raw = (path / EMBEDDINGS).read_bytes()
+  if hashlib.sha256(raw).hexdigest() != manifest.get("embeddings_sha256"):
+    raise PublishedIndexError(f"{path / EMBEDDINGS}: sha256 does not match the manifest (corrupt embedding file)")
+  try:
+    embeddings = np.load(io.BytesIO(raw), allow_pickle=False)
+  except ValueError as e:
+    raise PublishedIndexError(f"{path / EMBEDDINGS}: not a plain numeric .npy file ({e})") from e
+  if embeddings.shape != (manifest["num_blocks"], manifest["dim"]):
+    raise PublishedIndexError(f"{path / EMBEDDINGS}: shape {embeddings.shape} != manifest "
+                      f"({manifest['num_blocks']}, {manifest['dim']})")
+  return manifest, embeddings
+
+
+def local_scann_dir(path: str | Path) -> Path:
+  """ScaNN reads local files: copies `<index>/scann` to a temporary local folder if needed."""
+  source = epath.Path(path) / SCANN_DIR
+  if "://" not in str(source):
+    return Path(str(source))
+  local = Path(tempfile.mkdtemp(prefix="scann-"))
+  for file in source.iterdir():
+    (local / file.name).write_bytes(file.read_bytes())
+  return local
+
+
+class IndexReader:
+  """Polls `committed/` in a background thread, loads new indexes off the training thread.
+
+  The training loop calls `maybe_swap(train_step)` between steps: if a newer index finished
+  loading, `install(manifest, embeddings)` runs (e.g. `ExactSearcher.swap`, same shapes, no
+  recompilation).  `index_step` and `staleness` are logged every call.
+  """
+
+  def __init__(
+      self,
+      index_dir: str | Path,
+      store: BlockStore,
+      install: Callable[[dict, np.ndarray], None],
+      poll_seconds: float = 5.0,
+  ):
+    self.index_dir = epath.Path(index_dir)
+    self.store, self.install, self.poll_seconds = store, install, poll_seconds
+    self.index_step: int | None = None
+    self.swaps = 0
+    self._ready: tuple[dict, np.ndarray] | None = None
+    self._lock = threading.Lock()
+    self._stop = threading.Event()
+    self._loaded_step = -1
+    self._thread = threading.Thread(target=self._poll, name="index-reader", daemon=True)
+
+  def start(self) -> IndexReader:
+    self._thread.start()
+    return self
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join(timeout=30)
+
+  def load_newest(self) -> bool:
+    """Loads the newest committed index if it is newer than the last one loaded."""
+    steps = committed_steps(self.index_dir)
+    if not steps or steps[-1] <= self._loaded_step:
+      return False
+    step = steps[-1]
+    try:
+      loaded = load_index(self.index_dir / "committed" / str(step), self.store)
+    except FileNotFoundError:  # removed by the refresher's garbage collection meanwhile
+      return False
+    with self._lock:
+      self._ready = loaded
+    self._loaded_step = step
+    return True
+
+  def _poll(self) -> None:
+    while not self._stop.is_set():
+      try:
+        self.load_newest()
+      except PublishedIndexError as e:  # keep training on the current index, say why
+        logging.error("ignoring published index: %s", e)
+        self._loaded_step = max(self._loaded_step, committed_steps(self.index_dir)[-1])
+      self._stop.wait(self.poll_seconds)
+
+  def wait_for_first(self, timeout: float | None = None) -> None:
+    """Blocks until an index is available (a trainer started before any index exists)."""
+    start = time.monotonic()
+    logged = False
+    while self.index_step is None:
+      if not self._thread.is_alive():
+        self.load_newest()
+      self.maybe_swap(None)
+      if self.index_step is not None:
+        break
+      if not logged:
+        logging.info("waiting for a published index in %s/committed ...", self.index_dir)
+        logged = True
+      if timeout is not None and time.monotonic() - start > timeout:
+        raise TimeoutError(f"no index was published in {self.index_dir}/committed within {timeout} s")
+      time.sleep(min(self.poll_seconds, 0.5))
+
+  def maybe_swap(self, train_step: int | None) -> dict[str, float]:
+    with self._lock:
+      ready, self._ready = self._ready, None
+    if ready is not None:
+      manifest, embeddings = ready
+      self.install(manifest, embeddings)
+      self.index_step = manifest["train_step"]
+      self.swaps += 1
+      logging.info("swapped in index step %d", self.index_step)
+    if self.index_step is None or train_step is None:
+      return {}
+    return {"index_step": float(self.index_step), "index_staleness": float(train_step - self.index_step)}

@@ -1,0 +1,173 @@
+"""MIPS backends, atomic index publication, the hot-swapping reader and the refresh job's faults."""
+
+import json
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import DEMO
+
+from realm_jax import partitioning
+from realm_jax.data.blocks import BlockStore, build_block_store
+from realm_jax.data.corpus import Document
+from realm_jax.models.bert import BertConfig
+from realm_jax.objectives.ict import make_ict_trainer
+from realm_jax.refresh.refresher import RefreshConfig, Refresher, embed_all_blocks
+from realm_jax.retrieval import index as index_lib
+from realm_jax.retrieval.mips import ExactSearcher, ScannConfig, ScannSearcher, exact_top_k_numpy
+
+TINY = BertConfig(vocab_size=30522, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128)
+
+
+@pytest.mark.parametrize("data, model", [(8, 1), (4, 2), (1, 1)])
+def test_exact_sharded_search_equals_brute_force(data, model):
+  rng = np.random.default_rng(0)
+  embeddings = rng.normal(size=(1001, 32)).astype(np.float32)  # not a multiple of the device count
+  queries = rng.normal(size=(6, 32)).astype(np.float32)
+  mesh = partitioning.make_mesh(data, model, jax.devices()[: data * model])
+  ids, scores = ExactSearcher(embeddings, mesh).search(queries, 10)
+  want_ids, want_scores = exact_top_k_numpy(embeddings, queries, 10)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
+
+
+def test_swapping_embeddings_reuses_the_compiled_search():
+  rng = np.random.default_rng(1)
+  searcher = ExactSearcher(rng.normal(size=(500, 16)).astype(np.float32), partitioning.make_mesh())
+  queries = rng.normal(size=(3, 16)).astype(np.float32)
+  searcher.search(queries, 5)
+  new = rng.normal(size=(500, 16)).astype(np.float32)
+  searcher.swap(new)
+  ids, _ = searcher.search(queries, 5)
+  np.testing.assert_array_equal(ids, exact_top_k_numpy(new, queries, 5)[0])
+  assert searcher._search_fn(5)._cache_size() == 1
+  with pytest.raises(ValueError, match="cannot hot-swap"):
+    searcher.swap(new[:10])
+
+
+@pytest.fixture(scope="module")
+def minilm_embeddings(demo_store, minilm_path):
+  """Real MiniLM retriever-tower embeddings of the demo blocks and of NQ dev questions."""
+  from realm_jax.checkpoints.hf_bert import load_hf_bert
+  from realm_jax.data.ict import pack
+  from realm_jax.models.retriever import RetrieverTower
+
+  config, encoder = load_hf_bert(minilm_path)
+  tower = RetrieverTower(config)
+  x = np.zeros((1, 8), np.int32)
+  params = jax.device_get(__import__("flax").linen.meta.unbox(tower.init(jax.random.key(0), x, x, x, True)["params"]))
+  params["encoder"] = encoder
+  refresh = RefreshConfig(config, block_len=64, batch_size=128)
+  blocks = embed_all_blocks(params, refresh, demo_store, partitioning.make_mesh())
+  from realm_jax.data.tokenization import WordPieceTokenizer
+
+  tok = WordPieceTokenizer(minilm_path / "vocab.txt")
+  questions = [json.loads(line)["question"] for line in (DEMO / "questions/nq_open_dev.jsonl").open()]
+  feats = [pack([np.array([tok.cls_id]), tok.encode(q)[0][:30], np.array([tok.sep_id])], 32) for q in questions]
+  batch = {k: np.stack([f[k] for f in feats]) for k in feats[0]}
+  queries = np.asarray(jax.jit(lambda p, b: tower.apply({"params": p}, b["input_ids"], b["input_mask"],
+                                                        b["segment_ids"], True))(params, batch))
+  return blocks, queries
+
+
+def test_scann_recall_against_exact_search_on_real_embeddings(minilm_embeddings):
+  blocks, queries = minilm_embeddings
+  scann = ScannSearcher.build(blocks, ScannConfig(num_leaves=64, num_leaves_to_search=32, reorder=200))
+  exact_ids, _ = ExactSearcher(blocks, partitioning.make_mesh()).search(queries, 10)
+  scann_ids, _ = scann.search(queries, 10)
+  recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(scann_ids, exact_ids, strict=True)])
+  print(f"ScaNN recall@10 vs exact on {len(blocks)} MiniLM block embeddings: {recall:.3f}")
+  assert recall >= 0.9
+
+
+def _publish(index_dir, store, step, seed=0):
+  rows = np.random.default_rng(seed).normal(size=(store.num_blocks, 8)).astype(np.float32)
+  index_lib.publish_index(index_dir, step, rows, store)
+  return rows
+
+
+def test_publication_is_atomic_and_keeps_the_newest_three(demo_store, tmp_path):
+  for step in (10, 20, 30, 40):
+    _publish(tmp_path, demo_store, step, seed=step)
+  assert index_lib.committed_steps(tmp_path) == [20, 30, 40]
+  manifest, rows = index_lib.load_index(tmp_path / "committed" / "40", demo_store)
+  assert manifest["train_step"] == 40 and manifest["num_blocks"] == demo_store.num_blocks
+  np.testing.assert_array_equal(rows, np.random.default_rng(40).normal(size=rows.shape).astype(np.float32))
+
+
+def test_refresher_killed_mid_publish_leaves_readers_on_the_previous_index(demo_store, tmp_path):
+  _publish(tmp_path, demo_store, 10)
+
+  def die(_):
+    raise KeyboardInterrupt("killed while writing ScaNN assets")
+
+  with pytest.raises(KeyboardInterrupt):
+    index_lib.publish_index(tmp_path, 20, np.zeros((demo_store.num_blocks, 8), np.float32), demo_store,
+                            backend="scann", write_scann=die)
+  assert (tmp_path / "tmp" / "20").exists()
+  assert index_lib.committed_steps(tmp_path) == [10]
+  installed = []
+  reader = index_lib.IndexReader(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]))
+  reader.load_newest()
+  assert reader.maybe_swap(12) == {"index_step": 10.0, "index_staleness": 2.0}
+  assert index_lib.clean_staging(tmp_path) == [20]
+  assert not (tmp_path / "tmp" / "20").exists()
+
+
+def test_index_for_another_corpus_is_refused(demo_store, tmp_path, wordpiece):
+  build_block_store([Document("x", "T", "Some text.")], tmp_path / "other", wordpiece, "f00")
+  other = BlockStore(tmp_path / "other")
+  _publish(tmp_path / "index", other, 5)
+  with pytest.raises(index_lib.PublishedIndexError, match="field 'num_blocks' is 1 but block store"):
+    index_lib.load_index(tmp_path / "index" / "committed" / "5", demo_store)
+
+
+def test_corrupt_embedding_file_is_refused_and_the_reader_keeps_its_index(demo_store, tmp_path):
+  _publish(tmp_path, demo_store, 10)
+  _publish(tmp_path, demo_store, 20)
+  path = tmp_path / "committed" / "20" / "embeddings.npy"
+  data = bytearray(path.read_bytes())
+  data[-5] ^= 0xFF
+  path.write_bytes(bytes(data))
+  with pytest.raises(index_lib.PublishedIndexError, match="embeddings.npy: sha256 does not match"):
+    index_lib.load_index(tmp_path / "committed" / "20", demo_store)
+  installed = []
+  reader = index_lib.IndexReader(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]),
+                                 poll_seconds=0.05).start()
+  time.sleep(0.5)
+  reader.close()
+  assert installed == [] and reader.maybe_swap(25) == {}  # 20 is corrupt and 10 is older: nothing new
+
+
+def test_trainer_started_before_any_index_waits_then_gets_the_first(demo_store, tmp_path):
+  installed = []
+  reader = index_lib.IndexReader(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]),
+                                 poll_seconds=0.05).start()
+  with pytest.raises(TimeoutError, match="no index was published"):
+    reader.wait_for_first(timeout=0.3)
+  threading.Timer(0.3, lambda: _publish(tmp_path, demo_store, 7)).start()
+  reader.wait_for_first(timeout=30)
+  reader.close()
+  assert installed == [7] and reader.index_step == 7
+
+
+def test_refresher_indexes_checkpoints_and_resumes_after_a_restart(demo_store, tmp_path):
+  mesh = partitioning.make_mesh()
+  trainer, data, _ = make_ict_trainer(
+      workdir=str(tmp_path), block_store=str(demo_store.path), encoder=TINY, mesh=mesh, init_checkpoint=None,
+      projection_size=16, share_towers=True, batch_size=8, query_len=16, block_len=32, remove_prob=0.9,
+      num_steps=4, learning_rate=1e-3, warmup_steps=1, checkpoint_every=2, log_every=2, seed=0,
+  )
+  state, _ = trainer.fit(data)
+  config = RefreshConfig(TINY, projection_size=16, block_len=32, batch_size=64)
+  refresher = Refresher(tmp_path, tmp_path / "index", demo_store, mesh, config)
+  assert refresher.run(step=2) == [2]
+  restarted = Refresher(tmp_path, tmp_path / "index", demo_store, mesh, config)
+  assert restarted.run() == [4]  # newest checkpoint; training is done, so it exits
+  assert Refresher(tmp_path, tmp_path / "index", demo_store, mesh, config).run() == []
+  _, rows = index_lib.load_index(tmp_path / "index" / "committed" / "4", demo_store)
+  # The published rows are the trained tower's embeddings of the blocks.
+  params = jax.device_get(state.params["query_tower"])
+  np.testing.assert_allclose(rows, embed_all_blocks(params, config, demo_store, mesh), atol=1e-5)
