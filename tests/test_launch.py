@@ -46,3 +46,31 @@ def test_ict_launcher_rejects_a_typo_before_training(tmp_path):
   assert result.returncode != 0
   assert "lerning_rate" in result.stderr
   assert not (tmp_path / "train").exists()
+
+
+def test_trainer_and_refresher_processes_run_concurrently_and_the_trainer_hot_swaps(demo_store, tmp_path):
+  workdir = tmp_path / "run"
+  env = {"JAX_NUM_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+  model = ["--gin_file=gin/models/tiny.gin", f"--gin_bindings=BLOCK_STORE = '{demo_store.path}'"]
+  trainer = subprocess.Popen(
+      [sys.executable, "launch/ict.py", *model, "--gin_file=gin/runs/ict_demo.gin", "--gin_bindings=NUM_STEPS = 160",
+       "--gin_bindings=BATCH_SIZE = 16", "--gin_bindings=ict.run_ict.checkpoint_every = 20",
+       "--gin_bindings=ict.run_ict.follow_index = True", "--gin_bindings=ict.run_ict.index_poll_seconds = 0.2",
+       f"--workdir={workdir}"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  )
+  refresher = subprocess.Popen(
+      [sys.executable, "launch/refresh_index.py", *model, "--gin_file=gin/runs/refresh.gin",
+       "--gin_bindings=refresher.RefreshConfig.block_len = 32", "--gin_bindings=refresher.RefreshConfig.batch_size = 512",
+       "--poll_seconds=0.2", f"--workdir={workdir}"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  )
+  _, train_log = trainer.communicate(timeout=600)
+  refresh_out, refresh_log = refresher.communicate(timeout=600)
+  assert trainer.returncode == 0, train_log[-3000:]
+  assert refresher.returncode == 0, refresh_log[-3000:]
+  swaps = [int(line.rsplit(" ", 1)[1]) for line in train_log.splitlines() if "swapped in index step" in line]
+  assert len(swaps) >= 2 and swaps == sorted(set(swaps)), swaps
+  assert "index_staleness=" in train_log
+  assert "refresher published index steps" in refresh_out
+  assert (workdir / "index" / "committed" / "160").is_dir()  # the final checkpoint is indexed

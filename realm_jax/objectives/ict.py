@@ -23,6 +23,7 @@ from realm_jax.data.ict import IctDataConfig, ict_iterator
 from realm_jax.data.tokenization import minilm_dir
 from realm_jax.models.bert import BertConfig
 from realm_jax.models.retriever import DualEncoder
+from realm_jax.retrieval.index import LiveIndex
 from realm_jax.train.optimizer import bert_adamw
 from realm_jax.train.trainer import Trainer, TrainerConfig
 
@@ -97,10 +98,27 @@ def run_ict(
     checkpoint_every: int = 1000,
     log_every: int = 100,
     seed: int = 0,
+    follow_index: bool = False,
+    index_poll_seconds: float = 5.0,
 ) -> list[dict[str, float]]:
-  """ICT warm start (defaults = ORQA: batch 4096, 100k steps, lr 1e-4, 90% removal)."""
-  trainer, data, pretrained = make_ict_trainer(**{k: v for k, v in locals().items()})
-  _, history = trainer.fit(data, pretrained, batch_size=batch_size)
+  """ICT warm start (defaults = ORQA: batch 4096, 100k steps, lr 1e-4, 90% removal).
+
+  With `follow_index`, indexes published in `<workdir>/index` by the refresh job are hot-swapped
+  between steps and `index_step` / `index_staleness` are logged (the ICT loss itself uses none).
+  """
+  settings = {k: v for k, v in locals().items() if k not in ("follow_index", "index_poll_seconds")}
+  trainer, data, pretrained = make_ict_trainer(**settings)
+  reader = None
+  if follow_index:
+    live = LiveIndex(mesh)
+    reader = live.reader(Path(workdir) / "index", BlockStore(block_store), index_poll_seconds).start()
+  try:
+    _, history = trainer.fit(data, pretrained, batch_size=batch_size,
+                             before_step=reader.maybe_swap if reader else None)
+  finally:
+    if reader:
+      reader.close()
+      logging.info("hot-swapped %d published indexes", reader.swaps)
   return history
 
 

@@ -25,6 +25,7 @@ from absl import logging
 from etils import epath
 
 from realm_jax.data.blocks import BlockStore
+from realm_jax.retrieval.mips import ExactSearcher, ScannSearcher
 
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.npy"
@@ -154,25 +155,27 @@ def local_scann_dir(path: str | Path) -> Path:
 
 
 class IndexReader:
-  """Polls `committed/` in a background thread, loads new indexes off the training thread.
+  """Polls `committed/` in a background thread, loads and prepares new indexes off the training thread.
 
-  The training loop calls `maybe_swap(train_step)` between steps: if a newer index finished
-  loading, `install(manifest, embeddings)` runs (e.g. `ExactSearcher.swap`, same shapes, no
-  recompilation).  `index_step` and `staleness` are logged every call.
+  `prepare(manifest, embeddings, path)` runs in the background thread (read, verify, place on
+  device or load ScaNN assets); the training loop calls `maybe_swap(train_step)` between steps,
+  which only hands the prepared object to `install(manifest, prepared)`: a reference swap, same
+  shapes, no recompilation.  It returns `index_step` and `index_staleness` for the step's metrics.
   """
 
   def __init__(
       self,
       index_dir: str | Path,
       store: BlockStore,
-      install: Callable[[dict, np.ndarray], None],
+      install: Callable[[dict, Any], None],
+      prepare: Callable[[dict, np.ndarray, epath.Path], Any] = lambda manifest, embeddings, path: embeddings,
       poll_seconds: float = 5.0,
   ):
     self.index_dir = epath.Path(index_dir)
-    self.store, self.install, self.poll_seconds = store, install, poll_seconds
+    self.store, self.install, self.prepare, self.poll_seconds = store, install, prepare, poll_seconds
     self.index_step: int | None = None
     self.swaps = 0
-    self._ready: tuple[dict, np.ndarray] | None = None
+    self._ready: tuple[dict, Any] | None = None
     self._lock = threading.Lock()
     self._stop = threading.Event()
     self._loaded_step = -1
@@ -192,12 +195,14 @@ class IndexReader:
     if not steps or steps[-1] <= self._loaded_step:
       return False
     step = steps[-1]
+    path = self.index_dir / "committed" / str(step)
     try:
-      loaded = load_index(self.index_dir / "committed" / str(step), self.store)
+      manifest, embeddings = load_index(path, self.store)
     except FileNotFoundError:  # removed by the refresher's garbage collection meanwhile
       return False
+    prepared = self.prepare(manifest, embeddings, path)
     with self._lock:
-      self._ready = loaded
+      self._ready = (manifest, prepared)
     self._loaded_step = step
     return True
 
@@ -231,11 +236,44 @@ class IndexReader:
     with self._lock:
       ready, self._ready = self._ready, None
     if ready is not None:
-      manifest, embeddings = ready
-      self.install(manifest, embeddings)
+      manifest, prepared = ready
+      self.install(manifest, prepared)
       self.index_step = manifest["train_step"]
       self.swaps += 1
       logging.info("swapped in index step %d", self.index_step)
     if self.index_step is None or train_step is None:
       return {}
     return {"index_step": float(self.index_step), "index_staleness": float(train_step - self.index_step)}
+
+
+class LiveIndex:
+  """The searcher a trainer queries, replaced between steps by an `IndexReader`.
+
+  backend "exact": the first index builds an `ExactSearcher`; later ones are placed on the mesh in
+  the reader's thread and swapped in by reference (compiled search reused).  backend "scann":
+  the published ScaNN assets are loaded in the reader's thread.
+  """
+
+  def __init__(self, mesh, backend: str = "exact", approximate: bool = False):
+    if backend not in ("exact", "scann"):
+      raise ValueError(f"unknown index backend {backend!r} (use 'exact' or 'scann')")
+    self.mesh, self.backend, self.approximate = mesh, backend, approximate
+    self.searcher = None
+
+  def prepare(self, manifest: dict, embeddings: np.ndarray, path: epath.Path):
+    if self.backend == "scann":
+      if manifest["backend"] != "scann":
+        raise PublishedIndexError(f"{path}: published with backend {manifest['backend']!r}, no ScaNN assets")
+      return ScannSearcher.load(local_scann_dir(path), manifest["num_blocks"])
+    if self.searcher is None:
+      return ExactSearcher(embeddings, self.mesh, self.approximate)
+    return self.searcher.place(embeddings)
+
+  def install(self, manifest: dict, prepared) -> None:
+    if self.backend == "exact" and self.searcher is not None:
+      self.searcher.embeddings = prepared
+    else:
+      self.searcher = prepared
+
+  def reader(self, index_dir: str | Path, store: BlockStore, poll_seconds: float = 5.0) -> IndexReader:
+    return IndexReader(index_dir, store, self.install, self.prepare, poll_seconds)

@@ -42,10 +42,13 @@ class ExactSearcher:
     self.rows_per_shard = -(-self.num_blocks // shards)
     self.sharding = NamedSharding(mesh, P(_all_axes(mesh), None))
     self.approximate, self.recall_target = approximate, recall_target
-    self.embeddings = self._place(embeddings)
+    self.embeddings = self.place(embeddings)
     self._compiled: dict[int, jax.stages.Wrapped] = {}
 
-  def _place(self, embeddings: np.ndarray) -> jax.Array:
+  def place(self, embeddings: np.ndarray) -> jax.Array:
+    """Pads rows to a multiple of the device count and shards them over the whole mesh."""
+    if embeddings.shape != (self.num_blocks, self.dim):
+      raise ValueError(f"index shape {embeddings.shape} != {(self.num_blocks, self.dim)}; cannot hot-swap")
     padded_rows = self.rows_per_shard * self.mesh.size
     padded = np.zeros((padded_rows, self.dim), np.float32)
     padded[: len(embeddings)] = embeddings
@@ -53,9 +56,7 @@ class ExactSearcher:
 
   def swap(self, embeddings: np.ndarray) -> None:
     """New embeddings of the same shape: the compiled search is reused."""
-    if embeddings.shape != (self.num_blocks, self.dim):
-      raise ValueError(f"index shape {embeddings.shape} != {(self.num_blocks, self.dim)}; cannot hot-swap")
-    self.embeddings = self._place(embeddings)
+    self.embeddings = self.place(embeddings)
 
   def _search_fn(self, k: int):
     if k in self._compiled:
