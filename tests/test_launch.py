@@ -61,7 +61,8 @@ def test_trainer_and_refresher_processes_run_concurrently_and_the_trainer_hot_sw
   )
   refresher = subprocess.Popen(
       [sys.executable, "launch/refresh_index.py", *model, "--gin_file=gin/runs/refresh.gin",
-       "--gin_bindings=refresher.RefreshConfig.block_len = 32", "--gin_bindings=refresher.RefreshConfig.batch_size = 512",
+       "--gin_bindings=refresher.RefreshConfig.block_len = 32",
+       "--gin_bindings=refresher.RefreshConfig.batch_size = 512",
        "--poll_seconds=0.2", f"--workdir={workdir}"],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
   )
