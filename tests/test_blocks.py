@@ -9,6 +9,7 @@ from conftest import DEMO_ENTITIES, DEMO_PASSAGES, SHARED_CORPUS
 from realm_jax.data.blocks import (
     BlockPacker,
     BlockStore,
+    DATE_REGEX_LABEL,
     BlockStoreError,
     block_uid,
     build_block_store,
@@ -53,7 +54,8 @@ def test_entity_spans_cover_exactly_the_entity_word_pieces(demo_store, wordpiece
                     for s, e, lab in docs[meta["doc_id"]].spans}
     for start, end, label in demo_store.spans(i):
       assert 0 <= start < end <= len(body)
-      assert (True, labels[label]) in entity_texts
+      if labels[label] != DATE_REGEX_LABEL:
+        assert (True, labels[label]) in entity_texts
       checked += 1
   assert checked > 1000
 

@@ -42,6 +42,20 @@ MANIFEST = "manifest.json"
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9])")
 
 
+# Dates for salient-span masking (REALM's NER spans + "a regular expression to identify dates").
+_MONTH = r"(?:January|February|March|April|May|June|July|August|September|October|November|December)"
+DATE_PATTERN = re.compile(
+    rf"\b(?:{_MONTH}\s+\d{{1,2}},?\s+\d{{4}}|\d{{1,2}}\s+{_MONTH}\s+\d{{4}}|{_MONTH}\s+\d{{4}}"
+    rf"|(?:1[0-9]|20)\d{{2}}s?)\b"
+)
+DATE_REGEX_LABEL = "DATE_REGEX"
+
+
+def date_spans(text: str) -> tuple[tuple[int, int, str], ...]:
+  """Character spans of dates: "May 18, 2018", "13 August 1949", "October 2014", "1901", "1990s"."""
+  return tuple((m.start(), m.end(), DATE_REGEX_LABEL) for m in DATE_PATTERN.finditer(text))
+
+
 class BlockStoreError(ValueError):
   """A block store that is missing, incomplete, corrupt or made for another vocabulary."""
 
@@ -79,12 +93,14 @@ class Block:
 class BlockPacker:
   """Packs documents into blocks of <= max_block_len word pieces."""
 
-  def __init__(self, tokenizer: Tokenizer, max_block_len: int = 288, max_title_len: int = 64):
+  def __init__(self, tokenizer: Tokenizer, max_block_len: int = 288, max_title_len: int = 64,
+               find_dates: bool = True):
     if max_block_len < max_title_len + 3 + 8:
       raise ValueError(f"max_block_len={max_block_len} is too short for {max_title_len}-token titles")
     self.tokenizer = tokenizer
     self.max_block_len = max_block_len
     self.max_title_len = max_title_len
+    self.find_dates = find_dates
     self.labels: dict[str, int] = {}
     self.stats: Counter = Counter()
 
@@ -124,15 +140,18 @@ class BlockPacker:
   def _make_block(self, doc, title_ids, ids, offsets, sentences) -> Block:
     first, last = sentences[0][0], sentences[-1][1]
     char_start, char_end = int(offsets[first, 0]), int(offsets[last - 1, 1])
-    spans = []
-    for cs, ce, label in doc.spans:
+    spans, seen = [], set()
+    extra = date_spans(doc.text[char_start:char_end]) if self.find_dates else ()
+    candidates = list(doc.spans) + [(s + char_start, e + char_start, label) for s, e, label in extra]
+    for cs, ce, label in candidates:
       inside = np.flatnonzero((offsets[:, 0] >= cs) & (offsets[:, 1] <= ce))
       if not len(inside):
         self.stats["spans_without_tokens"] += 1
       elif inside[0] < first or inside[-1] >= last:
         if inside[-1] >= first and inside[0] < last:
           self.stats["spans_crossing_blocks"] += 1
-      else:
+      elif (inside[0], inside[-1]) not in seen or label != DATE_REGEX_LABEL:
+        seen.add((inside[0], inside[-1]))
         spans.append((inside[0] - first, inside[-1] + 1 - first, self.label_id(label)))
     self.stats["spans_kept"] += len(spans)
     return Block(

@@ -30,7 +30,7 @@ from realm_jax.models.bert import BertConfig
 from realm_jax.models.retriever import RetrieverTower
 from realm_jax.retrieval import index as index_lib
 from realm_jax.retrieval.mips import ScannConfig, ScannSearcher
-from realm_jax.train.trainer import TRAINING_DONE
+from realm_jax.train.trainer import TRAINING_DONE, restore_params_subtree
 
 
 @dataclasses.dataclass
@@ -43,6 +43,13 @@ class RefreshConfig:
   backend: str = "exact"  # "exact" (on-device search) or "scann"
   scann: ScannConfig = dataclasses.field(default_factory=ScannConfig)
   keep: int = 3
+
+
+def abstract_tower_params(encoder: BertConfig, projection_size: int) -> dict:
+  """Shapes of a `RetrieverTower`'s parameters (no memory, no FLOPs)."""
+  x = jnp.zeros((1, 8), jnp.int32)
+  tower = RetrieverTower(encoder, projection_size)
+  return nn.meta.unbox(jax.eval_shape(lambda: tower.init(jax.random.key(0), x, x, x, True)["params"]))
 
 
 def embed_all_blocks(
@@ -92,21 +99,10 @@ class Refresher:
 
   def restore_block_tower(self, step: int) -> dict:
     """Only the block tower's parameters (orbax partial restore), replicated."""
-    x = jnp.zeros((1, 8), jnp.int32)
-    tower = RetrieverTower(self.config.encoder, self.config.projection_size)
-    abstract = nn.meta.unbox(jax.eval_shape(lambda: tower.init(jax.random.key(0), x, x, x, True)["params"]))
-    item: dict = abstract
-    for key in reversed(self.config.tower_path):
-      item = {key: item}
-    item = {"params": item}
-    replicated = NamedSharding(self.mesh, P())
-    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=replicated), item)
-    restored = self.checkpoints.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)))
-    params = restored["state"]["params"]
-    for key in self.config.tower_path:
-      params = params[key]
-    return params
+    return restore_params_subtree(
+        self.train_workdir / "train", step, tuple(self.config.tower_path),
+        abstract_tower_params(self.config.encoder, self.config.projection_size), NamedSharding(self.mesh, P()),
+    )
 
   def refresh(self, step: int) -> Path:
     """Embeds all blocks with checkpoint `step` and publishes index `step`."""

@@ -167,12 +167,14 @@ class Trainer:
       batch_size: int | None = None,
       on_step: Callable[[int, TrainState], None] | None = None,
       before_step: Callable[[int], dict[str, float]] | None = None,
+      prepare_batch: Callable[[TrainState, dict], dict] | None = None,
   ) -> tuple[TrainState, list[dict[str, float]]]:
     """Trains to `config.num_steps`, resuming if a checkpoint exists. Returns state and logged metrics.
 
     `before_step(step)` runs between steps (e.g. an index hot-swap); the scalars it returns are
     written to TensorBoard every step and added to the logged metrics.  `on_step(step, state)`
-    runs after each step.
+    runs after each step.  `prepare_batch(state, host_batch)` completes a batch with the current
+    parameters (REALM: retrieval of candidates for the batch's queries).
     """
     cfg = self.config
     state = self.restore_or_init(data, pretrained)
@@ -190,7 +192,10 @@ class Trainer:
         if writer:
           for k, v in extra.items():
             writer.add_scalar(k, v, step)
-        state, metrics = self.step(state, next(data))
+        batch = next(data)
+        if prepare_batch:
+          batch = prepare_batch(state, batch)
+        state, metrics = self.step(state, batch)
         pending.append({**metrics, **extra})
         progress.update(1)
         boundary = step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or step == cfg.num_steps
@@ -228,3 +233,28 @@ class Trainer:
         writer.close()
     return state, history
 
+
+
+def restore_params_subtree(train_dir: str | Path, step: int, path: tuple[str, ...], abstract: Any, sharding) -> Any:
+  """Restores only `params[path...]` of a trainer checkpoint (orbax partial restore)."""
+  manager = ocp.CheckpointManager(
+      Path(train_dir).absolute(), options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state", "data")
+  )
+  item = abstract
+  for key in reversed(path):
+    item = {key: item}
+  item = {"params": item}
+  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), item)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)))
+  params = restored["state"]["params"]
+  for key in path:
+    params = params[key]
+  return params
+
+
+def latest_checkpoint_step(train_dir: str | Path) -> int | None:
+  manager = ocp.CheckpointManager(
+      Path(train_dir).absolute(), options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state", "data")
+  )
+  return manager.latest_step()

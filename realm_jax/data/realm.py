@@ -1,0 +1,164 @@
+"""REALM pre-training examples: salient-span masked queries, candidate post-processing, joint inputs.
+
+Query (released `example_generator` / `featurization.mask_query`): one sentence of a block that
+holds a salient span (entity or date) wholly inside it; one such span is chosen uniformly at random
+and ALL its word pieces become [MASK]; at most `max_masks` (10) positions are scored.  Blocks with
+no valid span are never sampled (no fallback).  `masking="random_tokens"` is the BERT-style
+ablation (15% of the sentence's word pieces, at most `max_masks`).
+
+Candidates: top-k from the published index (stale), the query's own block removed (trivial
+retrieval), the null document prepended at index 0, truncated to `num_candidates` (8).  Examples
+whose retrieved candidates contain duplicates get weight 0 (the released code drops them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import numpy as np
+
+from realm_jax.data.blocks import BlockStore
+from realm_jax.data.ict import pack
+
+NULL_BLOCK = -1  # candidate id of the null document
+FEATURES = ("input_ids", "input_mask", "segment_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class RealmDataConfig:
+  batch_size: int = 512
+  query_len: int = 96
+  block_len: int = 288
+  joint_len: int = 384
+  max_masks: int = 10
+  num_candidates: int = 8  # including the null document
+  masking: str = "salient_spans"  # or "random_tokens" (Table 2 ablation)
+  random_mask_rate: float = 0.15
+  excluded_labels: tuple[str, ...] = ("CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY")
+  seed: int = 0
+
+
+class MaskedQueries:
+  """Random-access maker of masked queries: (block id, rng) -> features."""
+
+  def __init__(self, store: BlockStore, config: RealmDataConfig):
+    if config.masking not in ("salient_spans", "random_tokens"):
+      raise ValueError(f"masking must be 'salient_spans' or 'random_tokens', got {config.masking!r}")
+    self.store, self.config = store, config
+    special = store.manifest["special_ids"]
+    self.cls, self.sep, self.mask = special["cls"], special["sep"], special["mask"]
+    excluded = {store.manifest["span_labels"][x] for x in config.excluded_labels if x in store.manifest["span_labels"]}
+    self.excluded = np.asarray(sorted(excluded), np.int32)
+    if config.masking == "salient_spans":
+      self.block_ids = np.asarray([i for i in range(store.num_blocks) if self._valid_spans(i)], np.int64)
+    else:
+      self.block_ids = np.arange(store.num_blocks)
+    if not len(self.block_ids):
+      raise ValueError(f"{store.path}: no block has a salient span usable for masking")
+
+  def _sentence_bounds(self, block_id: int) -> np.ndarray:
+    return np.append(self.store.sentence_starts(block_id), len(self.store.body_ids(block_id)))
+
+  def _valid_spans(self, block_id: int) -> list[tuple[int, int, int]]:
+    """(span start, span end, sentence index) of spans wholly inside one sentence that survive truncation."""
+    spans = self.store.spans(block_id)
+    if not len(spans):
+      return []
+    bounds = self._sentence_bounds(block_id)
+    valid = []
+    for start, end, label in spans:
+      if label in self.excluded:
+        continue
+      s = int(np.searchsorted(bounds, start, side="right") - 1)
+      if end <= bounds[s + 1] and end - bounds[s] <= self.config.query_len - 2:
+        valid.append((int(start), int(end), s))
+    return valid
+
+  def __call__(self, block_id: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    c = self.config
+    body = self.store.body_ids(block_id)
+    bounds = self._sentence_bounds(block_id)
+    if c.masking == "salient_spans":
+      valid = self._valid_spans(block_id)
+      start, end, s = valid[int(rng.integers(len(valid)))]
+      sentence = body[bounds[s] : bounds[s + 1]][: c.query_len - 2].copy()
+      masked = np.arange(start - bounds[s], end - bounds[s])
+    else:
+      s = int(rng.integers(len(bounds) - 1))
+      sentence = body[bounds[s] : bounds[s + 1]][: c.query_len - 2].copy()
+      count = max(1, min(c.max_masks, int(round(c.random_mask_rate * len(sentence)))))
+      masked = np.sort(rng.choice(len(sentence), size=min(count, len(sentence)), replace=False))
+    targets = sentence[masked].copy()
+    sentence[masked] = self.mask
+    query = pack([np.asarray([self.cls]), sentence, np.asarray([self.sep])], c.query_len)
+    scored = masked[: c.max_masks]
+    positions = np.zeros(c.max_masks, np.int32)
+    ids = np.zeros(c.max_masks, np.int32)
+    weights = np.zeros(c.max_masks, np.float32)
+    positions[: len(scored)] = scored + 1  # + [CLS]
+    ids[: len(scored)] = targets[: c.max_masks]
+    weights[: len(scored)] = 1.0
+    return {
+        **{f"query_{k}": v for k, v in query.items()},
+        "mlm_positions": positions, "mlm_ids": ids, "mlm_weights": weights,
+        "block_id": np.int32(block_id),
+    }
+
+
+def realm_query_dataset(store: BlockStore, config: RealmDataConfig) -> grain.MapDataset:
+  """Infinite, shuffled, batched masked queries (candidates are added by `add_candidates`)."""
+  queries = MaskedQueries(store, config)
+  return (
+      grain.MapDataset.source(queries.block_ids)
+      .shuffle(seed=config.seed)
+      .repeat(None)
+      .random_map(lambda block_id, rng: queries(int(block_id), rng), seed=config.seed)
+      .batch(config.batch_size, drop_remainder=True)
+  )
+
+
+def select_candidates(
+    retrieved: np.ndarray, source: np.ndarray, uids: np.ndarray, num_candidates: int, null_document: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+  """[B, k] retrieved ids -> ([B, num_candidates] ids, NULL_BLOCK first if `null_document`; [B] weights).
+
+  Every block whose SHA1 uid (`uids` [N, 20], from the block store) equals the source block's is
+  removed (trivial retrieval); the rest keep their order.  Examples whose retrieved ids hold duplicates, or
+  with too few blocks left, get weight 0 (the released code skips them).
+  """
+  batch = len(retrieved)
+  offset = 1 if null_document else 0
+  out = np.full((batch, num_candidates), NULL_BLOCK, np.int64)
+  weights = np.ones(batch, np.float32)
+  for b in range(batch):
+    source_uid = bytes(uids[source[b]])
+    kept = [int(i) for i in retrieved[b] if bytes(uids[int(i)]) != source_uid][: num_candidates - offset]
+    if len(set(retrieved[b].tolist())) != len(retrieved[b]) or len(kept) < num_candidates - offset:
+      weights[b] = 0.0
+    out[b, offset : offset + len(kept)] = kept
+  return out, weights
+
+
+def candidate_inputs(store: BlockStore, candidates: np.ndarray, query_ids: np.ndarray, config: RealmDataConfig):
+  """Block inputs [B, K, block_len] (`[CLS] title [SEP] body [SEP]`, null = `[CLS] [SEP] [SEP]`) and joint
+  reader inputs [B, K, joint_len] (`[CLS] query [SEP] body [SEP]`, title dropped, as released)."""
+  special = store.manifest["special_ids"]
+  cls, sep = np.asarray([special["cls"]]), np.asarray([special["sep"]])
+  empty = np.zeros(0, np.int32)
+  batch, k = candidates.shape
+  blocks = {name: np.zeros((batch, k, config.block_len), np.int32) for name in FEATURES}
+  joint = {name: np.zeros((batch, k, config.joint_len), np.int32) for name in FEATURES}
+  for b in range(batch):
+    query = query_ids[b][1 : int(np.flatnonzero(query_ids[b] == special["sep"])[0])]
+    for j, block_id in enumerate(candidates[b]):
+      title = empty if block_id == NULL_BLOCK else store.title_ids(int(block_id))
+      body = empty if block_id == NULL_BLOCK else store.body_ids(int(block_id))
+      block_budget = config.block_len - len(title) - 3
+      packed = pack([cls, title, sep, body[: max(0, block_budget)], sep], config.block_len, segment_break=3)
+      joint_budget = config.joint_len - len(query) - 3
+      joined = pack([cls, query, sep, body[: max(0, joint_budget)], sep], config.joint_len, segment_break=3)
+      for name in blocks:
+        blocks[name][b, j] = packed[name]
+        joint[name][b, j] = joined[name]
+  return blocks, joint

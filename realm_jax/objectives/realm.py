@@ -1,0 +1,93 @@
+"""REALM's pre-training objective: marginal MLM likelihood over retrieved blocks plus the null block.
+
+As coded in the released `realm/model.py` (REALM_REFERENCE §4): candidate scores are recomputed
+with fresh parameters, `log p(z|x) = log_softmax` over the K candidates (null first), the reader's
+`log p(y_j|z,x)` is taken at the masked positions, and the loss is the negative
+per-masked-token marginal `log sum_z p(z|x) p(y_j|z,x)`, averaged over scored masks.  The paper's
+per-example marginal (product over the masks inside the sum) is `per_example_marginal=True`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from realm_jax.models.bert import BertConfig, BertEncoder, MlmHead
+from realm_jax.models.retriever import DualEncoder
+
+Array = jax.Array
+
+
+class RealmModel(nn.Module):
+  """Retriever (dual encoder) + knowledge-augmented encoder (BERT reader with MLM head)."""
+
+  retriever_config: BertConfig
+  reader_config: BertConfig
+  projection_size: int = 128
+  share_towers: bool = True
+
+  def setup(self):
+    self.retriever = DualEncoder(self.retriever_config, self.projection_size, self.share_towers)
+    self.reader = BertEncoder(self.reader_config)
+    self.mlm_head = MlmHead(self.reader_config)
+
+  def embed_queries(self, queries: dict[str, Array], deterministic: bool = True) -> Array:
+    return self.retriever.embed_queries(queries, deterministic)
+
+  def __call__(self, batch: dict[str, Array], deterministic: bool = True) -> tuple[Array, Array]:
+    """Returns retrieval scores [B, K] and the reader's log p(.|z, x) at the masks [B, K, M, V]."""
+    queries = {k[len("query_"):]: v for k, v in batch.items() if k.startswith("query_")}
+    query_emb = self.retriever.embed_queries(queries, deterministic)
+    batch_size, k, block_len = batch["block_input_ids"].shape
+    flat = lambda prefix, n: {  # noqa: E731
+        name: batch[f"{prefix}_{name}"].reshape(batch_size * k, n)
+        for name in ("input_ids", "input_mask", "segment_ids")
+    }
+    block_emb = self.retriever.embed_blocks(flat("block", block_len), deterministic).reshape(batch_size, k, -1)
+    scores = jnp.einsum("bd,bkd->bk", query_emb, block_emb)
+    joint = flat("joint", batch["joint_input_ids"].shape[-1])
+    hidden, _ = self.reader(joint["input_ids"], joint["input_mask"], joint["segment_ids"], deterministic)
+    positions = jnp.repeat(batch["mlm_positions"], k, axis=0)  # [B*K, M]
+    at_masks = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # [B*K, M, H]
+    table = nn.meta.unbox(self.reader.variables["params"]["embeddings"]["word_embeddings"]["embedding"])
+    logits = self.mlm_head(at_masks, table)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return scores, log_probs.reshape(batch_size, k, *log_probs.shape[1:])
+
+
+def marginal_loss(
+    scores: Array, log_probs: Array, mask_ids: Array, mask_weights: Array, per_example_marginal: bool = False
+) -> tuple[Array, dict[str, Array]]:
+  """Negative marginal log-likelihood per scored mask, and REALM's metrics.
+
+  scores [B, K] (candidate 0 = null block), log_probs [B, K, M, V] (reader), mask_ids / mask_weights [B, M].
+  """
+  candidate_log_probs = jax.nn.log_softmax(scores.astype(jnp.float32), axis=-1)
+  gold_log_probs = jnp.take_along_axis(log_probs, mask_ids[:, None, :, None], axis=-1)[..., 0]  # [B, K, M]
+  predictive = jax.nn.logsumexp(candidate_log_probs[:, :, None, None] + log_probs, axis=1)  # [B, M, V]
+  weights = mask_weights.astype(jnp.float32)
+  num_masks = jnp.maximum(weights.sum(), 1.0)
+  token_marginal = jax.nn.logsumexp(candidate_log_probs[:, :, None] + gold_log_probs, axis=1)  # [B, M]
+  if per_example_marginal:
+    sequence = (gold_log_probs * weights[:, None, :]).sum(-1)  # [B, K]
+    example_marginal = jax.nn.logsumexp(candidate_log_probs + sequence, axis=1)  # [B]
+    loss = -example_marginal.sum() / num_masks
+  else:
+    loss = -(token_marginal * weights).sum() / num_masks
+  metrics = {
+      # Appendix D: how much the retrieved blocks beat the null block, per masked token.
+      "retrieval_utility": ((token_marginal - gold_log_probs[:, 0, :]) * weights).sum() / num_masks,
+      "p_null": (jnp.exp(candidate_log_probs[:, 0]) * (weights.sum(-1) > 0)).sum()
+      / jnp.maximum((weights.sum(-1) > 0).sum(), 1.0),
+      "mlm_log_likelihood": (token_marginal * weights).sum() / num_masks,
+      "mlm_accuracy": ((jnp.argmax(predictive, -1) == mask_ids) * weights).sum() / num_masks,
+  }
+  return loss, metrics
+
+
+def realm_loss(model: RealmModel, params, batch: dict[str, Array], rng: Array, per_example_marginal: bool = False):
+  """Loss for the Trainer: fresh scores and reader log-probs under dropout, duplicates weighted out."""
+  scores, log_probs = model.apply({"params": params}, batch, False, rngs={"dropout": rng})
+  weights = batch["mlm_weights"] * batch["example_weight"][:, None]
+  return marginal_loss(scores, log_probs, batch["mlm_ids"], weights, per_example_marginal)
