@@ -7,13 +7,13 @@ import pytest
 from conftest import DEMO_ENTITIES, DEMO_PASSAGES, SHARED_CORPUS
 
 from realm_jax.data.blocks import (
-    BlockPacker,
-    BlockStore,
-    DATE_REGEX_LABEL,
-    BlockStoreError,
-    block_uid,
-    build_block_store,
-    split_sentences,
+  DATE_REGEX_LABEL,
+  BlockPacker,
+  BlockStore,
+  BlockStoreError,
+  block_uid,
+  build_block_store,
+  split_sentences,
 )
 from realm_jax.data.corpus import CorpusError, Document, fingerprint_files, read_documents
 

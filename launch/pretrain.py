@@ -1,0 +1,28 @@
+r"""REALM pre-training with the live index (run launch/refresh_index.py beside it).
+
+  python launch/pretrain.py --gin_file=gin/models/realm_minilm.gin --gin_file=gin/runs/realm_pretrain.gin \
+    --gin_bindings="BLOCK_STORE = 'workdir/demo/blocks'" --workdir=workdir/demo/realm
+"""
+
+from __future__ import annotations
+
+import gin
+from absl import app
+
+from launch import common
+from realm_jax.train import pretrain
+
+
+def main(argv):
+  del argv
+  workdir, mesh = common.setup("pretrain")
+  history = gin.get_configurable(pretrain.run_pretrain)(workdir=str(workdir), mesh=mesh)
+  common.save_operative_config(workdir, "pretrain")
+  last = history[-1]
+  print(f"REALM pre-training finished at step {last['step']}: loss {last['loss']:.3f}, "
+        f"MLM accuracy {last['mlm_accuracy']:.3f}, retrieval utility {last['retrieval_utility']:.3f}, "
+        f"p(null) {last['p_null']:.3f}")
+
+
+if __name__ == "__main__":
+  app.run(main)
