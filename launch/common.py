@@ -15,7 +15,9 @@ GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings
 WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (see WORKSPACE.md).", required=True)
 MESH_DATA = flags.DEFINE_integer("mesh_data", -1, "Size of the 'data' mesh axis (-1: all remaining devices).")
 MESH_MODEL = flags.DEFINE_integer("mesh_model", 1, "Size of the 'model' mesh axis.")
-COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (multi-host), or 'auto' on Cloud TPU pods."
+)
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a multi-host job.")
 PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in a multi-host job.")
 

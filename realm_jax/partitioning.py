@@ -54,7 +54,13 @@ def make_mesh(data: int = -1, model: int = 1, devices: Sequence[Any] | None = No
 
 
 def initialize_distributed(coordinator_address: str | None, num_processes: int, process_id: int) -> None:
-  """Joins a multi-host job (no-op for a single process); call before any other JAX use."""
+  """Joins a multi-host job (no-op for a single process); call before any other JAX use.
+
+  `coordinator_address="auto"` lets JAX discover the job (Cloud TPU VMs, SLURM, ...).
+  """
+  if coordinator_address == "auto":
+    jax.distributed.initialize()
+    return
   if num_processes <= 1:
     return
   if not coordinator_address:

@@ -1,0 +1,103 @@
+r"""Expands a set of gin variants into REALM pre-training runs: locally in sequence, or as TPU pod commands.
+
+  python launch/sweep.py --gin_file=gin/models/realm_demo.gin --run_gin=gin/runs/realm_pretrain_demo.gin \
+    --variant=baseline= --variant=no_retrieval=gin/ablations/no_retrieval.gin \
+    --variant=random_masks=gin/ablations/random_token_masking.gin \
+    --variant="lr_1e3=pretrain.run_pretrain.learning_rate = 1e-3" \
+    --workdir_root=workdir/sweep --mode=local
+
+A variant is NAME=ITEM;ITEM;... where an item ending in .gin is a gin file and anything else a
+binding (variant bindings reach the trainer only).  Local mode runs, per variant, the trainer and
+(unless the variant disables retrieval) a refresher beside it, each in its own workdir
+`<workdir_root>/<NAME>`, then prints a results table.  `--mode=tpu` prints the
+`launch/tpu/pod.py --dry_run` command of each variant instead.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+_GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Model gin files (trainer and refresher).")
+_RUN_GIN = flags.DEFINE_multi_string("run_gin", [], "Trainer run gin files.")
+_GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Bindings for every variant.")
+_VARIANTS = flags.DEFINE_multi_string("variant", [], "NAME=ITEM;ITEM;... (gin files or bindings).")
+_ROOT = flags.DEFINE_string("workdir_root", "workdir/sweep", "Each variant runs in <root>/<NAME>.")
+_MODE = flags.DEFINE_enum("mode", "local", ["local", "tpu"], "Run locally in sequence, or print pod commands.")
+_DEVICES = flags.DEFINE_integer("local_devices", 1, "JAX_NUM_CPU_DEVICES for each local process.")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_variant(spec: str) -> tuple[str, list[str], list[str]]:
+  """'NAME=a.gin;x.y = 1' -> (NAME, gin files, bindings)."""
+  name, sep, body = spec.partition("=")
+  if not sep or not name.isidentifier():
+    raise ValueError(f"--variant {spec!r}: expected NAME=ITEM;ITEM;... with NAME a plain identifier")
+  items = [item.strip() for item in body.split(";") if item.strip()]
+  files = [item for item in items if item.endswith(".gin")]
+  for file in files:
+    if not (REPO / file).is_file() and not Path(file).is_file():
+      raise FileNotFoundError(f"--variant {name}: gin file {file} not found")
+  return name, files, [item for item in items if not item.endswith(".gin")]
+
+
+def gin_args(files: list[str], bindings: list[str]) -> list[str]:
+  return [f"--gin_file={f}" for f in files] + [f"--gin_bindings={b}" for b in bindings]
+
+
+def uses_retrieval(files: list[str], bindings: list[str]) -> bool:
+  text = "\n".join([*(Path(REPO / f).read_text() for f in files), *bindings])
+  return "retrieval = False" not in text
+
+
+def run_local(name: str, files: list[str], bindings: list[str]) -> dict:
+  workdir = Path(_ROOT.value) / name
+  env = {"JAX_NUM_CPU_DEVICES": str(_DEVICES.value), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+  common = gin_args(_GIN_FILES.value, [*_GIN_BINDINGS.value])
+  trainer_args = common + gin_args([*_RUN_GIN.value, *files], bindings) + [f"--workdir={workdir}"]
+  trainer = subprocess.Popen([sys.executable, "launch/pretrain.py", *trainer_args], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, text=True)
+  refresher = None
+  if uses_retrieval(files, bindings):
+    refresher = subprocess.Popen(
+        [sys.executable, "launch/refresh_index.py", *common, "--gin_file=gin/runs/refresh.gin",
+         "--gin_bindings=TOWER_PATH = ('retriever', 'query_tower')", f"--workdir={workdir}", "--poll_seconds=2"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, text=True,
+    )
+  out, _ = trainer.communicate()
+  if refresher:
+    refresher.communicate()
+  if trainer.returncode:
+    raise RuntimeError(f"variant {name}: trainer exited with {trainer.returncode}")
+  summary = next(line for line in out.splitlines() if line.startswith("REALM pre-training finished"))
+  return {"variant": name, "summary": summary}
+
+
+def main(argv):
+  del argv
+  variants = [parse_variant(v) for v in _VARIANTS.value]
+  if not variants:
+    raise app.UsageError("give at least one --variant")
+  results = []
+  for name, files, bindings in variants:
+    if _MODE.value == "tpu":
+      command = ["python", "launch/tpu/pod.py", f"--name=realm-{name.replace('_', '-')}",
+                 f"--workdir={_ROOT.value}/{name}", *gin_args(_GIN_FILES.value, _GIN_BINDINGS.value),
+                 *[f"--run_gin={f}" for f in [*_RUN_GIN.value, *files]],
+                 *[f"--run_bindings={b}" for b in bindings], "--dry_run"]
+      print(shlex.join(command))
+    else:
+      results.append(run_local(name, files, bindings))
+      print(json.dumps(results[-1]))
+  for r in results:
+    print(f"{r['variant']:>20}: {r['summary']}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,89 @@
+r"""Cloud TPU VM commands for realm-jax: create slices, install, start the trainer and the refresher.
+
+  python launch/tpu/pod.py --name=realm --zone=europe-west4-a --accelerator=v3-64 \
+    --refresh_accelerator=v3-16 --workdir=gs://BUCKET/realm --job=pretrain \
+    --gin_file=gin/models/bert_base.gin --run_gin=gin/runs/realm_pretrain.gin \
+    --gin_bindings="BLOCK_STORE = 'gs://BUCKET/blocks'" --dry_run
+
+Every host of a slice runs the same launcher (`--worker=all`) with `--coordinator_address=auto`;
+the trainer and the refresher share only `--workdir` (see WORKSPACE.md).  `--dry_run` prints the
+commands instead of running them.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+
+from absl import app, flags
+
+_NAME = flags.DEFINE_string("name", "realm", "TPU VM name prefix (trainer: NAME, refresher: NAME-refresh).")
+_ZONE = flags.DEFINE_string("zone", "europe-west4-a", "GCE zone.")
+_PROJECT = flags.DEFINE_string("project", None, "GCP project (default: gcloud's).")
+_ACCELERATOR = flags.DEFINE_string("accelerator", "v3-64", "Trainer slice (paper: 64 TPUs to train).")
+_REFRESH_ACCELERATOR = flags.DEFINE_string("refresh_accelerator", "v3-16", "Refresher slice (paper: 16 TPUs).")
+_VERSION = flags.DEFINE_string("runtime_version", "tpu-ubuntu2204-base", "TPU VM software version.")
+_REPO_URL = flags.DEFINE_string("repo_url", "https://github.com/OWNER/realm-jax.git", "Where hosts clone realm-jax.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Shared run directory (gs://...).", required=True)
+_JOB = flags.DEFINE_enum("job", "pretrain", ["ict", "pretrain"], "Trainer launcher to run.")
+_GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Model gin files (trainer and refresher).")
+_RUN_GIN = flags.DEFINE_multi_string("run_gin", [], "Run gin files of the trainer (e.g. gin/runs/realm_pretrain.gin).")
+_GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings for both jobs.")
+_RUN_BINDINGS = flags.DEFINE_multi_string("run_bindings", [], "Gin bindings for the trainer only.")
+_STEPS = flags.DEFINE_multi_enum("step", ["create", "install", "train", "refresh"],
+                                 ["create", "install", "train", "refresh"], "Which commands to issue.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
+
+
+def _gcloud(*args: str) -> list[str]:
+  command = ["gcloud", "compute", "tpus", "tpu-vm", *args, f"--zone={_ZONE.value}"]
+  if _PROJECT.value:
+    command.append(f"--project={_PROJECT.value}")
+  return command
+
+
+def _on_all_workers(vm: str, shell: str) -> list[str]:
+  return _gcloud("ssh", vm, "--worker=all", f"--command={shell}")
+
+
+def _launcher(script: str, run_gins: list[str], extra_bindings: list[str]) -> str:
+  args = [f"--gin_file={f}" for f in [*_GIN_FILES.value, *run_gins]]
+  args += [f"--gin_bindings={b}" for b in [*_GIN_BINDINGS.value, *extra_bindings]]
+  args += [f"--workdir={_WORKDIR.value}", "--coordinator_address=auto"]
+  log = "~/" + script.split("/")[-1].replace(".py", ".log")
+  return f"cd ~/realm-jax && nohup .venv/bin/python {shlex.join([script, *args])} > {log} 2>&1 &"
+
+
+def pod_commands() -> list[list[str]]:
+  """The gcloud commands for the selected steps, in order."""
+  trainer_vm, refresh_vm = _NAME.value, f"{_NAME.value}-refresh"
+  install = (f"git clone {_REPO_URL.value} ~/realm-jax || (cd ~/realm-jax && git pull); cd ~/realm-jax && "
+             "bash scripts/setup_venv.sh && .venv/bin/pip install -q 'jax[tpu]==0.10.2'")
+  tower = "TOWER_PATH = ('retriever', 'query_tower')" if _JOB.value == "pretrain" else "TOWER_PATH = ('query_tower',)"
+  commands = []
+  for step in _STEPS.value:
+    if step == "create":
+      for vm, accelerator in ((trainer_vm, _ACCELERATOR.value), (refresh_vm, _REFRESH_ACCELERATOR.value)):
+        commands.append(_gcloud("create", vm, f"--accelerator-type={accelerator}", f"--version={_VERSION.value}"))
+    elif step == "install":
+      commands += [_on_all_workers(trainer_vm, install), _on_all_workers(refresh_vm, install)]
+    elif step == "train":
+      trainer = _launcher(f"launch/{_JOB.value}.py", _RUN_GIN.value, _RUN_BINDINGS.value)
+      commands.append(_on_all_workers(trainer_vm, trainer))
+    elif step == "refresh":
+      refresh = _launcher("launch/refresh_index.py", ["gin/runs/refresh.gin"], [tower])
+      commands.append(_on_all_workers(refresh_vm, refresh))
+  return commands
+
+
+def main(argv):
+  del argv
+  for command in pod_commands():
+    if _DRY_RUN.value:
+      print(shlex.join(command))
+    else:
+      subprocess.run(command, check=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
