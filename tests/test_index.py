@@ -106,14 +106,15 @@ def test_refresher_killed_mid_publish_leaves_readers_on_the_previous_index(demo_
   with pytest.raises(KeyboardInterrupt):
     index_lib.publish_index(tmp_path, 20, np.zeros((demo_store.num_blocks, 8), np.float32), demo_store,
                             backend="scann", write_scann=die)
-  assert (tmp_path / "tmp" / "20").exists()
+  assert (tmp_path / "tmp" / "20-refresher").exists()
   assert index_lib.committed_steps(tmp_path) == [10]
   installed = []
   reader = index_lib.IndexReader(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]))
   reader.load_newest()
   assert reader.maybe_swap(12) == {"index_step": 10.0, "index_staleness": 2.0}
+  (tmp_path / "tmp" / "0-bootstrap").mkdir()  # another job's staging is left alone
   assert index_lib.clean_staging(tmp_path) == [20]
-  assert not (tmp_path / "tmp" / "20").exists()
+  assert not (tmp_path / "tmp" / "20-refresher").exists() and (tmp_path / "tmp" / "0-bootstrap").exists()
 
 
 def test_index_for_another_corpus_is_refused(demo_store, tmp_path, wordpiece):

@@ -62,12 +62,17 @@ def publish_index(
     backend: str = "exact",
     write_scann: Callable[[Path], None] | None = None,
     keep: int = 3,
+    writer: str = "refresher",
 ) -> epath.Path:
-  """Writes tmp/<step>/, renames it to committed/<step>/, keeps the newest `keep` indexes."""
+  """Writes tmp/<step>-<writer>/, renames it to committed/<step>/, keeps the newest `keep` indexes.
+
+  `writer` names the job (the refresher, or a trainer bootstrapping index 0) so that each job
+  only ever cleans its own half-written staging folders.
+  """
   if embeddings.ndim != 2 or len(embeddings) != store.num_blocks:
     raise ValueError(f"embeddings {embeddings.shape} do not have one row per block ({store.num_blocks})")
   root = epath.Path(index_dir)
-  staging = root / "tmp" / str(train_step)
+  staging = root / "tmp" / f"{train_step}-{writer}"
   final = root / "committed" / str(train_step)
   if staging.exists():
     staging.rmtree()
@@ -103,13 +108,15 @@ def publish_index(
   return final
 
 
-def clean_staging(index_dir: str | Path) -> list[int]:
-  """Removes half-written indexes left by a killed refresher; returns their steps."""
+def clean_staging(index_dir: str | Path, writer: str = "refresher") -> list[int]:
+  """Removes half-written indexes that `writer` left behind when it was killed; returns their steps."""
   tmp = epath.Path(index_dir) / "tmp"
-  stale = _steps(tmp)
-  for step in stale:
-    (tmp / str(step)).rmtree()
-  return stale
+  if not tmp.exists():
+    return []
+  stale = sorted(p for p in tmp.iterdir() if re.fullmatch(rf"\d+-{re.escape(writer)}", p.name))
+  for path in stale:
+    path.rmtree()
+  return sorted(int(p.name.split("-")[0]) for p in stale)
 
 
 def load_index(path: str | Path, store: BlockStore) -> tuple[dict[str, Any], np.ndarray]:

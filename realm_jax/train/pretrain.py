@@ -152,7 +152,7 @@ def run_pretrain(
       embeddings = embed_all_blocks(tower, RefreshConfig(retriever, projection_size, block_len=data.block_len,
                                                          batch_size=max(64, mesh.shape["data"])), store, mesh,
                                     desc="bootstrap index")
-      index_lib.publish_index(index_dir, 0, embeddings, store)
+      index_lib.publish_index(index_dir, 0, embeddings, store, writer="bootstrap")
     reader_thread = run.live.reader(index_dir, store, index_poll_seconds).start()
     reader_thread.wait_for_first(index_wait_seconds)
   try:
