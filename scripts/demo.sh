@@ -19,7 +19,7 @@ $PY launch/ict.py --gin_file=gin/models/minilm.gin --gin_file=gin/runs/ict_demo.
 echo "== 3/3 REALM pre-training with the live index refresher beside it"
 $PY launch/refresh_index.py --gin_file=gin/models/realm_demo.gin --gin_file=gin/runs/refresh.gin \
   --gin_bindings="BLOCK_STORE = '$W/blocks'" --gin_bindings="TOWER_PATH = ('retriever', 'query_tower')" \
-  --gin_bindings="refresher.RefreshConfig.block_len = 64" --poll_seconds=5 \
+  --gin_bindings="BLOCK_LEN = 64" --poll_seconds=5 \
   --workdir=$W/realm --alsologtostderr=false > $W/refresh.log 2>&1 &
 REFRESHER=$!
 $PY launch/pretrain.py --gin_file=gin/models/realm_demo.gin --gin_file=gin/runs/realm_pretrain_demo.gin \

@@ -40,6 +40,18 @@ def test_one_salient_span_of_one_sentence_is_masked_whole(demo_store):
     np.testing.assert_array_equal(ex["mlm_ids"][:scored], body[span[0] : span[0] + scored])
 
 
+def test_random_token_masking_ablation_masks_15_percent_of_a_sentence(demo_store):
+  queries = MaskedQueries(demo_store, RealmDataConfig(masking="random_tokens"))
+  assert len(queries.block_ids) == demo_store.num_blocks  # no salient span needed
+  rng = np.random.default_rng(0)
+  for block_id in range(50):
+    ex = queries(block_id, rng)
+    length = int(ex["query_input_mask"].sum()) - 2
+    masked = int((ex["query_input_ids"] == 103).sum())
+    assert masked == max(1, min(10, round(0.15 * length)))
+    assert int(ex["mlm_weights"].sum()) == masked
+
+
 def test_the_trivial_block_is_never_a_candidate_and_null_comes_first(demo_store):
   uids = demo_store.arrays["uids"]
   retrieved = np.array([[5, 9, 2, 7], [3, 4, 6, 8], [1, 1, 2, 3]])
