@@ -77,16 +77,21 @@ class IctExamples:
     }
 
 
+def block_batches(block_ids: np.ndarray, make_example, batch_size: int, seed: int) -> grain.MapDataset:
+  """Infinite batches of `make_example(block_id, rng)` over blocks shuffled per epoch; deterministic in `seed`."""
+  return (
+      grain.MapDataset.source(block_ids)
+      .shuffle(seed=seed)
+      .repeat(None)
+      .random_map(lambda block_id, rng: make_example(int(block_id), rng), seed=seed)
+      .batch(batch_size, drop_remainder=True)
+  )
+
+
 def ict_dataset(store: BlockStore, config: IctDataConfig) -> grain.MapDataset:
   """Infinite, shuffled (per epoch), batched ICT dataset; deterministic given `config.seed`."""
   examples = IctExamples(store, config)
-  return (
-      grain.MapDataset.source(examples.block_ids)
-      .shuffle(seed=config.seed)
-      .repeat(None)
-      .random_map(lambda block_id, rng: examples(int(block_id), rng), seed=config.seed)
-      .batch(config.batch_size, drop_remainder=True)
-  )
+  return block_batches(examples.block_ids, examples, config.batch_size, config.seed)
 
 
 def ict_iterator(store: BlockStore, config: IctDataConfig) -> grain.DatasetIterator:

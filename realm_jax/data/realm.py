@@ -19,7 +19,7 @@ import grain
 import numpy as np
 
 from realm_jax.data.blocks import BlockStore
-from realm_jax.data.ict import pack
+from realm_jax.data.ict import block_batches, pack
 
 NULL_BLOCK = -1  # candidate id of the null document
 FEATURES = ("input_ids", "input_mask", "segment_ids")
@@ -107,15 +107,9 @@ class MaskedQueries:
 
 
 def realm_query_dataset(store: BlockStore, config: RealmDataConfig) -> grain.MapDataset:
-  """Infinite, shuffled, batched masked queries (candidates are added by `add_candidates`)."""
+  """Infinite, shuffled, batched masked queries (candidates come later: `select_candidates`)."""
   queries = MaskedQueries(store, config)
-  return (
-      grain.MapDataset.source(queries.block_ids)
-      .shuffle(seed=config.seed)
-      .repeat(None)
-      .random_map(lambda block_id, rng: queries(int(block_id), rng), seed=config.seed)
-      .batch(config.batch_size, drop_remainder=True)
-  )
+  return block_batches(queries.block_ids, queries, config.batch_size, config.seed)
 
 
 def select_candidates(

@@ -144,10 +144,10 @@ def run_pretrain(
   )
   queries = iter(realm_query_dataset(store, data).to_iter_dataset())
   index_dir = Path(workdir) / "index"
-  reader_thread = None
+  reader_thread, state = None, None
   if retrieval:
     if bootstrap_index and not index_lib.committed_steps(index_dir) and trainer.checkpoints.latest_step() is None:
-      state = trainer.init_state(pretrained)
+      state = trainer.init_state(pretrained)  # also the first train state: initialised once
       tower = jax.device_get(state.params["retriever"]["block_tower" if not share_towers else "query_tower"])
       embeddings = embed_all_blocks(tower, RefreshConfig(retriever, projection_size, block_len=data.block_len,
                                                          batch_size=max(64, mesh.shape["data"])), store, mesh,
@@ -158,7 +158,7 @@ def run_pretrain(
   try:
     _, history = trainer.fit(
         queries, pretrained, batch_size=data.batch_size, prepare_batch=run.prepare_batch,
-        before_step=reader_thread.maybe_swap if reader_thread else None,
+        before_step=reader_thread.maybe_swap if reader_thread else None, initial_state=state,
     )
   finally:
     if reader_thread:

@@ -119,12 +119,13 @@ class Trainer:
     return TrainState(state.step, params, opt_state)
 
   def restore_or_init(
-      self, data: CheckpointableIterator, pretrained: Callable[[Any], Any] | None = None
+      self, data: CheckpointableIterator, pretrained: Callable[[Any], Any] | None = None,
+      initial_state: TrainState | None = None,
   ) -> TrainState:
-    """Restores the newest checkpoint (state and data position) or starts fresh."""
+    """Restores the newest checkpoint (state and data position), else `initial_state` or a fresh one."""
     step = self.checkpoints.latest_step()
     if step is None:
-      return self.init_state(pretrained)
+      return initial_state if initial_state is not None else self.init_state(pretrained)
     restored = self.checkpoints.restore(
         step,
         args=ocp.args.Composite(
@@ -168,6 +169,7 @@ class Trainer:
       on_step: Callable[[int, TrainState], None] | None = None,
       before_step: Callable[[int], dict[str, float]] | None = None,
       prepare_batch: Callable[[TrainState, dict], dict] | None = None,
+      initial_state: TrainState | None = None,
   ) -> tuple[TrainState, list[dict[str, float]]]:
     """Trains to `config.num_steps`, resuming if a checkpoint exists. Returns state and logged metrics.
 
@@ -177,7 +179,7 @@ class Trainer:
     parameters (REALM: retrieval of candidates for the batch's queries).
     """
     cfg = self.config
-    state = self.restore_or_init(data, pretrained)
+    state = self.restore_or_init(data, pretrained, initial_state)
     start = int(state.step)
     writer = SummaryWriter(str(self.workdir / "tensorboard")) if jax.process_index() == 0 else None
     history: list[dict[str, float]] = []
