@@ -23,7 +23,9 @@ from absl import app, flags
 _OUT = flags.DEFINE_string("out", "BENCHMARKS.md", "Markdown file to update.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions per figure (median reported).")
 _SYNTHETIC_ROWS = flags.DEFINE_integer("synthetic_rows", 1_000_000, "Rows of the synthetic 128-d matrix.")
-_EMBED_BLOCKS = flags.DEFINE_integer("embed_blocks", 512, "Demo blocks embedded for the throughput figure.")
+_EMBED_BLOCKS = flags.DEFINE_integer("embed_blocks", 512, "Blocks embedded for the throughput figure.")
+_CORPUS = flags.DEFINE_string("corpus_dir", "data/demo", "Corpus with passages.jsonl, entities and questions/ "
+                              "(e.g. ../shared/data/realm_small_corpus for the 31k-passage small corpus).")
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Index refresh and MIPS (bench/index_bench.py)"
@@ -121,7 +123,7 @@ def minilm_setup():
   return config, params
 
 
-def swap_stall(mesh, rows: int, repeats: int) -> dict:
+def swap_stall(mesh, repeats: int) -> dict:
   """Step time of a jit step + search while an IndexReader swaps indexes, vs. no swaps."""
   import tempfile
 
@@ -132,7 +134,7 @@ def swap_stall(mesh, rows: int, repeats: int) -> dict:
   from realm_jax.data.blocks import BlockStore
   from realm_jax.retrieval.index import LiveIndex, publish_index
 
-  store = BlockStore(REPO / "workdir/bench/blocks")
+  store = BlockStore(REPO / "workdir/bench/demo/blocks")
   rng = np.random.default_rng(0)
   step = jax.jit(lambda a: jnp.tanh(a @ a).sum())
   work = jnp.ones((768, 768))
@@ -180,8 +182,9 @@ def main(argv):
   repeats = _REPEATS.value
   mesh = partitioning.make_mesh(1, 1, jax.devices()[:1])
   tok = WordPieceTokenizer(minilm_dir() / "vocab.txt")
-  passages, entities = REPO / "data/demo/passages.jsonl", REPO / "data/demo/entities_spacy_en_core_web_sm_3.8.0.jsonl"
-  store_dir = REPO / "workdir/bench/blocks"
+  corpus = REPO / _CORPUS.value
+  passages, entities = corpus / "passages.jsonl", corpus / "entities_spacy_en_core_web_sm_3.8.0.jsonl"
+  store_dir = REPO / "workdir/bench" / corpus.name / "blocks"
   if not (store_dir / "manifest.json").exists():
     build_block_store(read_documents(passages, entities), store_dir, tok, fingerprint_files(passages, entities))
   store = BlockStore(store_dir)
@@ -204,12 +207,12 @@ def main(argv):
       "fraction_of_matmul_peak": blocks_per_s * flops_per_block / peak,
   }
   demo_blocks = embed_all_blocks(params, RefreshConfig(config, block_len=128, batch_size=128), store, mesh)
-  questions = [json.loads(x)["question"] for x in (REPO / "data/demo/questions/nq_open_dev.jsonl").open()]
+  questions = [json.loads(x)["question"] for x in (corpus / "questions/nq_open_dev.jsonl").open()][:1000]
   feats = [pack([np.array([tok.cls_id]), tok.encode(q)[0][:30], np.array([tok.sep_id])], 32) for q in questions]
   batch = {k: np.stack([f[k] for f in feats]) for k in feats[0]}
   demo_queries = np.asarray(jax.jit(lambda p, b: tower.apply(
       {"params": p}, b["input_ids"], b["input_mask"], b["segment_ids"], True))(params, batch))
-  small = mips_rows(demo_blocks, demo_queries, repeats, mesh, faiss_nlist=64)
+  small = mips_rows(demo_blocks, demo_queries, repeats, mesh, faiss_nlist=max(16, int(np.sqrt(len(demo_blocks)))))
 
   rng = np.random.default_rng(0)
   n = _SYNTHETIC_ROWS.value
@@ -217,7 +220,11 @@ def main(argv):
   synthetic = centers[rng.integers(0, 1000, n)] + 0.5 * rng.normal(size=(n, 128)).astype(np.float32)
   synthetic_queries = synthetic[rng.integers(0, n, 1000)] + 0.3 * rng.normal(size=(1000, 128)).astype(np.float32)
   large = mips_rows(synthetic, synthetic_queries, repeats, mesh, faiss_nlist=1000)
-  stall = swap_stall(mesh, store.num_blocks, repeats)
+  if not (REPO / "workdir/bench/demo/blocks/manifest.json").exists():
+    demo = REPO / "data/demo"
+    build_block_store(read_documents(demo / "passages.jsonl", demo / "entities_spacy_en_core_web_sm_3.8.0.jsonl"),
+                      REPO / "workdir/bench/demo/blocks", tok, "demo")
+  stall = swap_stall(mesh, repeats)
 
   def table(rows):
     lines = ["| backend | recall@5 | recall@100 | queries/s | build s | bytes/block |", "|---|---|---|---|---|---|"]
@@ -229,7 +236,7 @@ def main(argv):
 
   text = f"""{SECTION}
 
-Command: `.venv/bin/python bench/index_bench.py --repeats={repeats} --synthetic_rows={n}` \
+Command: `.venv/bin/python bench/index_bench.py --repeats={repeats} --synthetic_rows={n} --corpus_dir={_CORPUS.value}` \
 (medians of {repeats} runs; {time.strftime('%Y-%m-%d')}).
 Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, CPU backend, 1 device.
 
@@ -240,7 +247,7 @@ Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, j
   At this rate one refresh of REALM's 13,353,718 blocks would take {13_353_718 / embed['blocks_per_s'] / 86400:.0f} days
   on this machine (a BERT-base tower costs ~{encoder_flops_per_sequence(type(config)(), 288) / flops_per_block:.1f}x more).
 
-MIPS, demo corpus ({len(demo_blocks)} real blocks, MiniLM embeddings, {len(demo_queries)} NQ-open dev questions;
+MIPS, `{_CORPUS.value}` ({len(demo_blocks)} real blocks, MiniLM embeddings, {len(demo_queries)} NQ-open dev questions;
 recall against exact top-k; MiniLM was trained on NQ/SQuAD pairs):
 
 {table(small)}
@@ -253,7 +260,7 @@ MIPS, synthetic {n:,} x 128 (1000 Gaussian clusters, 1000 queries):
 
 {table(large)}
 
-Hot swap (exact backend, {store.num_blocks} x 128 index, new index placed on device in the reader's thread):
+Hot swap (exact backend, demo-slice x 128 index, new index placed on device in the reader's thread):
 median step time {stall.get('no swap', float('nan')):.2f} ms without a swap vs {stall.get('swap step', float('nan')):.2f} ms
 on the steps where a new index was swapped in (ratio {stall.get('swap step', float('nan')) / stall.get('no swap', float('nan')):.2f}).
 """

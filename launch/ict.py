@@ -18,6 +18,9 @@ def main(argv):
   workdir, mesh = common.setup("ict")
   history = gin.get_configurable(ict.run_ict)(workdir=str(workdir), mesh=mesh)
   common.save_operative_config(workdir, "ict")
+  if not history:
+    print(f"ICT already finished: {workdir} holds its final checkpoint (nothing to do)")
+    return
   last = history[-1]
   print(f"ICT finished at step {last['step']}: loss {last['loss']:.3f}, "
         f"in-batch accuracy@1 {last['accuracy']:.3f} (chance {last['chance']:.3f})")

@@ -18,6 +18,9 @@ def main(argv):
   workdir, mesh = common.setup("pretrain")
   history = gin.get_configurable(pretrain.run_pretrain)(workdir=str(workdir), mesh=mesh)
   common.save_operative_config(workdir, "pretrain")
+  if not history:
+    print(f"REALM pre-training already finished: {workdir} holds its final checkpoint (nothing to do)")
+    return
   last = history[-1]
   print(f"REALM pre-training finished at step {last['step']}: loss {last['loss']:.3f}, "
         f"MLM accuracy {last['mlm_accuracy']:.3f}, retrieval utility {last['retrieval_utility']:.3f}, "
