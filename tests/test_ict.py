@@ -1,5 +1,6 @@
 """ICT warm start: examples, global in-batch negatives on the mesh, exact resume, NaN stop, init."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -57,8 +58,7 @@ def test_negatives_come_from_the_global_batch_and_8_devices_equal_1(demo_store):
   batch = ict_dataset(demo_store, IctDataConfig(batch_size=16, query_len=32, block_len=64))[0]
   model = DualEncoder(TINY, projection_size=32)
   zeros = {k: np.zeros((1, 32), np.int32) for k in ("input_ids", "input_mask", "segment_ids")}
-  params = jax.tree.map(np.asarray, model.init(jax.random.key(0), zeros, zeros)["params"])
-  params = __import__("flax").linen.meta.unbox(params)
+  params = nn.meta.unbox(model.init(jax.random.key(0), zeros, zeros)["params"])
   rng = jax.random.key(7)
   grad_fn = jax.jit(jax.value_and_grad(lambda p, b: ict_loss(model, p, b, rng), has_aux=True))
   (loss1, metrics1), grads1 = grad_fn(params, batch)

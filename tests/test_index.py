@@ -4,6 +4,7 @@ import json
 import threading
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ def minilm_embeddings(demo_store, minilm_path):
   config, encoder = load_hf_bert(minilm_path)
   tower = RetrieverTower(config)
   x = np.zeros((1, 8), np.int32)
-  params = jax.device_get(__import__("flax").linen.meta.unbox(tower.init(jax.random.key(0), x, x, x, True)["params"]))
+  params = jax.device_get(nn.meta.unbox(tower.init(jax.random.key(0), x, x, x, True)["params"]))
   params["encoder"] = encoder
   refresh = RefreshConfig(config, block_len=64, batch_size=128)
   blocks = embed_all_blocks(params, refresh, demo_store, partitioning.make_mesh())
