@@ -202,7 +202,8 @@ class Trainer:
         progress.update(1)
         boundary = step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or step == cfg.num_steps
         if boundary:
-          values = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+          fetched = jax.device_get(pending)  # one host transfer per logging window
+          values = {k: float(np.mean([m[k] for m in fetched if k in m])) for k in fetched[-1]}
           pending = []
           if not math.isfinite(values["loss"]):
             raise NonFiniteLossError(
@@ -234,7 +235,6 @@ class Trainer:
       if writer:
         writer.close()
     return state, history
-
 
 
 def restore_params_subtree(train_dir: str | Path, step: int, path: tuple[str, ...], abstract: Any, sharding) -> Any:
