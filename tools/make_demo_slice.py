@@ -194,6 +194,28 @@ def answer_passages(
   return ranked[:MAX_ANSWER_PASSAGES]
 
 
+def fill_with_articles(
+  passages: list[dict[str, Any]], chosen: set[int], num_passages: int, rng: random.Random
+) -> set[int]:
+  """All passages of random multi-passage titles, while they fit in ``num_passages``.
+
+  Wikipedia articles repeat their entities across blocks; whole articles keep that
+  redundancy, which REALM's salient-span pre-training needs (a masked entity must be
+  findable in some other block for retrieval to help).
+  """
+  by_title: dict[str, list[int]] = {}
+  for i, p in enumerate(passages):
+    by_title.setdefault(p["title"], []).append(i)
+  titles = sorted(t for t, ids in by_title.items() if len(ids) >= 2 and not chosen.issuperset(ids))
+  rng.shuffle(titles)
+  added: set[int] = set()
+  for title in titles:
+    new = [i for i in by_title[title] if i not in chosen]
+    if len(chosen) + len(added) + len(new) <= num_passages:
+      added.update(new)
+  return added
+
+
 def select(
   passages: list[dict[str, Any]],
   qfiles: dict[str, QuestionFile],
@@ -232,6 +254,9 @@ def select(
 
   if len(chosen) > num_passages:
     raise ValueError(f"{len(chosen)} required passages > --num-passages")
+  article_fill = fill_with_articles(passages, chosen, num_passages, rng)
+  reasons["whole-article fill"] = len(article_fill)
+  chosen |= article_fill
   rest = [i for i in range(len(passages)) if i not in chosen]
   fill = rng.sample(rest, num_passages - len(chosen))
   reasons["random fill"] = len(fill)
@@ -344,8 +369,9 @@ files reproduces these files byte for byte.
   passages whose `text` contains an answer (case-insensitive substring; CuratedTREC
   answers are regexes, matched with `re.search(answer, text, re.IGNORECASE)`), taking
   the matches that share the most non-stop-word tokens of `title + text` with the
-  question (ties: lower id); then uniformly random other passages up to {num_passages}
-  in total.
+  question (ties: lower id); then whole articles (all passages of random titles with two
+  or more passages, while they fit: REALM needs entities that recur across blocks); then
+  uniformly random other passages up to {num_passages} in total.
 - `entities_spacy_en_core_web_sm_3.8.0.jsonl`: the entity lines of exactly those
   passages.
 
