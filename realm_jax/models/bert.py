@@ -37,12 +37,17 @@ class BertConfig:
   initializer_range: float = 0.02
   dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
   remat: bool = False  # rematerialise each layer in the backward pass
+  # Pooled output: "cls" = tanh(dense([CLS])) as BERT/REALM; "mean" = mean of the token states over the
+  # input mask, as sentence-transformers (all-MiniLM-L6-v2) was trained.  The pooler weights exist either way.
+  pooling: str = "cls"
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+    if self.pooling not in ("cls", "mean"):
+      raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
 
   @property
   def head_dim(self) -> int:
@@ -209,7 +214,7 @@ class TransformerLayer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-  """Returns (sequence_output [B, L, H], pooled_output [B, H])."""
+  """Returns (sequence_output [B, L, H], pooled_output [B, H]); `config.pooling` picks the pooled output."""
 
   config: BertConfig
 
@@ -237,6 +242,10 @@ class BertEncoder(nn.Module):
         bias_init=zeros_init(("hidden",)),
         name="pooler",
     )(x[:, 0])
+    if c.pooling == "mean":
+      weights = attention_mask.astype(jnp.float32)[..., None]
+      mean = (x.astype(jnp.float32) * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+      return x, mean.astype(x.dtype)
     return x, jnp.tanh(pooled)
 
   def embedding_table(self) -> Array:

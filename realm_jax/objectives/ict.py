@@ -62,7 +62,7 @@ def resolve_checkpoint(path: str) -> Path:
 
 def load_pretrained_encoder(path: str, encoder: BertConfig) -> dict:
   """HF BERT weights for `encoder`; refuses a checkpoint of another architecture."""
-  runtime = {k: getattr(encoder, k) for k in ("dtype", "remat", "hidden_dropout", "attention_dropout")}
+  runtime = {k: getattr(encoder, k) for k in ("dtype", "remat", "hidden_dropout", "attention_dropout", "pooling")}
   config, params = load_hf_bert(resolve_checkpoint(path), **runtime)
   if config != encoder:
     diffs = {k: (getattr(encoder, k), getattr(config, k)) for k in config.__dataclass_fields__

@@ -1,0 +1,31 @@
+r"""Evaluates a fine-tuned Open-QA run: exact match and answer-recall@k per dataset, with baselines.
+
+  python launch/evaluate.py --gin_file=gin/models/minilm.gin --gin_file=gin/runs/openqa_demo.gin \
+    --workdir=workdir/demo/openqa
+Writes <workdir>/eval/<dataset>.json (predictions + the blocks they came from), results.json, results.md.
+"""
+
+from __future__ import annotations
+
+import gin
+import jax
+from absl import app, flags
+
+from launch import common
+from realm_jax.eval import openqa_eval
+
+_LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N questions of each dataset.")
+
+
+def main(argv):
+  del argv
+  workdir, mesh = common.setup("evaluate")
+  rows = gin.get_configurable(openqa_eval.run_evaluation)(workdir=str(workdir), mesh=mesh, limit=_LIMIT.value)
+  common.save_operative_config(workdir, "evaluate")
+  if jax.process_index() == 0:
+    print(openqa_eval.results_table(rows))
+    print(f"predictions and retrieved blocks: {workdir / 'eval'}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,147 @@
+"""Open-QA evaluation: exact match, retrieval answer-recall@k, baselines and the answer-in-corpus ceiling.
+
+Answer-recall@k: an answer string (or the CuratedTrec regex) occurs in the text of one of the top k blocks
+(ORQA's `HasAnswer`, the retriever's own supervision).  The ceiling is the share of questions with an
+answer somewhere in the block store.  For NQ-open the subset whose gold passage is in the store is also
+reported.  Per dataset, `<out>/<name>.json` holds every prediction with the blocks it was read from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from realm_jax.data.blocks import BlockStore
+from realm_jax.data.questions import Question, read_questions
+from realm_jax.eval.answers import exact_match, has_answer
+from realm_jax.eval.baselines import Bm25Retriever, MeanPoolRetriever
+from realm_jax.eval.predict import Predictor, load_predictor
+from realm_jax.models.bert import BertConfig
+from realm_jax.objectives.ict import load_pretrained_encoder, resolve_checkpoint
+from realm_jax.train.finetune import OpenQaSpec
+
+RECALL_KS = (1, 5, 20, 100)
+
+
+class Retriever(Protocol):
+  def search(self, questions: list[str], k: int) -> np.ndarray: ...
+
+
+def answer_hits(texts: Sequence[str], question: Question, ids: np.ndarray) -> np.ndarray:
+  return np.asarray([has_answer(texts[int(i)], question.answers, question.is_regex) for i in ids])
+
+
+def recall(hits: list[np.ndarray], ks: Sequence[int]) -> dict[str, float]:
+  return {f"recall@{k}": 100.0 * float(np.mean([h[:k].any() for h in hits])) if hits else 0.0 for k in ks}
+
+
+@dataclasses.dataclass
+class Subset:
+  name: str
+  indices: np.ndarray
+
+
+def subsets(name: str, questions: list[Question], store_doc_ids: set[str]) -> list[Subset]:
+  everything = [Subset(name, np.arange(len(questions)))]
+  gold = np.asarray([i for i, q in enumerate(questions) if store_doc_ids.intersection(q.gold_passage_ids)])
+  if len(gold) and len(gold) < len(questions):
+    everything.append(Subset(f"{name} (gold passage in corpus)", gold))
+  return everything
+
+
+def evaluate(
+    predictor: Predictor | None,
+    baselines: Mapping[str, Retriever],
+    datasets: Mapping[str, list[Question]],
+    store: BlockStore,
+    out_dir: str | Path,
+    ks: Sequence[int] = RECALL_KS,
+    batch_size: int = 8,
+) -> list[dict]:
+  """Runs every system on every dataset; writes `<out_dir>/<dataset>.json` and returns the table rows."""
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  texts = [t["text"] for t in store.iter_texts()]
+  doc_ids = {t["doc_id"] for t in store.iter_texts()}
+  k_max = min(max(ks), store.num_blocks)
+  rows = []
+  for name, questions in datasets.items():
+    strings = [q.question for q in questions]
+    ceiling = np.asarray([any(has_answer(t, q.answers, q.is_regex) for t in texts)
+                          for q in tqdm(questions, desc=f"{name}: answer-in-corpus", mininterval=2.0)])
+    systems: dict[str, list[np.ndarray]] = {}
+    correct = None
+    if predictor is not None:
+      predictions = []
+      for first in tqdm(range(0, len(strings), batch_size), desc=f"{name}: realm-jax", mininterval=2.0):
+        predictions += predictor.answer(strings[first : first + batch_size], k_max, batch_size)
+      systems["realm-jax"] = [answer_hits(texts, q, p.retrieved) for q, p in zip(questions, predictions, strict=True)]
+      correct = np.asarray([exact_match(p.answer, q.answers, q.is_regex)
+                            for q, p in zip(questions, predictions, strict=True)])
+      records = [{
+          "qid": q.qid, "question": q.question, "answers": list(q.answers), "prediction": p.answer,
+          "correct": bool(c), "score": p.score, "probability": p.probability, "block_id": p.block_id,
+          "blocks": [dataclasses.asdict(b) for b in p.blocks],
+          "retrieved_has_answer": systems["realm-jax"][i][:k_max].tolist(),
+      } for i, (q, p, c) in enumerate(zip(questions, predictions, correct, strict=True))]
+      (out_dir / f"{name}.json").write_text(json.dumps(records, indent=1, ensure_ascii=False))
+    for system, retriever in baselines.items():
+      ids = retriever.search(strings, k_max)
+      systems[system] = [answer_hits(texts, q, ids[i]) for i, q in enumerate(questions)]
+    for subset in subsets(name, questions, doc_ids):
+      for system, hits in systems.items():
+        row = {"dataset": subset.name, "system": system, "questions": len(subset.indices),
+               "answer_in_corpus": 100.0 * float(ceiling[subset.indices].mean()),
+               **recall([hits[i] for i in subset.indices], ks)}
+        if system == "realm-jax":
+          row["exact_match"] = 100.0 * float(correct[subset.indices].mean())
+        rows.append(row)
+  (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
+  (out_dir / "results.md").write_text(results_table(rows, ks))
+  return rows
+
+
+def results_table(rows: list[dict], ks: Sequence[int] = RECALL_KS) -> str:
+  head = ["dataset", "questions", "answer in corpus", "system", "EM", *[f"R@{k}" for k in ks]]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    em = f"{r['exact_match']:.1f}" if "exact_match" in r else "–"
+    cells = [r["dataset"], str(r["questions"]), f"{r['answer_in_corpus']:.1f}", r["system"], em,
+             *[f"{r[f'recall@{k}']:.1f}" for k in ks]]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def run_evaluation(
+    workdir: str,
+    spec: OpenQaSpec,
+    mesh,
+    datasets: Mapping[str, str],
+    questions_dir: str = ".",
+    baselines: Sequence[str] = ("bm25", "minilm"),
+    minilm_checkpoint: str = "minilm",
+    limit: int | None = None,
+    batch_size: int = 8,
+) -> list[dict]:
+  """Evaluates `workdir`'s fine-tuned model (and the baselines) on `datasets` {name: .jsonl file in
+  `questions_dir`}; writes `<workdir>/eval/{<name>.json,results.json,results.md}`."""
+  store = spec.store()
+  predictor = load_predictor(workdir, spec, mesh)
+  systems: dict[str, Retriever] = {}
+  for name in baselines:
+    if name == "bm25":
+      systems["BM25"] = Bm25Retriever(store)
+    elif name == "minilm":
+      encoder = BertConfig.from_hf_json(resolve_checkpoint(minilm_checkpoint) / "config.json")
+      systems["MiniLM zero-shot"] = MeanPoolRetriever(encoder, load_pretrained_encoder(minilm_checkpoint, encoder),
+                                                      store, spec.tokenizer(), mesh, spec.block_len)
+    else:
+      raise ValueError(f"unknown baseline {name!r}; known: bm25, minilm")
+  questions = {name: read_questions(Path(questions_dir) / file, limit) for name, file in datasets.items()}
+  return evaluate(predictor, systems, questions, store, Path(workdir) / "eval", batch_size=batch_size)

@@ -1,0 +1,86 @@
+"""Open-QA fine-tuning objective (ORQA's `orqa_model.py`, used unchanged by REALM).
+
+- Retriever: logits q . e_z over the top `retrieve_k` blocks of the frozen index; only the query tower
+  gets gradients (block embeddings are inputs).  Loss: -log sum_{z has answer} p(z|x), zeroed when no
+  retrieved block has the answer.
+- Reader: span logits of the top `reader_k` blocks with the block's retriever logit added, ONE softmax
+  over every (block, span) pair; loss -log sum_{gold spans} p, zeroed when no span is gold.
+- Prediction: the argmax (block, span) of those logits.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from realm_jax.models.bert import BertConfig
+from realm_jax.models.reader import SpanReader
+from realm_jax.models.retriever import DualEncoder
+
+Array = jax.Array
+READER_FEATURES = ("input_ids", "input_mask", "segment_ids", "block_mask")
+
+
+class OpenQaModel(nn.Module):
+  """Params {'retriever': DualEncoder, 'reader': SpanReader}."""
+
+  retriever_config: BertConfig
+  reader_config: BertConfig
+  projection_size: int = 128
+  share_towers: bool = True
+  span_hidden_size: int = 256
+  max_span_width: int = 10
+
+  def setup(self):
+    self.retriever = DualEncoder(self.retriever_config, self.projection_size, self.share_towers)
+    self.reader = SpanReader(self.reader_config, self.span_hidden_size, self.max_span_width)
+
+  def embed_queries(self, queries: dict[str, Array], deterministic: bool = True) -> Array:
+    return self.retriever.embed_queries(queries, deterministic)
+
+  def embed_blocks(self, blocks: dict[str, Array], deterministic: bool = True) -> Array:
+    return self.retriever.embed_blocks(blocks, deterministic)
+
+  def __call__(self, batch: dict[str, Array], deterministic: bool = True) -> tuple[Array, Array]:
+    """Retriever logits [B, retrieve_k] and reader logits [B, reader_k, num_spans] (retriever logit added)."""
+    queries = {k[len("query_"):]: v for k, v in batch.items() if k.startswith("query_")}
+    query_emb = self.retriever.embed_queries(queries, deterministic)
+    retriever_logits = jnp.einsum("bd,bkd->bk", query_emb, batch["block_embeddings"])
+    span_logits = self.reader({k: batch[f"reader_{k}"] for k in READER_FEATURES}, deterministic)
+    reader_k = span_logits.shape[1]
+    return retriever_logits, span_logits + retriever_logits[:, :reader_k, None]
+
+
+def marginal_nll(logits: Array, correct: Array) -> tuple[Array, Array]:
+  """-log sum_{correct} softmax(logits) over the last axes, and whether any is correct (else loss 0)."""
+  flat = logits.reshape(logits.shape[0], -1)
+  flat_correct = correct.reshape(correct.shape[0], -1).astype(bool)
+  any_correct = flat_correct.any(-1)
+  gold = jax.nn.logsumexp(jnp.where(flat_correct, flat, -jnp.inf), axis=-1)
+  loss = jax.nn.logsumexp(flat, axis=-1) - jnp.where(any_correct, gold, 0.0)
+  return jnp.where(any_correct, loss, 0.0), any_correct
+
+
+def openqa_loss(retriever_logits: Array, reader_logits: Array, retriever_correct: Array, span_correct: Array,
+                example_weight: Array | None = None) -> tuple[Array, dict[str, Array]]:
+  retriever_nll, retriever_any = marginal_nll(retriever_logits, retriever_correct)
+  reader_nll, reader_any = marginal_nll(reader_logits, span_correct)
+  weight = jnp.ones_like(retriever_nll) if example_weight is None else example_weight
+  count = jnp.maximum(weight.sum(), 1.0)
+  best = jnp.argmax(reader_logits.reshape(reader_logits.shape[0], -1), axis=-1)
+  best_correct = jnp.take_along_axis(span_correct.reshape(span_correct.shape[0], -1), best[:, None], -1)[:, 0]
+  metrics = {
+      "retriever_loss": (retriever_nll * weight).sum() / count,
+      "reader_loss": (reader_nll * weight).sum() / count,
+      "retrieval_recall": (retriever_any * weight).sum() / count,  # answer in the top retrieve_k
+      "reader_oracle": (reader_any * weight).sum() / count,  # a gold span in the top reader_k
+      "span_exact_match": (best_correct * weight).sum() / count,
+  }
+  return ((retriever_nll + reader_nll) * weight).sum() / count, metrics
+
+
+def openqa_train_loss(model: OpenQaModel, params, batch: dict[str, Array], rng: Array):
+  """Loss for the Trainer: dropout on, as ORQA's train mode."""
+  retriever_logits, reader_logits = model.apply({"params": params}, batch, False, rngs={"dropout": rng})
+  return openqa_loss(retriever_logits, reader_logits, batch["retriever_correct"], batch["span_correct"])

@@ -1,0 +1,213 @@
+"""Open-QA fine-tuning run (ORQA/REALM §9): frozen block index, query tower + reader trained.
+
+The index is built once from the starting retriever (REALM's pre-trained block tower) and published
+in `<workdir>/index` (reused on resume).  Each step: the batch's questions are embedded with the
+CURRENT query tower, the frozen index gives the top `retrieve_k` blocks, and the jit step re-scores them
+exactly (gradients reach the query tower only) and reads the top `reader_k`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from realm_jax import partitioning
+from realm_jax.data.blocks import BlockStore
+from realm_jax.data.openqa import OpenQaDataConfig, OpenQaFeaturizer, question_dataset
+from realm_jax.data.questions import Question, read_questions
+from realm_jax.data.realm import FEATURES
+from realm_jax.data.tokenization import load_tokenizer, minilm_dir
+from realm_jax.models.bert import BertConfig
+from realm_jax.objectives.ict import load_pretrained_encoder, with_pretrained_towers
+from realm_jax.objectives.openqa import OpenQaModel, openqa_train_loss
+from realm_jax.refresh.refresher import RefreshConfig, embed_all_blocks
+from realm_jax.retrieval import index as index_lib
+from realm_jax.retrieval.mips import ExactSearcher
+from realm_jax.train.optimizer import bert_adamw
+from realm_jax.train.pretrain import load_retriever_init
+from realm_jax.train.trainer import Trainer, TrainerConfig, TrainState, latest_checkpoint_step, restore_params_subtree
+
+
+def abstract_params(model: nn.Module, example: dict[str, Any], method=None) -> Any:
+  """Shapes of `model`'s parameters (no memory, no FLOPs)."""
+  init = lambda: model.init(jax.random.key(0), example, method=method)["params"]  # noqa: E731
+  return nn.meta.unbox(jax.eval_shape(init))
+
+
+def load_realm_pretrained(workdir: str, retriever: BertConfig, reader: BertConfig, projection_size: int,
+                          share_towers: bool, mesh) -> dict[str, Any]:
+  """Retriever (both towers) and reader encoder of a REALM pre-training run's newest checkpoint."""
+  from realm_jax.objectives.realm import RealmModel
+
+  train_dir = Path(workdir) / "train"
+  step = latest_checkpoint_step(train_dir)
+  if step is None:
+    raise FileNotFoundError(f"{train_dir}: no REALM checkpoint to fine-tune from")
+  x = jnp.zeros((1, 8), jnp.int32)
+  realm = RealmModel(retriever, reader, projection_size, share_towers)
+  full = abstract_params(realm, {
+      **{f"query_{n}": x for n in FEATURES}, **{f"block_{n}": x[:, None] for n in FEATURES},
+      **{f"joint_{n}": x[:, None] for n in FEATURES}, "mlm_positions": x[:, :1], "mlm_ids": x[:, :1]})
+  replicated = NamedSharding(mesh, P())
+  params = {name: jax.device_get(restore_params_subtree(train_dir, step, (name,), full[name], replicated))
+            for name in ("retriever", "reader")}
+  logging.info("fine-tuning starts from REALM checkpoint %s step %d", train_dir, step)
+  return params
+
+
+@dataclasses.dataclass
+class OpenQaRun:
+  """Retrieval on the frozen index + featurisation for each training batch."""
+
+  model: OpenQaModel
+  featurizer: OpenQaFeaturizer
+  questions: list[Question]
+  embeddings: np.ndarray
+  mesh: Any
+
+  def __post_init__(self):
+    self.searcher = ExactSearcher(self.embeddings, self.mesh)
+    self._embed = jax.jit(lambda p, q: self.model.apply({"params": p}, q, True, method=OpenQaModel.embed_queries))
+
+  def embed_questions(self, params, queries: dict[str, np.ndarray]) -> np.ndarray:
+    with jax.set_mesh(self.mesh):
+      return np.asarray(self._embed(params, partitioning.shard_batch(queries, self.mesh)))
+
+  def prepare_batch(self, state: TrainState, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    queries = {k: batch[f"query_{k}"] for k in FEATURES}
+    retrieved, _ = self.searcher.search(self.embed_questions(state.params, queries),
+                                        self.featurizer.config.retrieve_k)
+    questions = [self.questions[int(i)] for i in batch["question_index"]]
+    features = self.featurizer.training_features(questions, batch["query_input_ids"], retrieved, self.embeddings)
+    return {**batch, **features}
+
+
+def frozen_index(workdir: Path, tower: dict, refresh: RefreshConfig, store: BlockStore, mesh) -> np.ndarray:
+  """The fine-tuning index: `<workdir>/index`'s newest, else embedded now from `tower` and published there."""
+  index_dir = workdir / "index"
+  steps = index_lib.committed_steps(index_dir)
+  if steps:
+    _, embeddings = index_lib.load_index(index_dir / "committed" / str(steps[-1]), store)
+    return embeddings
+  embeddings = embed_all_blocks(tower, refresh, store, mesh, desc="fine-tuning index")
+  index_lib.publish_index(index_dir, 0, embeddings, store, writer="finetune")
+  return embeddings
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenQaSpec:
+  """What fine-tuning, evaluation and `launch/ask.py` share: model, data shapes, block store, vocabulary."""
+
+  block_store: str
+  retriever: BertConfig
+  reader: BertConfig
+  data: OpenQaDataConfig = OpenQaDataConfig()
+  projection_size: int = 128
+  share_towers: bool = True
+  span_hidden_size: int = 256
+  block_len: int = 288  # block tower input length (the index)
+  vocab: str | None = None  # the block store's tokenizer file; None: the uncased BERT/MiniLM vocab
+
+  def model(self) -> OpenQaModel:
+    return OpenQaModel(self.retriever, self.reader, self.projection_size, self.share_towers,
+                       self.span_hidden_size, self.data.max_span_width)
+
+  def store(self) -> BlockStore:
+    return BlockStore(self.block_store)
+
+  def tokenizer(self):
+    return load_tokenizer(self.vocab or minilm_dir() / "vocab.txt")
+
+  def example_batch(self) -> dict[str, jax.Array]:
+    """A one-question batch of the step's input shapes (for init and abstract shapes)."""
+    d = self.data
+    z = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731
+    return {
+        **{f"query_{n}": z(1, d.query_len) for n in FEATURES},
+        **{f"reader_{n}": z(1, d.reader_k, d.reader_len) for n in (*FEATURES, "block_mask")},
+        "block_embeddings": jnp.zeros((1, d.retrieve_k, self.projection_size), jnp.float32),
+    }
+
+
+def run_finetune(
+    workdir: str,
+    spec: OpenQaSpec,
+    train_questions: str,
+    mesh: jax.sharding.Mesh,
+    init: str | None = None,
+    retriever_init: str | None = None,
+    reader_init: str | None = None,
+    num_steps: int = 10_000,
+    learning_rate: float = 1e-5,
+    warmup_steps: int | None = None,
+    checkpoint_every: int = 1000,
+    log_every: int = 100,
+    seed: int = 0,
+) -> list[dict[str, float]]:
+  """ORQA fine-tuning (lr 1e-5, one question per step).  `init='realm:<pretrain workdir>'` starts retriever
+  and reader from REALM pre-training; otherwise `retriever_init` ('ict:<dir>' or BERT weights) and
+  `reader_init` (BERT weights).  The span scorer always starts fresh."""
+  data, retriever, reader = spec.data, spec.retriever, spec.reader
+  workdir_path = Path(workdir)
+  store = spec.store()
+  featurizer = OpenQaFeaturizer(store, spec.tokenizer(), data)
+  questions = read_questions(train_questions, skip_unanswerable=True)
+  model = spec.model()
+  example = spec.example_batch()
+
+  if init is not None:
+    if not init.startswith("realm:"):
+      raise ValueError(f"init={init!r}: expected 'realm:<REALM pre-training workdir>'")
+    realm = load_realm_pretrained(init[len("realm:"):], retriever, reader, spec.projection_size, spec.share_towers,
+                                  mesh)
+    starting = {"retriever": realm["retriever"], "encoder": realm["reader"]}
+  else:
+    retriever_params = (load_retriever_init(retriever_init, retriever, spec.projection_size, mesh)
+                        if retriever_init else {})
+    starting = {"retriever_spec": retriever_params,
+                "encoder": load_pretrained_encoder(reader_init, reader) if reader_init else None}
+
+  def pretrained(params):
+    params = dict(params)
+    if "retriever" in starting:
+      params["retriever"] = starting["retriever"]
+    elif "tower" in starting["retriever_spec"]:
+      params["retriever"] = {t: starting["retriever_spec"]["tower"] for t in params["retriever"]}
+    elif "encoder" in starting["retriever_spec"]:
+      params["retriever"] = with_pretrained_towers(params["retriever"], starting["retriever_spec"]["encoder"])
+    if starting["encoder"] is not None:
+      params["reader"] = {**params["reader"], "encoder": starting["encoder"]}
+    return params
+
+  trainer = Trainer(
+      init_params=lambda rng: model.init(rng, example)["params"],
+      loss_fn=lambda params, batch, rng: openqa_train_loss(model, params, batch, rng),
+      optimizer=bert_adamw(learning_rate, num_steps, warmup_steps=warmup_steps),
+      mesh=mesh,
+      workdir=workdir,
+      config=TrainerConfig(num_steps, checkpoint_every, log_every, seed=seed),
+  )
+  state = None
+  if trainer.checkpoints.latest_step() is None and not index_lib.committed_steps(workdir_path / "index"):
+    state = trainer.init_state(pretrained)
+    towers = jax.device_get(state.params["retriever"])
+    tower = towers["query_tower" if spec.share_towers else "block_tower"]
+  else:
+    tower = None  # the published index is reused
+  refresh = RefreshConfig(retriever, spec.projection_size, block_len=spec.block_len,
+                          batch_size=max(64, mesh.shape["data"]))
+  embeddings = frozen_index(workdir_path, tower, refresh, store, mesh)
+  run = OpenQaRun(model, featurizer, questions, embeddings, mesh)
+  batches = iter(question_dataset(questions, featurizer, data).to_iter_dataset())
+  _, history = trainer.fit(batches, pretrained, batch_size=data.batch_size, prepare_batch=run.prepare_batch,
+                           initial_state=state)
+  return history
