@@ -43,9 +43,9 @@ def abstract_params(model: nn.Module, example: dict[str, Any], method=None) -> A
   return nn.meta.unbox(jax.eval_shape(init))
 
 
-def load_realm_pretrained(workdir: str, retriever: BertConfig, reader: BertConfig, projection_size: int,
-                          share_towers: bool, mesh) -> dict[str, Any]:
-  """Retriever (both towers) and reader encoder of a REALM pre-training run's newest checkpoint."""
+def load_realm_pretrained(workdir: str | Path, retriever: BertConfig, reader: BertConfig, projection_size: int,
+                          share_towers: bool, mesh) -> tuple[dict[str, Any], int]:
+  """Retriever (both towers) and reader encoder of a REALM pre-training run's newest checkpoint, and its step."""
   from realm_jax.objectives.realm import RealmModel
 
   train_dir = Path(workdir) / "train"
@@ -61,7 +61,7 @@ def load_realm_pretrained(workdir: str, retriever: BertConfig, reader: BertConfi
   params = {name: jax.device_get(restore_params_subtree(train_dir, step, (name,), full[name], replicated))
             for name in ("retriever", "reader")}
   logging.info("fine-tuning starts from REALM checkpoint %s step %d", train_dir, step)
-  return params
+  return params, step
 
 
 @dataclasses.dataclass
@@ -91,14 +91,20 @@ class OpenQaRun:
     return {**batch, **features}
 
 
-def frozen_index(workdir: Path, tower: dict, refresh: RefreshConfig, store: BlockStore, mesh) -> np.ndarray:
-  """The fine-tuning index: `<workdir>/index`'s newest, else embedded now from `tower` and published there."""
+def frozen_index(workdir: Path, tower: dict | None, refresh: RefreshConfig, store: BlockStore, mesh,
+                 pretrained_index: Path | None = None) -> np.ndarray:
+  """The fine-tuning index: `<workdir>/index`'s newest; else `pretrained_index` (the REALM run's index of the
+  very checkpoint fine-tuning starts from); else embedded now from `tower`.  Published in `<workdir>/index`."""
   index_dir = workdir / "index"
   steps = index_lib.committed_steps(index_dir)
   if steps:
     _, embeddings = index_lib.load_index(index_dir / "committed" / str(steps[-1]), store)
     return embeddings
-  embeddings = embed_all_blocks(tower, refresh, store, mesh, desc="fine-tuning index")
+  if pretrained_index is not None and (pretrained_index / index_lib.MANIFEST).is_file():
+    _, embeddings = index_lib.load_index(pretrained_index, store)
+    logging.info("fine-tuning index: reusing %s (same parameters as the starting checkpoint)", pretrained_index)
+  else:
+    embeddings = embed_all_blocks(tower, refresh, store, mesh, desc="fine-tuning index")
   index_lib.publish_index(index_dir, 0, embeddings, store, writer="finetune")
   return embeddings
 
@@ -167,14 +173,17 @@ def run_finetune(
   if init is not None:
     if not init.startswith("realm:"):
       raise ValueError(f"init={init!r}: expected 'realm:<REALM pre-training workdir>'")
-    realm = load_realm_pretrained(init[len("realm:"):], retriever, reader, spec.projection_size, spec.share_towers,
-                                  mesh)
+    realm_dir = Path(init[len("realm:"):])
+    realm, realm_step = load_realm_pretrained(realm_dir, retriever, reader, spec.projection_size, spec.share_towers,
+                                              mesh)
     starting = {"retriever": realm["retriever"], "encoder": realm["reader"]}
+    pretrained_index = realm_dir / "index" / "committed" / str(realm_step)
   else:
     retriever_params = (load_retriever_init(retriever_init, retriever, spec.projection_size, mesh)
                         if retriever_init else {})
     starting = {"retriever_spec": retriever_params,
                 "encoder": load_pretrained_encoder(reader_init, reader) if reader_init else None}
+    pretrained_index = None
 
   def pretrained(params):
     params = dict(params)
@@ -205,7 +214,7 @@ def run_finetune(
     tower = None  # the published index is reused
   refresh = RefreshConfig(retriever, spec.projection_size, block_len=spec.block_len,
                           batch_size=max(64, mesh.shape["data"]))
-  embeddings = frozen_index(workdir_path, tower, refresh, store, mesh)
+  embeddings = frozen_index(workdir_path, tower, refresh, store, mesh, pretrained_index)
   run = OpenQaRun(model, featurizer, questions, embeddings, mesh)
   batches = iter(question_dataset(questions, featurizer, data).to_iter_dataset())
   _, history = trainer.fit(batches, pretrained, batch_size=data.batch_size, prepare_batch=run.prepare_batch,

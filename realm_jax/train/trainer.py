@@ -174,7 +174,7 @@ class Trainer:
     """Trains to `config.num_steps`, resuming if a checkpoint exists. Returns state and logged metrics.
 
     `before_step(step)` runs between steps (e.g. an index hot-swap); the scalars it returns are
-    written to TensorBoard every step and added to the logged metrics.  `on_step(step, state)`
+    written to TensorBoard every step and logged with their latest value (not a window mean).  `on_step(step, state)`
     runs after each step.  `prepare_batch(state, host_batch)` completes a batch with the current
     parameters (REALM: retrieval of candidates for the batch's queries).
     """
@@ -198,12 +198,13 @@ class Trainer:
         if prepare_batch:
           batch = prepare_batch(state, batch)
         state, metrics = self.step(state, batch)
-        pending.append({**metrics, **extra})
+        pending.append(metrics)
         progress.update(1)
         boundary = step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or step == cfg.num_steps
         if boundary:
           fetched = jax.device_get(pending)  # one host transfer per logging window
           values = {k: float(np.mean([m[k] for m in fetched if k in m])) for k in fetched[-1]}
+          values.update({k: float(v) for k, v in extra.items()})  # e.g. index step: the current value
           pending = []
           if not math.isfinite(values["loss"]):
             raise NonFiniteLossError(

@@ -1,0 +1,259 @@
+"""Open-QA fine-tuning: question sets, ORQA featurisation, the joint span loss, learning, and the launchers."""
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import DEMO, DEMO_ENTITIES, DEMO_PASSAGES, REPO
+from test_launch import run_launcher
+
+from realm_jax.data.corpus import CorpusError
+from realm_jax.data.openqa import OpenQaDataConfig, OpenQaFeaturizer
+from realm_jax.data.questions import (
+    RealmQuestions,
+    UnanswerableQuestion,
+    question_from_record,
+    read_questions,
+    read_tfds_questions,
+)
+from realm_jax.models.bert import BertConfig
+from realm_jax.models.reader import INVALID_SPAN_LOGIT, SpanScorer, span_grid
+from realm_jax.objectives.openqa import openqa_loss
+
+QUESTIONS = DEMO / "questions"
+
+
+# ---- question sets ---------------------------------------------------------------------------------------------
+
+def test_demo_question_sets_read_with_their_answer_kinds():
+  nq = read_questions(QUESTIONS / "nq_open_dev.jsonl")
+  trec = read_questions(QUESTIONS / "curatedtrec_test.jsonl")
+  assert len(nq) == 300 and all(q.gold_passage_ids and not q.is_regex for q in nq)
+  assert len(trec) == 100 and all(q.is_regex for q in trec)
+  assert trec[0].qid == json.loads((QUESTIONS / "curatedtrec_test.jsonl").open().readline())["trec_id"]
+
+
+def test_a_malformed_question_line_names_file_line_and_field(tmp_path):
+  path = tmp_path / "q.jsonl"
+  path.write_text('{"question": "who?", "answers": ["me"]}\n{"question": "why?", "answers": "because"}\n')
+  with pytest.raises(CorpusError, match=r"q.jsonl:2: field 'answers'"):
+    read_questions(path)
+  path.write_text('{"question": "who?", "answers": ["me"]}\n{"question": "why?"\n')
+  with pytest.raises(CorpusError, match=r"q.jsonl:2: not valid JSON"):
+    read_questions(path)
+  with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    read_questions(tmp_path / "missing.jsonl")
+
+
+def test_questions_with_only_empty_answers_fail_unless_a_training_set_skips_them(tmp_path):
+  path = tmp_path / "train.jsonl"
+  path.write_text('{"question": "a?", "answers": ["x"]}\n{"question": "b?", "answers": [""]}\n'
+                  '{"question": "c?", "answers": ["y", ""]}\n')
+  with pytest.raises(UnanswerableQuestion, match="train.jsonl:2"):
+    read_questions(path)
+  kept = read_questions(path, skip_unanswerable=True)
+  assert [(q.question, q.answers) for q in kept] == [("a?", ("x",)), ("c?", ("y",))]
+
+
+def test_tfds_builder_gives_the_same_questions_as_the_jsonl(tmp_path):
+  path = QUESTIONS / "curatedtrec_test.jsonl"
+  builder = RealmQuestions(path=path, data_dir=str(tmp_path))
+  builder.download_and_prepare(file_format="array_record")
+  from_tfds = read_tfds_questions(builder, "test")
+  assert [(q.question, q.answers, q.is_regex, q.qid) for q in from_tfds] == [
+      (q.question, q.answers, q.is_regex, q.qid) for q in read_questions(path)]
+
+
+def test_catalog_records_natural_questions_open_and_web_questions_map_to_questions():
+  nq = question_from_record({"question": b"who sang it", "answer": [b"Queen", b"Freddie Mercury"]}, "nq[0]", 0)
+  wq = question_from_record({"url": b"u", "question": b"where is it?", "answers": [b"Paris"]}, "wq[0]", 0)
+  assert nq.answers == ("Queen", "Freddie Mercury") and not nq.is_regex
+  assert wq.question == "where is it?" and wq.answers == ("Paris",)
+  with pytest.raises(CorpusError, match="neither 'answers' nor 'answer'"):
+    question_from_record({"question": b"q"}, "x[3]", 3)
+
+
+# ---- span reader and loss ---------------------------------------------------------------------------------------
+
+def test_span_grid_is_every_start_with_widths_up_to_the_maximum():
+  starts, ends = span_grid(4, 3)
+  assert list(zip(starts[:4], ends[:4], strict=True)) == [(0, 0), (0, 1), (0, 2), (1, 1)]
+  assert len(starts) == 12 and (ends - starts).max() == 2
+
+
+def test_spans_outside_the_block_or_past_the_sequence_get_the_invalid_logit():
+  config = BertConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, vocab_size=50)
+  scorer = SpanScorer(config, span_hidden_size=8, max_span_width=3)
+  hidden = jax.random.normal(jax.random.key(0), (1, 6, 16))
+  block_mask = jnp.asarray([[0, 0, 1, 1, 1, 0]])
+  logits, _ = scorer.init_with_output(jax.random.key(1), hidden, block_mask)
+  starts, ends = span_grid(6, 3)
+  valid = np.asarray([2 <= s and e <= 4 for s, e in zip(starts, ends, strict=True)])
+  assert valid.sum() == 6  # (2,2) (2,3) (2,4) (3,3) (3,4) (4,4)
+  assert np.all(np.asarray(logits)[0, ~valid] == INVALID_SPAN_LOGIT)
+  assert np.all(np.asarray(logits)[0, valid] > INVALID_SPAN_LOGIT / 2)
+
+
+def _log_softmax_marginal(logits, correct):
+  logits, correct = logits.reshape(-1).astype(np.float64), correct.reshape(-1)
+  if not correct.any():
+    return 0.0
+  log_z = np.log(np.exp(logits - logits.max()).sum()) + logits.max()
+  gold = np.log(np.exp(logits[correct] - logits.max()).sum()) + logits.max()
+  return log_z - gold
+
+
+def test_openqa_loss_equals_a_direct_numpy_computation():
+  rng = np.random.default_rng(0)
+  batch, retrieve_k, reader_k, spans = 3, 7, 2, 5
+  retriever_logits = rng.normal(size=(batch, retrieve_k)).astype(np.float32)
+  span_logits = rng.normal(size=(batch, reader_k, spans)).astype(np.float32)
+  reader_logits = span_logits + retriever_logits[:, :reader_k, None]
+  retriever_correct = rng.random((batch, retrieve_k)) < 0.3
+  span_correct = rng.random((batch, reader_k, spans)) < 0.2
+  retriever_correct[:2, 0], span_correct[0, 0, 0], span_correct[2, 1, 2] = True, True, True
+  retriever_correct[2] = False  # no positive: that loss is zero
+  span_correct[1] = False
+  loss, metrics = openqa_loss(jnp.asarray(retriever_logits), jnp.asarray(reader_logits),
+                              jnp.asarray(retriever_correct), jnp.asarray(span_correct))
+  expected = [_log_softmax_marginal(retriever_logits[b], retriever_correct[b])
+              + _log_softmax_marginal(reader_logits[b], span_correct[b]) for b in range(batch)]
+  np.testing.assert_allclose(float(loss), np.mean(expected), rtol=1e-5)
+  assert float(metrics["retrieval_recall"]) == pytest.approx(2 / 3)
+  assert float(metrics["reader_oracle"]) == pytest.approx(2 / 3)
+
+
+def test_the_retriever_logit_is_added_to_every_span_of_its_block():
+  """One softmax over (block, span): raising block 1's retriever logit moves mass to all its spans."""
+  span_logits = jnp.zeros((1, 2, 3))
+  low = openqa_loss(jnp.asarray([[0.0, 0.0]]), span_logits + jnp.asarray([0.0, 0.0])[None, :, None],
+                    jnp.asarray([[False, True]]), jnp.asarray([[[False] * 3, [True, False, False]]]))[1]
+  high = openqa_loss(jnp.asarray([[0.0, 2.0]]), span_logits + jnp.asarray([0.0, 2.0])[None, :, None],
+                     jnp.asarray([[False, True]]), jnp.asarray([[[False] * 3, [True, False, False]]]))[1]
+  assert float(high["reader_loss"]) < float(low["reader_loss"])
+  assert float(low["reader_loss"]) == pytest.approx(np.log(6.0), rel=1e-5)
+
+
+# ---- featurisation -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def featurizer(demo_store, wordpiece):
+  return OpenQaFeaturizer(demo_store, wordpiece, OpenQaDataConfig(reader_len=160, retrieve_k=8, reader_k=2))
+
+
+def _block_of(store, doc_id):
+  return next(i for i in range(store.num_blocks) if store.text(i)["doc_id"] == doc_id)
+
+
+def test_reader_inputs_are_question_then_block_body_without_title(featurizer, demo_store, wordpiece):
+  question = read_questions(QUESTIONS / "nq_open_dev.jsonl")[0]  # the moon landing question
+  block = _block_of(demo_store, question.gold_passage_ids[0])
+  query = featurizer.query(question.question)
+  reader = featurizer.reader_inputs(query["input_ids"], np.asarray([block]))
+  q_ids, _ = wordpiece.encode(question.question)
+  n = len(q_ids)
+  ids = reader["input_ids"][0]
+  assert ids[0] == wordpiece.cls_id and list(ids[1 : n + 1]) == list(q_ids) and ids[n + 1] == wordpiece.sep_id
+  body = demo_store.body_ids(block)
+  assert list(ids[n + 2 : n + 2 + len(body)]) == list(body[: 160 - n - 3])
+  assert reader["block_mask"][0, : n + 2].sum() == 0 and reader["block_mask"][0, n + 2] == 1
+  assert reader["segment_ids"][0, n + 2] == 1 and reader["segment_ids"][0, n + 1] == 0
+
+
+def test_gold_span_is_marked_and_maps_back_to_the_original_text(featurizer, demo_store):
+  question = read_questions(QUESTIONS / "nq_open_dev.jsonl")[0]
+  block = _block_of(demo_store, question.gold_passage_ids[0])
+  query = featurizer.query(question.question)
+  reader = featurizer.reader_inputs(query["input_ids"], np.asarray([block]))
+  correct = featurizer.span_correct(question, reader, np.asarray([block]))
+  assert correct.any()
+  texts = {featurizer.answer_text(block, query["input_ids"], int(featurizer.starts[s]), int(featurizer.ends[s]))
+           for s in np.flatnonzero(correct[0])}
+  assert texts <= set(question.answers) and texts  # original case, e.g. "December 1972"
+  assert featurizer.retriever_correct(question, np.asarray([block])).tolist() == [True]
+
+
+def test_curatedtrec_gold_spans_come_from_the_regex_matches(featurizer, demo_store):
+  trec = read_questions(QUESTIONS / "curatedtrec_test.jsonl")
+  texts = [demo_store.text(i)["text"] for i in range(demo_store.num_blocks)]
+  question, block = next((q, i) for q in trec for i, t in enumerate(texts)
+                         if featurizer.retriever_correct(q, np.asarray([i]))[0])
+  query = featurizer.query(question.question)
+  reader = featurizer.reader_inputs(query["input_ids"], np.asarray([block]))
+  spans = np.flatnonzero(featurizer.span_correct(question, reader, np.asarray([block]))[0])
+  answers = {featurizer.answer_text(block, query["input_ids"], int(featurizer.starts[s]), int(featurizer.ends[s]))
+             for s in spans}
+  assert answers and all(any(re.search(p, a, re.IGNORECASE) for p in question.answers) for a in answers)
+
+
+# ---- learning and the launchers ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_qa_setup(tmp_path_factory, wordpiece):
+  """A 300-block store holding the gold passages of 6 NQ dev questions, and those questions."""
+  from realm_jax.data.blocks import BlockStore, build_block_store
+  from realm_jax.data.corpus import fingerprint_files, read_documents
+
+  root = tmp_path_factory.mktemp("qa")
+  lines = (QUESTIONS / "nq_open_dev.jsonl").read_text().splitlines()[:6]
+  gold = {g for line in lines for g in json.loads(line)["gold_passage_ids"]}
+  passages = DEMO_PASSAGES.read_text().splitlines()
+  entities = DEMO_ENTITIES.read_text().splitlines()
+  keep = [i for i, p in enumerate(passages) if json.loads(p)["id"] in gold] + list(range(300))
+  keep = sorted(set(keep))[:300]
+  (root / "p.jsonl").write_text("\n".join(passages[i] for i in keep) + "\n")
+  (root / "e.jsonl").write_text("\n".join(entities[i] for i in keep) + "\n")
+  (root / "q.jsonl").write_text("\n".join(lines) + "\n")
+  build_block_store(read_documents(root / "p.jsonl", root / "e.jsonl"), root / "blocks", wordpiece,
+                    fingerprint_files(root / "p.jsonl", root / "e.jsonl"))
+  return root, BlockStore(root / "blocks")
+
+
+def test_finetuning_from_minilm_learns_to_answer_its_training_questions(small_qa_setup, minilm_path):
+  from realm_jax import partitioning
+  from realm_jax.eval.answers import exact_match
+  from realm_jax.eval.predict import load_predictor
+  from realm_jax.train.finetune import OpenQaSpec, run_finetune
+
+  root, store = small_qa_setup
+  encoder = BertConfig.from_hf_json(minilm_path / "config.json", pooling="mean")
+  spec = OpenQaSpec(str(store.path), encoder, encoder, OpenQaDataConfig(batch_size=2, reader_len=128,
+                                                                       retrieve_k=16, reader_k=2), block_len=128)
+  mesh = partitioning.make_mesh(devices=jax.devices()[:2])
+  questions = read_questions(root / "q.jsonl")
+  history = run_finetune(str(root / "run"), spec, str(root / "q.jsonl"), mesh, retriever_init="minilm",
+                         reader_init="minilm", num_steps=36, learning_rate=1e-4, checkpoint_every=36, log_every=6)
+  assert history[-1]["reader_loss"] < 0.5 * history[0]["reader_loss"]
+  predictor = load_predictor(root / "run", spec, mesh)
+  predictions = predictor.answer([q.question for q in questions])
+  correct = [exact_match(p.answer, q.answers) for p, q in zip(predictions, questions, strict=True)]
+  assert sum(correct) >= 3, [(p.answer, q.answers) for p, q in zip(predictions, questions, strict=True)]
+  assert all(len(p.blocks) == 2 and p.block_id in [b.block_id for b in p.blocks] for p in predictions)
+
+
+def test_finetune_evaluate_and_ask_launchers_end_to_end(small_qa_setup, tmp_path):
+  root, store = small_qa_setup
+  flags = ["--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/openqa_demo.gin",
+           f"--gin_bindings=BLOCK_STORE = '{store.path}'", f"--gin_bindings=TRAIN_QUESTIONS = '{root / 'q.jsonl'}'",
+           f"--gin_bindings=QUESTIONS = '{QUESTIONS}'", "--gin_bindings=NUM_STEPS = 2",
+           "--gin_bindings=openqa_data.OpenQaDataConfig.retrieve_k = 8", f"--workdir={tmp_path / 'qa'}"]
+  result = run_launcher("finetune.py", *flags, "--gin_bindings=finetune.run_finetune.log_every = 1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Open-QA fine-tuning finished at step 2" in result.stdout
+  result = run_launcher("evaluate.py", *flags, "--limit=3", "--gin_bindings=openqa_eval.run_evaluation.baselines = "
+                        "('bm25',)")
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads((tmp_path / "qa" / "eval" / "results.json").read_text())
+  assert {(r["dataset"], r["system"]) for r in rows} >= {("nq_open_dev", "realm-jax"), ("curatedtrec_test", "BM25")}
+  assert "| nq_open_dev | 3 |" in result.stdout
+  records = json.loads((tmp_path / "qa" / "eval" / "webquestions_test.json").read_text())
+  assert len(records) == 3 and {"prediction", "blocks", "correct"} <= set(records[0])
+  assert records[0]["blocks"][0]["title"]
+  result = run_launcher("ask.py", *flags, "--question=when was the last time anyone was on the moon", "--json")
+  assert result.returncode == 0, result.stderr[-3000:]
+  answer = json.loads(result.stdout.strip().splitlines()[-1])
+  assert answer["answer"] and len(answer["blocks"]) == 5 and answer["blocks"][0]["snippet"]
+  assert (REPO / "gin" / "runs" / "openqa.gin").is_file()
