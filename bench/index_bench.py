@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import statistics
 import threading
 import time
 from pathlib import Path
 
 from absl import app, flags
+from benchlib import matmul_flops, median_time, write_section
 
 _OUT = flags.DEFINE_string("out", "BENCHMARKS.md", "Markdown file to update.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions per figure (median reported).")
@@ -29,26 +29,6 @@ _CORPUS = flags.DEFINE_string("corpus_dir", "data/demo", "Corpus with passages.j
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Index refresh and MIPS (bench/index_bench.py)"
-
-
-def median_time(fn, repeats: int) -> float:
-  fn()  # warm-up / compile
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def matmul_flops(repeats: int) -> float:
-  import jax
-  import jax.numpy as jnp
-
-  a = jnp.ones((2048, 2048), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  seconds = median_time(lambda: f(a).block_until_ready(), repeats)
-  return 2 * 2048**3 / seconds
 
 
 def encoder_flops_per_sequence(config, length: int) -> float:
@@ -264,11 +244,7 @@ Hot swap (exact backend, demo-slice x 128 index, new index placed on device in t
 median step time {stall.get('no swap', float('nan')):.2f} ms without a swap vs {stall.get('swap step', float('nan')):.2f} ms
 on the steps where a new index was swapped in (ratio {stall.get('swap step', float('nan')) / stall.get('no swap', float('nan')):.2f}).
 """
-  out = REPO / _OUT.value
-  existing = out.read_text() if out.exists() else "# Benchmarks\n\nEach section names the command that produced it.\n"
-  pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.S)
-  existing = pattern.sub("", existing).rstrip() + "\n\n"
-  out.write_text(existing + text)
+  write_section(REPO / _OUT.value, SECTION, text)
   print(text)
 
 

@@ -17,14 +17,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from absl import app, flags
+from benchlib import matmul_flops, median_time, write_section
 
 _OUT = flags.DEFINE_string("out", "BENCHMARKS.md", "Markdown file to update.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions per figure (median reported).")
@@ -40,17 +38,6 @@ SIZES = {  # hidden, layers, heads, intermediate
 }
 VOCAB = 30522
 BATCH, CANDIDATES, QUERY_LEN, BLOCK_LEN, JOINT_LEN, MASKS = 4, 4, 48, 128, 176, 10
-
-
-def median_time(fn, repeats: int) -> float:
-  fn()
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def inputs(seed: int = 0) -> dict:
@@ -99,7 +86,7 @@ def hf_side(size: str, repeats: int) -> dict:
       scorer(input_ids=query, attention_mask=torch.ones_like(query), candidate_input_ids=blocks,
              candidate_attention_mask=torch.ones_like(blocks)).relevance_score.numpy()
 
-  return {"reader_step": median_time(reader_step, repeats), "scoring": median_time(score, repeats),
+  return {"reader_step": median_time(reader_step, repeats, warmup=2), "scoring": median_time(score, repeats, warmup=2),
           "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
@@ -154,8 +141,8 @@ def jax_side(size: str, repeats: int) -> dict:
 
   scoring_flops = score.lower(dual_params).compile().cost_analysis()["flops"]
   return {
-      "reader_step": median_time(lambda: jax.block_until_ready(reader_step(params)), repeats),
-      "scoring": median_time(lambda: score(dual_params).block_until_ready(), repeats),
+      "reader_step": median_time(lambda: jax.block_until_ready(reader_step(params)), repeats, warmup=2),
+      "scoring": median_time(lambda: score(dual_params).block_until_ready(), repeats, warmup=2),
       "flops_xla": {"reader_step": reader_flops, "scoring": scoring_flops},
       "flops_formula": {"reader_step": reader_step_flops(config), "scoring": scoring_flops_formula(config)},
   }
@@ -177,15 +164,6 @@ def scoring_flops_formula(config) -> float:
   h, layers, inter = config.hidden_size, config.num_layers, config.intermediate_size
   return (BATCH * encoder_forward_flops(h, layers, inter, QUERY_LEN)
           + BATCH * CANDIDATES * encoder_forward_flops(h, layers, inter, BLOCK_LEN))
-
-
-def matmul_flops(repeats: int) -> float:
-  import jax
-  import jax.numpy as jnp
-
-  a = jnp.ones((2048, 2048), jnp.float32)
-  f = jax.jit(lambda m: m @ m)
-  return 2 * 2048**3 / median_time(lambda: f(a).block_until_ready(), repeats)
 
 
 def section(rows: list[dict], peak: float, hf_meta: dict, command: str) -> str:
@@ -210,13 +188,6 @@ def section(rows: list[dict], peak: float, hf_meta: dict, command: str) -> str:
   return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-  old = path.read_text() if path.exists() else "# Benchmarks\n"
-  pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.S)
-  new = pattern.sub(lambda _: text.rstrip("\n"), old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-  path.write_text(new.rstrip("\n") + "\n")
-
-
 def main(argv):
   del argv
   if _SIDE.value == "hf":
@@ -237,7 +208,7 @@ def main(argv):
                    "flops_xla": ours["flops_xla"][measure], "flops_formula": ours["flops_formula"][measure]})
       print(json.dumps(rows[-1]))
   command = "python bench/peer_bench.py " + " ".join(a for a in sys.argv[1:])
-  write_section(REPO / _OUT.value, section(rows, peak, hf_meta, command.strip()))
+  write_section(REPO / _OUT.value, SECTION, section(rows, peak, hf_meta, command.strip()))
 
 
 if __name__ == "__main__":
