@@ -94,6 +94,7 @@ def run_pretrain(
     reader_init: str | None = None,
     projection_size: int = 128,
     share_towers: bool = True,
+    retriever_layer_norm_eps: float = 1e-3,
     retrieval: bool = True,
     null_document: bool = True,
     per_example_marginal: bool = False,
@@ -110,7 +111,7 @@ def run_pretrain(
   """REALM pre-training (paper: batch 512, 200k steps, lr 3e-5, 8 candidates incl. null)."""
   data = data or RealmDataConfig()
   store = BlockStore(block_store)
-  model = RealmModel(retriever, reader, projection_size, share_towers)
+  model = RealmModel(retriever, reader, projection_size, share_towers, retriever_layer_norm_eps)
   run = RealmRun(model, store, data, retrieval, null_document, mesh)
   k = 1 if not retrieval else data.num_candidates
   shapes = {
@@ -149,7 +150,8 @@ def run_pretrain(
     if bootstrap_index and not index_lib.committed_steps(index_dir) and trainer.checkpoints.latest_step() is None:
       state = trainer.init_state(pretrained)  # also the first train state: initialised once
       tower = jax.device_get(state.params["retriever"]["block_tower" if not share_towers else "query_tower"])
-      embeddings = embed_all_blocks(tower, RefreshConfig(retriever, projection_size, block_len=data.block_len,
+      embeddings = embed_all_blocks(tower, RefreshConfig(retriever, projection_size, retriever_layer_norm_eps,
+                                                         block_len=data.block_len,
                                                          batch_size=max(64, mesh.shape["data"])), store, mesh,
                                     desc="bootstrap index")
       index_lib.publish_index(index_dir, 0, embeddings, store, writer="bootstrap")
