@@ -206,3 +206,18 @@ def test_missing_files_and_unknown_kinds_are_reported(tmp_path):
   (tmp_path / "r" / "config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match="names no REALM class"):
     load_hf_realm(tmp_path / "r")
+
+
+def test_convert_launcher_round_trip_is_bit_identical(tmp_path):
+  import subprocess
+  import sys
+
+  env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+  run = lambda *args: subprocess.run([sys.executable, str(REPO / "launch" / "convert.py"), *args], cwd=REPO,  # noqa: E731
+                                     env=env, capture_output=True, text=True, timeout=300)
+  to_jax = run("--to=jax", f"--hf_dir={DATA / 'scorer'}", f"--params={tmp_path / 'scorer.safetensors'}")
+  assert to_jax.returncode == 0, to_jax.stderr[-2000:]
+  assert "params/query_tower/projection/kernel" in load_file(str(tmp_path / "scorer.safetensors"))
+  to_hf = run("--to=hf", f"--params={tmp_path / 'scorer.safetensors'}", f"--hf_dir={tmp_path / 'hf'}")
+  assert to_hf.returncode == 0, to_hf.stderr[-2000:]
+  assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (DATA / "scorer" / "model.safetensors").read_bytes()

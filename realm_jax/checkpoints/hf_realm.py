@@ -70,10 +70,10 @@ class RealmArchitecture:
   reader_layer_norm_eps: float = 1e-3
 
   @classmethod
-  def from_hf_config(cls, path: str | Path, **bert_overrides) -> RealmArchitecture:
-    hf = read_hf_config(path)
+  def from_hf_config(cls, hf: Mapping, source: str, **bert_overrides) -> RealmArchitecture:
+    """From a RealmConfig dict (read from `source`)."""
     return cls(
-        bert=BertConfig.from_hf_json(path, **bert_overrides),
+        bert=BertConfig.from_hf_dict(dict(hf), source, **bert_overrides),
         projection_size=hf.get("retriever_proj_size", 128),
         span_hidden_size=hf.get("span_hidden_size", 256),
         max_span_width=hf.get("max_span_width", 10),
@@ -309,11 +309,12 @@ def load_hf_realm(
   """
   model_dir = Path(model_dir)
   kind = kind or checkpoint_kind(model_dir)
-  arch = RealmArchitecture.from_hf_config(model_dir / CONFIG_FILE, **bert_overrides)
+  hf_config = read_hf_config(model_dir / CONFIG_FILE)
+  arch = RealmArchitecture.from_hf_config(hf_config, str(model_dir / CONFIG_FILE), **bert_overrides)
   weights = model_dir / WEIGHTS_FILE
   tensors = read_safetensors(weights, () if with_block_emb else ("block_emb",))
   params, passthrough = import_tensors(tensors, kind, arch, str(weights))
-  return HfRealmCheckpoint(kind, arch, params, passthrough, read_hf_config(model_dir / CONFIG_FILE))
+  return HfRealmCheckpoint(kind, arch, params, passthrough, hf_config)
 
 
 def save_hf_realm(
@@ -332,3 +333,37 @@ def save_hf_realm(
   config = {**(hf_config or {}), **arch.to_hf_config(kind)}
   (model_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
   return model_dir
+
+
+def save_params_file(path: str | Path, checkpoint: HfRealmCheckpoint) -> Path:
+  """realm-jax parameters ("params/<flax path>"), HF passthrough ("hf/<name>"), kind and HF config, in one file.
+
+  What `launch/convert.py --to=jax` writes and `--to=hf` reads.
+  """
+  flat = traverse_util.flatten_dict(nn.meta.unbox(checkpoint.params), sep="/")
+  tensors = {f"params/{k}": np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flat.items()}
+  tensors |= {f"hf/{k}": np.ascontiguousarray(v) for k, v in checkpoint.passthrough.items()}
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  save_file(tensors, str(path), metadata={"kind": checkpoint.kind, "hf_config": json.dumps(checkpoint.hf_config)})
+  return path
+
+
+def load_params_file(path: str | Path) -> HfRealmCheckpoint:
+  """Reads a `save_params_file` file back, checking its parameters against the kind's modules."""
+  path = Path(path)
+  try:
+    with safe_open(str(path), framework="numpy") as f:
+      meta = f.metadata() or {}
+      tensors = {n: f.get_tensor(n) for n in f.keys()}
+  except Exception as e:  # safetensors raises its own error types for corrupt headers
+    raise ValueError(f"{path}: unreadable safetensors file: {e}") from e
+  if "kind" not in meta or "hf_config" not in meta:
+    raise ValueError(f"{path}: not a realm-jax REALM parameter file (no kind / hf_config metadata)")
+  hf_config = json.loads(meta["hf_config"])
+  arch = RealmArchitecture.from_hf_config(hf_config, str(path))
+  params = traverse_util.unflatten_dict({k[len("params/"):]: v for k, v in tensors.items()
+                                         if k.startswith("params/")}, sep="/")
+  passthrough = {k[len("hf/"):]: v for k, v in tensors.items() if k.startswith("hf/")}
+  export_tensors(params, meta["kind"], arch)  # validates names and shapes
+  return HfRealmCheckpoint(meta["kind"], arch, params, passthrough, hf_config)

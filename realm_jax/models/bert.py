@@ -72,6 +72,12 @@ class BertConfig:
       hf = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
       raise ValueError(f"{path}: cannot read BERT config: {e}") from e
+    return cls.from_hf_dict(hf, str(path), **overrides)
+
+  @classmethod
+  def from_hf_dict(cls, hf: dict[str, Any], source: str, **overrides: Any) -> BertConfig:
+    """A Hugging Face BERT config (as read from `source`)."""
+    path = source
     hidden_act = HF_ACTIVATIONS.get(hf.get("hidden_act", "gelu"))
     if hidden_act is None:
       raise ValueError(f"{path}: hidden_act={hf['hidden_act']!r} unsupported (one of {sorted(HF_ACTIVATIONS)})")
