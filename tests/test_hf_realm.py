@@ -221,3 +221,51 @@ def test_convert_launcher_round_trip_is_bit_identical(tmp_path):
   to_hf = run("--to=hf", f"--params={tmp_path / 'scorer.safetensors'}", f"--hf_dir={tmp_path / 'hf'}")
   assert to_hf.returncode == 0, to_hf.stderr[-2000:]
   assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (DATA / "scorer" / "model.safetensors").read_bytes()
+
+
+def _same(a, b):
+  fa, fb = _flatten(a), _flatten(b)
+  return fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
+
+
+def test_init_specs_load_released_checkpoints_into_training(ckpt):
+  from realm_jax.checkpoints.hf_realm import load_hf_realm_reader
+  from realm_jax.train.pretrain import load_reader_init, load_retriever_init
+
+  bert = ckpt["scorer"].architecture.bert
+  retriever = load_retriever_init(f"hf_realm:{DATA / 'scorer'}", bert, 16, mesh=None)
+  assert _same(retriever, {"tower": ckpt["scorer"].params["query_tower"]})
+  assert _same(load_reader_init(f"hf_realm:{DATA / 'encoder'}", bert), ckpt["encoder"].params)
+  assert _same(load_hf_realm_reader(f"hf_realm:{DATA / 'reader'}", bert, 16, 10), ckpt["reader"].params)
+  from_realm = load_hf_realm_reader(f"hf_realm:{DATA / 'encoder'}", bert, 16, 10)  # ORQA: BERT from REALM
+  assert _same(from_realm, {"encoder": ckpt["encoder"].params["reader"]})
+
+
+def test_init_specs_refuse_other_architectures_and_kinds(ckpt):
+  import dataclasses
+
+  from realm_jax.train.pretrain import load_retriever_init
+
+  bert = ckpt["scorer"].architecture.bert
+  with pytest.raises(ValueError, match="hidden_act"):
+    load_retriever_init(f"hf_realm:{DATA / 'scorer'}", dataclasses.replace(bert, hidden_act="gelu"), 16, None)
+  with pytest.raises(ValueError, match="RealmReader checkpoint cannot initialise the retriever"):
+    load_retriever_init(f"hf_realm:{DATA / 'reader'}", bert, 16, None)
+  with pytest.raises(ValueError, match="retriever_proj_size 16 != 128"):
+    load_retriever_init(f"hf_realm:{DATA / 'scorer'}", bert, 128, None)
+
+
+def test_gin_starts_pretraining_from_released_checkpoints():
+  import gin
+
+  gin.clear_config()
+  gin.add_config_file_search_path(str(REPO))
+  try:
+    gin.parse_config_files_and_bindings(
+        ["gin/models/realm_hf.gin", "gin/runs/realm_pretrain.gin"],
+        ["BLOCK_STORE = '/blocks'", "RETRIEVER_INIT = 'hf_realm:/ckpt/realm-cc-news-pretrained-embedder'",
+         "READER_INIT = 'hf_realm:/ckpt/realm-cc-news-pretrained-encoder'"])
+    config = gin.config_str()
+    assert "retriever_init = %RETRIEVER_INIT" in config and "hidden_act = 'gelu_new'" in config
+  finally:
+    gin.clear_config()

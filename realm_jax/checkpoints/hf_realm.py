@@ -367,3 +367,50 @@ def load_params_file(path: str | Path) -> HfRealmCheckpoint:
   passthrough = {k[len("hf/"):]: v for k, v in tensors.items() if k.startswith("hf/")}
   export_tensors(params, meta["kind"], arch)  # validates names and shapes
   return HfRealmCheckpoint(meta["kind"], arch, params, passthrough, hf_config)
+
+
+SPEC_PREFIX = "hf_realm:"  # gin init specs: RETRIEVER_INIT / READER_INIT = 'hf_realm:<HF REALM directory>'
+_RUNTIME_FIELDS = ("dtype", "remat", "hidden_dropout", "attention_dropout")
+
+
+def _load_for(path: str | Path, encoder: BertConfig, kinds: tuple[str, ...], role: str) -> HfRealmCheckpoint:
+  """Loads `path` for `role`, refusing other kinds and an architecture other than the gin `encoder`."""
+  path = Path(str(path).removeprefix(SPEC_PREFIX))
+  kind = checkpoint_kind(path)
+  if kind not in kinds:
+    raise ValueError(f"{path}: a {HF_CLASSES[kind]} checkpoint cannot initialise the {role} "
+                     f"(needs one of {[HF_CLASSES[k] for k in kinds]})")
+  checkpoint = load_hf_realm(path, kind, **{k: getattr(encoder, k) for k in _RUNTIME_FIELDS})
+  if checkpoint.architecture.bert != encoder:
+    ckpt = checkpoint.architecture.bert
+    diffs = {k: (getattr(encoder, k), getattr(ckpt, k)) for k in ckpt.__dataclass_fields__
+             if getattr(encoder, k) != getattr(ckpt, k)}
+    raise ValueError(f"{path}: architecture differs from the gin encoder (gin value, checkpoint value): {diffs}")
+  return checkpoint
+
+
+def load_hf_realm_retriever(path: str | Path, encoder: BertConfig, projection_size: int) -> dict:
+  """DualEncoder params from a RealmEmbedder, RealmScorer or RealmForOpenQA (its embedder) directory."""
+  checkpoint = _load_for(path, encoder, ("embedder", "scorer", "openqa"), "retriever")
+  if checkpoint.architecture.projection_size != projection_size:
+    raise ValueError(f"{path}: retriever_proj_size {checkpoint.architecture.projection_size} != {projection_size}")
+  return checkpoint.params["retriever"] if checkpoint.kind == "openqa" else checkpoint.params
+
+
+def load_hf_realm_encoder(path: str | Path, encoder: BertConfig) -> dict:
+  """RealmModel's {'reader', 'mlm_head'} from a RealmKnowledgeAugEncoder directory (REALM pre-training)."""
+  return _load_for(path, encoder, ("encoder",), "knowledge-augmented encoder").params
+
+
+def load_hf_realm_reader(path: str | Path, encoder: BertConfig, span_hidden_size: int = 256,
+                         max_span_width: int = 10) -> dict:
+  """SpanReader params from a RealmReader / RealmForOpenQA directory; from a RealmKnowledgeAugEncoder only
+  {'encoder'} (ORQA fine-tuning starts the reader's BERT from REALM's and its span scorer afresh)."""
+  checkpoint = _load_for(path, encoder, ("reader", "openqa", "encoder"), "Open-QA reader")
+  if checkpoint.kind == "encoder":
+    return {"encoder": checkpoint.params["reader"]}
+  arch = checkpoint.architecture
+  if (arch.span_hidden_size, arch.max_span_width) != (span_hidden_size, max_span_width):
+    raise ValueError(f"{path}: span_hidden_size/max_span_width {arch.span_hidden_size}/{arch.max_span_width} "
+                     f"!= {span_hidden_size}/{max_span_width}")
+  return checkpoint.params["reader"] if checkpoint.kind == "openqa" else checkpoint.params

@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from realm_jax import partitioning
+from realm_jax.checkpoints import hf_realm
 from realm_jax.data.blocks import BlockStore
 from realm_jax.data.realm import FEATURES, RealmDataConfig, candidate_inputs, realm_query_dataset, select_candidates
 from realm_jax.models.bert import BertConfig
@@ -33,7 +34,11 @@ from realm_jax.train.trainer import Trainer, TrainerConfig, TrainState, latest_c
 
 
 def load_retriever_init(spec: str, encoder: BertConfig, projection_size: int, mesh) -> dict[str, Any]:
-  """'ict:<workdir>' -> the ICT run's tower params; else a HF BERT dir / 'minilm' -> encoder weights only."""
+  """'ict:<workdir>' -> the ICT run's tower params; 'hf_realm:<dir>' -> a HF REALM embedder/scorer/openqa's
+  towers; else a HF BERT dir / 'minilm' -> encoder weights only."""
+  if spec.startswith(hf_realm.SPEC_PREFIX):
+    towers = hf_realm.load_hf_realm_retriever(spec, encoder, projection_size)
+    return {"tower": towers["query_tower"]} if len(towers) == 1 else {"towers": towers}
   if spec.startswith("ict:"):
     train_dir = Path(spec[4:]) / "train"
     step = latest_checkpoint_step(train_dir)
@@ -44,6 +49,14 @@ def load_retriever_init(spec: str, encoder: BertConfig, projection_size: int, me
     logging.info("retriever starts from ICT checkpoint %s step %d", train_dir, step)
     return {"tower": jax.device_get(tower)}
   return {"encoder": load_pretrained_encoder(spec, encoder)}
+
+
+def load_reader_init(spec: str, reader: BertConfig) -> dict[str, Any]:
+  """RealmModel subtrees: 'hf_realm:<dir>' -> a RealmKnowledgeAugEncoder's {'reader', 'mlm_head'};
+  else a HF BERT dir / 'minilm' -> {'reader'} (the MLM head starts afresh)."""
+  if spec.startswith(hf_realm.SPEC_PREFIX):
+    return hf_realm.load_hf_realm_encoder(spec, reader)
+  return {"reader": load_pretrained_encoder(spec, reader)}
 
 
 @dataclasses.dataclass
@@ -123,17 +136,20 @@ def run_pretrain(
   example = {name: jnp.zeros(shape, jnp.int32) for name, shape in shapes.items()}
 
   retriever_params = load_retriever_init(retriever_init, retriever, projection_size, mesh) if retriever_init else {}
-  reader_params = load_pretrained_encoder(reader_init, reader) if reader_init else None
+  reader_params = load_reader_init(reader_init, reader) if reader_init else {}
 
   def pretrained(params):
     params = dict(params)
     if "tower" in retriever_params:
       params["retriever"] = {t: retriever_params["tower"] for t in params["retriever"]}
+    elif "towers" in retriever_params:
+      if set(retriever_params["towers"]) != set(params["retriever"]):
+        raise ValueError(f"retriever_init {retriever_init}: towers {sorted(retriever_params['towers'])}, the model "
+                         f"has {sorted(params['retriever'])} (check share_towers)")
+      params["retriever"] = retriever_params["towers"]
     elif "encoder" in retriever_params:
       params["retriever"] = with_pretrained_towers(params["retriever"], retriever_params["encoder"])
-    if reader_params is not None:
-      params["reader"] = reader_params
-    return params
+    return params | reader_params
 
   trainer = Trainer(
       init_params=lambda rng: model.init(rng, example)["params"],
