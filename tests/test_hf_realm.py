@@ -76,6 +76,13 @@ def test_released_projection_layer_norm_differs_from_hf(ckpt, ref):
   assert np.abs(np.asarray(query) - ref["query_embedding"]).max() > 1e-3
 
 
+def test_exact_gelu_would_not_match_realm_checkpoints(ref):
+  c = load_hf_realm(DATA / "scorer", hidden_act="gelu")
+  query = DualEncoder(c.architecture.bert, c.architecture.projection_size, layer_norm_eps=HF_PROJECTION_EPS).apply(
+      {"params": c.params}, features(ref, "query"), method=DualEncoder.embed_queries)
+  assert np.abs(np.asarray(query) - ref["query_embedding"]).max() > 1e-4
+
+
 def test_knowledge_augmented_encoder_loss_matches_hf(ckpt, ref):
   arch = ckpt["encoder"].architecture
   model = RealmModel(arch.bert, arch.bert, arch.projection_size, retriever_layer_norm_eps=HF_PROJECTION_EPS)

@@ -13,8 +13,9 @@ text of the demo slice and writes, under ``tests/data/realm_reference/``:
   RealmReader (span logits with the retriever score added, candidate spans, losses, prediction);
 * ``reference.json``: texts, provenance and versions.
 
-Parameters are perturbed after HF's init (LayerNorm scales/biases and all biases away from 1/0) so a swapped
-or mis-transposed tensor cannot go unnoticed.  Run in the reference venv::
+Parameters are redrawn after HF's init (LayerNorm scales/biases and all biases away from 1/0, weights with
+std 0.2 instead of 0.02) so a swapped or mis-transposed tensor or the wrong GELU cannot go unnoticed.
+Run in the reference venv::
 
     .venv-ref/bin/python tools/reference/make_realm_reference.py
 """
@@ -58,6 +59,7 @@ READER_QUESTION = 1  # 0-based line of questions/nq_open_dev.jsonl
 READER_BLOCKS = ["p001213", "p000000", "p000026"]
 BLOCK_TOKENS = 36  # body word pieces kept per block
 DISABLED_MASK = (0, 1)  # (example, mask) present in the labels but weighted 0 in mlm_mask
+WEIGHT_STD = 0.2
 
 
 def load_jsonl(path: Path) -> list[dict]:
@@ -66,7 +68,8 @@ def load_jsonl(path: Path) -> list[dict]:
 
 
 def perturb(model: torch.nn.Module, seed: int) -> None:
-  """Moves every LayerNorm and bias away from HF's 1/0 init (ties are kept: parameters change in place)."""
+  """Redraws every parameter: LayerNorms and biases away from HF's 1/0 init, weights with std WEIGHT_STD
+  (ties are kept: parameters change in place)."""
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -75,6 +78,8 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
         p.copy_((1.0 + 0.2 * noise) if name.endswith("weight") else 0.1 * noise)
       elif name.endswith("bias"):
         p.copy_(0.05 * noise)
+      else:  # large enough that the tanh and erf GELUs differ visibly
+        p.copy_(WEIGHT_STD * noise)
 
 
 def save_model(model: torch.nn.Module, config: RealmConfig, out: Path) -> None:
