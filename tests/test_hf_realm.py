@@ -276,3 +276,32 @@ def test_gin_starts_pretraining_from_released_checkpoints():
     assert "retriever_init = %RETRIEVER_INIT" in config and "hidden_act = 'gelu_new'" in config
   finally:
     gin.clear_config()
+
+
+def test_convert_exports_a_training_run_checkpoint(ckpt, tmp_path):
+  import subprocess
+  import sys
+
+  import optax
+
+  from realm_jax import partitioning
+  from realm_jax.train.trainer import Trainer, TrainerConfig
+
+  class NoData:
+    def get_state(self):
+      return {}
+
+  c = ckpt["scorer"]
+  model = DualEncoder(c.architecture.bert, c.architecture.projection_size)
+  seq = {k: np.zeros((1, 8), np.int32) for k in ("input_ids", "input_mask", "segment_ids")}
+  trainer = Trainer(lambda rng: model.init(rng, seq, seq)["params"], None, optax.sgd(0.1),
+                    partitioning.make_mesh(1, 1, jax.devices()[:1]), tmp_path / "run", TrainerConfig(1))
+  trainer.save(trainer.init_state(lambda params: c.params), NoData())
+  trainer.checkpoints.wait_until_finished()
+  env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+  result = subprocess.run(
+      [sys.executable, str(REPO / "launch" / "convert.py"), "--to=hf", f"--workdir={tmp_path / 'run'}", "--subtree=",
+       "--kind=scorer", f"--like={DATA / 'scorer'}", f"--hf_dir={tmp_path / 'hf'}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (DATA / "scorer" / "model.safetensors").read_bytes()
