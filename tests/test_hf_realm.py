@@ -213,6 +213,10 @@ def test_missing_files_and_unknown_kinds_are_reported(tmp_path):
   (tmp_path / "r" / "config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match="names no REALM class"):
     load_hf_realm(tmp_path / "r")
+  del config["hidden_size"]
+  (tmp_path / "r" / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match=r"config.json: config lacks \['hidden_size'\]"):
+    load_hf_realm(tmp_path / "r", kind="reader")
 
 
 def test_convert_launcher_round_trip_is_bit_identical(tmp_path):

@@ -262,6 +262,7 @@ def export_tensors(
 
 
 def read_hf_config(path: str | Path) -> dict:
+  """A config.json as a dict; unreadable files are named."""
   path = Path(path)
   try:
     return json.loads(path.read_text())
@@ -281,6 +282,8 @@ def checkpoint_kind(model_dir: str | Path) -> str:
 
 @dataclasses.dataclass
 class HfRealmCheckpoint:
+  """An imported HF REALM checkpoint: what `save_hf_realm` needs to write it back unchanged."""
+
   kind: str
   architecture: RealmArchitecture
   params: dict
@@ -289,6 +292,7 @@ class HfRealmCheckpoint:
 
 
 def read_safetensors(path: Path, skip: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+  """All tensors of a safetensors file but `skip`; a missing `.bin`-only checkpoint gets a conversion hint."""
   if not path.exists():
     bin_file = path.with_name("pytorch_model.bin")
     hint = " (convert pytorch_model.bin with tools/convert_pytorch_bin.py first)" if bin_file.exists() else ""

@@ -23,6 +23,8 @@ Array = jax.Array
 GELU_APPROXIMATE = {"gelu": False, "gelu_new": True}
 # HF `hidden_act` names -> BertConfig.hidden_act ("gelu_pytorch_tanh" is the same tanh formula).
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new"}
+REQUIRED_HF_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                      "max_position_embeddings", "type_vocab_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,13 +78,15 @@ class BertConfig:
 
   @classmethod
   def from_hf_dict(cls, hf: dict[str, Any], source: str, **overrides: Any) -> BertConfig:
-    """A Hugging Face BERT config (as read from `source`)."""
-    path = source
+    """A Hugging Face BERT config (as read from `source`, named in errors)."""
     hidden_act = HF_ACTIVATIONS.get(hf.get("hidden_act", "gelu"))
     if hidden_act is None:
-      raise ValueError(f"{path}: hidden_act={hf['hidden_act']!r} unsupported (one of {sorted(HF_ACTIVATIONS)})")
+      raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r} unsupported (one of {sorted(HF_ACTIVATIONS)})")
     if hf.get("position_embedding_type", "absolute") != "absolute":
-      raise ValueError(f"{path}: only absolute position embeddings are supported")
+      raise ValueError(f"{source}: only absolute position embeddings are supported")
+    missing = [k for k in REQUIRED_HF_FIELDS if k not in hf]
+    if missing:
+      raise ValueError(f"{source}: config lacks {missing}")
     fields = dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
