@@ -252,6 +252,16 @@ def test_init_specs_load_released_checkpoints_into_training(ckpt):
   assert _same(from_realm, {"encoder": ckpt["encoder"].params["reader"]})
 
 
+def test_bert_weights_of_any_realm_checkpoint_serve_where_bert_is_expected(ckpt):
+  from realm_jax.objectives.ict import load_pretrained_encoder
+
+  bert = ckpt["scorer"].architecture.bert
+  assert _same(load_pretrained_encoder(f"hf_realm:{DATA / 'encoder'}", bert), ckpt["encoder"].params["reader"])
+  assert _same(load_pretrained_encoder(f"hf_realm:{DATA / 'reader'}", bert), ckpt["reader"].params["encoder"])
+  assert _same(load_pretrained_encoder(f"hf_realm:{DATA / 'scorer'}", bert),
+               ckpt["scorer"].params["query_tower"]["encoder"])
+
+
 def test_init_specs_refuse_other_architectures_and_kinds(ckpt):
   import dataclasses
 

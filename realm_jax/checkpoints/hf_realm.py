@@ -418,3 +418,22 @@ def load_hf_realm_reader(path: str | Path, encoder: BertConfig, span_hidden_size
     raise ValueError(f"{path}: span_hidden_size/max_span_width {arch.span_hidden_size}/{arch.max_span_width} "
                      f"!= {span_hidden_size}/{max_span_width}")
   return checkpoint.params["reader"] if checkpoint.kind == "openqa" else checkpoint.params
+
+
+_BERT_PATHS = {
+    "embedder": ("query_tower", "encoder"),
+    "scorer": ("query_tower", "encoder"),
+    "encoder": ("reader",),
+    "reader": ("encoder",),
+    "openqa": ("reader", "encoder"),
+}
+
+
+def load_hf_realm_bert(path: str | Path, encoder: BertConfig) -> dict:
+  """The BertEncoder params of any REALM checkpoint: its reader's (encoder, reader, openqa) or else its
+  query tower's (embedder, scorer).  What `'hf_realm:<dir>'` means where plain BERT weights are expected."""
+  checkpoint = _load_for(path, encoder, tuple(HF_CLASSES), "BERT encoder")
+  params = checkpoint.params
+  for key in _BERT_PATHS[checkpoint.kind]:
+    params = params[key]
+  return params
