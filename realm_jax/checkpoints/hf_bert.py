@@ -2,11 +2,13 @@
 
 The name mapping lives in `hf_to_flax_names` only.  Torch `Linear` weights are
 [out, in] and are transposed; attention projections are reshaped to
-[embed, heads, head_dim].  Safetensors holds plain tensors: nothing is unpickled.
+[embed, heads, head_dim].  Each `Layout` also knows its inverse (only transposes and
+reshapes, so export is bit-exact).  Safetensors holds plain tensors: nothing is unpickled.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -19,32 +21,46 @@ from safetensors.numpy import load_file
 
 from realm_jax.models.bert import BertConfig, BertEncoder
 
-Transform = Callable[[np.ndarray], np.ndarray]
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """HF tensor layout -> flax parameter layout (`__call__`) and back (`inverse`)."""
+
+  forward: Callable[[np.ndarray], np.ndarray]
+  inverse: Callable[[np.ndarray], np.ndarray]
+
+  def __call__(self, x: np.ndarray) -> np.ndarray:
+    return self.forward(x)
+
+
+NameTable = dict[str, tuple[tuple[str, ...], Layout]]
+IDENTITY = Layout(np.asarray, np.asarray)
+TRANSPOSE = Layout(lambda w: w.T, lambda k: k.T)  # torch Linear [out, in] <-> flax Dense [in, out]
 
 # Tensors in HF files that carry no parameters.
 IGNORED_HF_TENSORS = ("embeddings.position_ids",)
 
 
-def _transpose(x: np.ndarray) -> np.ndarray:
-  return x.T
+def norm_names(hf: str, flax: tuple[str, ...]) -> NameTable:
+  """A torch LayerNorm (weight, bias) <-> flax LayerNorm (scale, bias)."""
+  return {f"{hf}.weight": (flax + ("scale",), IDENTITY), f"{hf}.bias": (flax + ("bias",), IDENTITY)}
 
 
-def hf_to_flax_names(config: BertConfig, prefix: str = "") -> dict[str, tuple[tuple[str, ...], Transform]]:
-  """HF tensor name -> (flax parameter path, transform from HF layout to flax layout)."""
+def dense_names(hf: str, flax: tuple[str, ...], kernel: Layout = TRANSPOSE, bias: Layout = IDENTITY) -> NameTable:
+  """A torch Linear (weight, bias) <-> flax Dense (kernel, bias)."""
+  return {f"{hf}.weight": (flax + ("kernel",), kernel), f"{hf}.bias": (flax + ("bias",), bias)}
+
+
+def hf_to_flax_names(config: BertConfig, prefix: str = "") -> NameTable:
+  """HF tensor name -> (flax parameter path, layout transform from HF to flax)."""
   h, d = config.num_heads, config.head_dim
-  identity: Transform = np.asarray
-  heads_in: Transform = lambda w: w.T.reshape(-1, h, d)  # noqa: E731  [out,in] -> [in,h,d]
-  heads_bias: Transform = lambda b: b.reshape(h, d)  # noqa: E731
-  heads_out: Transform = lambda w: w.T.reshape(h, d, -1)  # noqa: E731  [out,in] -> [h,d,out]
+  identity = IDENTITY
+  heads_in = Layout(lambda w: w.T.reshape(-1, h, d), lambda k: k.reshape(k.shape[0], h * d).T)  # [out,in]->[in,h,d]
+  heads_bias = Layout(lambda b: b.reshape(h, d), lambda b: b.reshape(h * d))
+  heads_out = Layout(lambda w: w.T.reshape(h, d, -1), lambda k: k.reshape(h * d, -1).T)  # [out,in] -> [h,d,out]
 
-  def norm(hf: str, flax: tuple[str, ...]) -> dict[str, tuple[tuple[str, ...], Transform]]:
-    return {
-        f"{hf}.weight": (flax + ("norm", "scale"), identity),
-        f"{hf}.bias": (flax + ("norm", "bias"), identity),
-    }
-
-  def dense(hf: str, flax: tuple[str, ...], kernel: Transform = _transpose, bias: Transform = identity):
-    return {f"{hf}.weight": (flax + ("kernel",), kernel), f"{hf}.bias": (flax + ("bias",), bias)}
+  norm = lambda hf, flax: norm_names(hf, flax + ("norm",))  # noqa: E731  realm_jax.models.bert.LayerNorm
+  dense = dense_names
 
   table = {}
   for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
@@ -72,14 +88,17 @@ def find_prefix(names: set[str]) -> str:
   return "bert." if any(n.startswith("bert.encoder.") for n in names) else ""
 
 
-def convert_hf_tensors(
+def map_tensors(
     tensors: Mapping[str, np.ndarray],
-    config: BertConfig,
+    mapping: NameTable,
     expected_shapes: Mapping[tuple[str, ...], tuple[int, ...]],
     source: str,
+    tolerated: Callable[[str], bool] = lambda name: False,
 ) -> dict:
-  """Maps HF tensors onto a flax parameter tree, checking names and shapes."""
-  mapping = hf_to_flax_names(config, find_prefix(set(tensors)))
+  """Maps HF tensors onto a flax parameter tree by `mapping`, naming every missing, extra or mis-shaped tensor.
+
+  Tensors outside `mapping` are errors unless `tolerated(name)`.
+  """
   missing = sorted(set(mapping) - set(tensors))
   problems = [f"missing tensor {n!r}" for n in missing]
   flat = {}
@@ -98,14 +117,23 @@ def convert_hf_tensors(
     flat[path] = value
   unmapped = set(expected_shapes) - set(flat) - {mapping[n][0] for n in missing}
   problems += [f"parameter {'/'.join(p)} has no tensor in the checkpoint" for p in sorted(unmapped)]
-  extra = sorted(
-      n for n in tensors
-      if n not in mapping and not n.endswith(IGNORED_HF_TENSORS) and n.startswith(find_prefix(set(tensors)))
-  )
+  extra = sorted(n for n in tensors if n not in mapping and not tolerated(n))
   problems += [f"unexpected tensor {n!r}" for n in extra]
   if problems:
     raise CheckpointMismatchError(f"{source}: " + "; ".join(problems))
   return traverse_util.unflatten_dict(flat)
+
+
+def convert_hf_tensors(
+    tensors: Mapping[str, np.ndarray],
+    config: BertConfig,
+    expected_shapes: Mapping[tuple[str, ...], tuple[int, ...]],
+    source: str,
+) -> dict:
+  """Maps HF BERT tensors onto an encoder's flax parameter tree, checking names and shapes."""
+  prefix = find_prefix(set(tensors))
+  return map_tensors(tensors, hf_to_flax_names(config, prefix), expected_shapes, source,
+                     lambda n: n.endswith(IGNORED_HF_TENSORS) or not n.startswith(prefix))
 
 
 def load_hf_bert(model_dir: str | Path, **config_overrides) -> tuple[BertConfig, dict]:

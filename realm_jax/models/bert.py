@@ -19,6 +19,13 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
+# BertConfig.hidden_act -> whether GELU uses the tanh approximation.
+GELU_APPROXIMATE = {"gelu": False, "gelu_new": True}
+# HF `hidden_act` names -> BertConfig.hidden_act ("gelu_pytorch_tanh" is the same tanh formula).
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new"}
+REQUIRED_HF_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                      "max_position_embeddings", "type_vocab_size")
+
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
@@ -35,6 +42,7 @@ class BertConfig:
   hidden_dropout: float = 0.1
   attention_dropout: float = 0.1
   initializer_range: float = 0.02
+  hidden_act: str = "gelu"  # "gelu" (exact erf, HF BERT) or "gelu_new" (tanh approximation: TF BERT, REALM)
   dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
   remat: bool = False  # rematerialise each layer in the backward pass
   # Pooled output: "cls" = tanh(dense([CLS])) as BERT/REALM; "mean" = mean of the token states over the
@@ -48,10 +56,16 @@ class BertConfig:
       raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
     if self.pooling not in ("cls", "mean"):
       raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
+    if self.hidden_act not in GELU_APPROXIMATE:
+      raise ValueError(f"hidden_act must be one of {sorted(GELU_APPROXIMATE)}, got {self.hidden_act!r}")
 
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
+
+  @property
+  def gelu_approximate(self) -> bool:
+    return GELU_APPROXIMATE[self.hidden_act]
 
   @property
   def compute_dtype(self) -> jnp.dtype:
@@ -65,10 +79,19 @@ class BertConfig:
       hf = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
       raise ValueError(f"{path}: cannot read BERT config: {e}") from e
-    if hf.get("hidden_act", "gelu") != "gelu":
-      raise ValueError(f"{path}: hidden_act={hf['hidden_act']!r} unsupported (only exact 'gelu')")
+    return cls.from_hf_dict(hf, str(path), **overrides)
+
+  @classmethod
+  def from_hf_dict(cls, hf: dict[str, Any], source: str, **overrides: Any) -> BertConfig:
+    """A Hugging Face BERT config (as read from `source`, named in errors)."""
+    hidden_act = HF_ACTIVATIONS.get(hf.get("hidden_act", "gelu"))
+    if hidden_act is None:
+      raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r} unsupported (one of {sorted(HF_ACTIVATIONS)})")
     if hf.get("position_embedding_type", "absolute") != "absolute":
-      raise ValueError(f"{path}: only absolute position embeddings are supported")
+      raise ValueError(f"{source}: only absolute position embeddings are supported")
+    missing = [k for k in REQUIRED_HF_FIELDS if k not in hf]
+    if missing:
+      raise ValueError(f"{source}: config lacks {missing}")
     fields = dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -81,6 +104,7 @@ class BertConfig:
         hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
         attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
         initializer_range=hf.get("initializer_range", 0.02),
+        hidden_act=hidden_act,
     )
     fields.update(overrides)
     return cls(**fields)
@@ -199,7 +223,7 @@ class TransformerLayer(nn.Module):
         bias_init=zeros_init(("mlp",)),
         name="intermediate",
     )(x)
-    h = nn.with_logical_constraint(jax.nn.gelu(h, approximate=False), ("batch", "length", "mlp"))
+    h = nn.with_logical_constraint(jax.nn.gelu(h, approximate=c.gelu_approximate), ("batch", "length", "mlp"))
     h = nn.Dense(
         c.hidden_size,
         dtype=c.compute_dtype,
@@ -268,7 +292,7 @@ class MlmHead(nn.Module):
         bias_init=zeros_init(("hidden",)),
         name="transform",
     )(hidden)
-    h = LayerNorm(c.layer_norm_eps, c.compute_dtype, name="layer_norm")(jax.nn.gelu(h, approximate=False))
+    h = LayerNorm(c.layer_norm_eps, c.compute_dtype, name="layer_norm")(jax.nn.gelu(h, approximate=c.gelu_approximate))
     bias = self.param("bias", zeros_init(("vocab",)), (c.vocab_size,), jnp.float32)
     logits = jnp.einsum("...h,vh->...v", h, jnp.asarray(word_embeddings, c.compute_dtype))
     return logits.astype(jnp.float32) + bias

@@ -16,6 +16,7 @@ from realm_jax.models.bert import BertConfig, BertEncoder, normal_init, ones_ini
 
 Array = jax.Array
 INVALID_SPAN_LOGIT = -10000.0  # the released code's value for spans outside the block
+HF_INVALID_SPAN_LOGIT = float(np.finfo(np.float32).min)  # Hugging Face RealmReader's value
 
 
 def span_grid(seq_len: int, max_span_width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -32,6 +33,7 @@ class SpanScorer(nn.Module):
   span_hidden_size: int = 256
   max_span_width: int = 10
   layer_norm_eps: float = 1e-3
+  invalid_span_logit: float = INVALID_SPAN_LOGIT
 
   @nn.compact
   def __call__(self, hidden: Array, block_mask: Array) -> Array:
@@ -55,7 +57,7 @@ class SpanScorer(nn.Module):
     )(span)[..., 0].astype(jnp.float32)
     in_block = block_mask.astype(bool)
     valid = (ends < seq_len) & in_block[..., starts] & in_block[..., clipped_ends]
-    return jnp.where(valid, logits, INVALID_SPAN_LOGIT)
+    return jnp.where(valid, logits, self.invalid_span_logit)
 
 
 class SpanReader(nn.Module):
@@ -64,10 +66,14 @@ class SpanReader(nn.Module):
   config: BertConfig
   span_hidden_size: int = 256
   max_span_width: int = 10
+  layer_norm_eps: float = 1e-3
+  # Released code: -10000; Hugging Face's RealmReader adds float32 min (HF_INVALID_SPAN_LOGIT).
+  invalid_span_logit: float = INVALID_SPAN_LOGIT
 
   def setup(self):
     self.encoder = BertEncoder(self.config)
-    self.span_scorer = SpanScorer(self.config, self.span_hidden_size, self.max_span_width)
+    self.span_scorer = SpanScorer(self.config, self.span_hidden_size, self.max_span_width, self.layer_norm_eps,
+                                  self.invalid_span_logit)
 
   def __call__(self, inputs: dict[str, Array], deterministic: bool = True) -> Array:
     batch, k, seq_len = inputs["input_ids"].shape

@@ -49,10 +49,11 @@ class DualEncoder(nn.Module):
   projection_size: int = 128
   share_towers: bool = True
   dropout: float = 0.1
+  layer_norm_eps: float = 1e-3  # released code (Keras default); Hugging Face's RealmEmbedder uses 1e-12
 
   def setup(self):
     tower = lambda name: RetrieverTower(  # noqa: E731
-        self.config, self.projection_size, dropout=self.dropout, name=name
+        self.config, self.projection_size, self.layer_norm_eps, self.dropout, name=name
     )
     self.query_tower = tower("query_tower")
     self.block_tower = self.query_tower if self.share_towers else tower("block_tower")

@@ -17,6 +17,7 @@ import optax
 from absl import logging
 
 from realm_jax import partitioning
+from realm_jax.checkpoints import hf_realm
 from realm_jax.checkpoints.hf_bert import load_hf_bert
 from realm_jax.data.blocks import BlockStore
 from realm_jax.data.ict import IctDataConfig, ict_iterator
@@ -61,7 +62,10 @@ def resolve_checkpoint(path: str) -> Path:
 
 
 def load_pretrained_encoder(path: str, encoder: BertConfig) -> dict:
-  """HF BERT weights for `encoder`; refuses a checkpoint of another architecture."""
+  """HF BERT weights for `encoder` ('hf_realm:<dir>': the BERT of a HF REALM checkpoint); refuses a checkpoint
+  of another architecture."""
+  if path.startswith(hf_realm.SPEC_PREFIX):
+    return hf_realm.load_hf_realm_bert(path, encoder)
   runtime = {k: getattr(encoder, k) for k in ("dtype", "remat", "hidden_dropout", "attention_dropout", "pooling")}
   config, params = load_hf_bert(resolve_checkpoint(path), **runtime)
   if config != encoder:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from realm_jax.models.bert import BertConfig
-from realm_jax.models.reader import SpanReader
+from realm_jax.models.reader import INVALID_SPAN_LOGIT, SpanReader
 from realm_jax.models.retriever import DualEncoder
 
 Array = jax.Array
@@ -31,10 +31,15 @@ class OpenQaModel(nn.Module):
   share_towers: bool = True
   span_hidden_size: int = 256
   max_span_width: int = 10
+  # Hugging Face REALM's values differ: 1e-12 and float32 min (see README, "released checkpoints").
+  retriever_layer_norm_eps: float = 1e-3
+  invalid_span_logit: float = INVALID_SPAN_LOGIT
 
   def setup(self):
-    self.retriever = DualEncoder(self.retriever_config, self.projection_size, self.share_towers)
-    self.reader = SpanReader(self.reader_config, self.span_hidden_size, self.max_span_width)
+    self.retriever = DualEncoder(self.retriever_config, self.projection_size, self.share_towers,
+                                 layer_norm_eps=self.retriever_layer_norm_eps)
+    self.reader = SpanReader(self.reader_config, self.span_hidden_size, self.max_span_width,
+                             invalid_span_logit=self.invalid_span_logit)
 
   def embed_queries(self, queries: dict[str, Array], deterministic: bool = True) -> Array:
     return self.retriever.embed_queries(queries, deterministic)

@@ -37,6 +37,7 @@ from realm_jax.train.trainer import TRAINING_DONE, restore_params_subtree
 class RefreshConfig:
   encoder: BertConfig
   projection_size: int = 128
+  layer_norm_eps: float = 1e-3  # the retriever's projection LayerNorm (see RetrieverTower)
   tower_path: Sequence[str] = ("query_tower",)  # where the block tower lives in the trainer's params
   block_len: int = 288
   batch_size: int = 256
@@ -56,7 +57,7 @@ def embed_all_blocks(
     params: dict, config: RefreshConfig, store: BlockStore, mesh: Mesh, desc: str = "embed"
 ) -> np.ndarray:
   """[num_blocks, projection_size] float32 embeddings, batches sharded over the "data" axis."""
-  tower = RetrieverTower(config.encoder, config.projection_size)
+  tower = RetrieverTower(config.encoder, config.projection_size, config.layer_norm_eps)
   batch = config.batch_size
   data_size = mesh.shape["data"]
   if batch % data_size:

@@ -21,12 +21,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from realm_jax import partitioning
+from realm_jax.checkpoints import hf_realm
 from realm_jax.data.blocks import BlockStore
 from realm_jax.data.openqa import OpenQaDataConfig, OpenQaFeaturizer, question_dataset
 from realm_jax.data.questions import Question, read_questions
 from realm_jax.data.realm import FEATURES
 from realm_jax.data.tokenization import load_tokenizer, minilm_dir
 from realm_jax.models.bert import BertConfig
+from realm_jax.models.reader import INVALID_SPAN_LOGIT
 from realm_jax.objectives.ict import load_pretrained_encoder, with_pretrained_towers
 from realm_jax.objectives.openqa import OpenQaModel, openqa_train_loss
 from realm_jax.refresh.refresher import RefreshConfig, embed_all_blocks
@@ -122,10 +124,13 @@ class OpenQaSpec:
   span_hidden_size: int = 256
   block_len: int = 288  # block tower input length (the index)
   vocab: str | None = None  # the block store's tokenizer file; None: the uncased BERT/MiniLM vocab
+  retriever_layer_norm_eps: float = 1e-3  # 1e-12 reproduces Hugging Face REALM
+  invalid_span_logit: float = INVALID_SPAN_LOGIT  # reader.HF_INVALID_SPAN_LOGIT reproduces Hugging Face REALM
 
   def model(self) -> OpenQaModel:
     return OpenQaModel(self.retriever, self.reader, self.projection_size, self.share_towers,
-                       self.span_hidden_size, self.data.max_span_width)
+                       self.span_hidden_size, self.data.max_span_width, self.retriever_layer_norm_eps,
+                       self.invalid_span_logit)
 
   def store(self) -> BlockStore:
     return BlockStore(self.block_store)
@@ -160,8 +165,9 @@ def run_finetune(
     seed: int = 0,
 ) -> list[dict[str, float]]:
   """ORQA fine-tuning (lr 1e-5, one question per step).  `init='realm:<pretrain workdir>'` starts retriever
-  and reader from REALM pre-training; otherwise `retriever_init` ('ict:<dir>' or BERT weights) and
-  `reader_init` (BERT weights).  The span scorer always starts fresh."""
+  and reader from REALM pre-training; otherwise `retriever_init` ('ict:<dir>', 'hf_realm:<dir>' or BERT
+  weights) and `reader_init` (BERT weights, or 'hf_realm:<dir>': a released REALM encoder, or an ORQA
+  reader with its span scorer).  Otherwise the span scorer starts fresh."""
   data, retriever, reader = spec.data, spec.retriever, spec.reader
   workdir_path = Path(workdir)
   store = spec.store()
@@ -176,25 +182,29 @@ def run_finetune(
     realm_dir = Path(init[len("realm:"):])
     realm, realm_step = load_realm_pretrained(realm_dir, retriever, reader, spec.projection_size, spec.share_towers,
                                               mesh)
-    starting = {"retriever": realm["retriever"], "encoder": realm["reader"]}
+    starting = {"retriever": realm["retriever"], "reader": {"encoder": realm["reader"]}}
     pretrained_index = realm_dir / "index" / "committed" / str(realm_step)
   else:
     retriever_params = (load_retriever_init(retriever_init, retriever, spec.projection_size, mesh)
                         if retriever_init else {})
-    starting = {"retriever_spec": retriever_params,
-                "encoder": load_pretrained_encoder(reader_init, reader) if reader_init else None}
+    if reader_init and reader_init.startswith(hf_realm.SPEC_PREFIX):
+      reader_params = hf_realm.load_hf_realm_reader(reader_init, reader, spec.span_hidden_size, data.max_span_width)
+    else:
+      reader_params = {"encoder": load_pretrained_encoder(reader_init, reader)} if reader_init else {}
+    starting = {"retriever_spec": retriever_params, "reader": reader_params}
     pretrained_index = None
 
   def pretrained(params):
     params = dict(params)
     if "retriever" in starting:
       params["retriever"] = starting["retriever"]
+    elif "towers" in starting["retriever_spec"]:
+      params["retriever"] = starting["retriever_spec"]["towers"]
     elif "tower" in starting["retriever_spec"]:
       params["retriever"] = {t: starting["retriever_spec"]["tower"] for t in params["retriever"]}
     elif "encoder" in starting["retriever_spec"]:
       params["retriever"] = with_pretrained_towers(params["retriever"], starting["retriever_spec"]["encoder"])
-    if starting["encoder"] is not None:
-      params["reader"] = {**params["reader"], "encoder": starting["encoder"]}
+    params["reader"] = {**params["reader"], **starting["reader"]}
     return params
 
   trainer = Trainer(

@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from realm_jax import partitioning
+from realm_jax.checkpoints import hf_realm
 from realm_jax.data.blocks import BlockStore
 from realm_jax.data.realm import FEATURES, RealmDataConfig, candidate_inputs, realm_query_dataset, select_candidates
 from realm_jax.models.bert import BertConfig
@@ -33,7 +34,11 @@ from realm_jax.train.trainer import Trainer, TrainerConfig, TrainState, latest_c
 
 
 def load_retriever_init(spec: str, encoder: BertConfig, projection_size: int, mesh) -> dict[str, Any]:
-  """'ict:<workdir>' -> the ICT run's tower params; else a HF BERT dir / 'minilm' -> encoder weights only."""
+  """'ict:<workdir>' -> the ICT run's tower params; 'hf_realm:<dir>' -> a HF REALM embedder/scorer/openqa's
+  towers; else a HF BERT dir / 'minilm' -> encoder weights only."""
+  if spec.startswith(hf_realm.SPEC_PREFIX):
+    towers = hf_realm.load_hf_realm_retriever(spec, encoder, projection_size)
+    return {"tower": towers["query_tower"]} if len(towers) == 1 else {"towers": towers}
   if spec.startswith("ict:"):
     train_dir = Path(spec[4:]) / "train"
     step = latest_checkpoint_step(train_dir)
@@ -44,6 +49,14 @@ def load_retriever_init(spec: str, encoder: BertConfig, projection_size: int, me
     logging.info("retriever starts from ICT checkpoint %s step %d", train_dir, step)
     return {"tower": jax.device_get(tower)}
   return {"encoder": load_pretrained_encoder(spec, encoder)}
+
+
+def load_reader_init(spec: str, reader: BertConfig) -> dict[str, Any]:
+  """RealmModel subtrees: 'hf_realm:<dir>' -> a RealmKnowledgeAugEncoder's {'reader', 'mlm_head'};
+  else a HF BERT dir / 'minilm' -> {'reader'} (the MLM head starts afresh)."""
+  if spec.startswith(hf_realm.SPEC_PREFIX):
+    return hf_realm.load_hf_realm_encoder(spec, reader)
+  return {"reader": load_pretrained_encoder(spec, reader)}
 
 
 @dataclasses.dataclass
@@ -94,6 +107,7 @@ def run_pretrain(
     reader_init: str | None = None,
     projection_size: int = 128,
     share_towers: bool = True,
+    retriever_layer_norm_eps: float = 1e-3,
     retrieval: bool = True,
     null_document: bool = True,
     per_example_marginal: bool = False,
@@ -110,7 +124,7 @@ def run_pretrain(
   """REALM pre-training (paper: batch 512, 200k steps, lr 3e-5, 8 candidates incl. null)."""
   data = data or RealmDataConfig()
   store = BlockStore(block_store)
-  model = RealmModel(retriever, reader, projection_size, share_towers)
+  model = RealmModel(retriever, reader, projection_size, share_towers, retriever_layer_norm_eps)
   run = RealmRun(model, store, data, retrieval, null_document, mesh)
   k = 1 if not retrieval else data.num_candidates
   shapes = {
@@ -122,17 +136,20 @@ def run_pretrain(
   example = {name: jnp.zeros(shape, jnp.int32) for name, shape in shapes.items()}
 
   retriever_params = load_retriever_init(retriever_init, retriever, projection_size, mesh) if retriever_init else {}
-  reader_params = load_pretrained_encoder(reader_init, reader) if reader_init else None
+  reader_params = load_reader_init(reader_init, reader) if reader_init else {}
 
   def pretrained(params):
     params = dict(params)
     if "tower" in retriever_params:
       params["retriever"] = {t: retriever_params["tower"] for t in params["retriever"]}
+    elif "towers" in retriever_params:
+      if set(retriever_params["towers"]) != set(params["retriever"]):
+        raise ValueError(f"retriever_init {retriever_init}: towers {sorted(retriever_params['towers'])}, the model "
+                         f"has {sorted(params['retriever'])} (check share_towers)")
+      params["retriever"] = retriever_params["towers"]
     elif "encoder" in retriever_params:
       params["retriever"] = with_pretrained_towers(params["retriever"], retriever_params["encoder"])
-    if reader_params is not None:
-      params["reader"] = reader_params
-    return params
+    return params | reader_params
 
   trainer = Trainer(
       init_params=lambda rng: model.init(rng, example)["params"],
@@ -149,7 +166,8 @@ def run_pretrain(
     if bootstrap_index and not index_lib.committed_steps(index_dir) and trainer.checkpoints.latest_step() is None:
       state = trainer.init_state(pretrained)  # also the first train state: initialised once
       tower = jax.device_get(state.params["retriever"]["block_tower" if not share_towers else "query_tower"])
-      embeddings = embed_all_blocks(tower, RefreshConfig(retriever, projection_size, block_len=data.block_len,
+      embeddings = embed_all_blocks(tower, RefreshConfig(retriever, projection_size, retriever_layer_norm_eps,
+                                                         block_len=data.block_len,
                                                          batch_size=max(64, mesh.shape["data"])), store, mesh,
                                     desc="bootstrap index")
       index_lib.publish_index(index_dir, 0, embeddings, store, writer="bootstrap")

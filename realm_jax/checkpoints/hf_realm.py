@@ -1,0 +1,439 @@
+"""Hugging Face REALM checkpoints (config.json + safetensors) <-> realm-jax parameters, both ways.
+
+Five HF classes, one name table (`realm_names`, built on `hf_bert.hf_to_flax_names`); export is the
+inverse of the same table, so HF -> realm-jax -> HF is bit-identical:
+
+  kind       HF class                   realm-jax tree
+  embedder   RealmEmbedder              DualEncoder {'query_tower'}
+  scorer     RealmScorer                DualEncoder {'query_tower'[, 'block_tower']}
+  encoder    RealmKnowledgeAugEncoder   RealmModel's {'reader', 'mlm_head'}
+  reader     RealmReader                SpanReader {'encoder', 'span_scorer'}
+  openqa     RealmForOpenQA             {'retriever': DualEncoder, 'reader': SpanReader}
+
+HF stores some tensors twice (tied weights, RealmScorer's shared query embedder): these aliases
+must equal their source and are written back.  Tensors HF keeps but never uses in its forward pass
+(the MLM heads inside RealmEmbedder and RealmReader, RealmForOpenQA's `block_emb`) are returned as
+`passthrough` and written back verbatim; an export without them leaves them for HF to initialise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from realm_jax.checkpoints.hf_bert import (
+    IDENTITY,
+    IGNORED_HF_TENSORS,
+    CheckpointMismatchError,
+    NameTable,
+    dense_names,
+    hf_to_flax_names,
+    map_tensors,
+    norm_names,
+)
+from realm_jax.models.bert import BertConfig, BertEncoder, MlmHead
+from realm_jax.models.reader import SpanReader
+from realm_jax.models.retriever import DualEncoder
+
+HF_CLASSES = {
+    "embedder": "RealmEmbedder",
+    "scorer": "RealmScorer",
+    "encoder": "RealmKnowledgeAugEncoder",
+    "reader": "RealmReader",
+    "openqa": "RealmForOpenQA",
+}
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+# RealmLMPredictionHead tensors (HF ties `decoder.bias` to `bias`).
+_HEAD_TENSORS = ("transform.dense.weight", "transform.dense.bias", "transform.LayerNorm.weight",
+                 "transform.LayerNorm.bias", "bias", "decoder.weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class RealmArchitecture:
+  """What a RealmConfig fixes about realm-jax's modules."""
+
+  bert: BertConfig
+  projection_size: int = 128
+  span_hidden_size: int = 256
+  max_span_width: int = 10
+  reader_layer_norm_eps: float = 1e-3
+
+  @classmethod
+  def from_hf_config(cls, hf: Mapping, source: str, **bert_overrides) -> RealmArchitecture:
+    """From a RealmConfig dict (read from `source`)."""
+    return cls(
+        bert=BertConfig.from_hf_dict(dict(hf), source, **bert_overrides),
+        projection_size=hf.get("retriever_proj_size", 128),
+        span_hidden_size=hf.get("span_hidden_size", 256),
+        max_span_width=hf.get("max_span_width", 10),
+        reader_layer_norm_eps=hf.get("reader_layer_norm_eps", 1e-3),
+    )
+
+  def to_hf_config(self, kind: str) -> dict:
+    """A RealmConfig `config.json` for `kind` (HF's defaults for everything realm-jax does not fix)."""
+    b = self.bert
+    return {
+        "architectures": [HF_CLASSES[kind]],
+        "model_type": "realm",
+        "vocab_size": b.vocab_size,
+        "hidden_size": b.hidden_size,
+        "num_hidden_layers": b.num_layers,
+        "num_attention_heads": b.num_heads,
+        "intermediate_size": b.intermediate_size,
+        "hidden_act": b.hidden_act,
+        "hidden_dropout_prob": b.hidden_dropout,
+        "attention_probs_dropout_prob": b.attention_dropout,
+        "max_position_embeddings": b.max_position_embeddings,
+        "type_vocab_size": b.type_vocab_size,
+        "initializer_range": b.initializer_range,
+        "layer_norm_eps": b.layer_norm_eps,
+        "retriever_proj_size": self.projection_size,
+        "span_hidden_size": self.span_hidden_size,
+        "max_span_width": self.max_span_width,
+        "reader_layer_norm_eps": self.reader_layer_norm_eps,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class RealmNames:
+  """The name table of one HF REALM class."""
+
+  params: NameTable  # HF tensor -> (realm-jax parameter path, layout)
+  aliases: dict[str, str]  # HF tensor -> the mapped HF tensor it duplicates
+  unused: tuple[str, ...]  # HF tensors without a realm-jax parameter (never read by HF's forward either)
+
+
+def _bert(config: BertConfig, hf_prefix: str, path: tuple[str, ...]) -> NameTable:
+  return {k: (path + p, layout) for k, (p, layout) in hf_to_flax_names(config, hf_prefix).items()}
+
+
+def _unused_head(prefix: str) -> tuple[tuple[str, ...], dict[str, str]]:
+  head = f"{prefix}cls.predictions."
+  return tuple(head + n for n in _HEAD_TENSORS), {f"{head}decoder.bias": f"{head}bias"}
+
+
+def _embedder(arch: RealmArchitecture, prefix: str, tower: tuple[str, ...]) -> RealmNames:
+  params = _bert(arch.bert, f"{prefix}realm.", tower + ("encoder",))
+  params |= dense_names(f"{prefix}cls.dense", tower + ("projection",))
+  params |= norm_names(f"{prefix}cls.LayerNorm", tower + ("layer_norm",))
+  unused, aliases = _unused_head(prefix)
+  return RealmNames(params, aliases, unused)
+
+
+def _reader(arch: RealmArchitecture, prefix: str, path: tuple[str, ...]) -> RealmNames:
+  params = _bert(arch.bert, f"{prefix}realm.", path + ("encoder",))
+  scorer, qa = path + ("span_scorer",), f"{prefix}qa_outputs."
+  params |= dense_names(f"{qa}dense_intermediate", scorer + ("intermediate",))
+  params |= norm_names(f"{qa}layer_normalization", scorer + ("layer_norm",))
+  params |= dense_names(f"{qa}dense_output", scorer + ("output",))
+  unused, aliases = _unused_head(prefix)
+  return RealmNames(params, aliases, unused)
+
+
+def _knowledge_augmented_encoder(arch: RealmArchitecture) -> RealmNames:
+  params = _bert(arch.bert, "realm.", ("reader",))
+  params |= dense_names("cls.predictions.transform.dense", ("mlm_head", "transform"))
+  params |= norm_names("cls.predictions.transform.LayerNorm", ("mlm_head", "layer_norm", "norm"))
+  params["cls.predictions.bias"] = (("mlm_head", "bias"), IDENTITY)
+  aliases = {  # the MLM output layer is tied to the word embeddings in HF and in realm-jax's MlmHead
+      "cls.predictions.decoder.weight": "realm.embeddings.word_embeddings.weight",
+      "cls.predictions.decoder.bias": "cls.predictions.bias",
+  }
+  return RealmNames(params, aliases, ())
+
+
+def _merge(*tables: RealmNames, unused: tuple[str, ...] = ()) -> RealmNames:
+  return RealmNames(
+      {k: v for t in tables for k, v in t.params.items()},
+      {k: v for t in tables for k, v in t.aliases.items()},
+      sum((t.unused for t in tables), unused),
+  )
+
+
+def realm_names(kind: str, arch: RealmArchitecture, share_towers: bool = True) -> RealmNames:
+  """The HF <-> realm-jax name table of `kind` (see the module docstring)."""
+  if kind == "embedder":
+    return _embedder(arch, "", ("query_tower",))
+  if kind == "scorer":
+    if not share_towers:
+      return _merge(_embedder(arch, "embedder.", ("block_tower",)),
+                    _embedder(arch, "query_embedder.", ("query_tower",)))
+    block = _embedder(arch, "embedder.", ("query_tower",))
+    twins = {n.replace("embedder.", "query_embedder.", 1): block.aliases.get(n, n)
+             for n in (*block.params, *block.aliases, *block.unused)}
+    return RealmNames(block.params, block.aliases | twins, block.unused)
+  if kind == "encoder":
+    return _knowledge_augmented_encoder(arch)
+  if kind == "reader":
+    return _reader(arch, "", ())
+  if kind == "openqa":
+    return _merge(_embedder(arch, "embedder.", ("retriever", "query_tower")), _reader(arch, "reader.", ("reader",)),
+                  unused=("block_emb",))
+  raise ValueError(f"unknown REALM checkpoint kind {kind!r}; one of {sorted(HF_CLASSES)}")
+
+
+def _shapes(module: nn.Module, *args) -> dict[tuple[str, ...], tuple[int, ...]]:
+  params = nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), *args))["params"])
+  return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(params).items()}
+
+
+def expected_shapes(kind: str, arch: RealmArchitecture, share_towers: bool = True) -> dict:
+  """Flat realm-jax parameter shapes of `kind`, from the modules themselves (abstractly)."""
+  ids = jnp.zeros((1, 1, 4 + arch.max_span_width), jnp.int32)
+  seq = {n: ids[0] for n in ("input_ids", "input_mask", "segment_ids")}
+  dual = lambda share: _shapes(DualEncoder(arch.bert, arch.projection_size, share), seq, seq)  # noqa: E731
+  reader = lambda: _shapes(  # noqa: E731
+      SpanReader(arch.bert, arch.span_hidden_size, arch.max_span_width, arch.reader_layer_norm_eps),
+      {n: ids for n in ("input_ids", "input_mask", "segment_ids", "block_mask")})
+  prefixed = lambda prefix, shapes: {(prefix,) + k: v for k, v in shapes.items()}  # noqa: E731
+  if kind in ("embedder", "scorer"):
+    return dual(share_towers or kind == "embedder")
+  if kind == "encoder":
+    hidden = jnp.zeros((1, arch.bert.hidden_size))
+    table = jnp.zeros((arch.bert.vocab_size, arch.bert.hidden_size))
+    return prefixed("reader", _shapes(BertEncoder(arch.bert), seq["input_ids"], seq["input_ids"])) | prefixed(
+        "mlm_head", _shapes(MlmHead(arch.bert), hidden, table))
+  if kind == "reader":
+    return reader()
+  if kind == "openqa":
+    return prefixed("retriever", dual(True)) | prefixed("reader", reader())
+  raise ValueError(f"unknown REALM checkpoint kind {kind!r}; one of {sorted(HF_CLASSES)}")
+
+
+def _scorer_shares_towers(tensors: Mapping[str, np.ndarray]) -> bool:
+  """RealmScorer files hold `query_embedder.*` copies; they differ only if the towers were not shared."""
+  for name, value in tensors.items():
+    if name.startswith("query_embedder."):
+      twin = tensors.get(name.replace("query_embedder.", "embedder.", 1))
+      if twin is None or twin.shape != value.shape or not np.array_equal(twin, value):
+        return False
+  return True
+
+
+def import_tensors(
+    tensors: Mapping[str, np.ndarray], kind: str, arch: RealmArchitecture, source: str
+) -> tuple[dict, dict[str, np.ndarray]]:
+  """HF tensors -> (realm-jax params of `kind`, passthrough tensors realm-jax does not use)."""
+  share = kind != "scorer" or _scorer_shares_towers(tensors)
+  names = realm_names(kind, arch, share)
+  problems = []
+  for alias, target in names.aliases.items():
+    if alias in tensors and target in tensors and not np.array_equal(tensors[alias], tensors[target]):
+      problems.append(f"tensor {alias!r} differs from {target!r} (Hugging Face ties them)")
+  if problems:
+    raise CheckpointMismatchError(f"{source}: " + "; ".join(problems))
+  kept = set(names.unused) | {n for n in tensors if n.endswith(IGNORED_HF_TENSORS)}
+  params = map_tensors(tensors, names.params, expected_shapes(kind, arch, share), source,
+                       lambda n: n in kept or n in names.aliases)
+  passthrough = {n: np.asarray(tensors[n]) for n in sorted(kept) if n in tensors}
+  return params, passthrough
+
+
+def export_tensors(
+    params: Mapping, kind: str, arch: RealmArchitecture, passthrough: Mapping[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+  """realm-jax params of `kind` -> HF tensors (aliases written out, as in HF's own `state_dict`)."""
+  flat = traverse_util.flatten_dict(nn.meta.unbox(dict(params)))
+  share = kind != "scorer" or ("block_tower",) not in {k[:1] for k in flat}
+  names = realm_names(kind, arch, share)
+  want = expected_shapes(kind, arch, share)
+  problems = [f"parameter {'/'.join(p)} is missing" for p in sorted(set(want) - set(flat))]
+  problems += [f"parameter {'/'.join(p)} is not part of a {kind} checkpoint" for p in sorted(set(flat) - set(want))]
+  problems += [f"parameter {'/'.join(p)} has shape {np.shape(flat[p])}, {kind} needs {want[p]}"
+               for p in sorted(set(flat) & set(want)) if tuple(np.shape(flat[p])) != want[p]]
+  if problems:
+    raise CheckpointMismatchError(f"cannot export {kind}: " + "; ".join(problems))
+  out = {hf: np.ascontiguousarray(layout.inverse(np.asarray(flat[path], np.float32)))
+         for hf, (path, layout) in names.params.items()}
+  out |= {n: np.ascontiguousarray(v) for n, v in (passthrough or {}).items()}
+  out |= {alias: out[target].copy() for alias, target in names.aliases.items() if target in out}
+  return dict(sorted(out.items()))
+
+
+def read_hf_config(path: str | Path) -> dict:
+  """A config.json as a dict; unreadable files are named."""
+  path = Path(path)
+  try:
+    return json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: cannot read REALM config: {e}") from e
+
+
+def checkpoint_kind(model_dir: str | Path) -> str:
+  """The kind of a HF REALM directory, from `architectures` in its config.json."""
+  hf = read_hf_config(Path(model_dir) / CONFIG_FILE)
+  for kind, cls in HF_CLASSES.items():
+    if cls in hf.get("architectures", ()):
+      return kind
+  raise ValueError(f"{model_dir}/{CONFIG_FILE}: architectures={hf.get('architectures')!r} names no REALM class "
+                   f"{sorted(HF_CLASSES.values())}; pass the kind explicitly")
+
+
+@dataclasses.dataclass
+class HfRealmCheckpoint:
+  """An imported HF REALM checkpoint: what `save_hf_realm` needs to write it back unchanged."""
+
+  kind: str
+  architecture: RealmArchitecture
+  params: dict
+  passthrough: dict[str, np.ndarray]
+  hf_config: dict
+
+
+def read_safetensors(path: Path, skip: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+  """All tensors of a safetensors file but `skip`; a missing `.bin`-only checkpoint gets a conversion hint."""
+  if not path.exists():
+    bin_file = path.with_name("pytorch_model.bin")
+    hint = " (convert pytorch_model.bin with tools/convert_pytorch_bin.py first)" if bin_file.exists() else ""
+    raise FileNotFoundError(f"{path}: no safetensors weights{hint}")
+  try:
+    with safe_open(str(path), framework="numpy") as f:
+      return {n: f.get_tensor(n) for n in f.keys() if n not in skip}
+  except Exception as e:  # safetensors raises its own error types for corrupt headers
+    raise ValueError(f"{path}: unreadable safetensors file: {e}") from e
+
+
+def load_hf_realm(
+    model_dir: str | Path, kind: str | None = None, with_block_emb: bool = False, **bert_overrides
+) -> HfRealmCheckpoint:
+  """Loads a HF REALM directory (config.json + model.safetensors) into realm-jax parameters.
+
+  RealmForOpenQA's `block_emb` (13.3M x 128 for the released models) is read only if `with_block_emb`.
+  """
+  model_dir = Path(model_dir)
+  kind = kind or checkpoint_kind(model_dir)
+  hf_config = read_hf_config(model_dir / CONFIG_FILE)
+  arch = RealmArchitecture.from_hf_config(hf_config, str(model_dir / CONFIG_FILE), **bert_overrides)
+  weights = model_dir / WEIGHTS_FILE
+  tensors = read_safetensors(weights, () if with_block_emb else ("block_emb",))
+  params, passthrough = import_tensors(tensors, kind, arch, str(weights))
+  return HfRealmCheckpoint(kind, arch, params, passthrough, hf_config)
+
+
+def save_hf_realm(
+    model_dir: str | Path,
+    kind: str,
+    arch: RealmArchitecture,
+    params: Mapping,
+    passthrough: Mapping[str, np.ndarray] | None = None,
+    hf_config: Mapping | None = None,
+) -> Path:
+  """Writes realm-jax params as a HF REALM directory; `hf_config` (e.g. the imported one) is updated, not replaced."""
+  tensors = export_tensors(params, kind, arch, passthrough)
+  model_dir = Path(model_dir)
+  model_dir.mkdir(parents=True, exist_ok=True)
+  save_file(tensors, str(model_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+  config = {**(hf_config or {}), **arch.to_hf_config(kind)}
+  (model_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+  return model_dir
+
+
+def save_params_file(path: str | Path, checkpoint: HfRealmCheckpoint) -> Path:
+  """realm-jax parameters ("params/<flax path>"), HF passthrough ("hf/<name>"), kind and HF config, in one file.
+
+  What `launch/convert.py --to=jax` writes and `--to=hf` reads.
+  """
+  flat = traverse_util.flatten_dict(nn.meta.unbox(checkpoint.params), sep="/")
+  tensors = {f"params/{k}": np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flat.items()}
+  tensors |= {f"hf/{k}": np.ascontiguousarray(v) for k, v in checkpoint.passthrough.items()}
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  save_file(tensors, str(path), metadata={"kind": checkpoint.kind, "hf_config": json.dumps(checkpoint.hf_config)})
+  return path
+
+
+def load_params_file(path: str | Path) -> HfRealmCheckpoint:
+  """Reads a `save_params_file` file back, checking its parameters against the kind's modules."""
+  path = Path(path)
+  try:
+    with safe_open(str(path), framework="numpy") as f:
+      meta = f.metadata() or {}
+      tensors = {n: f.get_tensor(n) for n in f.keys()}
+  except Exception as e:  # safetensors raises its own error types for corrupt headers
+    raise ValueError(f"{path}: unreadable safetensors file: {e}") from e
+  if "kind" not in meta or "hf_config" not in meta:
+    raise ValueError(f"{path}: not a realm-jax REALM parameter file (no kind / hf_config metadata)")
+  hf_config = json.loads(meta["hf_config"])
+  arch = RealmArchitecture.from_hf_config(hf_config, str(path))
+  params = traverse_util.unflatten_dict({k[len("params/"):]: v for k, v in tensors.items()
+                                         if k.startswith("params/")}, sep="/")
+  passthrough = {k[len("hf/"):]: v for k, v in tensors.items() if k.startswith("hf/")}
+  export_tensors(params, meta["kind"], arch)  # validates names and shapes
+  return HfRealmCheckpoint(meta["kind"], arch, params, passthrough, hf_config)
+
+
+SPEC_PREFIX = "hf_realm:"  # gin init specs: RETRIEVER_INIT / READER_INIT = 'hf_realm:<HF REALM directory>'
+_RUNTIME_FIELDS = ("dtype", "remat", "hidden_dropout", "attention_dropout", "pooling")
+
+
+def _load_for(path: str | Path, encoder: BertConfig, kinds: tuple[str, ...], role: str) -> HfRealmCheckpoint:
+  """Loads `path` for `role`, refusing other kinds and an architecture other than the gin `encoder`."""
+  path = Path(str(path).removeprefix(SPEC_PREFIX))
+  kind = checkpoint_kind(path)
+  if kind not in kinds:
+    raise ValueError(f"{path}: a {HF_CLASSES[kind]} checkpoint cannot initialise the {role} "
+                     f"(needs one of {[HF_CLASSES[k] for k in kinds]})")
+  checkpoint = load_hf_realm(path, kind, **{k: getattr(encoder, k) for k in _RUNTIME_FIELDS})
+  if checkpoint.architecture.bert != encoder:
+    ckpt = checkpoint.architecture.bert
+    diffs = {k: (getattr(encoder, k), getattr(ckpt, k)) for k in ckpt.__dataclass_fields__
+             if getattr(encoder, k) != getattr(ckpt, k)}
+    raise ValueError(f"{path}: architecture differs from the gin encoder (gin value, checkpoint value): {diffs}")
+  return checkpoint
+
+
+def load_hf_realm_retriever(path: str | Path, encoder: BertConfig, projection_size: int) -> dict:
+  """DualEncoder params from a RealmEmbedder, RealmScorer or RealmForOpenQA (its embedder) directory."""
+  checkpoint = _load_for(path, encoder, ("embedder", "scorer", "openqa"), "retriever")
+  if checkpoint.architecture.projection_size != projection_size:
+    raise ValueError(f"{path}: retriever_proj_size {checkpoint.architecture.projection_size} != {projection_size}")
+  return checkpoint.params["retriever"] if checkpoint.kind == "openqa" else checkpoint.params
+
+
+def load_hf_realm_encoder(path: str | Path, encoder: BertConfig) -> dict:
+  """RealmModel's {'reader', 'mlm_head'} from a RealmKnowledgeAugEncoder directory (REALM pre-training)."""
+  return _load_for(path, encoder, ("encoder",), "knowledge-augmented encoder").params
+
+
+def load_hf_realm_reader(path: str | Path, encoder: BertConfig, span_hidden_size: int = 256,
+                         max_span_width: int = 10) -> dict:
+  """SpanReader params from a RealmReader / RealmForOpenQA directory; from a RealmKnowledgeAugEncoder only
+  {'encoder'} (ORQA fine-tuning starts the reader's BERT from REALM's and its span scorer afresh)."""
+  checkpoint = _load_for(path, encoder, ("reader", "openqa", "encoder"), "Open-QA reader")
+  if checkpoint.kind == "encoder":
+    return {"encoder": checkpoint.params["reader"]}
+  arch = checkpoint.architecture
+  if (arch.span_hidden_size, arch.max_span_width) != (span_hidden_size, max_span_width):
+    raise ValueError(f"{path}: span_hidden_size/max_span_width {arch.span_hidden_size}/{arch.max_span_width} "
+                     f"!= {span_hidden_size}/{max_span_width}")
+  return checkpoint.params["reader"] if checkpoint.kind == "openqa" else checkpoint.params
+
+
+_BERT_PATHS = {
+    "embedder": ("query_tower", "encoder"),
+    "scorer": ("query_tower", "encoder"),
+    "encoder": ("reader",),
+    "reader": ("encoder",),
+    "openqa": ("reader", "encoder"),
+}
+
+
+def load_hf_realm_bert(path: str | Path, encoder: BertConfig) -> dict:
+  """The BertEncoder params of any REALM checkpoint: its reader's (encoder, reader, openqa) or else its
+  query tower's (embedder, scorer).  What `'hf_realm:<dir>'` means where plain BERT weights are expected."""
+  checkpoint = _load_for(path, encoder, tuple(HF_CLASSES), "BERT encoder")
+  params = checkpoint.params
+  for key in _BERT_PATHS[checkpoint.kind]:
+    params = params[key]
+  return params
