@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import flax.linen as nn
@@ -52,28 +52,39 @@ def abstract_tower_params(encoder: BertConfig, projection_size: int) -> dict:
   return nn.meta.unbox(jax.eval_shape(lambda: tower.init(jax.random.key(0), x, x, x, True)["params"]))
 
 
-def embed_all_blocks(
-    params: dict, config: RefreshConfig, store: BlockStore, mesh: Mesh, desc: str = "embed"
-) -> np.ndarray:
-  """[num_blocks, projection_size] float32 embeddings, batches sharded over the "data" axis."""
+def embed_step(config: RefreshConfig, mesh: Mesh) -> Callable[[dict, dict[str, jax.Array]], jax.Array]:
+  """The jit embedding step: (tower params, block inputs [B, block_len]) -> [B, projection_size], replicated."""
   tower = RetrieverTower(config.encoder, config.projection_size)
-  batch = config.batch_size
-  data_size = mesh.shape["data"]
-  if batch % data_size:
-    raise ValueError(f"refresh batch_size {batch} must be a multiple of the data axis ({data_size})")
 
-  @jax.jit
   def embed(p, b):
     with nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
       return tower.apply({"params": p}, b["input_ids"], b["input_mask"], b["segment_ids"], True)
 
+  return jax.jit(embed, out_shardings=NamedSharding(mesh, P()))
+
+
+def embed_all_blocks(
+    params: dict, config: RefreshConfig, store: BlockStore, mesh: Mesh, desc: str = "embed"
+) -> np.ndarray:
+  """[num_blocks, projection_size] float32 embeddings on every process, batches sharded over the "data" axis.
+
+  Each process reads and feeds only its rows of every batch (`partitioning.process_rows`).
+  """
+  batch = config.batch_size
+  data_size = mesh.shape["data"]
+  if batch % data_size:
+    raise ValueError(f"refresh batch_size {batch} must be a multiple of the data axis ({data_size})")
+  embed = embed_step(config, mesh)
+  rows = partitioning.process_rows(mesh, batch)
   out = np.zeros((store.num_blocks, config.projection_size), np.float32)
   start = time.perf_counter()
   with jax.set_mesh(mesh):
     params = jax.device_put(params, NamedSharding(mesh, P()))
-    for first in tqdm(range(0, store.num_blocks, batch), desc=desc, unit="batch", mininterval=2.0):
+    for first in tqdm(range(0, store.num_blocks, batch), desc=desc, unit="batch", mininterval=2.0,
+                      disable=jax.process_index() != 0):
       ids = np.arange(first, min(first + batch, store.num_blocks))
-      inputs = store.retriever_inputs(np.pad(ids, (0, batch - len(ids)), mode="edge"), config.block_len)
+      local = np.pad(ids, (0, batch - len(ids)), mode="edge")[rows]
+      inputs = store.retriever_inputs(local, config.block_len)
       out[ids] = np.asarray(embed(params, partitioning.shard_batch(inputs, mesh)))[: len(ids)]
   seconds = time.perf_counter() - start
   logging.info("embedded %d blocks in %.1f s (%.1f blocks/s)", store.num_blocks, seconds,

@@ -83,6 +83,39 @@ class RealmRun:
     }
 
 
+def realm_batch_spec(data: RealmDataConfig, num_candidates: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Global shapes and dtypes of the batch the train step sees (after `RealmRun.prepare_batch`)."""
+  b, k, i32, f32 = data.batch_size, num_candidates, jnp.int32, jnp.float32
+  return {
+      **{f"query_{n}": jax.ShapeDtypeStruct((b, data.query_len), i32) for n in FEATURES},
+      **{f"block_{n}": jax.ShapeDtypeStruct((b, k, data.block_len), i32) for n in FEATURES},
+      **{f"joint_{n}": jax.ShapeDtypeStruct((b, k, data.joint_len), i32) for n in FEATURES},
+      "mlm_positions": jax.ShapeDtypeStruct((b, data.max_masks), i32),
+      "mlm_ids": jax.ShapeDtypeStruct((b, data.max_masks), i32),
+      "mlm_weights": jax.ShapeDtypeStruct((b, data.max_masks), f32),
+      "block_id": jax.ShapeDtypeStruct((b,), i32),
+      "example_weight": jax.ShapeDtypeStruct((b,), f32),
+  }
+
+
+def realm_trainer(
+    model: RealmModel, data: RealmDataConfig, mesh: jax.sharding.Mesh, workdir: str | None, retrieval: bool = True,
+    per_example_marginal: bool = False, num_steps: int = 200_000, learning_rate: float = 3e-5,
+    warmup_steps: int | None = None, checkpoint_every: int = 1000, log_every: int = 100, seed: int = 0,
+) -> Trainer:
+  """The REALM trainer (`workdir=None`: no checkpoints, for ahead-of-time compilation)."""
+  spec = realm_batch_spec(dataclasses.replace(data, batch_size=1), data.num_candidates if retrieval else 1)
+  example = {name: jnp.zeros(x.shape, x.dtype) for name, x in spec.items()}
+  return Trainer(
+      init_params=lambda rng: model.init(rng, example)["params"],
+      loss_fn=lambda params, batch, rng: realm_loss(model, params, batch, rng, per_example_marginal),
+      optimizer=bert_adamw(learning_rate, num_steps, warmup_steps=warmup_steps),
+      mesh=mesh,
+      workdir=workdir,
+      config=TrainerConfig(num_steps, checkpoint_every, log_every, seed=seed),
+  )
+
+
 def run_pretrain(
     workdir: str,
     block_store: str,
@@ -112,15 +145,6 @@ def run_pretrain(
   store = BlockStore(block_store)
   model = RealmModel(retriever, reader, projection_size, share_towers)
   run = RealmRun(model, store, data, retrieval, null_document, mesh)
-  k = 1 if not retrieval else data.num_candidates
-  shapes = {
-      **{f"query_{n}": (1, data.query_len) for n in FEATURES},
-      **{f"block_{n}": (1, k, data.block_len) for n in FEATURES},
-      **{f"joint_{n}": (1, k, data.joint_len) for n in FEATURES},
-      "mlm_positions": (1, data.max_masks), "mlm_ids": (1, data.max_masks),
-  }
-  example = {name: jnp.zeros(shape, jnp.int32) for name, shape in shapes.items()}
-
   retriever_params = load_retriever_init(retriever_init, retriever, projection_size, mesh) if retriever_init else {}
   reader_params = load_pretrained_encoder(reader_init, reader) if reader_init else None
 
@@ -134,14 +158,8 @@ def run_pretrain(
       params["reader"] = reader_params
     return params
 
-  trainer = Trainer(
-      init_params=lambda rng: model.init(rng, example)["params"],
-      loss_fn=lambda params, batch, rng: realm_loss(model, params, batch, rng, per_example_marginal),
-      optimizer=bert_adamw(learning_rate, num_steps, warmup_steps=warmup_steps),
-      mesh=mesh,
-      workdir=workdir,
-      config=TrainerConfig(num_steps, checkpoint_every, log_every, seed=seed),
-  )
+  trainer = realm_trainer(model, data, mesh, workdir, retrieval, per_example_marginal, num_steps, learning_rate,
+                          warmup_steps, checkpoint_every, log_every, seed)
   queries = iter(realm_query_dataset(store, data).to_iter_dataset())
   index_dir = Path(workdir) / "index"
   reader_thread, state = None, None
