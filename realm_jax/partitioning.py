@@ -96,9 +96,10 @@ def process_rows(mesh: Mesh, global_batch: int) -> slice:
   indices = data_sharding(mesh).addressable_devices_indices_map((global_batch,)).values()
   starts, stops = {i[0].indices(global_batch)[0] for i in indices}, {i[0].indices(global_batch)[1] for i in indices}
   rows = slice(min(starts), max(stops))
-  if (rows.stop - rows.start) * jax.process_count() != global_batch:
+  if (rows.stop - rows.start) * jax.process_count() != global_batch or rows.start != jax.process_index() * (
+      rows.stop - rows.start):
     raise ValueError(f"process {jax.process_index()} holds rows {rows.start}:{rows.stop} of {global_batch}; "
-                     "the 'data' mesh axis must give every process one contiguous, equal part of the batch")
+                     "the 'data' mesh axis must give process p the p-th of equal contiguous parts of the batch")
   return rows
 
 
@@ -126,6 +127,13 @@ def agree(value: int) -> int:
   if jax.process_count() == 1:
     return value
   return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
+def same_on_all_processes(value: int) -> bool:
+  """Whether every process holds the same `value` (True on one process)."""
+  if jax.process_count() == 1:
+    return True
+  return bool((multihost_utils.process_allgather(np.int64(value)) == value).all())
 
 
 def barrier(name: str) -> None:

@@ -98,13 +98,15 @@ class Refresher:
   def __init__(self, train_workdir: str | Path, index_dir: str | Path, store: BlockStore, mesh: Mesh,
                config: RefreshConfig):
     self.train_workdir, self.index_dir = Path(train_workdir), Path(index_dir)
+    if config.backend not in ("exact", "scann"):
+      raise ValueError(f"unknown index backend {config.backend!r} (use 'exact' or 'scann')")
     self.store, self.mesh, self.config = store, mesh, config
     self.checkpoints = ocp.CheckpointManager(
         (self.train_workdir / "train").absolute(),
         options=ocp.CheckpointManagerOptions(read_only=True),
         item_names=("state", "data"),
     )
-    stale = index_lib.clean_staging(index_dir)
+    stale = index_lib.clean_staging(index_dir) if jax.process_index() == 0 else []
     if stale:
       logging.warning("removed half-written indexes from a previous refresher: steps %s", stale)
 
@@ -116,19 +118,17 @@ class Refresher:
     )
 
   def refresh(self, step: int) -> Path:
-    """Embeds all blocks with checkpoint `step` and publishes index `step`."""
+    """Embeds all blocks with checkpoint `step` (every process) and publishes index `step` (process 0)."""
     params = self.restore_block_tower(step)
     embeddings = embed_all_blocks(params, self.config, self.store, self.mesh, desc=f"embed@{step}")
-    write_scann = None
-    if self.config.backend == "scann":
-      searcher = ScannSearcher.build(embeddings, self.config.scann)
-      write_scann = searcher.serialize
-    elif self.config.backend != "exact":
-      raise ValueError(f"unknown index backend {self.config.backend!r} (use 'exact' or 'scann')")
-    if jax.process_index() != 0:
-      return self.index_dir / "committed" / str(step)
-    return Path(str(index_lib.publish_index(
-        self.index_dir, step, embeddings, self.store, self.config.backend, write_scann, self.config.keep)))
+    if jax.process_index() == 0:
+      write_scann = None
+      if self.config.backend == "scann":
+        write_scann = ScannSearcher.build(embeddings, self.config.scann).serialize
+      index_lib.publish_index(self.index_dir, step, embeddings, self.store, self.config.backend, write_scann,
+                              self.config.keep)
+    partitioning.barrier(f"index {step} published")
+    return self.index_dir / "committed" / str(step)
 
   def pending_step(self) -> int | None:
     """Newest trainer checkpoint not yet indexed."""
@@ -150,9 +150,11 @@ class Refresher:
       return [step]
     published: list[int] = []
     while True:
-      done = self.training_done()  # read before looking for checkpoints: the final one is seen
+      # Read before looking for checkpoints (the final one is seen); process 0 decides for all.
+      done = bool(partitioning.agree(int(self.training_done())))
       pending = self.pending_step()
-      if pending is not None:
+      pending = partitioning.agree(-1 if pending is None else pending)
+      if pending >= 0:
         self.refresh(pending)
         published.append(pending)
         if once or (max_refreshes and len(published) >= max_refreshes):

@@ -59,10 +59,11 @@ class RealmRun:
 
   def __post_init__(self):
     self._embed_queries = jax.jit(lambda p, q: self.model.apply(
-        {"params": p}, q, True, method=RealmModel.embed_queries))
+        {"params": p}, q, True, method=RealmModel.embed_queries), out_shardings=NamedSharding(self.mesh, P()))
     self.live = index_lib.LiveIndex(self.mesh)
 
   def prepare_batch(self, state: TrainState, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Completes this process's part of the batch; all processes search the whole batch's queries."""
     c = self.data_config
     size = len(batch["block_id"])
     if not self.retrieval:  # ablation: the null block only
@@ -72,6 +73,7 @@ class RealmRun:
       with jax.set_mesh(self.mesh):
         query_emb = np.asarray(self._embed_queries(state.params, partitioning.shard_batch(queries, self.mesh)))
       retrieved, _ = self.live.searcher.search(query_emb, c.num_candidates)
+      retrieved = retrieved[partitioning.process_rows(self.mesh, len(retrieved))]
       candidates, weights = select_candidates(retrieved, batch["block_id"], self.store.arrays["uids"],
                                               c.num_candidates, self.null_document)
     blocks, joint = candidate_inputs(self.store, candidates, batch["query_input_ids"], c)
@@ -164,13 +166,16 @@ def run_pretrain(
   index_dir = Path(workdir) / "index"
   reader_thread, state = None, None
   if retrieval:
-    if bootstrap_index and not index_lib.committed_steps(index_dir) and trainer.checkpoints.latest_step() is None:
+    fresh = not index_lib.committed_steps(index_dir) and trainer.checkpoints.latest_step() is None
+    if bootstrap_index and partitioning.agree(fresh):
       state = trainer.init_state(pretrained)  # also the first train state: initialised once
       tower = jax.device_get(state.params["retriever"]["block_tower" if not share_towers else "query_tower"])
       embeddings = embed_all_blocks(tower, RefreshConfig(retriever, projection_size, block_len=data.block_len,
                                                          batch_size=max(64, mesh.shape["data"])), store, mesh,
                                     desc="bootstrap index")
-      index_lib.publish_index(index_dir, 0, embeddings, store, writer="bootstrap")
+      if jax.process_index() == 0:  # one writer; every process then loads it
+        index_lib.publish_index(index_dir, 0, embeddings, store, writer="bootstrap")
+      partitioning.barrier("bootstrap index published")
     reader_thread = run.live.reader(index_dir, store, index_poll_seconds).start()
     reader_thread.wait_for_first(index_wait_seconds)
   try:
