@@ -72,6 +72,7 @@ def topology_mesh(topology: str, mesh_data: int = -1, mesh_model: int = 1) -> tu
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{generation}-8")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_WORKER_ID", "0")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: several compiles may run at once
   try:
     devices = topologies.get_topology_desc(topology, "tpu", chip_config_name=chip.chip_config).devices
   except Exception as e:  # noqa: BLE001  (libtpu missing or a bad name: say which)
