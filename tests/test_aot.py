@@ -19,7 +19,8 @@ def test_tiny_steps_compile_for_a_v3_64_pod_and_report_memory_and_flops():
   result = subprocess.run(
       [sys.executable, "launch/aot_compile.py", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/aot/tiny.gin",
        "--topology=v3:4x8", "--steps=realm", "--steps=embed"],
-      cwd=REPO, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=600,
+      cwd=REPO, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}, capture_output=True,
+      text=True, timeout=600,
   )
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
