@@ -41,7 +41,8 @@ def test_a_step_that_does_not_fit_names_the_topology_and_the_shortfall():
   plan = aot.embedding_step(mesh, BertConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512),
                             batch_size=64, block_len=32)
   tiny_chip = dataclasses.replace(chip, hbm_bytes=1 << 20)
-  with pytest.raises(aot.DoesNotFitError, match=r"embedding step does not fit on v3:2x4: needs .* short by"):
+  with pytest.raises(aot.DoesNotFitError, match=r"embedding step does not fit on v3:2x4: needs 0.02 GiB per "
+                     r"device, a TPU v3 core has 0.00 GiB \(short by 0.02 GiB\)"):
     aot.compile_step(plan, "v3:2x4", mesh, tiny_chip)
 
 

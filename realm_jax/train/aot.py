@@ -232,7 +232,7 @@ def compile_step(plan: StepPlan, topology: str, mesh: Mesh, chip: Chip) -> Repor
   if not report.fits:
     raise DoesNotFitError(
         f"{plan.name} does not fit on {topology}: needs {report.peak_bytes / GiB:.2f} GiB per device, a "
-        f"{chip.name} has {chip.hbm_bytes / GiB:.0f} GiB (short by {(report.peak_bytes - chip.hbm_bytes) / GiB:.2f} "
+        f"{chip.name} has {chip.hbm_bytes / GiB:.2f} GiB (short by {(report.peak_bytes - chip.hbm_bytes) / GiB:.2f} "
         "GiB); enable rematerialisation (bert.BertConfig.remat = True), shard over 'model', or use more devices")
   return report
 
