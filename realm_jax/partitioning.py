@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "model")
@@ -65,8 +66,9 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int, 
     return
   if not coordinator_address:
     raise ValueError("multi-host runs need --coordinator_address host:port")
-  if jax.default_backend() == "cpu" or jax.config.jax_platforms in ("cpu",):
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # CPU processes need gloo for cross-process collectives (no effect on TPU/GPU backends).  Backends
+  # must not be initialised before `jax.distributed.initialize`, so this is set unconditionally.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
   logging.info(
       "process %d/%d joined; %d local / %d global devices",
@@ -89,11 +91,52 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def process_rows(mesh: Mesh, global_batch: int) -> slice:
+  """The rows of a batch-sharded global batch that this process's devices hold (contiguous)."""
+  indices = data_sharding(mesh).addressable_devices_indices_map((global_batch,)).values()
+  starts, stops = {i[0].indices(global_batch)[0] for i in indices}, {i[0].indices(global_batch)[1] for i in indices}
+  rows = slice(min(starts), max(stops))
+  if (rows.stop - rows.start) * jax.process_count() != global_batch or rows.start != jax.process_index() * (
+      rows.stop - rows.start):
+    raise ValueError(f"process {jax.process_index()} holds rows {rows.start}:{rows.stop} of {global_batch}; "
+                     "the 'data' mesh axis must give process p the p-th of equal contiguous parts of the batch")
+  return rows
+
+
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
-  """Places a host batch (global, identical on every process) batch-sharded on the mesh."""
+  """Places this process's part of a batch (`process_rows`; the whole batch on one process) on the mesh.
+
+  The global batch is the processes' parts concatenated in process order.
+  """
 
   def put(x: np.ndarray) -> jax.Array:
-    sharding = data_sharding(mesh, np.ndim(x))
-    return jax.make_array_from_callback(np.shape(x), sharding, lambda index: x[index])
+    return jax.make_array_from_process_local_data(data_sharding(mesh, np.ndim(x)), np.asarray(x))
 
   return jax.tree.map(put, batch)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole value of a global array on every process (gathered across processes when needed)."""
+  if x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def agree(value: int) -> int:
+  """Process 0's `value` on every process (decisions that read shared files, e.g. which step to index)."""
+  if jax.process_count() == 1:
+    return value
+  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
+def same_on_all_processes(value: int) -> bool:
+  """Whether every process holds the same `value` (True on one process)."""
+  if jax.process_count() == 1:
+    return True
+  return bool((multihost_utils.process_allgather(np.int64(value)) == value).all())
+
+
+def barrier(name: str) -> None:
+  """Waits for every process (no-op on one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

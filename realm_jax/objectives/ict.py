@@ -126,6 +126,37 @@ def run_ict(
   return history
 
 
+def ict_batch_spec(batch_size: int, query_len: int, block_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Global shapes and dtypes of an ICT batch (`realm_jax.data.ict.IctExamples`)."""
+  features = ("input_ids", "input_mask", "segment_ids")
+  return {
+      **{f"query_{k}": jax.ShapeDtypeStruct((batch_size, query_len), jnp.int32) for k in features},
+      **{f"block_{k}": jax.ShapeDtypeStruct((batch_size, block_len), jnp.int32) for k in features},
+      "block_id": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+      "sentence_removed": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+  }
+
+
+def ict_trainer(
+    model: DualEncoder, mesh: jax.sharding.Mesh, workdir: str | None, query_len: int = 96, block_len: int = 288,
+    num_steps: int = 100_000, learning_rate: float = 1e-4, warmup_steps: int | None = None,
+    checkpoint_every: int = 1000, log_every: int = 100, seed: int = 0,
+) -> Trainer:
+  """The ICT trainer (`workdir=None`: no checkpoints, for ahead-of-time compilation)."""
+  spec = ict_batch_spec(1, query_len, block_len)
+  features = lambda prefix: {k[len(prefix):]: jnp.zeros(v.shape, v.dtype)  # noqa: E731
+                             for k, v in spec.items() if k.startswith(prefix)}
+  return Trainer(
+      init_params=lambda rng: model.init(rng, features("query_"), features("block_"))["params"],
+      loss_fn=lambda params, batch, rng: ict_loss(model, params, batch, rng),
+      optimizer=bert_adamw(learning_rate, num_steps, warmup_steps=warmup_steps),
+      mesh=mesh,
+      workdir=workdir,
+      config=TrainerConfig(num_steps, checkpoint_every, log_every, seed=seed),
+      rules=partitioning.LOGICAL_AXIS_RULES,
+  )
+
+
 def make_ict_trainer(
     workdir: str,
     block_store: str,
@@ -149,20 +180,11 @@ def make_ict_trainer(
   store = BlockStore(block_store)
   model = DualEncoder(encoder, projection_size, share_towers)
   data = ict_iterator(store, IctDataConfig(batch_size, query_len, block_len, remove_prob, seed))
-  queries = {k: jnp.zeros((1, query_len), jnp.int32) for k in ("input_ids", "input_mask", "segment_ids")}
-  blocks = {k: jnp.zeros((1, block_len), jnp.int32) for k in queries}
   pretrained = None
   if init_checkpoint:
     encoder_params = load_pretrained_encoder(init_checkpoint, encoder)
     pretrained = lambda params: with_pretrained_towers(params, encoder_params)  # noqa: E731
     logging.info("retriever towers start from %s", init_checkpoint)
-  trainer = Trainer(
-      init_params=lambda rng: model.init(rng, queries, blocks)["params"],
-      loss_fn=lambda params, batch, rng: ict_loss(model, params, batch, rng),
-      optimizer=bert_adamw(learning_rate, num_steps, warmup_steps=warmup_steps),
-      mesh=mesh,
-      workdir=workdir,
-      config=TrainerConfig(num_steps, checkpoint_every, log_every, seed=seed),
-      rules=partitioning.LOGICAL_AXIS_RULES,
-  )
+  trainer = ict_trainer(model, mesh, workdir, query_len, block_len, num_steps, learning_rate, warmup_steps,
+                        checkpoint_every, log_every, seed)
   return trainer, data, pretrained

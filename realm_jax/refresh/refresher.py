@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import flax.linen as nn
@@ -53,28 +53,39 @@ def abstract_tower_params(encoder: BertConfig, projection_size: int) -> dict:
   return nn.meta.unbox(jax.eval_shape(lambda: tower.init(jax.random.key(0), x, x, x, True)["params"]))
 
 
-def embed_all_blocks(
-    params: dict, config: RefreshConfig, store: BlockStore, mesh: Mesh, desc: str = "embed"
-) -> np.ndarray:
-  """[num_blocks, projection_size] float32 embeddings, batches sharded over the "data" axis."""
+def embed_step(config: RefreshConfig, mesh: Mesh) -> Callable[[dict, dict[str, jax.Array]], jax.Array]:
+  """The jit embedding step: (tower params, block inputs [B, block_len]) -> [B, projection_size], replicated."""
   tower = RetrieverTower(config.encoder, config.projection_size, config.layer_norm_eps)
-  batch = config.batch_size
-  data_size = mesh.shape["data"]
-  if batch % data_size:
-    raise ValueError(f"refresh batch_size {batch} must be a multiple of the data axis ({data_size})")
 
-  @jax.jit
   def embed(p, b):
     with nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
       return tower.apply({"params": p}, b["input_ids"], b["input_mask"], b["segment_ids"], True)
 
+  return jax.jit(embed, out_shardings=NamedSharding(mesh, P()))
+
+
+def embed_all_blocks(
+    params: dict, config: RefreshConfig, store: BlockStore, mesh: Mesh, desc: str = "embed"
+) -> np.ndarray:
+  """[num_blocks, projection_size] float32 embeddings on every process, batches sharded over the "data" axis.
+
+  Each process reads and feeds only its rows of every batch (`partitioning.process_rows`).
+  """
+  batch = config.batch_size
+  data_size = mesh.shape["data"]
+  if batch % data_size:
+    raise ValueError(f"refresh batch_size {batch} must be a multiple of the data axis ({data_size})")
+  embed = embed_step(config, mesh)
+  rows = partitioning.process_rows(mesh, batch)
   out = np.zeros((store.num_blocks, config.projection_size), np.float32)
   start = time.perf_counter()
   with jax.set_mesh(mesh):
     params = jax.device_put(params, NamedSharding(mesh, P()))
-    for first in tqdm(range(0, store.num_blocks, batch), desc=desc, unit="batch", mininterval=2.0):
+    for first in tqdm(range(0, store.num_blocks, batch), desc=desc, unit="batch", mininterval=2.0,
+                      disable=jax.process_index() != 0):
       ids = np.arange(first, min(first + batch, store.num_blocks))
-      inputs = store.retriever_inputs(np.pad(ids, (0, batch - len(ids)), mode="edge"), config.block_len)
+      local = np.pad(ids, (0, batch - len(ids)), mode="edge")[rows]
+      inputs = store.retriever_inputs(local, config.block_len)
       out[ids] = np.asarray(embed(params, partitioning.shard_batch(inputs, mesh)))[: len(ids)]
   seconds = time.perf_counter() - start
   logging.info("embedded %d blocks in %.1f s (%.1f blocks/s)", store.num_blocks, seconds,
@@ -88,13 +99,15 @@ class Refresher:
   def __init__(self, train_workdir: str | Path, index_dir: str | Path, store: BlockStore, mesh: Mesh,
                config: RefreshConfig):
     self.train_workdir, self.index_dir = Path(train_workdir), Path(index_dir)
+    if config.backend not in ("exact", "scann"):
+      raise ValueError(f"unknown index backend {config.backend!r} (use 'exact' or 'scann')")
     self.store, self.mesh, self.config = store, mesh, config
     self.checkpoints = ocp.CheckpointManager(
         (self.train_workdir / "train").absolute(),
         options=ocp.CheckpointManagerOptions(read_only=True),
         item_names=("state", "data"),
     )
-    stale = index_lib.clean_staging(index_dir)
+    stale = index_lib.clean_staging(index_dir) if jax.process_index() == 0 else []
     if stale:
       logging.warning("removed half-written indexes from a previous refresher: steps %s", stale)
 
@@ -106,19 +119,17 @@ class Refresher:
     )
 
   def refresh(self, step: int) -> Path:
-    """Embeds all blocks with checkpoint `step` and publishes index `step`."""
+    """Embeds all blocks with checkpoint `step` (every process) and publishes index `step` (process 0)."""
     params = self.restore_block_tower(step)
     embeddings = embed_all_blocks(params, self.config, self.store, self.mesh, desc=f"embed@{step}")
-    write_scann = None
-    if self.config.backend == "scann":
-      searcher = ScannSearcher.build(embeddings, self.config.scann)
-      write_scann = searcher.serialize
-    elif self.config.backend != "exact":
-      raise ValueError(f"unknown index backend {self.config.backend!r} (use 'exact' or 'scann')")
-    if jax.process_index() != 0:
-      return self.index_dir / "committed" / str(step)
-    return Path(str(index_lib.publish_index(
-        self.index_dir, step, embeddings, self.store, self.config.backend, write_scann, self.config.keep)))
+    if jax.process_index() == 0:
+      write_scann = None
+      if self.config.backend == "scann":
+        write_scann = ScannSearcher.build(embeddings, self.config.scann).serialize
+      index_lib.publish_index(self.index_dir, step, embeddings, self.store, self.config.backend, write_scann,
+                              self.config.keep)
+    partitioning.barrier(f"index {step} published")
+    return self.index_dir / "committed" / str(step)
 
   def pending_step(self) -> int | None:
     """Newest trainer checkpoint not yet indexed."""
@@ -140,9 +151,11 @@ class Refresher:
       return [step]
     published: list[int] = []
     while True:
-      done = self.training_done()  # read before looking for checkpoints: the final one is seen
+      # Read before looking for checkpoints (the final one is seen); process 0 decides for all.
+      done = bool(partitioning.agree(int(self.training_done())))
       pending = self.pending_step()
-      if pending is not None:
+      pending = partitioning.agree(-1 if pending is None else pending)
+      if pending >= 0:
         self.refresh(pending)
         published.append(pending)
         if once or (max_refreshes and len(published) >= max_refreshes):

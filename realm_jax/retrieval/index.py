@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from realm_jax import partitioning
 from realm_jax.data.blocks import BlockStore
 from realm_jax.retrieval.mips import ExactSearcher, ScannSearcher
 
@@ -240,9 +241,15 @@ class IndexReader:
       time.sleep(min(self.poll_seconds, 0.5))
 
   def maybe_swap(self, train_step: int | None) -> dict[str, float]:
+    """Installs the prepared index; with several processes only once every process has prepared the same one."""
     with self._lock:
-      ready, self._ready = self._ready, None
+      ready = self._ready
+    if not partitioning.same_on_all_processes(ready[0]["train_step"] if ready is not None else -1):
+      ready = None
     if ready is not None:
+      with self._lock:
+        if self._ready is ready:
+          self._ready = None
       manifest, prepared = ready
       self.install(manifest, prepared)
       self.index_step = manifest["train_step"]

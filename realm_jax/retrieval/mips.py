@@ -12,6 +12,7 @@ shape and sharding, so the compiled search is reused (no recompilation).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Protocol
 
@@ -75,7 +76,8 @@ class ExactSearcher:
         top_scores, top = jax.lax.top_k(scores, local_k)
       return top_scores, ids[top].astype(jnp.int32)
 
-    @jax.jit
+    @functools.partial(jax.jit, in_shardings=(self.sharding, NamedSharding(self.mesh, P())),
+                       out_shardings=NamedSharding(self.mesh, P()))
     def search(embeddings, queries):
       scores, ids = jax.shard_map(
           local_top_k, mesh=self.mesh, in_specs=(P(axes, None), P()),
@@ -90,7 +92,7 @@ class ExactSearcher:
   def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
     if k > self.num_blocks:
       raise ValueError(f"k={k} exceeds the {self.num_blocks} indexed blocks")
-    ids, scores = self._search_fn(k)(self.embeddings, jnp.asarray(queries))
+    ids, scores = self._search_fn(k)(self.embeddings, np.asarray(queries, np.float32))
     return np.asarray(ids), np.asarray(scores)
 
 

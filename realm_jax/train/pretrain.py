@@ -72,10 +72,11 @@ class RealmRun:
 
   def __post_init__(self):
     self._embed_queries = jax.jit(lambda p, q: self.model.apply(
-        {"params": p}, q, True, method=RealmModel.embed_queries))
+        {"params": p}, q, True, method=RealmModel.embed_queries), out_shardings=NamedSharding(self.mesh, P()))
     self.live = index_lib.LiveIndex(self.mesh)
 
   def prepare_batch(self, state: TrainState, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Completes this process's part of the batch; all processes search the whole batch's queries."""
     c = self.data_config
     size = len(batch["block_id"])
     if not self.retrieval:  # ablation: the null block only
@@ -85,6 +86,7 @@ class RealmRun:
       with jax.set_mesh(self.mesh):
         query_emb = np.asarray(self._embed_queries(state.params, partitioning.shard_batch(queries, self.mesh)))
       retrieved, _ = self.live.searcher.search(query_emb, c.num_candidates)
+      retrieved = retrieved[partitioning.process_rows(self.mesh, len(retrieved))]
       candidates, weights = select_candidates(retrieved, batch["block_id"], self.store.arrays["uids"],
                                               c.num_candidates, self.null_document)
     blocks, joint = candidate_inputs(self.store, candidates, batch["query_input_ids"], c)
@@ -94,6 +96,39 @@ class RealmRun:
         **{f"joint_{k}": v for k, v in joint.items()},
         "example_weight": weights,
     }
+
+
+def realm_batch_spec(data: RealmDataConfig, num_candidates: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Global shapes and dtypes of the batch the train step sees (after `RealmRun.prepare_batch`)."""
+  b, k, i32, f32 = data.batch_size, num_candidates, jnp.int32, jnp.float32
+  return {
+      **{f"query_{n}": jax.ShapeDtypeStruct((b, data.query_len), i32) for n in FEATURES},
+      **{f"block_{n}": jax.ShapeDtypeStruct((b, k, data.block_len), i32) for n in FEATURES},
+      **{f"joint_{n}": jax.ShapeDtypeStruct((b, k, data.joint_len), i32) for n in FEATURES},
+      "mlm_positions": jax.ShapeDtypeStruct((b, data.max_masks), i32),
+      "mlm_ids": jax.ShapeDtypeStruct((b, data.max_masks), i32),
+      "mlm_weights": jax.ShapeDtypeStruct((b, data.max_masks), f32),
+      "block_id": jax.ShapeDtypeStruct((b,), i32),
+      "example_weight": jax.ShapeDtypeStruct((b,), f32),
+  }
+
+
+def realm_trainer(
+    model: RealmModel, data: RealmDataConfig, mesh: jax.sharding.Mesh, workdir: str | None, retrieval: bool = True,
+    per_example_marginal: bool = False, num_steps: int = 200_000, learning_rate: float = 3e-5,
+    warmup_steps: int | None = None, checkpoint_every: int = 1000, log_every: int = 100, seed: int = 0,
+) -> Trainer:
+  """The REALM trainer (`workdir=None`: no checkpoints, for ahead-of-time compilation)."""
+  spec = realm_batch_spec(dataclasses.replace(data, batch_size=1), data.num_candidates if retrieval else 1)
+  example = {name: jnp.zeros(x.shape, x.dtype) for name, x in spec.items()}
+  return Trainer(
+      init_params=lambda rng: model.init(rng, example)["params"],
+      loss_fn=lambda params, batch, rng: realm_loss(model, params, batch, rng, per_example_marginal),
+      optimizer=bert_adamw(learning_rate, num_steps, warmup_steps=warmup_steps),
+      mesh=mesh,
+      workdir=workdir,
+      config=TrainerConfig(num_steps, checkpoint_every, log_every, seed=seed),
+  )
 
 
 def run_pretrain(
@@ -126,15 +161,6 @@ def run_pretrain(
   store = BlockStore(block_store)
   model = RealmModel(retriever, reader, projection_size, share_towers, retriever_layer_norm_eps)
   run = RealmRun(model, store, data, retrieval, null_document, mesh)
-  k = 1 if not retrieval else data.num_candidates
-  shapes = {
-      **{f"query_{n}": (1, data.query_len) for n in FEATURES},
-      **{f"block_{n}": (1, k, data.block_len) for n in FEATURES},
-      **{f"joint_{n}": (1, k, data.joint_len) for n in FEATURES},
-      "mlm_positions": (1, data.max_masks), "mlm_ids": (1, data.max_masks),
-  }
-  example = {name: jnp.zeros(shape, jnp.int32) for name, shape in shapes.items()}
-
   retriever_params = load_retriever_init(retriever_init, retriever, projection_size, mesh) if retriever_init else {}
   reader_params = load_reader_init(reader_init, reader) if reader_init else {}
 
@@ -151,26 +177,23 @@ def run_pretrain(
       params["retriever"] = with_pretrained_towers(params["retriever"], retriever_params["encoder"])
     return params | reader_params
 
-  trainer = Trainer(
-      init_params=lambda rng: model.init(rng, example)["params"],
-      loss_fn=lambda params, batch, rng: realm_loss(model, params, batch, rng, per_example_marginal),
-      optimizer=bert_adamw(learning_rate, num_steps, warmup_steps=warmup_steps),
-      mesh=mesh,
-      workdir=workdir,
-      config=TrainerConfig(num_steps, checkpoint_every, log_every, seed=seed),
-  )
+  trainer = realm_trainer(model, data, mesh, workdir, retrieval, per_example_marginal, num_steps, learning_rate,
+                          warmup_steps, checkpoint_every, log_every, seed)
   queries = iter(realm_query_dataset(store, data).to_iter_dataset())
   index_dir = Path(workdir) / "index"
   reader_thread, state = None, None
   if retrieval:
-    if bootstrap_index and not index_lib.committed_steps(index_dir) and trainer.checkpoints.latest_step() is None:
+    fresh = not index_lib.committed_steps(index_dir) and trainer.checkpoints.latest_step() is None
+    if bootstrap_index and partitioning.agree(fresh):
       state = trainer.init_state(pretrained)  # also the first train state: initialised once
       tower = jax.device_get(state.params["retriever"]["block_tower" if not share_towers else "query_tower"])
       embeddings = embed_all_blocks(tower, RefreshConfig(retriever, projection_size, retriever_layer_norm_eps,
                                                          block_len=data.block_len,
                                                          batch_size=max(64, mesh.shape["data"])), store, mesh,
                                     desc="bootstrap index")
-      index_lib.publish_index(index_dir, 0, embeddings, store, writer="bootstrap")
+      if jax.process_index() == 0:  # one writer; every process then loads it
+        index_lib.publish_index(index_dir, 0, embeddings, store, writer="bootstrap")
+      partitioning.barrier("bootstrap index published")
     reader_thread = run.live.reader(index_dir, store, index_poll_seconds).start()
     reader_thread.wait_for_first(index_wait_seconds)
   try:

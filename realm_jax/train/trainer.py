@@ -69,12 +69,13 @@ class Trainer:
       loss_fn: LossFn,
       optimizer: optax.GradientTransformation,
       mesh: Mesh,
-      workdir: str | Path,
+      workdir: str | Path | None,
       config: TrainerConfig,
       rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES,
   ):
+    """`workdir=None` builds a trainer without checkpoints, only to compile its step (`lower`)."""
     self.mesh, self.rules, self.config = mesh, rules, config
-    self.workdir = Path(workdir)
+    self.workdir = Path(workdir) if workdir is not None else None
     self.optimizer = optimizer
     self._loss_fn = loss_fn
     self._init_params = init_params
@@ -90,7 +91,7 @@ class Trainer:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         nn.meta.unbox(abstract), self.state_shardings,
     )
-    self.checkpoints = ocp.CheckpointManager(
+    self.checkpoints = None if self.workdir is None else ocp.CheckpointManager(
         (self.workdir / "train").absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True),
         item_names=("state", "data"),
@@ -147,7 +148,7 @@ class Trainer:
   # ---- step --------------------------------------------------------------------------------------
 
   def _train_step(self, state: TrainState, batch: dict[str, jax.Array]):
-    rng = jax.random.fold_in(self._rng, state.step)
+    rng = jax.random.fold_in(jax.random.key(self.config.seed), state.step)
     with nn.logical_axis_rules(self.rules):
       (loss, metrics), grads = jax.value_and_grad(self._loss_fn, has_aux=True)(state.params, batch, rng)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
@@ -156,8 +157,16 @@ class Trainer:
     return TrainState(state.step + 1, params, opt_state), metrics
 
   def step(self, state: TrainState, host_batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
+    """One step on this process's part of the batch (`partitioning.shard_batch`)."""
     with jax.set_mesh(self.mesh):
       return self._step_fn(state, partitioning.shard_batch(host_batch, self.mesh))
+
+  def lower(self, batch: dict[str, jax.ShapeDtypeStruct]) -> jax.stages.Lowered:
+    """The train step lowered for global batch shapes, without data or devices (ahead-of-time compile)."""
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=partitioning.data_sharding(self.mesh, len(v.shape)))
+             for k, v in batch.items()}
+    with jax.set_mesh(self.mesh):
+      return self._step_fn.lower(self.abstract_state, batch)
 
   # ---- loop --------------------------------------------------------------------------------------
 
