@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
 def test_tiny_steps_compile_for_a_v3_64_pod_and_report_memory_and_flops():
   result = subprocess.run(
       [sys.executable, "launch/aot_compile.py", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/aot/tiny.gin",
-       "--topology=v3:4x8", "--steps=realm", "--steps=embed"],
+       "--topology=v3:4x8", "--steps=realm", "--steps=embed", "--steps=openqa"],
       cwd=REPO, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}, capture_output=True,
       text=True, timeout=600,
   )
@@ -26,7 +26,8 @@ def test_tiny_steps_compile_for_a_v3_64_pod_and_report_memory_and_flops():
   out = result.stdout
   assert "REALM pre-training step on v3:4x8: 64 x TPU v3 core (16 GiB HBM, 61.5 TFLOP/s bf16 each" in out
   assert "embedding step on v3:4x8" in out and "cloud.google.com/tpu/docs/v3" in out
-  assert out.count(": fits") == 2
+  assert "Open-QA fine-tuning step on v3:4x8" in out
+  assert out.count(": fits") == 3
   xla, formula = map(float, re.search(r"XLA ([\d.e+]+) .*by formula ([\d.e+]+)", out).groups())
   assert formula <= xla < 3 * formula  # remat recomputes the forward pass; XLA also counts non-matmul ops
   assert "full re-embed of 13353718 blocks on v3:4x8 (64 devices)" in out

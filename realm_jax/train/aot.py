@@ -28,7 +28,7 @@ from realm_jax.models.retriever import DualEncoder
 from realm_jax.objectives import ict
 from realm_jax.objectives.realm import RealmModel
 from realm_jax.refresh.refresher import RefreshConfig, abstract_tower_params, embed_step
-from realm_jax.train import pretrain
+from realm_jax.train import finetune, pretrain
 
 GiB = 1 << 30
 
@@ -152,7 +152,25 @@ def embedding_step(mesh: Mesh, encoder: BertConfig = gin.REQUIRED, batch_size: i
                   batch_size, "blocks")
 
 
-STEPS: dict[str, Callable[[Mesh], StepPlan]] = {"ict": ict_step, "realm": realm_step, "embed": embedding_step}
+@gin.configurable
+def openqa_step(mesh: Mesh, spec: finetune.OpenQaSpec = gin.REQUIRED, questions_per_device: int = 1) -> StepPlan:
+  """ORQA's fine-tuning step: one question per device (ORQA: 1 per step), retriever loss over the top 5000
+  frozen block embeddings, reader over the top 5 blocks of 320 word pieces, every span of width <= 10."""
+  d = spec.data
+  batch = questions_per_device * mesh.shape["data"]
+  trainer = finetune.openqa_trainer(spec, mesh, None)
+  spans = d.reader_len * d.max_span_width
+  forward = (tower_forward_flops(spec.retriever, spec.projection_size, batch, d.query_len)
+             + 2 * batch * d.retrieve_k * spec.projection_size
+             + encoder_forward_flops(spec.reader, batch * d.reader_k, d.reader_len)
+             + batch * d.reader_k * (2 * d.reader_len * spec.reader.hidden_size * 2 * spec.span_hidden_size
+                                     + spans * 2 * spec.span_hidden_size))
+  return StepPlan("Open-QA fine-tuning step", lambda: trainer.lower(spec.batch_spec(batch)), 3 * forward, batch,
+                  "questions")
+
+
+STEPS: dict[str, Callable[[Mesh], StepPlan]] = {"ict": ict_step, "realm": realm_step, "embed": embedding_step,
+                                                "openqa": openqa_step}
 
 
 @dataclasses.dataclass

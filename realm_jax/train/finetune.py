@@ -138,15 +138,39 @@ class OpenQaSpec:
   def tokenizer(self):
     return load_tokenizer(self.vocab or minilm_dir() / "vocab.txt")
 
-  def example_batch(self) -> dict[str, jax.Array]:
-    """A one-question batch of the step's input shapes (for init and abstract shapes)."""
-    d = self.data
-    z = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731
+  def batch_spec(self, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """Global shapes and dtypes of the batch the train step sees (after `OpenQaRun.prepare_batch`)."""
+    d, i32 = self.data, jnp.int32
+    b = batch_size or d.batch_size
     return {
-        **{f"query_{n}": z(1, d.query_len) for n in FEATURES},
-        **{f"reader_{n}": z(1, d.reader_k, d.reader_len) for n in (*FEATURES, "block_mask")},
-        "block_embeddings": jnp.zeros((1, d.retrieve_k, self.projection_size), jnp.float32),
+        **{f"query_{n}": jax.ShapeDtypeStruct((b, d.query_len), i32) for n in FEATURES},
+        **{f"reader_{n}": jax.ShapeDtypeStruct((b, d.reader_k, d.reader_len), i32)
+           for n in (*FEATURES, "block_mask")},
+        "block_embeddings": jax.ShapeDtypeStruct((b, d.retrieve_k, self.projection_size), jnp.float32),
+        "retriever_correct": jax.ShapeDtypeStruct((b, d.retrieve_k), jnp.bool_),
+        "span_correct": jax.ShapeDtypeStruct((b, d.reader_k, d.reader_len * d.max_span_width), jnp.bool_),
+        "question_index": jax.ShapeDtypeStruct((b,), i32),
     }
+
+  def example_batch(self) -> dict[str, jax.Array]:
+    """A one-question batch of the model's input shapes (for init and abstract shapes)."""
+    return {name: jnp.zeros(x.shape, x.dtype) for name, x in self.batch_spec(1).items()}
+
+
+def openqa_trainer(spec: OpenQaSpec, mesh: jax.sharding.Mesh, workdir: str | None, num_steps: int = 10_000,
+                   learning_rate: float = 1e-5, warmup_steps: int | None = None, checkpoint_every: int = 1000,
+                   log_every: int = 100, seed: int = 0) -> Trainer:
+  """The Open-QA trainer (`workdir=None`: no checkpoints, for ahead-of-time compilation)."""
+  model = spec.model()
+  example = spec.example_batch()
+  return Trainer(
+      init_params=lambda rng: model.init(rng, example)["params"],
+      loss_fn=lambda params, batch, rng: openqa_train_loss(model, params, batch, rng),
+      optimizer=bert_adamw(learning_rate, num_steps, warmup_steps=warmup_steps),
+      mesh=mesh,
+      workdir=workdir,
+      config=TrainerConfig(num_steps, checkpoint_every, log_every, seed=seed),
+  )
 
 
 def run_finetune(
@@ -174,7 +198,6 @@ def run_finetune(
   featurizer = OpenQaFeaturizer(store, spec.tokenizer(), data)
   questions = read_questions(train_questions, skip_unanswerable=True)
   model = spec.model()
-  example = spec.example_batch()
 
   if init is not None:
     if not init.startswith("realm:"):
@@ -207,14 +230,8 @@ def run_finetune(
     params["reader"] = {**params["reader"], **starting["reader"]}
     return params
 
-  trainer = Trainer(
-      init_params=lambda rng: model.init(rng, example)["params"],
-      loss_fn=lambda params, batch, rng: openqa_train_loss(model, params, batch, rng),
-      optimizer=bert_adamw(learning_rate, num_steps, warmup_steps=warmup_steps),
-      mesh=mesh,
-      workdir=workdir,
-      config=TrainerConfig(num_steps, checkpoint_every, log_every, seed=seed),
-  )
+  trainer = openqa_trainer(spec, mesh, workdir, num_steps, learning_rate, warmup_steps, checkpoint_every, log_every,
+                           seed)
   state = None
   if trainer.checkpoints.latest_step() is None and not index_lib.committed_steps(workdir_path / "index"):
     state = trainer.init_state(pretrained)
