@@ -27,6 +27,7 @@ setup(
         "tensorflow-datasets>=4.9.9,<5",
         "array-record>=0.8,<0.9",
         "importlib_resources>=6",
+        "bm25s>=0.3.16,<0.4",  # BM25 baseline of the Open-QA evaluation
     ],
     extras_require={
         "test": ["pytest>=8,<10", "ruff>=0.15,<1"],
