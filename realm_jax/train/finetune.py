@@ -29,13 +29,13 @@ from realm_jax.data.realm import FEATURES
 from realm_jax.data.tokenization import load_tokenizer, minilm_dir
 from realm_jax.models.bert import BertConfig
 from realm_jax.models.reader import INVALID_SPAN_LOGIT
-from realm_jax.objectives.ict import load_pretrained_encoder, with_pretrained_towers
+from realm_jax.objectives.ict import load_pretrained_encoder
 from realm_jax.objectives.openqa import OpenQaModel, openqa_train_loss
 from realm_jax.refresh.refresher import RefreshConfig, embed_all_blocks
 from realm_jax.retrieval import index as index_lib
 from realm_jax.retrieval.mips import ExactSearcher
 from realm_jax.train.optimizer import bert_adamw
-from realm_jax.train.pretrain import load_retriever_init
+from realm_jax.train.pretrain import load_retriever_init, with_retriever_init
 from realm_jax.train.trainer import Trainer, TrainerConfig, TrainState, latest_checkpoint_step, restore_params_subtree
 
 
@@ -221,12 +221,8 @@ def run_finetune(
     params = dict(params)
     if "retriever" in starting:
       params["retriever"] = starting["retriever"]
-    elif "towers" in starting["retriever_spec"]:
-      params["retriever"] = starting["retriever_spec"]["towers"]
-    elif "tower" in starting["retriever_spec"]:
-      params["retriever"] = {t: starting["retriever_spec"]["tower"] for t in params["retriever"]}
-    elif "encoder" in starting["retriever_spec"]:
-      params["retriever"] = with_pretrained_towers(params["retriever"], starting["retriever_spec"]["encoder"])
+    else:
+      params["retriever"] = with_retriever_init(params["retriever"], starting["retriever_spec"], retriever_init)
     params["reader"] = {**params["reader"], **starting["reader"]}
     return params
 

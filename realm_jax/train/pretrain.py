@@ -51,6 +51,20 @@ def load_retriever_init(spec: str, encoder: BertConfig, projection_size: int, me
   return {"encoder": load_pretrained_encoder(spec, encoder)}
 
 
+def with_retriever_init(retriever: dict[str, Any], loaded: dict[str, Any], spec: str | None) -> dict[str, Any]:
+  """DualEncoder params with what `load_retriever_init(spec)` returned put in place ({} keeps them)."""
+  if "tower" in loaded:
+    return {t: loaded["tower"] for t in retriever}
+  if "towers" in loaded:
+    if set(loaded["towers"]) != set(retriever):
+      raise ValueError(f"retriever_init {spec}: towers {sorted(loaded['towers'])}, the model has "
+                       f"{sorted(retriever)} (check share_towers)")
+    return loaded["towers"]
+  if "encoder" in loaded:
+    return with_pretrained_towers(retriever, loaded["encoder"])
+  return retriever
+
+
 def load_reader_init(spec: str, reader: BertConfig) -> dict[str, Any]:
   """RealmModel subtrees: 'hf_realm:<dir>' -> a RealmKnowledgeAugEncoder's {'reader', 'mlm_head'};
   else a HF BERT dir / 'minilm' -> {'reader'} (the MLM head starts afresh)."""
@@ -166,15 +180,7 @@ def run_pretrain(
 
   def pretrained(params):
     params = dict(params)
-    if "tower" in retriever_params:
-      params["retriever"] = {t: retriever_params["tower"] for t in params["retriever"]}
-    elif "towers" in retriever_params:
-      if set(retriever_params["towers"]) != set(params["retriever"]):
-        raise ValueError(f"retriever_init {retriever_init}: towers {sorted(retriever_params['towers'])}, the model "
-                         f"has {sorted(params['retriever'])} (check share_towers)")
-      params["retriever"] = retriever_params["towers"]
-    elif "encoder" in retriever_params:
-      params["retriever"] = with_pretrained_towers(params["retriever"], retriever_params["encoder"])
+    params["retriever"] = with_retriever_init(params["retriever"], retriever_params, retriever_init)
     return params | reader_params
 
   trainer = realm_trainer(model, data, mesh, workdir, retrieval, per_example_marginal, num_steps, learning_rate,
