@@ -105,6 +105,9 @@ def frozen_index(workdir: Path, tower: dict | None, refresh: RefreshConfig, stor
   if pretrained_index is not None and (pretrained_index / index_lib.MANIFEST).is_file():
     _, embeddings = index_lib.load_index(pretrained_index, store)
     logging.info("fine-tuning index: reusing %s (same parameters as the starting checkpoint)", pretrained_index)
+  elif tower is None:
+    raise FileNotFoundError(f"{index_dir}: the run has checkpoints but no published frozen index (deleted?); "
+                            "its index cannot be rebuilt from the fine-tuned parameters: start a new workdir")
   else:
     embeddings = embed_all_blocks(tower, refresh, store, mesh, desc="fine-tuning index")
   index_lib.publish_index(index_dir, 0, embeddings, store, writer="finetune")
