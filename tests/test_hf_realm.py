@@ -319,3 +319,41 @@ def test_convert_exports_a_training_run_checkpoint(ckpt, tmp_path):
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (DATA / "scorer" / "model.safetensors").read_bytes()
+
+
+def test_ask_answers_straight_from_released_checkpoints(ckpt, tmp_path):
+  """NUM_STEPS = 0 keeps the imported weights as checkpoint 0 and embeds the frozen index; ask.py reads them."""
+  from conftest import DEMO, DEMO_ENTITIES, DEMO_PASSAGES
+  from test_launch import run_launcher
+
+  from realm_jax import partitioning
+  from realm_jax.eval.predict import load_predictor
+  from realm_jax.train.finetune import OpenQaSpec
+
+  result = run_launcher("build_blocks.py", f"--passages={DEMO_PASSAGES}", f"--entities={DEMO_ENTITIES}",
+                        f"--vocab={DATA / 'vocab.txt'}", f"--out={tmp_path / 'blocks'}", "--max_block_len=64",
+                        "--max_title_len=16")
+  assert result.returncode == 0, result.stderr[-3000:]
+  flags = ["--gin_file=tests/data/realm_reference/model.gin", "--gin_file=gin/runs/openqa.gin",
+           f"--gin_bindings=BLOCK_STORE = '{tmp_path / 'blocks'}'", "--gin_bindings=BLOCK_LEN = 64",
+           f"--gin_bindings=TRAIN_QUESTIONS = '{DEMO / 'questions' / 'nq_open_dev.jsonl'}'",
+           f"--gin_bindings=RETRIEVER_INIT = 'hf_realm:{DATA / 'scorer'}'",
+           f"--gin_bindings=READER_INIT = 'hf_realm:{DATA / 'reader'}'", "--gin_bindings=NUM_STEPS = 0",
+           f"--gin_bindings=finetune.OpenQaSpec.vocab = '{DATA / 'vocab.txt'}'",
+           "--gin_bindings=finetune.OpenQaSpec.span_hidden_size = 16",
+           "--gin_bindings=openqa_data.OpenQaDataConfig.query_len = 32",
+           "--gin_bindings=openqa_data.OpenQaDataConfig.reader_len = 96",
+           "--gin_bindings=openqa_data.OpenQaDataConfig.retrieve_k = 16", f"--workdir={tmp_path / 'qa'}"]
+  result = run_launcher("finetune.py", *flags)
+  assert result.returncode == 0, result.stderr[-3000:]
+  result = run_launcher("ask.py", *flags, "--question=who was the first president of the united states", "--json")
+  assert result.returncode == 0, result.stderr[-3000:]
+  answer = json.loads(result.stdout.strip().splitlines()[-1])
+  assert answer["answer"] and len(answer["blocks"]) == 5 and all(b["title"] for b in answer["blocks"])
+
+  arch = ckpt["scorer"].architecture
+  spec = OpenQaSpec(str(tmp_path / "blocks"), arch.bert, arch.bert, projection_size=16, span_hidden_size=16,
+                    block_len=64, vocab=str(DATA / "vocab.txt"))
+  predictor = load_predictor(tmp_path / "qa", spec, partitioning.make_mesh(devices=jax.devices()[:1]))
+  assert _same(predictor.params["retriever"]["query_tower"], ckpt["scorer"].params["query_tower"])
+  assert _same(predictor.params["reader"], ckpt["reader"].params)

@@ -117,6 +117,32 @@ def test_init_from_minilm_puts_real_weights_in_the_tower(demo_store, tmp_path, m
   assert not np.allclose(scratch["layer_0"]["intermediate"]["kernel"], reference["layer_0"]["intermediate"]["kernel"])
 
 
+def test_identity_projection_starts_as_the_layer_normed_sentence_embedding():
+  import dataclasses
+
+  from realm_jax.models.bert import BertEncoder
+
+  config = dataclasses.replace(TINY, pooling="mean")
+  ids = jax.random.randint(jax.random.key(1), (3, 12), 1, 30522)
+  inputs = {"input_ids": ids, "input_mask": np.ones((3, 12), np.int32), "segment_ids": np.zeros((3, 12), np.int32)}
+  model = DualEncoder(config, projection_size=64, projection_init="identity")
+  params = model.init(jax.random.key(0), inputs, inputs)["params"]
+  got = model.apply({"params": params}, inputs, method=DualEncoder.embed_blocks)
+  _, mean = BertEncoder(config).apply({"params": nn.unbox(params)["query_tower"]["encoder"]},
+                                      ids, inputs["input_mask"], inputs["segment_ids"], True)
+  centred = mean - mean.mean(-1, keepdims=True)
+  expected = centred / np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-3)
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_identity_projection_needs_projection_size_equal_to_hidden_size():
+  inputs = {k: np.ones((2, 8), np.int32) for k in ("input_ids", "input_mask", "segment_ids")}
+  with pytest.raises(ValueError, match=r"projection_size == hidden_size, got kernel \(64, 32\)"):
+    DualEncoder(TINY, projection_size=32, projection_init="identity").init(jax.random.key(0), inputs, inputs)
+  with pytest.raises(ValueError, match="projection_init 'eye'"):
+    DualEncoder(TINY, projection_size=64, projection_init="eye").init(jax.random.key(0), inputs, inputs)
+
+
 def test_checkpoint_of_another_architecture_is_refused(demo_store, tmp_path, minilm_path):
   with pytest.raises(ValueError, match=r"architecture differs.*'hidden_size': \(64, 384\)"):
     make_ict_trainer(**ict_settings(demo_store, tmp_path, init_checkpoint="minilm"))

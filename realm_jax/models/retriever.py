@@ -3,6 +3,10 @@
 As in ORQA/REALM's `ict_model.module_fn`: one tower embeds queries and blocks
 (`share_towers=True`, the released default); separate towers are the paper's
 W_input / W_doc variant.  Relevance is a plain inner product.
+
+`projection_init="identity"` (projection size = hidden size) starts the projection as the identity, so a
+warm start from a sentence encoder (MiniLM, mean pooling) begins with that encoder's embedding space
+(LayerNorm'd) instead of a random 128-d view of it.
 """
 
 from __future__ import annotations
@@ -16,19 +20,39 @@ from realm_jax.models.bert import BertConfig, BertEncoder, normal_init, ones_ini
 Array = jax.Array
 
 
+PROJECTION_INITS = ("normal", "identity")
+
+
+def identity_init(names: tuple[str, ...]) -> nn.initializers.Initializer:
+  """Identity matrix init (square kernels only) carrying logical axis names."""
+
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    if shape[0] != shape[1]:
+      raise ValueError(f"projection_init='identity' needs projection_size == hidden_size, got kernel {shape}")
+    return jnp.eye(shape[0], dtype=dtype)
+
+  return nn.with_logical_partitioning(init, names)
+
+
 class RetrieverTower(nn.Module):
   config: BertConfig
   projection_size: int = 128
   layer_norm_eps: float = 1e-3  # Keras LayerNormalization default, as in the released code
   dropout: float = 0.1
+  projection_init: str = "normal"  # "identity": keep a sentence encoder's space (projection_size = hidden)
 
   @nn.compact
   def __call__(self, input_ids: Array, input_mask: Array, segment_ids: Array, deterministic: bool) -> Array:
+    if self.projection_init not in PROJECTION_INITS:
+      raise ValueError(f"projection_init {self.projection_init!r}: expected one of {PROJECTION_INITS}")
     _, pooled = BertEncoder(self.config, name="encoder")(input_ids, input_mask, segment_ids, deterministic)
+    kernel_init = (identity_init(("embed", "proj")) if self.projection_init == "identity"
+                   else normal_init(self.config, ("embed", "proj")))
     x = nn.Dense(
         self.projection_size,
         dtype=self.config.compute_dtype,
-        kernel_init=normal_init(self.config, ("embed", "proj")),
+        kernel_init=kernel_init,
         bias_init=zeros_init(("proj",)),
         name="projection",
     )(pooled)
@@ -50,10 +74,11 @@ class DualEncoder(nn.Module):
   share_towers: bool = True
   dropout: float = 0.1
   layer_norm_eps: float = 1e-3  # released code (Keras default); Hugging Face's RealmEmbedder uses 1e-12
+  projection_init: str = "normal"
 
   def setup(self):
     tower = lambda name: RetrieverTower(  # noqa: E731
-        self.config, self.projection_size, self.layer_norm_eps, self.dropout, name=name
+        self.config, self.projection_size, self.layer_norm_eps, self.dropout, self.projection_init, name=name
     )
     self.query_tower = tower("query_tower")
     self.block_tower = self.query_tower if self.share_towers else tower("block_tower")

@@ -92,6 +92,7 @@ def run_ict(
     init_checkpoint: str | None = None,
     projection_size: int = 128,
     share_towers: bool = True,
+    projection_init: str = "normal",
     batch_size: int = 4096,
     query_len: int = 96,
     block_len: int = 288,
@@ -175,10 +176,11 @@ def make_ict_trainer(
     checkpoint_every: int,
     log_every: int,
     seed: int,
+    projection_init: str = "normal",
 ):
   """(trainer, checkpointable data iterator, pretrained-weights hook) for an ICT run."""
   store = BlockStore(block_store)
-  model = DualEncoder(encoder, projection_size, share_towers)
+  model = DualEncoder(encoder, projection_size, share_towers, projection_init=projection_init)
   data = ict_iterator(store, IctDataConfig(batch_size, query_len, block_len, remove_prob, seed))
   pretrained = None
   if init_checkpoint:

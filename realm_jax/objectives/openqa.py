@@ -34,10 +34,12 @@ class OpenQaModel(nn.Module):
   # Hugging Face REALM's values differ: 1e-12 and float32 min (see README, "released checkpoints").
   retriever_layer_norm_eps: float = 1e-3
   invalid_span_logit: float = INVALID_SPAN_LOGIT
+  retriever_projection_init: str = "normal"  # DualEncoder.projection_init
 
   def setup(self):
     self.retriever = DualEncoder(self.retriever_config, self.projection_size, self.share_towers,
-                                 layer_norm_eps=self.retriever_layer_norm_eps)
+                                 layer_norm_eps=self.retriever_layer_norm_eps,
+                                 projection_init=self.retriever_projection_init)
     self.reader = SpanReader(self.reader_config, self.span_hidden_size, self.max_span_width,
                              invalid_span_logit=self.invalid_span_logit)
 

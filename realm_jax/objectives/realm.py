@@ -27,10 +27,12 @@ class RealmModel(nn.Module):
   projection_size: int = 128
   share_towers: bool = True
   retriever_layer_norm_eps: float = 1e-3  # DualEncoder.layer_norm_eps (Hugging Face REALM: 1e-12)
+  retriever_projection_init: str = "normal"  # DualEncoder.projection_init
 
   def setup(self):
     self.retriever = DualEncoder(self.retriever_config, self.projection_size, self.share_towers,
-                                 layer_norm_eps=self.retriever_layer_norm_eps)
+                                 layer_norm_eps=self.retriever_layer_norm_eps,
+                                 projection_init=self.retriever_projection_init)
     self.reader = BertEncoder(self.reader_config)
     self.mlm_head = MlmHead(self.reader_config)
 

@@ -129,11 +129,12 @@ class OpenQaSpec:
   vocab: str | None = None  # the block store's tokenizer file; None: the uncased BERT/MiniLM vocab
   retriever_layer_norm_eps: float = 1e-3  # 1e-12 reproduces Hugging Face REALM
   invalid_span_logit: float = INVALID_SPAN_LOGIT  # reader.HF_INVALID_SPAN_LOGIT reproduces Hugging Face REALM
+  projection_init: str = "normal"  # "identity": a retriever warm-started from a sentence encoder keeps its space
 
   def model(self) -> OpenQaModel:
     return OpenQaModel(self.retriever, self.reader, self.projection_size, self.share_towers,
                        self.span_hidden_size, self.data.max_span_width, self.retriever_layer_norm_eps,
-                       self.invalid_span_logit)
+                       self.invalid_span_logit, self.projection_init)
 
   def store(self) -> BlockStore:
     return BlockStore(self.block_store)
@@ -238,7 +239,7 @@ def run_finetune(
     tower = towers["query_tower" if spec.share_towers else "block_tower"]
   else:
     tower = None  # the published index is reused
-  refresh = RefreshConfig(retriever, spec.projection_size, block_len=spec.block_len,
+  refresh = RefreshConfig(retriever, spec.projection_size, spec.retriever_layer_norm_eps, block_len=spec.block_len,
                           batch_size=max(64, mesh.shape["data"]))
   embeddings = frozen_index(workdir_path, tower, refresh, store, mesh, pretrained_index)
   run = OpenQaRun(model, featurizer, questions, embeddings, mesh)

@@ -157,6 +157,7 @@ def run_pretrain(
     projection_size: int = 128,
     share_towers: bool = True,
     retriever_layer_norm_eps: float = 1e-3,
+    projection_init: str = "normal",
     retrieval: bool = True,
     null_document: bool = True,
     per_example_marginal: bool = False,
@@ -173,7 +174,7 @@ def run_pretrain(
   """REALM pre-training (paper: batch 512, 200k steps, lr 3e-5, 8 candidates incl. null)."""
   data = data or RealmDataConfig()
   store = BlockStore(block_store)
-  model = RealmModel(retriever, reader, projection_size, share_towers, retriever_layer_norm_eps)
+  model = RealmModel(retriever, reader, projection_size, share_towers, retriever_layer_norm_eps, projection_init)
   run = RealmRun(model, store, data, retrieval, null_document, mesh)
   retriever_params = load_retriever_init(retriever_init, retriever, projection_size, mesh) if retriever_init else {}
   reader_params = load_reader_init(reader_init, reader) if reader_init else {}

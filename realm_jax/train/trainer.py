@@ -182,6 +182,8 @@ class Trainer:
   ) -> tuple[TrainState, list[dict[str, float]]]:
     """Trains to `config.num_steps`, resuming if a checkpoint exists. Returns state and logged metrics.
 
+    `num_steps=0` saves the starting parameters (e.g. imported weights) as checkpoint 0, so evaluation and
+    `launch/ask.py` can run on them.
     `before_step(step)` runs between steps (e.g. an index hot-swap); the scalars it returns are
     written to TensorBoard every step and logged with their latest value (not a window mean).  `on_step(step, state)`
     runs after each step.  `prepare_batch(state, host_batch)` completes a batch with the current
@@ -236,6 +238,8 @@ class Trainer:
           last_good = step
         if on_step:
           on_step(step, state)
+      if cfg.num_steps == 0 and last_good is None:  # nothing to train: keep the starting parameters as step 0
+        self.save(state, data)
       if jax.process_index() == 0:
         self.checkpoints.wait_until_finished()
         (self.workdir / TRAINING_DONE).write_text(str(cfg.num_steps))
