@@ -173,3 +173,37 @@ def test_refresher_indexes_checkpoints_and_resumes_after_a_restart(demo_store, t
   # The published rows are the trained tower's embeddings of the blocks.
   params = jax.device_get(state.params["query_tower"])
   np.testing.assert_allclose(rows, embed_all_blocks(params, config, demo_store, mesh), atol=1e-5)
+
+
+def test_retriever_lengths_are_the_unpadded_input_lengths(demo_store):
+  lengths = demo_store.retriever_lengths(128)
+  assert lengths.shape == (demo_store.num_blocks,)
+  for i in range(0, demo_store.num_blocks, 97):
+    assert lengths[i] == demo_store.retriever_inputs([i], 128)["input_mask"].sum()
+
+
+def test_embedding_batches_cover_every_block_once_at_a_length_that_holds_it():
+  from realm_jax.refresh.refresher import embedding_batches
+
+  lengths = np.random.default_rng(0).integers(5, 289, size=1000)
+  batches = embedding_batches(lengths, 64, 288, 32)
+  ids = np.concatenate([b for _, b in batches])
+  assert sorted(ids.tolist()) == list(range(1000))
+  assert all(len(b) <= 64 and (lengths[b] <= length).all() for length, b in batches)
+  assert {length for length, _ in batches} <= {32, 64, 96, 128, 160, 192, 224, 256, 288}
+  assert [length for length, _ in embedding_batches(lengths, 1000, 288, 0)] == [288]
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_length_bucketed_embeddings_equal_padded_ones(demo_store, pooling):
+  import dataclasses
+
+  from realm_jax.models.retriever import RetrieverTower
+
+  config = dataclasses.replace(TINY, pooling=pooling)
+  x = np.zeros((1, 8), np.int32)
+  params = jax.device_get(nn.meta.unbox(RetrieverTower(config, 16).init(jax.random.key(0), x, x, x, True)["params"]))
+  mesh = partitioning.make_mesh()
+  padded = embed_all_blocks(params, RefreshConfig(config, 16, block_len=128, length_bucket=0), demo_store, mesh)
+  bucketed = embed_all_blocks(params, RefreshConfig(config, 16, block_len=128, length_bucket=32), demo_store, mesh)
+  np.testing.assert_allclose(bucketed, padded, atol=2e-5)

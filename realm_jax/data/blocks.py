@@ -331,6 +331,12 @@ class BlockStore:
       for line in f:
         yield json.loads(line)
 
+  def retriever_lengths(self, max_len: int | None = None) -> np.ndarray:
+    """[num_blocks] word pieces of each block's `retriever_inputs` (`[CLS] title [SEP] body [SEP]`, capped)."""
+    max_len = max_len or self.max_block_len
+    title, body = np.diff(self.arrays["title_offsets"]), np.diff(self.arrays["body_offsets"])
+    return np.minimum(max_len, 3 + title + body).astype(np.int64)
+
   def retriever_inputs(self, ids: Iterable[int], max_len: int | None = None) -> dict[str, np.ndarray]:
     """`[CLS] title [SEP] body [SEP]` batches: input_ids, input_mask, segment_ids [B, max_len]."""
     max_len = max_len or self.max_block_len

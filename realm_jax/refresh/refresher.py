@@ -41,6 +41,9 @@ class RefreshConfig:
   tower_path: Sequence[str] = ("query_tower",)  # where the block tower lives in the trainer's params
   block_len: int = 288
   batch_size: int = 256
+  # Blocks are embedded in groups of equal length, rounded up to a multiple of `length_bucket` (one compiled
+  # shape per group; 0: every block padded to block_len).  Padding never changes an embedding (masked).
+  length_bucket: int = 32
   backend: str = "exact"  # "exact" (on-device search) or "scann"
   scann: ScannConfig = dataclasses.field(default_factory=ScannConfig)
   keep: int = 3
@@ -64,12 +67,28 @@ def embed_step(config: RefreshConfig, mesh: Mesh) -> Callable[[dict, dict[str, j
   return jax.jit(embed, out_shardings=NamedSharding(mesh, P()))
 
 
+def embedding_batches(lengths: np.ndarray, batch_size: int, block_len: int,
+                      length_bucket: int) -> list[tuple[int, np.ndarray]]:
+  """(input length, block ids) batches covering every block once: blocks grouped by their length rounded up
+  to a multiple of `length_bucket` (capped at `block_len`); `length_bucket=0` pads every block to `block_len`."""
+  if length_bucket > 0:
+    padded = np.minimum(block_len, -(-np.asarray(lengths) // length_bucket) * length_bucket)
+  else:
+    padded = np.full(len(lengths), block_len)
+  batches = []
+  for length in np.unique(padded):
+    ids = np.flatnonzero(padded == length)
+    batches += [(int(length), ids[i : i + batch_size]) for i in range(0, len(ids), batch_size)]
+  return batches
+
+
 def embed_all_blocks(
     params: dict, config: RefreshConfig, store: BlockStore, mesh: Mesh, desc: str = "embed"
 ) -> np.ndarray:
   """[num_blocks, projection_size] float32 embeddings on every process, batches sharded over the "data" axis.
 
-  Each process reads and feeds only its rows of every batch (`partitioning.process_rows`).
+  Blocks of similar length are embedded together at that length (`RefreshConfig.length_bucket`).  Each
+  process reads and feeds only its rows of every batch (`partitioning.process_rows`).
   """
   batch = config.batch_size
   data_size = mesh.shape["data"]
@@ -78,14 +97,14 @@ def embed_all_blocks(
   embed = embed_step(config, mesh)
   rows = partitioning.process_rows(mesh, batch)
   out = np.zeros((store.num_blocks, config.projection_size), np.float32)
+  batches = embedding_batches(store.retriever_lengths(config.block_len), batch, config.block_len,
+                              config.length_bucket)
   start = time.perf_counter()
   with jax.set_mesh(mesh):
     params = jax.device_put(params, NamedSharding(mesh, P()))
-    for first in tqdm(range(0, store.num_blocks, batch), desc=desc, unit="batch", mininterval=2.0,
-                      disable=jax.process_index() != 0):
-      ids = np.arange(first, min(first + batch, store.num_blocks))
+    for length, ids in tqdm(batches, desc=desc, unit="batch", mininterval=2.0, disable=jax.process_index() != 0):
       local = np.pad(ids, (0, batch - len(ids)), mode="edge")[rows]
-      inputs = store.retriever_inputs(local, config.block_len)
+      inputs = store.retriever_inputs(local, length)
       out[ids] = np.asarray(embed(params, partitioning.shard_batch(inputs, mesh)))[: len(ids)]
   seconds = time.perf_counter() - start
   logging.info("embedded %d blocks in %.1f s (%.1f blocks/s)", store.num_blocks, seconds,
