@@ -212,6 +212,32 @@ def small_qa_setup(tmp_path_factory, wordpiece):
   return root, BlockStore(root / "blocks")
 
 
+def test_minilm_zero_shot_baseline_retrieves_answer_blocks(small_qa_setup, minilm_path):
+  """Sentence-transformers' recipe (mean pooling, cosine); blocks embedded per length group or padded alike."""
+  from realm_jax import partitioning
+  from realm_jax.data.tokenization import load_tokenizer
+  from realm_jax.eval.answers import has_answer
+  from realm_jax.eval.baselines import MeanPoolRetriever
+  from realm_jax.objectives.ict import load_pretrained_encoder
+
+  root, store = small_qa_setup
+  encoder = BertConfig.from_hf_json(minilm_path / "config.json")
+  weights = load_pretrained_encoder("minilm", encoder)
+  mesh = partitioning.make_mesh(devices=jax.devices()[:1])
+  tokenizer = load_tokenizer(minilm_path / "vocab.txt")
+  questions = read_questions(root / "q.jsonl")
+  texts = [q.question for q in questions]
+  bucketed = MeanPoolRetriever(encoder, weights, store, tokenizer, mesh, block_len=128).search(texts, 5)
+  padded = MeanPoolRetriever(encoder, weights, store, tokenizer, mesh, block_len=128, length_bucket=0).search(texts, 5)
+  np.testing.assert_array_equal(bucketed, padded)
+  in_store = {store.text(i)["doc_id"] for i in range(store.num_blocks)}
+  for q, row in zip(questions, bucketed, strict=True):  # (MiniLM was trained on NQ question-passage pairs)
+    if set(q.gold_passage_ids) & in_store:
+      top = [store.text(int(i)) for i in row]
+      assert any(set(q.gold_passage_ids) & {b["doc_id"]} and has_answer(b["text"], q.answers) for b in top), q
+  assert sum(bool(set(q.gold_passage_ids) & in_store) for q in questions) >= 3
+
+
 def test_finetuning_from_minilm_learns_to_answer_its_training_questions(small_qa_setup, minilm_path):
   from realm_jax import partitioning
   from realm_jax.eval.answers import exact_match

@@ -24,6 +24,7 @@ from realm_jax.data.blocks import BlockStore
 from realm_jax.data.openqa import OpenQaDataConfig, OpenQaFeaturizer
 from realm_jax.data.tokenization import Tokenizer
 from realm_jax.models.bert import BertConfig, BertEncoder
+from realm_jax.refresh.refresher import embedding_batches
 from realm_jax.retrieval.mips import ExactSearcher
 
 
@@ -44,7 +45,7 @@ class MeanPoolRetriever:
   """A BERT sentence encoder used as sentence-transformers does (mean pooling, cosine)."""
 
   def __init__(self, encoder: BertConfig, params: dict, store: BlockStore, tokenizer: Tokenizer, mesh,
-               block_len: int = 288, batch_size: int = 64):
+               block_len: int = 288, batch_size: int = 64, length_bucket: int = 32):
     self.store, self.mesh = store, mesh
     self.featurizer = OpenQaFeaturizer(store, tokenizer, OpenQaDataConfig())
     model = BertEncoder(dataclasses.replace(encoder, pooling="mean"))
@@ -61,10 +62,9 @@ class MeanPoolRetriever:
       self.params = jax.device_put(params, NamedSharding(mesh, P()))
     batch_size = -(-batch_size // mesh.shape["data"]) * mesh.shape["data"]
     blocks = np.zeros((store.num_blocks, encoder.hidden_size), np.float32)
-    for first in tqdm(range(0, store.num_blocks, batch_size), desc="MiniLM block embeddings", unit="batch",
-                      mininterval=2.0):
-      ids = np.arange(first, min(first + batch_size, store.num_blocks))
-      inputs = store.retriever_inputs(np.pad(ids, (0, batch_size - len(ids)), mode="edge"), block_len)
+    batches = embedding_batches(store.retriever_lengths(block_len), batch_size, block_len, length_bucket)
+    for length, ids in tqdm(batches, desc="MiniLM block embeddings", unit="batch", mininterval=2.0):
+      inputs = store.retriever_inputs(np.pad(ids, (0, batch_size - len(ids)), mode="edge"), length)
       blocks[ids] = self._run(inputs)[: len(ids)]
     self.searcher = ExactSearcher(blocks, mesh)
 
