@@ -63,8 +63,10 @@ def evaluate(
     out_dir: str | Path,
     ks: Sequence[int] = RECALL_KS,
     batch_size: int = 8,
+    read: bool = True,
 ) -> list[dict]:
-  """Runs every system on every dataset; writes `<out_dir>/<dataset>.json` and returns the table rows."""
+  """Runs every system on every dataset; writes `<out_dir>/<dataset>.json` and returns the table rows.
+  `read=False` skips the span reader: retrieval recall only, no EM and no per-question predictions."""
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   texts = [t["text"] for t in store.iter_texts()]
@@ -77,7 +79,12 @@ def evaluate(
                           for q in tqdm(questions, desc=f"{name}: answer-in-corpus", mininterval=2.0)])
     systems: dict[str, list[np.ndarray]] = {}
     correct = None
-    if predictor is not None:
+    if predictor is not None and not read:
+      ids = np.concatenate([predictor.retrieve(strings[first : first + 64], k_max)[1]
+                            for first in tqdm(range(0, len(strings), 64), desc=f"{name}: realm-jax retrieval",
+                                              mininterval=2.0)])
+      systems["realm-jax"] = [answer_hits(texts, q, ids[i]) for i, q in enumerate(questions)]
+    elif predictor is not None:
       predictions = []
       for first in tqdm(range(0, len(strings), batch_size), desc=f"{name}: realm-jax", mininterval=2.0):
         predictions += predictor.answer(strings[first : first + batch_size], k_max, batch_size)
@@ -99,7 +106,7 @@ def evaluate(
         row = {"dataset": subset.name, "system": system, "questions": len(subset.indices),
                "answer_in_corpus": 100.0 * float(ceiling[subset.indices].mean()),
                **recall([hits[i] for i in subset.indices], ks)}
-        if system == "realm-jax":
+        if system == "realm-jax" and correct is not None:
           row["exact_match"] = 100.0 * float(correct[subset.indices].mean())
         rows.append(row)
   (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
@@ -128,9 +135,11 @@ def run_evaluation(
     minilm_checkpoint: str = "minilm",
     limit: int | None = None,
     batch_size: int = 8,
+    read: bool = True,
 ) -> list[dict]:
   """Evaluates `workdir`'s fine-tuned model (and the baselines) on `datasets` {name: .jsonl file in
-  `questions_dir`}; writes `<workdir>/eval/{<name>.json,results.json,results.md}`."""
+  `questions_dir`}; writes `<workdir>/eval/{<name>.json,results.json,results.md}` (`read=False`: recall only,
+  into `<workdir>/eval_retrieval/`)."""
   store = spec.store()
   predictor = load_predictor(workdir, spec, mesh)
   systems: dict[str, Retriever] = {}
@@ -144,4 +153,5 @@ def run_evaluation(
     else:
       raise ValueError(f"unknown baseline {name!r}; known: bm25, minilm")
   questions = {name: read_questions(Path(questions_dir) / file, limit) for name, file in datasets.items()}
-  return evaluate(predictor, systems, questions, store, Path(workdir) / "eval", batch_size=batch_size)
+  out = Path(workdir) / ("eval" if read else "eval_retrieval")
+  return evaluate(predictor, systems, questions, store, out, batch_size=batch_size, read=read)
