@@ -278,13 +278,13 @@ def test_finetune_evaluate_and_ask_launchers_end_to_end(small_qa_setup, tmp_path
   records = json.loads((tmp_path / "qa" / "eval" / "webquestions_test.json").read_text())
   assert len(records) == 3 and {"prediction", "blocks", "correct"} <= set(records[0])
   assert records[0]["blocks"][0]["title"]
-  result = run_launcher("evaluate.py", *flags, "--limit=4", "--retrieval_only",
+  result = run_launcher("evaluate.py", *flags, "--limit=3", "--retrieval_only",  # 3 questions on 2 devices: padded
                         "--gin_bindings=openqa_eval.run_evaluation.baselines = ('bm25',)")
   assert result.returncode == 0, result.stderr[-3000:]
   recall_rows = json.loads((tmp_path / "qa" / "eval_retrieval" / "results.json").read_text())
   ours = [r for r in recall_rows if r["system"] == "realm-jax"]
   assert len(ours) >= 3 and all("recall@5" in r and "exact_match" not in r for r in ours)
-  assert {r["dataset"]: r["questions"] for r in ours}["nq_open_dev"] == 4
+  assert {r["dataset"]: r["questions"] for r in ours}["nq_open_dev"] == 3
   result = run_launcher("ask.py", *flags, "--question=when was the last time anyone was on the moon", "--json")
   assert result.returncode == 0, result.stderr[-3000:]
   answer = json.loads(result.stdout.strip().splitlines()[-1])

@@ -80,9 +80,7 @@ def evaluate(
     systems: dict[str, list[np.ndarray]] = {}
     correct = None
     if predictor is not None and not read:
-      ids = np.concatenate([predictor.retrieve(strings[first : first + 64], k_max)[1]
-                            for first in tqdm(range(0, len(strings), 64), desc=f"{name}: realm-jax retrieval",
-                                              mininterval=2.0)])
+      ids = predictor.search(strings, k_max)
       systems["realm-jax"] = [answer_hits(texts, q, ids[i]) for i, q in enumerate(questions)]
     elif predictor is not None:
       predictions = []

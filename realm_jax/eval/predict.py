@@ -69,6 +69,15 @@ class Predictor:
     ids, scores = self.searcher.search(query_emb, k)
     return queries, ids, scores
 
+  def search(self, questions: list[str], k: int, batch_size: int = 64) -> np.ndarray:
+    """[len(questions), k] block ids, best first (retrieval only; batches padded to the "data" axis)."""
+    data_size = self.mesh.shape["data"]
+    out = []
+    for first in range(0, len(questions), batch_size):
+      chunk = questions[first : first + batch_size]
+      out.append(self.retrieve(chunk + [chunk[-1]] * (-len(chunk) % data_size), k)[1][: len(chunk)])
+    return np.concatenate(out)
+
   def _block(self, block_id: int, score: float) -> RetrievedBlock:
     text = self.store.text(block_id)
     snippet = text["text"] if len(text["text"]) <= self.snippet_chars else text["text"][: self.snippet_chars] + "…"
