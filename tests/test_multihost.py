@@ -26,7 +26,7 @@ STEPS = 4
 def realm_args(store, workdir):
   return ["launch/pretrain.py", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/realm_pretrain_demo.gin",
           f"--gin_bindings=BLOCK_STORE = '{store.path}'", f"--gin_bindings=NUM_STEPS = {STEPS}",
-          "--gin_bindings=pretrain.run_pretrain.checkpoint_every = 2",
+          "--gin_bindings=BATCH_SIZE = 8", "--gin_bindings=pretrain.run_pretrain.checkpoint_every = 2",
           "--gin_bindings=pretrain.run_pretrain.log_every = 1", f"--workdir={workdir}"]
 
 
