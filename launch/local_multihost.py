@@ -1,7 +1,8 @@
 r"""Runs a launcher as a multi-host JAX job on this machine: N processes x M CPU devices over jax.distributed.
 
   python launch/local_multihost.py --num_processes=2 --devices_per_process=4 -- \
-    launch/pretrain.py --gin_file=gin/models/tiny.gin --gin_file=gin/runs/realm_pretrain_demo.gin --workdir=/tmp/r
+    launch/pretrain.py --gin_file=gin/models/tiny.gin --gin_file=gin/runs/realm_pretrain_demo.gin \
+    --gin_bindings="BATCH_SIZE = 8" --workdir=/tmp/r
 
 Each process gets `--coordinator_address=127.0.0.1:<free port> --num_processes=N --process_id=i`, as
 the hosts of a TPU pod do; output lines are prefixed with `[process i]`.  When one process fails the
