@@ -155,6 +155,22 @@ def test_trainer_started_before_any_index_waits_then_gets_the_first(demo_store, 
   assert installed == [7] and reader.index_step == 7
 
 
+def test_bounded_staleness_makes_a_step_wait_for_the_refresh_job(demo_store, tmp_path):
+  installed = []
+  reader = index_lib.IndexReader(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]),
+                                 poll_seconds=0.05, max_staleness=5, wait_seconds=30).start()
+  assert reader.maybe_swap(5) == {}  # no index yet, but step 5 is within 5 steps of step 0
+  _publish(tmp_path, demo_store, 0)
+  threading.Timer(0.3, lambda: _publish(tmp_path, demo_store, 10)).start()
+  start = time.monotonic()
+  assert reader.maybe_swap(14) == {"index_step": 10.0, "index_staleness": 4.0}  # waited for 10: 14 - 0 > 5
+  assert time.monotonic() - start >= 0.25 and installed[-1] == 10
+  reader.wait_seconds = 0.3
+  with pytest.raises(TimeoutError, match="step 16: no index of step >= 11 was published .* refresh job running"):
+    reader.maybe_swap(16)
+  reader.close()
+
+
 def test_refresher_indexes_checkpoints_and_resumes_after_a_restart(demo_store, tmp_path):
   mesh = partitioning.make_mesh()
   trainer, data, _ = make_ict_trainer(

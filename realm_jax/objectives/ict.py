@@ -105,18 +105,22 @@ def run_ict(
     seed: int = 0,
     follow_index: bool = False,
     index_poll_seconds: float = 5.0,
+    max_index_staleness: int | None = None,
 ) -> list[dict[str, float]]:
   """ICT warm start (defaults = ORQA: batch 4096, 100k steps, lr 1e-4, 90% removal).
 
   With `follow_index`, indexes published in `<workdir>/index` by the refresh job are hot-swapped
-  between steps and `index_step` / `index_staleness` are logged (the ICT loss itself uses none).
+  between steps and `index_step` / `index_staleness` are logged (the ICT loss itself uses none);
+  `max_index_staleness` makes a step wait for the refresh job when the index is older than that.
   """
-  settings = {k: v for k, v in locals().items() if k not in ("follow_index", "index_poll_seconds")}
+  settings = {k: v for k, v in locals().items()
+              if k not in ("follow_index", "index_poll_seconds", "max_index_staleness")}
   trainer, data, pretrained = make_ict_trainer(**settings)
   reader = None
   if follow_index:
     live = LiveIndex(mesh)
-    reader = live.reader(Path(workdir) / "index", BlockStore(block_store), index_poll_seconds).start()
+    reader = live.reader(Path(workdir) / "index", BlockStore(block_store), index_poll_seconds,
+                         max_index_staleness).start()
   try:
     _, history = trainer.fit(data, pretrained, batch_size=batch_size,
                              before_step=reader.maybe_swap if reader else None)

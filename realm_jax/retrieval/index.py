@@ -169,6 +169,10 @@ class IndexReader:
   device or load ScaNN assets); the training loop calls `maybe_swap(train_step)` between steps,
   which only hands the prepared object to `install(manifest, prepared)`: a reference swap, same
   shapes, no recompilation.  It returns `index_step` and `index_staleness` for the step's metrics.
+
+  `max_staleness` bounds the staleness: a step more than that many steps past the installed index
+  (past step 0 while none is installed) waits for a newer one, for at most `wait_seconds`.  It keeps
+  a run's retrieval as fresh as its gin says when the refresh job is slower than the trainer.
   """
 
   def __init__(
@@ -178,9 +182,14 @@ class IndexReader:
       install: Callable[[dict, Any], None],
       prepare: Callable[[dict, np.ndarray, epath.Path], Any] = lambda manifest, embeddings, path: embeddings,
       poll_seconds: float = 5.0,
+      max_staleness: int | None = None,
+      wait_seconds: float | None = 3600.0,
   ):
+    if max_staleness is not None and max_staleness < 0:
+      raise ValueError(f"max_staleness must be >= 0 or None, got {max_staleness}")
     self.index_dir = epath.Path(index_dir)
     self.store, self.install, self.prepare, self.poll_seconds = store, install, prepare, poll_seconds
+    self.max_staleness, self.wait_seconds = max_staleness, wait_seconds
     self.index_step: int | None = None
     self.swaps = 0
     self._ready: tuple[dict, Any] | None = None
@@ -241,7 +250,38 @@ class IndexReader:
       time.sleep(min(self.poll_seconds, 0.5))
 
   def maybe_swap(self, train_step: int | None) -> dict[str, float]:
-    """Installs the prepared index; with several processes only once every process has prepared the same one."""
+    """Installs the prepared index; with several processes only once every process has prepared the same one.
+
+    With `max_staleness`, first waits until the installed index is at most that many steps behind `train_step`.
+    """
+    self._swap_if_ready()
+    if self.max_staleness is not None and train_step is not None:
+      self._wait_until_fresh(train_step)
+    if self.index_step is None or train_step is None:
+      return {}
+    return {"index_step": float(self.index_step), "index_staleness": float(train_step - self.index_step)}
+
+  def _wait_until_fresh(self, train_step: int) -> None:
+    # Every process loops the same number of times: the condition only reads the (agreed) installed step.
+    needed = train_step - self.max_staleness
+    start = time.monotonic()
+    logged = False
+    while (self.index_step if self.index_step is not None else 0) < needed:
+      if not logged:
+        logging.info("step %d: waiting for an index of step >= %d in %s/committed (max staleness %d)",
+                     train_step, needed, self.index_dir, self.max_staleness)
+        logged = True
+      timed_out = self.wait_seconds is not None and time.monotonic() - start > self.wait_seconds
+      if partitioning.agree(timed_out):  # process 0's clock decides for all
+        raise TimeoutError(f"step {train_step}: no index of step >= {needed} was published in "
+                           f"{self.index_dir}/committed within {self.wait_seconds} s (max staleness "
+                           f"{self.max_staleness}); is the refresh job running?")
+      if not self._thread.is_alive():
+        self.load_newest()
+      time.sleep(min(self.poll_seconds, 0.5))
+      self._swap_if_ready()
+
+  def _swap_if_ready(self) -> None:
     with self._lock:
       ready = self._ready
     if not partitioning.same_on_all_processes(ready[0]["train_step"] if ready is not None else -1):
@@ -255,9 +295,6 @@ class IndexReader:
       self.index_step = manifest["train_step"]
       self.swaps += 1
       logging.info("swapped in index step %d", self.index_step)
-    if self.index_step is None or train_step is None:
-      return {}
-    return {"index_step": float(self.index_step), "index_staleness": float(train_step - self.index_step)}
 
 
 class LiveIndex:
@@ -289,5 +326,6 @@ class LiveIndex:
     else:
       self.searcher = prepared
 
-  def reader(self, index_dir: str | Path, store: BlockStore, poll_seconds: float = 5.0) -> IndexReader:
-    return IndexReader(index_dir, store, self.install, self.prepare, poll_seconds)
+  def reader(self, index_dir: str | Path, store: BlockStore, poll_seconds: float = 5.0,
+             max_staleness: int | None = None, wait_seconds: float | None = 3600.0) -> IndexReader:
+    return IndexReader(index_dir, store, self.install, self.prepare, poll_seconds, max_staleness, wait_seconds)

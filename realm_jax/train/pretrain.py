@@ -164,6 +164,7 @@ def run_pretrain(
     bootstrap_index: bool = True,
     index_wait_seconds: float | None = 3600.0,
     index_poll_seconds: float = 5.0,
+    max_index_staleness: int | None = None,
     num_steps: int = 200_000,
     learning_rate: float = 3e-5,
     warmup_steps: int | None = None,
@@ -171,7 +172,11 @@ def run_pretrain(
     log_every: int = 100,
     seed: int = 0,
 ) -> list[dict[str, float]]:
-  """REALM pre-training (paper: batch 512, 200k steps, lr 3e-5, 8 candidates incl. null)."""
+  """REALM pre-training (paper: batch 512, 200k steps, lr 3e-5, 8 candidates incl. null).
+
+  `max_index_staleness` (None: unbounded, as the paper) makes a step wait for the refresh job when the
+  installed index is more than that many steps old, for at most `index_wait_seconds`.
+  """
   data = data or RealmDataConfig()
   store = BlockStore(block_store)
   model = RealmModel(retriever, reader, projection_size, share_towers, retriever_layer_norm_eps, projection_init)
@@ -201,7 +206,8 @@ def run_pretrain(
       if jax.process_index() == 0:  # one writer; every process then loads it
         index_lib.publish_index(index_dir, 0, embeddings, store, writer="bootstrap")
       partitioning.barrier("bootstrap index published")
-    reader_thread = run.live.reader(index_dir, store, index_poll_seconds).start()
+    reader_thread = run.live.reader(index_dir, store, index_poll_seconds, max_index_staleness,
+                                    index_wait_seconds).start()
     reader_thread.wait_for_first(index_wait_seconds)
   try:
     _, history = trainer.fit(
