@@ -181,7 +181,10 @@ def test_refresher_indexes_checkpoints_and_resumes_after_a_restart(demo_store, t
   state, _ = trainer.fit(data)
   config = RefreshConfig(TINY, projection_size=16, block_len=32, batch_size=64)
   refresher = Refresher(tmp_path, tmp_path / "index", demo_store, mesh, config)
-  assert refresher.run(step=2) == [2]
+  # Training is done and checkpoint 4 is newer: a pass over checkpoint 2 started by the loop is dropped.
+  assert refresher.refresh(2, abandon_if_superseded=True) is None
+  assert index_lib.committed_steps(tmp_path / "index") == []
+  assert refresher.run(step=2) == [2]  # an explicit --step is always indexed
   restarted = Refresher(tmp_path, tmp_path / "index", demo_store, mesh, config)
   assert restarted.run() == [4]  # newest checkpoint; training is done, so it exits
   assert Refresher(tmp_path, tmp_path / "index", demo_store, mesh, config).run() == []

@@ -83,12 +83,14 @@ def embedding_batches(lengths: np.ndarray, batch_size: int, block_len: int,
 
 
 def embed_all_blocks(
-    params: dict, config: RefreshConfig, store: BlockStore, mesh: Mesh, desc: str = "embed"
-) -> np.ndarray:
+    params: dict, config: RefreshConfig, store: BlockStore, mesh: Mesh, desc: str = "embed",
+    abandon: Callable[[], bool] | None = None,
+) -> np.ndarray | None:
   """[num_blocks, projection_size] float32 embeddings on every process, batches sharded over the "data" axis.
 
   Blocks of similar length are embedded together at that length (`RefreshConfig.length_bucket`).  Each
-  process reads and feeds only its rows of every batch (`partitioning.process_rows`).
+  process reads and feeds only its rows of every batch (`partitioning.process_rows`).  `abandon` is asked
+  before every batch (process 0 decides for all); when it says yes, the pass stops and None is returned.
   """
   batch = config.batch_size
   data_size = mesh.shape["data"]
@@ -103,6 +105,8 @@ def embed_all_blocks(
   with jax.set_mesh(mesh):
     params = jax.device_put(params, NamedSharding(mesh, P()))
     for length, ids in tqdm(batches, desc=desc, unit="batch", mininterval=2.0, disable=jax.process_index() != 0):
+      if abandon is not None and partitioning.agree(int(abandon())):
+        return None
       local = np.pad(ids, (0, batch - len(ids)), mode="edge")[rows]
       inputs = store.retriever_inputs(local, length)
       out[ids] = np.asarray(embed(params, partitioning.shard_batch(inputs, mesh)))[: len(ids)]
@@ -137,10 +141,18 @@ class Refresher:
         abstract_tower_params(self.config.encoder, self.config.projection_size), NamedSharding(self.mesh, P()),
     )
 
-  def refresh(self, step: int) -> Path:
-    """Embeds all blocks with checkpoint `step` (every process) and publishes index `step` (process 0)."""
+  def refresh(self, step: int, abandon_if_superseded: bool = False) -> Path | None:
+    """Embeds all blocks with checkpoint `step` (every process) and publishes index `step` (process 0).
+
+    With `abandon_if_superseded`, a pass still running when the trainer has finished with a newer final
+    checkpoint is dropped (None): nobody will train on that index, and the final one is wanted sooner.
+    """
     params = self.restore_block_tower(step)
-    embeddings = embed_all_blocks(params, self.config, self.store, self.mesh, desc=f"embed@{step}")
+    abandon = (lambda: self.superseded(step)) if abandon_if_superseded else None
+    embeddings = embed_all_blocks(params, self.config, self.store, self.mesh, desc=f"embed@{step}", abandon=abandon)
+    if embeddings is None:
+      logging.info("abandoned index %d: training is done and its final checkpoint is newer", step)
+      return None
     if jax.process_index() == 0:
       write_scann = None
       if self.config.backend == "scann":
@@ -162,6 +174,13 @@ class Refresher:
   def training_done(self) -> bool:
     return (self.train_workdir / TRAINING_DONE).exists()
 
+  def superseded(self, step: int) -> bool:
+    """Whether the trainer has finished and its final checkpoint is newer than `step`."""
+    if not self.training_done():
+      return False
+    self.checkpoints.reload()
+    return (self.checkpoints.latest_step() or -1) > step
+
   def run(self, once: bool = False, step: int | None = None, poll_seconds: float = 10.0,
           max_refreshes: int | None = None) -> list[int]:
     """Refreshes until the trainer is done (or once / for one step); returns the published steps."""
@@ -175,7 +194,8 @@ class Refresher:
       pending = self.pending_step()
       pending = partitioning.agree(-1 if pending is None else pending)
       if pending >= 0:
-        self.refresh(pending)
+        if self.refresh(pending, abandon_if_superseded=True) is None:
+          continue  # the trainer finished meanwhile: index its final checkpoint instead
         published.append(pending)
         if once or (max_refreshes and len(published) >= max_refreshes):
           return published
