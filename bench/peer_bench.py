@@ -184,7 +184,10 @@ def section(rows: list[dict], peak: float, hf_meta: dict, command: str) -> str:
         f"{100 * r['flops_xla'] / r['jax'] / peak:.0f}% |")
   lines += ["", "HF's knowledge-augmented encoder computes MLM logits at every position of every candidate "
             "(B x K x L x V) before picking the masked ones; realm-jax gathers the masked positions first "
-            "(B x K x M x V), as the released TF code does.  The FLOP columns count realm-jax's own step.", ""]
+            "(B x K x M x V), as the released TF code does.  The FLOP columns count realm-jax's own step.  "
+            "Scoring is a plain encoder forward on both sides, so it is bounded by each library's f32 matmul "
+            "kernels: PyTorch's oneDNN against XLA:CPU's, compared on identical shapes by bench/cpu_kernels.py "
+            "(next section).", ""]
   return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@
 #   bash bench/run.sh            # REPEATS=5 by default; medians of REPEATS runs
 # (1) index refresh and MIPS (matmul peak, re-embedding padded vs length-grouped, ScaNN / exact / FAISS),
 # (2) realm-jax vs Hugging Face REALM (reader step, scoring, MFU; HF in its own venv .venv-ref),
-# (3) the paper's schedule projected on TPU slices and H100s.  The TPU compiles of issue #9 are separate
+# (3) where CPU time goes (attention layout before/after, XLA vs PyTorch matmuls on the same shapes),
+# (4) the paper's schedule projected on TPU slices and H100s.  The TPU compiles of issue #9 are separate
 # (launch/aot_compile.py; each paper-scale compile takes 10-40 minutes here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,4 +15,5 @@ bash tools/reference/setup_ref_venv.sh
 export JAX_PLATFORMS=cpu
 .venv/bin/python bench/index_bench.py --repeats="$REPEATS" --synthetic_rows=1000000
 .venv/bin/python bench/peer_bench.py --repeats="$REPEATS"
+.venv/bin/python bench/cpu_kernels.py --repeats="$REPEATS"
 .venv/bin/python bench/projections.py
