@@ -272,7 +272,7 @@ class IndexReader:
                      train_step, needed, self.index_dir, self.max_staleness)
         logged = True
       timed_out = self.wait_seconds is not None and time.monotonic() - start > self.wait_seconds
-      if partitioning.agree(timed_out):  # process 0's clock decides for all
+      if partitioning.agree(int(timed_out)):  # process 0's clock decides for all
         raise TimeoutError(f"step {train_step}: no index of step >= {needed} was published in "
                            f"{self.index_dir}/committed within {self.wait_seconds} s (max staleness "
                            f"{self.max_staleness}); is the refresh job running?")
