@@ -185,6 +185,17 @@ def test_refresher_indexes_checkpoints_and_resumes_after_a_restart(demo_store, t
   assert refresher.refresh(2, abandon_if_superseded=True) is None
   assert index_lib.committed_steps(tmp_path / "index") == []
   assert refresher.run(step=2) == [2]  # an explicit --step is always indexed
+  # The trainer deleting its oldest checkpoint while the refresher lists them is retried, not fatal.
+  reload, calls = refresher.checkpoints.reload, []
+
+  def racing_reload():
+    calls.append(1)
+    if len(calls) == 1:
+      raise FileNotFoundError(tmp_path / "train" / "2")
+    reload()
+
+  refresher.checkpoints.reload = racing_reload
+  assert refresher.newest_checkpoint() == 4 and len(calls) == 2
   restarted = Refresher(tmp_path, tmp_path / "index", demo_store, mesh, config)
   assert restarted.run() == [4]  # newest checkpoint; training is done, so it exits
   assert Refresher(tmp_path, tmp_path / "index", demo_store, mesh, config).run() == []

@@ -65,10 +65,16 @@ def test_trainer_and_refresher_processes_run_concurrently_and_the_trainer_hot_sw
        "--gin_bindings=refresher.RefreshConfig.block_len = 32",
        "--gin_bindings=refresher.RefreshConfig.batch_size = 512",
        "--poll_seconds=0.2", f"--workdir={workdir}"],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      # Files, not pipes: an undrained pipe would block the refresher while the trainer waits for it.
+      cwd=REPO, env=env, stdout=(tmp_path / "refresh.out").open("w"), stderr=(tmp_path / "refresh.log").open("w"),
   )
-  _, train_log = trainer.communicate(timeout=600)
-  refresh_out, refresh_log = refresher.communicate(timeout=600)
+  try:
+    _, train_log = trainer.communicate(timeout=600)
+    refresher.wait(timeout=600)
+  finally:
+    trainer.kill()
+    refresher.kill()
+  refresh_out, refresh_log = (tmp_path / "refresh.out").read_text(), (tmp_path / "refresh.log").read_text()
   assert trainer.returncode == 0, train_log[-3000:]
   assert refresher.returncode == 0, refresh_log[-3000:]
   swaps = [int(line.rsplit(" ", 1)[1]) for line in train_log.splitlines() if "swapped in index step" in line]

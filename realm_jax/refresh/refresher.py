@@ -164,8 +164,7 @@ class Refresher:
 
   def pending_step(self) -> int | None:
     """Newest trainer checkpoint not yet indexed."""
-    self.checkpoints.reload()
-    newest = self.checkpoints.latest_step()
+    newest = self.newest_checkpoint()
     done = index_lib.committed_steps(self.index_dir)
     if newest is None or (done and newest <= done[-1]):
       return None
@@ -178,8 +177,21 @@ class Refresher:
     """Whether the trainer has finished and its final checkpoint is newer than `step`."""
     if not self.training_done():
       return False
+    newest = self.newest_checkpoint()
+    return newest is not None and newest > step
+
+  def newest_checkpoint(self, attempts: int = 5) -> int | None:
+    """The trainer's newest checkpoint step.  Listing races with the trainer deleting its oldest
+    checkpoint (`keep_checkpoints`); a step that vanished mid-listing is retried, not fatal."""
+    for attempt in range(attempts - 1):
+      try:
+        self.checkpoints.reload()
+        return self.checkpoints.latest_step()
+      except FileNotFoundError as e:
+        logging.info("checkpoint listing raced with the trainer's garbage collection (%s); retrying", e)
+        time.sleep(0.1 * (attempt + 1))
     self.checkpoints.reload()
-    return (self.checkpoints.latest_step() or -1) > step
+    return self.checkpoints.latest_step()
 
   def run(self, once: bool = False, step: int | None = None, poll_seconds: float = 10.0,
           max_refreshes: int | None = None) -> list[int]:
