@@ -60,20 +60,21 @@ def test_trainer_and_refresher_processes_run_concurrently_and_the_trainer_hot_sw
        "--gin_bindings=ict.run_ict.max_index_staleness = 30", f"--workdir={workdir}"],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
   )
-  refresher = subprocess.Popen(
-      [sys.executable, "launch/refresh_index.py", *model, "--gin_file=gin/runs/refresh.gin",
-       "--gin_bindings=refresher.RefreshConfig.block_len = 32",
-       "--gin_bindings=refresher.RefreshConfig.batch_size = 512",
-       "--poll_seconds=0.2", f"--workdir={workdir}"],
-      # Files, not pipes: an undrained pipe would block the refresher while the trainer waits for it.
-      cwd=REPO, env=env, stdout=(tmp_path / "refresh.out").open("w"), stderr=(tmp_path / "refresh.log").open("w"),
-  )
-  try:
-    _, train_log = trainer.communicate(timeout=600)
-    refresher.wait(timeout=600)
-  finally:
-    trainer.kill()
-    refresher.kill()
+  # Files, not pipes: an undrained pipe would block the refresher while the trainer waits for it.
+  with (tmp_path / "refresh.out").open("w") as out, (tmp_path / "refresh.log").open("w") as log:
+    refresher = subprocess.Popen(
+        [sys.executable, "launch/refresh_index.py", *model, "--gin_file=gin/runs/refresh.gin",
+         "--gin_bindings=refresher.RefreshConfig.block_len = 32",
+         "--gin_bindings=refresher.RefreshConfig.batch_size = 512",
+         "--poll_seconds=0.2", f"--workdir={workdir}"],
+        cwd=REPO, env=env, stdout=out, stderr=log,
+    )
+    try:
+      _, train_log = trainer.communicate(timeout=600)
+      refresher.wait(timeout=600)
+    finally:
+      trainer.kill()
+      refresher.kill()
   refresh_out, refresh_log = (tmp_path / "refresh.out").read_text(), (tmp_path / "refresh.log").read_text()
   assert trainer.returncode == 0, train_log[-3000:]
   assert refresher.returncode == 0, refresh_log[-3000:]
