@@ -61,21 +61,32 @@ def run_local(name: str, files: list[str], bindings: list[str]) -> dict:
   env = {"JAX_NUM_CPU_DEVICES": str(_DEVICES.value), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
   common = gin_args(_GIN_FILES.value, [*_GIN_BINDINGS.value])
   trainer_args = common + gin_args([*_RUN_GIN.value, *files], bindings) + [f"--workdir={workdir}"]
-  trainer = subprocess.Popen([sys.executable, "launch/pretrain.py", *trainer_args], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, text=True)
-  refresher = None
-  if uses_retrieval(files, bindings):
-    refresher = subprocess.Popen(
-        [sys.executable, "launch/refresh_index.py", *common, "--gin_file=gin/runs/refresh.gin",
-         "--gin_bindings=TOWER_PATH = ('retriever', 'query_tower')", f"--workdir={workdir}", "--poll_seconds=2"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, text=True,
-    )
-  out, _ = trainer.communicate()
-  if refresher:
-    refresher.communicate()
+  workdir.mkdir(parents=True, exist_ok=True)
+  trainer_log, refresher_log = workdir / "trainer.log", workdir / "refresher.log"
+  print(f"variant {name}: logs in {trainer_log}" + (f" and {refresher_log}" if uses_retrieval(files, bindings) else ""),
+        flush=True)
+  with open(trainer_log, "w") as trainer_out, open(refresher_log, "w") as refresher_out:
+    # Files, not pipes: an undrained pipe would block the process writing to it.
+    trainer = subprocess.Popen([sys.executable, "launch/pretrain.py", *trainer_args], cwd=REPO, env=env,
+                               stdout=trainer_out, stderr=subprocess.STDOUT, text=True)
+    refresher = None
+    if uses_retrieval(files, bindings):
+      refresher = subprocess.Popen(
+          [sys.executable, "launch/refresh_index.py", *common, "--gin_file=gin/runs/refresh.gin",
+           "--gin_bindings=TOWER_PATH = ('retriever', 'query_tower')", f"--workdir={workdir}", "--poll_seconds=2"],
+          cwd=REPO, env=env, stdout=refresher_out, stderr=subprocess.STDOUT, text=True,
+      )
+    trainer.wait()
+    if refresher:
+      refresher.wait()
   if trainer.returncode:
-    raise RuntimeError(f"variant {name}: trainer exited with {trainer.returncode}")
-  summary = next(line for line in out.splitlines() if line.startswith("REALM pre-training finished"))
+    raise RuntimeError(f"variant {name}: trainer exited with {trainer.returncode}; see {trainer_log}")
+  if refresher and refresher.returncode:
+    raise RuntimeError(f"variant {name}: refresher exited with {refresher.returncode}; see {refresher_log}")
+  finished = [line for line in trainer_log.read_text().splitlines() if line.startswith("REALM pre-training finished")]
+  if not finished:
+    raise RuntimeError(f"variant {name}: no 'REALM pre-training finished' line in {trainer_log}")
+  summary = finished[-1]
   return {"variant": name, "summary": summary}
 
 

@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 
 from realm_jax import partitioning
-from realm_jax.data.realm import NULL_BLOCK, MaskedQueries, RealmDataConfig, candidate_inputs, select_candidates
+from realm_jax.data.realm import (
+  NULL_BLOCK,
+  MaskedQueries,
+  RealmDataConfig,
+  candidate_inputs,
+  select_candidates,
+  span_in_candidates,
+)
 from realm_jax.models.bert import BertConfig
 from realm_jax.objectives.realm import marginal_loss
 from realm_jax.train.pretrain import run_pretrain
@@ -82,6 +89,23 @@ def test_candidate_and_joint_inputs_follow_the_released_formats(demo_store):
   assert joint["segment_ids"][0, 1, :6].sum() == 0 and joint["segment_ids"][0, 1, 6:n].all()
 
 
+def test_span_retrieved_counts_a_masked_span_only_inside_a_candidate_body_the_reader_sees(demo_store):
+  config = RealmDataConfig(query_len=16, block_len=64, joint_len=40)
+  query = np.array([[101, 7777, 103, 103, 102] + [0] * 11])
+  candidates = np.array([[NULL_BLOCK, 3]] * 3 + [[NULL_BLOCK, NULL_BLOCK]])
+  _, joint = candidate_inputs(demo_store, candidates, np.repeat(query, 4, 0), config)
+  body = demo_store.body_ids(3)
+  seen = 40 - 5 - 1  # [CLS] + 3 query wordpieces + [SEP] ... body ... [SEP]
+  assert 7777 not in body
+  spans = [body[5:8], body[seen - 2 : seen + 1], np.array([7777]), body[5:8]]
+  ids, weights = np.zeros((4, 10), np.int32), np.zeros((4, 10), np.float32)
+  for b, span in enumerate(spans):
+    ids[b, : len(span)], weights[b, : len(span)] = span, 1.0
+  # In the body; cut off by the joint length; only in the query; no retrieved body.
+  assert span_in_candidates(joint, ids, weights).tolist() == [1.0, 0.0, 0.0, 0.0]
+  assert span_in_candidates(joint, ids, 0 * weights).tolist() == [0.0] * 4  # nothing scored, nothing found
+
+
 def _numpy_log_softmax(x, axis):
   x = x - x.max(axis, keepdims=True)
   return x - np.log(np.exp(x).sum(axis, keepdims=True))
@@ -121,6 +145,7 @@ def test_pretraining_runs_on_the_live_index_and_logs_staleness(demo_store, tmp_p
   assert history[-1]["index_step"] == 0.0 and history[-1]["index_staleness"] == 4.0
   assert all(np.isfinite(h["loss"]) for h in history)
   assert 0 < history[-1]["p_null"] < 1
+  assert 0 <= history[-1]["span_retrieved"] <= 1
   assert (tmp_path / "index" / "committed" / "0").is_dir()
   assert jax.device_count() == 8
 
@@ -137,7 +162,8 @@ def test_sharded_realm_step_equals_one_device(demo_store):
   candidates, weights = select_candidates(retrieved, batch["block_id"], demo_store.arrays["uids"], 3)
   blocks, joint = candidate_inputs(demo_store, candidates, batch["query_input_ids"], data)
   batch = {**batch, **{f"block_{k}": v for k, v in blocks.items()}, **{f"joint_{k}": v for k, v in joint.items()},
-           "example_weight": weights}
+           "example_weight": weights,
+           "span_retrieved": span_in_candidates(joint, batch["mlm_ids"], batch["mlm_weights"])}
   model = RealmModel(TINY, TINY, projection_size=16)
   params = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
   grad_fn = jax.jit(jax.value_and_grad(lambda p, b: realm_loss(model, p, b, jax.random.key(1)), has_aux=True))

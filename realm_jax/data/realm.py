@@ -134,6 +134,27 @@ def select_candidates(
   return out, weights
 
 
+def span_in_candidates(joint: dict[str, np.ndarray], mlm_ids: np.ndarray, mlm_weights: np.ndarray) -> np.ndarray:
+  """[B] 1.0 where the scored masked wordpieces, in order and contiguous, occur in the block part (segment 1)
+  of some candidate's joint input [B, K, L] as the reader sees it, else 0.0.
+
+  With salient-span masking this says whether retrieval brought the reader the masked entity at all (the
+  null block has an empty body, so it never counts).
+  """
+  batch, k, _ = joint["input_ids"].shape
+  found = np.zeros(batch, np.float32)
+  for b in range(batch):
+    span = mlm_ids[b][mlm_weights[b] > 0]
+    if not len(span):
+      continue
+    for j in range(k):
+      body = joint["input_ids"][b, j][joint["segment_ids"][b, j] == 1]
+      if len(body) >= len(span) and (np.lib.stride_tricks.sliding_window_view(body, len(span)) == span).all(1).any():
+        found[b] = 1.0
+        break
+  return found
+
+
 def candidate_inputs(store: BlockStore, candidates: np.ndarray, query_ids: np.ndarray, config: RealmDataConfig):
   """Block inputs [B, K, block_len] (`[CLS] title [SEP] body [SEP]`, null = `[CLS] [SEP] [SEP]`) and joint
   reader inputs [B, K, joint_len] (`[CLS] query [SEP] body [SEP]`, title dropped, as released)."""

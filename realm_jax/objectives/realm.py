@@ -91,7 +91,14 @@ def marginal_loss(
 
 
 def realm_loss(model: RealmModel, params, batch: dict[str, Array], rng: Array, per_example_marginal: bool = False):
-  """Loss for the Trainer: fresh scores and reader log-probs under dropout, duplicates weighted out."""
+  """Loss for the Trainer: fresh scores and reader log-probs under dropout, duplicates weighted out.
+
+  Adds `span_retrieved`: the share of scored examples whose masked span occurs in a candidate the reader
+  saw (the batch's host-computed `span_retrieved`, see `data.realm.span_in_candidates`).
+  """
   scores, log_probs = model.apply({"params": params}, batch, False, rngs={"dropout": rng})
   weights = batch["mlm_weights"] * batch["example_weight"][:, None]
-  return marginal_loss(scores, log_probs, batch["mlm_ids"], weights, per_example_marginal)
+  loss, metrics = marginal_loss(scores, log_probs, batch["mlm_ids"], weights, per_example_marginal)
+  scored = (weights.sum(-1) > 0).astype(jnp.float32)
+  metrics["span_retrieved"] = (batch["span_retrieved"] * scored).sum() / jnp.maximum(scored.sum(), 1.0)
+  return loss, metrics

@@ -5,6 +5,9 @@ them with the CURRENT query tower, searches the newest published index (stale bl
 REALM's off-policy selection), removes trivial retrievals, prepends the null block and builds
 candidate/joint inputs; (3) the jit step re-scores the candidates with fresh parameters so
 gradients reach both towers and the reader.  Indexes are hot-swapped between steps.
+Logged besides the loss: MLM accuracy, retrieval utility (marginal vs null-block log-likelihood),
+p(null), `span_retrieved` (share of queries whose masked span is in a candidate the reader saw),
+index step and staleness, examples/s.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ from jax.sharding import PartitionSpec as P
 from realm_jax import partitioning
 from realm_jax.checkpoints import hf_realm
 from realm_jax.data.blocks import BlockStore
-from realm_jax.data.realm import FEATURES, RealmDataConfig, candidate_inputs, realm_query_dataset, select_candidates
+from realm_jax.data.realm import (
+  FEATURES,
+  RealmDataConfig,
+  candidate_inputs,
+  realm_query_dataset,
+  select_candidates,
+  span_in_candidates,
+)
 from realm_jax.models.bert import BertConfig
 from realm_jax.objectives.ict import load_pretrained_encoder, with_pretrained_towers
 from realm_jax.objectives.realm import RealmModel, realm_loss
@@ -109,6 +119,7 @@ class RealmRun:
         **{f"block_{k}": v for k, v in blocks.items()},
         **{f"joint_{k}": v for k, v in joint.items()},
         "example_weight": weights,
+        "span_retrieved": span_in_candidates(joint, batch["mlm_ids"], batch["mlm_weights"]),
     }
 
 
@@ -124,6 +135,7 @@ def realm_batch_spec(data: RealmDataConfig, num_candidates: int) -> dict[str, ja
       "mlm_weights": jax.ShapeDtypeStruct((b, data.max_masks), f32),
       "block_id": jax.ShapeDtypeStruct((b,), i32),
       "example_weight": jax.ShapeDtypeStruct((b,), f32),
+      "span_retrieved": jax.ShapeDtypeStruct((b,), f32),
   }
 
 
