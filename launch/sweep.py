@@ -7,14 +7,16 @@ r"""Expands a set of gin variants into REALM pre-training runs: locally in seque
     --workdir_root=workdir/sweep --mode=local
 
 A variant is NAME=ITEM;ITEM;... where an item ending in .gin is a gin file and anything else a
-binding (variant bindings reach the trainer only).  Local mode runs, per variant, the trainer and
-(unless the variant disables retrieval) a refresher beside it, each in its own workdir
-`<workdir_root>/<NAME>`, then prints a results table.  `--mode=tpu` prints the
+binding (variant bindings, like --run_bindings, reach the trainer only; --gin_bindings reach the refresher
+too).  Local mode runs, per variant, the trainer and (unless the variant disables retrieval) a refresher
+beside it, each in its own workdir `<workdir_root>/<NAME>` with its output in `trainer.log` /
+`refresher.log` there, then prints a results table.  `--mode=tpu` prints the
 `launch/tpu/pod.py --dry_run` command of each variant instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import subprocess
@@ -25,7 +27,8 @@ from absl import app, flags
 
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Model gin files (trainer and refresher).")
 _RUN_GIN = flags.DEFINE_multi_string("run_gin", [], "Trainer run gin files.")
-_GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Bindings for every variant.")
+_GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Bindings for every variant (trainer and refresher).")
+_RUN_BINDINGS = flags.DEFINE_multi_string("run_bindings", [], "Bindings for every variant's trainer only.")
 _VARIANTS = flags.DEFINE_multi_string("variant", [], "NAME=ITEM;ITEM;... (gin files or bindings).")
 _ROOT = flags.DEFINE_string("workdir_root", "workdir/sweep", "Each variant runs in <root>/<NAME>.")
 _MODE = flags.DEFINE_enum("mode", "local", ["local", "tpu"], "Run locally in sequence, or print pod commands.")
@@ -63,14 +66,16 @@ def run_local(name: str, files: list[str], bindings: list[str]) -> dict:
   trainer_args = common + gin_args([*_RUN_GIN.value, *files], bindings) + [f"--workdir={workdir}"]
   workdir.mkdir(parents=True, exist_ok=True)
   trainer_log, refresher_log = workdir / "trainer.log", workdir / "refresher.log"
-  print(f"variant {name}: logs in {trainer_log}" + (f" and {refresher_log}" if uses_retrieval(files, bindings) else ""),
-        flush=True)
-  with open(trainer_log, "w") as trainer_out, open(refresher_log, "w") as refresher_out:
-    # Files, not pipes: an undrained pipe would block the process writing to it.
+  with_refresher = uses_retrieval(files, bindings)
+  print(f"variant {name}: logs in {trainer_log}" + (f" and {refresher_log}" if with_refresher else ""), flush=True)
+  # Files, not pipes: an undrained pipe would block the process writing to it.
+  with contextlib.ExitStack() as stack:
+    trainer_out = stack.enter_context(open(trainer_log, "w"))
     trainer = subprocess.Popen([sys.executable, "launch/pretrain.py", *trainer_args], cwd=REPO, env=env,
                                stdout=trainer_out, stderr=subprocess.STDOUT, text=True)
     refresher = None
-    if uses_retrieval(files, bindings):
+    if with_refresher:
+      refresher_out = stack.enter_context(open(refresher_log, "w"))
       refresher = subprocess.Popen(
           [sys.executable, "launch/refresh_index.py", *common, "--gin_file=gin/runs/refresh.gin",
            "--gin_bindings=TOWER_PATH = ('retriever', 'query_tower')", f"--workdir={workdir}", "--poll_seconds=2"],
@@ -92,7 +97,8 @@ def run_local(name: str, files: list[str], bindings: list[str]) -> dict:
 
 def main(argv):
   del argv
-  variants = [parse_variant(v) for v in _VARIANTS.value]
+  variants = [(name, files, [*_RUN_BINDINGS.value, *bindings])
+              for name, files, bindings in map(parse_variant, _VARIANTS.value)]
   if not variants:
     raise app.UsageError("give at least one --variant")
   results = []

@@ -84,3 +84,24 @@ def test_trainer_and_refresher_processes_run_concurrently_and_the_trainer_hot_sw
   assert staleness and max(staleness) <= 30  # bounded: the trainer waited for the refresher when it lagged
   assert "refresher published index steps" in refresh_out
   assert (workdir / "index" / "committed" / "160").is_dir()  # the final checkpoint is indexed
+
+
+def test_sweep_runs_each_variant_locally_with_its_refresher_and_tabulates_the_results(demo_store, tmp_path):
+  result = subprocess.run(
+      [sys.executable, "launch/sweep.py", "--gin_file=gin/models/tiny.gin",
+       "--run_gin=gin/runs/realm_pretrain_demo.gin",
+       f"--gin_bindings=BLOCK_STORE = '{demo_store.path}'", "--gin_bindings=BLOCK_LEN = 32",
+       "--gin_bindings=NUM_STEPS = 4", "--run_bindings=pretrain.run_pretrain.checkpoint_every = 2",
+       "--variant=retrieval=", "--variant=null_only=gin/ablations/no_retrieval.gin", f"--workdir_root={tmp_path}"],
+      cwd=REPO, capture_output=True, text=True, timeout=900,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  table = result.stdout.strip().splitlines()[-2:]
+  assert [line.split(":")[0].strip() for line in table] == ["retrieval", "null_only"]
+  assert all("REALM pre-training finished at step 4" in line for line in table)
+  assert "p(null) 1.000, masked span retrieved 0.000" in table[1]  # the null block only
+  for name in ("retrieval", "null_only"):
+    assert "REALM pre-training finished at step 4" in (tmp_path / name / "trainer.log").read_text()
+  assert "refresher published index steps" in (tmp_path / "retrieval" / "refresher.log").read_text()
+  assert not (tmp_path / "null_only" / "refresher.log").exists()
+  assert (tmp_path / "retrieval" / "index" / "committed" / "4").is_dir()
