@@ -53,7 +53,10 @@ class ExactSearcher:
     padded_rows = self.rows_per_shard * self.mesh.size
     padded = np.zeros((padded_rows, self.dim), np.float32)
     padded[: len(embeddings)] = embeddings
-    return jax.device_put(padded, self.sharding)
+    # Every process holds the same verified index, so each fills its own shards.  Not `device_put`: across
+    # processes it runs an equality collective, which raced the trainer's collectives when the index
+    # reader's thread loaded an index (gloo "collective mismatch" abort).
+    return jax.make_array_from_callback(padded.shape, self.sharding, lambda index: padded[index])
 
   def swap(self, embeddings: np.ndarray) -> None:
     """New embeddings of the same shape: the compiled search is reused."""
