@@ -241,12 +241,14 @@ def _same(a, b):
 
 def test_init_specs_load_released_checkpoints_into_training(ckpt):
   from realm_jax.checkpoints.hf_realm import load_hf_realm_reader
+  from realm_jax.objectives.realm import RealmModel
   from realm_jax.train.pretrain import load_reader_init, load_retriever_init
 
   bert = ckpt["scorer"].architecture.bert
   retriever = load_retriever_init(f"hf_realm:{DATA / 'scorer'}", bert, 16, mesh=None)
   assert _same(retriever, {"tower": ckpt["scorer"].params["query_tower"]})
-  assert _same(load_reader_init(f"hf_realm:{DATA / 'encoder'}", bert), ckpt["encoder"].params)
+  assert _same(load_reader_init(f"hf_realm:{DATA / 'encoder'}", RealmModel(bert, bert, 16), mesh=None),
+               ckpt["encoder"].params)
   assert _same(load_hf_realm_reader(f"hf_realm:{DATA / 'reader'}", bert, 16, 10), ckpt["reader"].params)
   from_realm = load_hf_realm_reader(f"hf_realm:{DATA / 'encoder'}", bert, 16, 10)  # ORQA: BERT from REALM
   assert _same(from_realm, {"encoder": ckpt["encoder"].params["reader"]})

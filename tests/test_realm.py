@@ -150,6 +150,28 @@ def test_pretraining_runs_on_the_live_index_and_logs_staleness(demo_store, tmp_p
   assert jax.device_count() == 8
 
 
+def test_a_run_can_start_its_reader_and_mlm_head_from_another_realm_run(demo_store, tmp_path):
+  from realm_jax.objectives.realm import RealmModel
+  from realm_jax.train.pretrain import abstract_realm_params, load_reader_init
+  from realm_jax.train.trainer import restore_params_subtree
+
+  data = RealmDataConfig(batch_size=8, query_len=32, block_len=48, joint_len=80, num_candidates=4)
+  mesh = partitioning.make_mesh()
+  with pytest.raises(FileNotFoundError, match="no REALM pre-training checkpoint"):
+    load_reader_init(f"realm:{tmp_path}", RealmModel(TINY, TINY, 128), mesh)
+  run_pretrain(str(tmp_path), str(demo_store.path), TINY, TINY, mesh, data=data, retrieval=False, num_steps=3,
+               learning_rate=1e-3, warmup_steps=1, checkpoint_every=2, log_every=3)
+  model = RealmModel(TINY, TINY, 128)
+  loaded = load_reader_init(f"realm:{tmp_path}", model, mesh)
+  assert set(loaded) == {"reader", "mlm_head"}
+  head = restore_params_subtree(tmp_path / "train", 3, ("mlm_head",), abstract_realm_params(model)["mlm_head"],
+                                jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  jax.tree.map(np.testing.assert_array_equal, loaded["mlm_head"], jax.device_get(head))  # the newest step, 3
+  shapes = lambda tree: jax.tree.map(np.shape, tree)  # noqa: E731
+  assert shapes(loaded["reader"]) == shapes(abstract_realm_params(model)["reader"])
+  assert np.abs(loaded["mlm_head"]["bias"]).max() > 0  # trained: a fresh head's bias is zero
+
+
 def test_sharded_realm_step_equals_one_device(demo_store):
   import flax.linen as nn
 

@@ -17,8 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from realm_jax import partitioning
 from realm_jax.checkpoints import hf_realm
@@ -31,39 +29,19 @@ from realm_jax.models.bert import BertConfig
 from realm_jax.models.reader import INVALID_SPAN_LOGIT
 from realm_jax.objectives.ict import load_pretrained_encoder
 from realm_jax.objectives.openqa import OpenQaModel, openqa_train_loss
+from realm_jax.objectives.realm import RealmModel
 from realm_jax.refresh.refresher import RefreshConfig, embed_all_blocks
 from realm_jax.retrieval import index as index_lib
 from realm_jax.retrieval.mips import ExactSearcher
 from realm_jax.train.optimizer import bert_adamw
-from realm_jax.train.pretrain import load_retriever_init, with_retriever_init
-from realm_jax.train.trainer import Trainer, TrainerConfig, TrainState, latest_checkpoint_step, restore_params_subtree
+from realm_jax.train.pretrain import load_realm_checkpoint, load_retriever_init, with_retriever_init
+from realm_jax.train.trainer import Trainer, TrainerConfig, TrainState
 
 
 def abstract_params(model: nn.Module, example: dict[str, Any], method=None) -> Any:
   """Shapes of `model`'s parameters (no memory, no FLOPs)."""
   init = lambda: model.init(jax.random.key(0), example, method=method)["params"]  # noqa: E731
   return nn.meta.unbox(jax.eval_shape(init))
-
-
-def load_realm_pretrained(workdir: str | Path, retriever: BertConfig, reader: BertConfig, projection_size: int,
-                          share_towers: bool, mesh) -> tuple[dict[str, Any], int]:
-  """Retriever (both towers) and reader encoder of a REALM pre-training run's newest checkpoint, and its step."""
-  from realm_jax.objectives.realm import RealmModel
-
-  train_dir = Path(workdir) / "train"
-  step = latest_checkpoint_step(train_dir)
-  if step is None:
-    raise FileNotFoundError(f"{train_dir}: no REALM checkpoint to fine-tune from")
-  x = jnp.zeros((1, 8), jnp.int32)
-  realm = RealmModel(retriever, reader, projection_size, share_towers)
-  full = abstract_params(realm, {
-      **{f"query_{n}": x for n in FEATURES}, **{f"block_{n}": x[:, None] for n in FEATURES},
-      **{f"joint_{n}": x[:, None] for n in FEATURES}, "mlm_positions": x[:, :1], "mlm_ids": x[:, :1]})
-  replicated = NamedSharding(mesh, P())
-  params = {name: jax.device_get(restore_params_subtree(train_dir, step, (name,), full[name], replicated))
-            for name in ("retriever", "reader")}
-  logging.info("fine-tuning starts from REALM checkpoint %s step %d", train_dir, step)
-  return params, step
 
 
 @dataclasses.dataclass
@@ -207,8 +185,8 @@ def run_finetune(
     if not init.startswith("realm:"):
       raise ValueError(f"init={init!r}: expected 'realm:<REALM pre-training workdir>'")
     realm_dir = Path(init[len("realm:"):])
-    realm, realm_step = load_realm_pretrained(realm_dir, retriever, reader, spec.projection_size, spec.share_towers,
-                                              mesh)
+    realm_model = RealmModel(retriever, reader, spec.projection_size, spec.share_towers)
+    realm, realm_step = load_realm_checkpoint(realm_dir, realm_model, ("retriever", "reader"), mesh)
     starting = {"retriever": realm["retriever"], "reader": {"encoder": realm["reader"]}}
     pretrained_index = realm_dir / "index" / "committed" / str(realm_step)
   else:

@@ -16,6 +16,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,12 +76,41 @@ def with_retriever_init(retriever: dict[str, Any], loaded: dict[str, Any], spec:
   return retriever
 
 
-def load_reader_init(spec: str, reader: BertConfig) -> dict[str, Any]:
-  """RealmModel subtrees: 'hf_realm:<dir>' -> a RealmKnowledgeAugEncoder's {'reader', 'mlm_head'};
-  else a HF BERT dir / 'minilm' -> {'reader'} (the MLM head starts afresh)."""
+REALM_SPEC_PREFIX = "realm:"  # gin init specs: READER_INIT = 'realm:<REALM pre-training workdir>'
+
+
+def abstract_realm_params(model: RealmModel) -> dict[str, Any]:
+  """Shapes of a RealmModel's parameters (no memory, no FLOPs)."""
+  x = jnp.zeros((1, 8), jnp.int32)
+  example = {**{f"query_{n}": x for n in FEATURES}, **{f"block_{n}": x[:, None] for n in FEATURES},
+             **{f"joint_{n}": x[:, None] for n in FEATURES}, "mlm_positions": x[:, :1], "mlm_ids": x[:, :1]}
+  return nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), example)["params"]))
+
+
+def load_realm_checkpoint(workdir: str | Path, model: RealmModel, names: tuple[str, ...],
+                          mesh) -> tuple[dict[str, Any], int]:
+  """The `names` subtrees ('retriever', 'reader', 'mlm_head') of a REALM run's newest checkpoint, and its step."""
+  train_dir = Path(workdir) / "train"
+  step = latest_checkpoint_step(train_dir)
+  if step is None:
+    raise FileNotFoundError(f"{train_dir}: no REALM pre-training checkpoint")
+  full = abstract_realm_params(model)
+  replicated = NamedSharding(mesh, P())
+  params = {name: jax.device_get(restore_params_subtree(train_dir, step, (name,), full[name], replicated))
+            for name in names}
+  logging.info("%s start from REALM checkpoint %s step %d", "/".join(names), train_dir, step)
+  return params, step
+
+
+def load_reader_init(spec: str, model: RealmModel, mesh) -> dict[str, Any]:
+  """RealmModel subtrees: 'realm:<workdir>' -> a REALM run's newest {'reader', 'mlm_head'}; 'hf_realm:<dir>'
+  -> a RealmKnowledgeAugEncoder's {'reader', 'mlm_head'}; else a HF BERT dir / 'minilm' -> {'reader'} (the
+  MLM head starts afresh)."""
+  if spec.startswith(REALM_SPEC_PREFIX):
+    return load_realm_checkpoint(spec[len(REALM_SPEC_PREFIX):], model, ("reader", "mlm_head"), mesh)[0]
   if spec.startswith(hf_realm.SPEC_PREFIX):
-    return hf_realm.load_hf_realm_encoder(spec, reader)
-  return {"reader": load_pretrained_encoder(spec, reader)}
+    return hf_realm.load_hf_realm_encoder(spec, model.reader_config)
+  return {"reader": load_pretrained_encoder(spec, model.reader_config)}
 
 
 @dataclasses.dataclass
@@ -194,7 +224,7 @@ def run_pretrain(
   model = RealmModel(retriever, reader, projection_size, share_towers, retriever_layer_norm_eps, projection_init)
   run = RealmRun(model, store, data, retrieval, null_document, mesh)
   retriever_params = load_retriever_init(retriever_init, retriever, projection_size, mesh) if retriever_init else {}
-  reader_params = load_reader_init(reader_init, reader) if reader_init else {}
+  reader_params = load_reader_init(reader_init, model, mesh) if reader_init else {}
 
   def pretrained(params):
     params = dict(params)
