@@ -61,3 +61,16 @@ def test_gradients_are_clipped_to_global_norm_one():
   big, _ = opt.update({"kernel": jnp.array([300.0, 400.0])}, state, params)
   small, _ = opt.update({"kernel": jnp.array([0.6, 0.8])}, opt.init(params), params)
   np.testing.assert_allclose(big["kernel"], small["kernel"], rtol=1e-6)
+
+
+def test_a_multiplier_scales_one_subtrees_learning_rate_and_a_wrong_name_is_refused():
+  params = {"retriever": {"kernel": jnp.ones(3)}, "reader": {"kernel": jnp.ones(3)}}
+  grads = {"retriever": {"kernel": jnp.full(3, 0.1)}, "reader": {"kernel": jnp.full(3, 0.1)}}
+  plain, scaled = bert_adamw(1e-3, 100, warmup_steps=0), bert_adamw(1e-3, 100, warmup_steps=0,
+                                                                    multipliers={"retriever": 0.25})
+  base, _ = plain.update(grads, plain.init(params), params)
+  updates, _ = scaled.update(grads, scaled.init(params), params)
+  np.testing.assert_allclose(updates["retriever"]["kernel"], 0.25 * base["retriever"]["kernel"], rtol=1e-6)
+  np.testing.assert_array_equal(updates["reader"]["kernel"], base["reader"]["kernel"])
+  with pytest.raises(ValueError, match=r"\['retriver'\].*\['reader', 'retriever'\]"):
+    bert_adamw(1e-3, 100, multipliers={"retriver": 0.1}).init(params)

@@ -152,7 +152,7 @@ def test_pretraining_runs_on_the_live_index_and_logs_staleness(demo_store, tmp_p
 
 def test_a_run_can_start_its_reader_and_mlm_head_from_another_realm_run(demo_store, tmp_path):
   from realm_jax.objectives.realm import RealmModel
-  from realm_jax.train.pretrain import abstract_realm_params, load_reader_init
+  from realm_jax.train.pretrain import abstract_realm_params, load_reader_init, load_realm_checkpoint
   from realm_jax.train.trainer import restore_params_subtree
 
   data = RealmDataConfig(batch_size=8, query_len=32, block_len=48, joint_len=80, num_candidates=4)
@@ -170,6 +170,9 @@ def test_a_run_can_start_its_reader_and_mlm_head_from_another_realm_run(demo_sto
   shapes = lambda tree: jax.tree.map(np.shape, tree)  # noqa: E731
   assert shapes(loaded["reader"]) == shapes(abstract_realm_params(model)["reader"])
   assert np.abs(loaded["mlm_head"]["bias"]).max() > 0  # trained: a fresh head's bias is zero
+  towers, step = load_realm_checkpoint(tmp_path, model, ("retriever", "reader"), mesh)  # Open-QA's start
+  assert step == 3 and set(towers["retriever"]) == {"query_tower"}
+  jax.tree.map(np.testing.assert_array_equal, towers["reader"], loaded["reader"])
 
 
 def test_sharded_realm_step_equals_one_device(demo_store):

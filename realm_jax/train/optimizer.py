@@ -7,6 +7,7 @@ over min(10000, max(100, steps // 10)) steps and linear decay (from step 0) to 0
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -64,17 +65,36 @@ def decay_mask(params: Any) -> Any:
   return traverse_util.unflatten_dict(mask)
 
 
+def scale_subtrees(multipliers: Mapping[str, float]) -> optax.GradientTransformation:
+  """Multiplies the updates of top-level parameter subtrees, e.g. {'retriever': 0.1}: a per-module lr."""
+
+  def init(params):
+    unknown = sorted(set(multipliers) - set(params))
+    if unknown:
+      raise ValueError(f"learning-rate multipliers for {unknown}: the model's parameters are {sorted(params)}")
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    scale = lambda tree, m: jax.tree.map(lambda u: u * m, tree)  # noqa: E731
+    return {name: scale(tree, multipliers.get(name, 1.0)) for name, tree in updates.items()}, state
+
+  return optax.GradientTransformation(init, update)
+
+
 def bert_adamw(
     learning_rate: float,
     num_steps: int,
     weight_decay: float = 0.01,
     clip_norm: float = 1.0,
     warmup_steps: int | None = None,
+    multipliers: Mapping[str, float] | None = None,
 ) -> optax.GradientTransformation:
-  """The BERT optimizer (see module docstring)."""
+  """The BERT optimizer (see module docstring); `multipliers` scale the lr of top-level subtrees."""
   return optax.chain(
       optax.clip_by_global_norm(clip_norm),
       scale_by_adam_without_bias_correction(),
       optax.add_decayed_weights(weight_decay, mask=decay_mask),
       optax.scale_by_learning_rate(bert_schedule(learning_rate, num_steps, warmup_steps)),
+      *([scale_subtrees(multipliers)] if multipliers else []),
   )

@@ -173,14 +173,16 @@ def realm_trainer(
     model: RealmModel, data: RealmDataConfig, mesh: jax.sharding.Mesh, workdir: str | None, retrieval: bool = True,
     per_example_marginal: bool = False, num_steps: int = 200_000, learning_rate: float = 3e-5,
     warmup_steps: int | None = None, checkpoint_every: int = 1000, log_every: int = 100, seed: int = 0,
+    retriever_learning_rate: float | None = None,
 ) -> Trainer:
   """The REALM trainer (`workdir=None`: no checkpoints, for ahead-of-time compilation)."""
+  multipliers = None if retriever_learning_rate is None else {"retriever": retriever_learning_rate / learning_rate}
   spec = realm_batch_spec(dataclasses.replace(data, batch_size=1), data.num_candidates if retrieval else 1)
   example = {name: jnp.zeros(x.shape, x.dtype) for name, x in spec.items()}
   return Trainer(
       init_params=lambda rng: model.init(rng, example)["params"],
       loss_fn=lambda params, batch, rng: realm_loss(model, params, batch, rng, per_example_marginal),
-      optimizer=bert_adamw(learning_rate, num_steps, warmup_steps=warmup_steps),
+      optimizer=bert_adamw(learning_rate, num_steps, warmup_steps=warmup_steps, multipliers=multipliers),
       mesh=mesh,
       workdir=workdir,
       config=TrainerConfig(num_steps, checkpoint_every, log_every, seed=seed),
@@ -209,12 +211,16 @@ def run_pretrain(
     max_index_staleness: int | None = None,
     num_steps: int = 200_000,
     learning_rate: float = 3e-5,
+    retriever_learning_rate: float | None = None,
     warmup_steps: int | None = None,
     checkpoint_every: int = 1000,
     log_every: int = 100,
     seed: int = 0,
 ) -> list[dict[str, float]]:
   """REALM pre-training (paper: batch 512, 200k steps, lr 3e-5, 8 candidates incl. null).
+
+  `retriever_learning_rate` (None: `learning_rate`, as the paper) is the retriever's peak lr, on the same
+  schedule: a reader whose MLM head starts from scratch wants a higher lr than a pretrained retriever can take.
 
   `max_index_staleness` (None: unbounded, as the paper) makes a step wait for the refresh job when the
   installed index is more than that many steps old, for at most `index_wait_seconds`.
@@ -232,7 +238,7 @@ def run_pretrain(
     return params | reader_params
 
   trainer = realm_trainer(model, data, mesh, workdir, retrieval, per_example_marginal, num_steps, learning_rate,
-                          warmup_steps, checkpoint_every, log_every, seed)
+                          warmup_steps, checkpoint_every, log_every, seed, retriever_learning_rate)
   queries = iter(realm_query_dataset(store, data).to_iter_dataset())
   index_dir = Path(workdir) / "index"
   reader_thread, state = None, None
