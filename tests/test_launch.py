@@ -25,6 +25,20 @@ def test_gin_typo_names_the_offending_binding():
   gin.clear_config()
 
 
+REALM_RUN_GINS = sorted(str(p.relative_to(REPO)) for pattern in ("experiments/*.gin", "runs/realm_pretrain*.gin")
+                        for p in (REPO / "gin").glob(pattern))
+
+
+@pytest.mark.parametrize("run_gin", REALM_RUN_GINS)
+def test_every_realm_run_and_experiment_gin_parses_with_a_model(run_gin):
+  gin.clear_config()
+  gin.add_config_file_search_path(str(REPO))
+  try:
+    gin.parse_config_files_and_bindings(["gin/models/minilm.gin", run_gin], ["BLOCK_STORE = 'blocks'"])
+  finally:
+    gin.clear_config()
+
+
 def test_ict_launcher_end_to_end(demo_store, tmp_path):
   workdir = tmp_path / "ict"
   result = run_launcher(
