@@ -34,7 +34,12 @@ from realm_jax.refresh.refresher import RefreshConfig, embed_all_blocks
 from realm_jax.retrieval import index as index_lib
 from realm_jax.retrieval.mips import ExactSearcher
 from realm_jax.train.optimizer import bert_adamw
-from realm_jax.train.pretrain import load_realm_checkpoint, load_retriever_init, with_retriever_init
+from realm_jax.train.pretrain import (
+  REALM_SPEC_PREFIX,
+  load_realm_checkpoint,
+  load_retriever_init,
+  with_retriever_init,
+)
 from realm_jax.train.trainer import Trainer, TrainerConfig, TrainState
 
 
@@ -182,9 +187,9 @@ def run_finetune(
   model = spec.model()
 
   if init is not None:
-    if not init.startswith("realm:"):
-      raise ValueError(f"init={init!r}: expected 'realm:<REALM pre-training workdir>'")
-    realm_dir = Path(init[len("realm:"):])
+    if not init.startswith(REALM_SPEC_PREFIX):
+      raise ValueError(f"init={init!r}: expected '{REALM_SPEC_PREFIX}<REALM pre-training workdir>'")
+    realm_dir = Path(init[len(REALM_SPEC_PREFIX):])
     realm_model = RealmModel(retriever, reader, spec.projection_size, spec.share_towers)
     realm, realm_step = load_realm_checkpoint(realm_dir, realm_model, ("retriever", "reader"), mesh)
     starting = {"retriever": realm["retriever"], "reader": {"encoder": realm["reader"]}}

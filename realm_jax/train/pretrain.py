@@ -176,7 +176,12 @@ def realm_trainer(
     retriever_learning_rate: float | None = None,
 ) -> Trainer:
   """The REALM trainer (`workdir=None`: no checkpoints, for ahead-of-time compilation)."""
-  multipliers = None if retriever_learning_rate is None else {"retriever": retriever_learning_rate / learning_rate}
+  multipliers = None
+  if retriever_learning_rate is not None:
+    if learning_rate <= 0:
+      raise ValueError(f"retriever_learning_rate={retriever_learning_rate} needs learning_rate > 0, "
+                       f"got {learning_rate}")
+    multipliers = {"retriever": retriever_learning_rate / learning_rate}
   spec = realm_batch_spec(dataclasses.replace(data, batch_size=1), data.num_candidates if retrieval else 1)
   example = {name: jnp.zeros(x.shape, x.dtype) for name, x in spec.items()}
   return Trainer(
