@@ -23,8 +23,8 @@ from realm_jax.data.tokenization import Tokenizer
 from realm_jax.objectives.openqa import READER_FEATURES, OpenQaModel
 from realm_jax.retrieval import index as index_lib
 from realm_jax.retrieval.mips import ExactSearcher
-from realm_jax.train.finetune import OpenQaSpec, abstract_params
-from realm_jax.train.trainer import latest_checkpoint_step, restore_params_subtree
+from realm_jax.train.finetune import OpenQaSpec
+from realm_jax.train.trainer import abstract_params, latest_checkpoint_step, restore_params_subtree
 
 
 @dataclasses.dataclass

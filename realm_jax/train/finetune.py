@@ -12,7 +12,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,12 +40,6 @@ from realm_jax.train.pretrain import (
   with_retriever_init,
 )
 from realm_jax.train.trainer import Trainer, TrainerConfig, TrainState
-
-
-def abstract_params(model: nn.Module, example: dict[str, Any], method=None) -> Any:
-  """Shapes of `model`'s parameters (no memory, no FLOPs)."""
-  init = lambda: model.init(jax.random.key(0), example, method=method)["params"]  # noqa: E731
-  return nn.meta.unbox(jax.eval_shape(init))
 
 
 @dataclasses.dataclass

@@ -16,7 +16,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,7 +40,14 @@ from realm_jax.objectives.realm import RealmModel, realm_loss
 from realm_jax.refresh.refresher import RefreshConfig, abstract_tower_params, embed_all_blocks
 from realm_jax.retrieval import index as index_lib
 from realm_jax.train.optimizer import bert_adamw
-from realm_jax.train.trainer import Trainer, TrainerConfig, TrainState, latest_checkpoint_step, restore_params_subtree
+from realm_jax.train.trainer import (
+  Trainer,
+  TrainerConfig,
+  TrainState,
+  abstract_params,
+  latest_checkpoint_step,
+  restore_params_subtree,
+)
 
 
 def load_retriever_init(spec: str, encoder: BertConfig, projection_size: int, mesh) -> dict[str, Any]:
@@ -81,10 +87,8 @@ REALM_SPEC_PREFIX = "realm:"  # gin init specs: READER_INIT = 'realm:<REALM pre-
 
 def abstract_realm_params(model: RealmModel) -> dict[str, Any]:
   """Shapes of a RealmModel's parameters (no memory, no FLOPs)."""
-  x = jnp.zeros((1, 8), jnp.int32)
-  example = {**{f"query_{n}": x for n in FEATURES}, **{f"block_{n}": x[:, None] for n in FEATURES},
-             **{f"joint_{n}": x[:, None] for n in FEATURES}, "mlm_positions": x[:, :1], "mlm_ids": x[:, :1]}
-  return nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), example)["params"]))
+  spec = realm_batch_spec(RealmDataConfig(batch_size=1), num_candidates=1)
+  return abstract_params(model, {name: jnp.zeros(x.shape, x.dtype) for name, x in spec.items()})
 
 
 def load_realm_checkpoint(workdir: str | Path, model: RealmModel, names: tuple[str, ...],

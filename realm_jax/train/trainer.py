@@ -251,6 +251,12 @@ class Trainer:
     return state, history
 
 
+def abstract_params(model: nn.Module, example: dict[str, Any], method=None) -> Any:
+  """Shapes of `model`'s parameters (no memory, no FLOPs)."""
+  init = lambda: model.init(jax.random.key(0), example, method=method)["params"]  # noqa: E731
+  return nn.meta.unbox(jax.eval_shape(init))
+
+
 def restore_params_subtree(train_dir: str | Path, step: int, path: tuple[str, ...], abstract: Any, sharding) -> Any:
   """Restores only `params[path...]` of a trainer checkpoint (orbax partial restore)."""
   manager = ocp.CheckpointManager(
