@@ -69,6 +69,14 @@ def test_the_trivial_block_is_never_a_candidate_and_null_comes_first(demo_store)
   assert no_null.tolist() == [[5, 2, 7], [3, 4, 6], [1, 1, 3]]
 
 
+def test_trivial_retrievals_stay_when_their_exclusion_is_switched_off(demo_store):
+  uids = demo_store.arrays["uids"]
+  candidates, weights = select_candidates(np.array([[9, 5, 2, 7]]), np.array([9]), uids, num_candidates=4,
+                                          exclude_trivial=False)
+  assert candidates.tolist() == [[NULL_BLOCK, 9, 5, 2]]
+  assert weights.tolist() == [1.0]
+
+
 def test_blocks_sharing_the_source_sha1_are_excluded_too(demo_store):
   uids = np.array(demo_store.arrays["uids"])
   uids[42] = uids[7]  # block 42 has the same title and body as the query's source block 7

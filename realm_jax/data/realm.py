@@ -113,13 +113,15 @@ def realm_query_dataset(store: BlockStore, config: RealmDataConfig) -> grain.Map
 
 
 def select_candidates(
-    retrieved: np.ndarray, source: np.ndarray, uids: np.ndarray, num_candidates: int, null_document: bool = True
+    retrieved: np.ndarray, source: np.ndarray, uids: np.ndarray, num_candidates: int, null_document: bool = True,
+    exclude_trivial: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
   """[B, k] retrieved ids -> ([B, num_candidates] ids, NULL_BLOCK first if `null_document`; [B] weights).
 
   Every block whose SHA1 uid (`uids` [N, 20], from the block store) equals the source block's is
-  removed (trivial retrieval); the rest keep their order.  Examples whose retrieved ids hold duplicates, or
-  with too few blocks left, get weight 0 (the released code skips them).
+  removed (trivial retrieval; `exclude_trivial=False` keeps them, the paper's §3.4 counter-example); the
+  rest keep their order.  Examples whose retrieved ids hold duplicates, or with too few blocks left, get
+  weight 0 (the released code skips them).
   """
   batch = len(retrieved)
   offset = 1 if null_document else 0
@@ -127,7 +129,8 @@ def select_candidates(
   weights = np.ones(batch, np.float32)
   for b in range(batch):
     source_uid = bytes(uids[source[b]])
-    kept = [int(i) for i in retrieved[b] if bytes(uids[int(i)]) != source_uid][: num_candidates - offset]
+    kept = [int(i) for i in retrieved[b] if not exclude_trivial or bytes(uids[int(i)]) != source_uid]
+    kept = kept[: num_candidates - offset]
     if len(set(retrieved[b].tolist())) != len(retrieved[b]) or len(kept) < num_candidates - offset:
       weights[b] = 0.0
     out[b, offset : offset + len(kept)] = kept

@@ -127,6 +127,7 @@ class RealmRun:
   retrieval: bool
   null_document: bool
   mesh: Any
+  exclude_trivial: bool = True
 
   def __post_init__(self):
     self._embed_queries = jax.jit(lambda p, q: self.model.apply(
@@ -146,7 +147,7 @@ class RealmRun:
       retrieved, _ = self.live.searcher.search(query_emb, c.num_candidates)
       retrieved = retrieved[partitioning.process_rows(self.mesh, len(retrieved))]
       candidates, weights = select_candidates(retrieved, batch["block_id"], self.store.arrays["uids"],
-                                              c.num_candidates, self.null_document)
+                                              c.num_candidates, self.null_document, self.exclude_trivial)
     blocks, joint = candidate_inputs(self.store, candidates, batch["query_input_ids"], c)
     return {
         **batch,
@@ -213,6 +214,7 @@ def run_pretrain(
     projection_init: str = "normal",
     retrieval: bool = True,
     null_document: bool = True,
+    exclude_trivial: bool = True,
     per_example_marginal: bool = False,
     bootstrap_index: bool = True,
     index_wait_seconds: float | None = 3600.0,
@@ -231,13 +233,17 @@ def run_pretrain(
   `retriever_learning_rate` (None: `learning_rate`, as the paper) is the retriever's peak lr, on the same
   schedule: a reader whose MLM head starts from scratch wants a higher lr than a pretrained retriever can take.
 
+  `exclude_trivial=False` keeps the query's own block among the candidates (the paper's §3.4: the reader
+  then learns to copy, the retriever to match surface strings).  It is the `keep_trivial_retrievals`
+  ablation, and a cheap curriculum that teaches a fresh MLM head to read its candidates.
+
   `max_index_staleness` (None: unbounded, as the paper) makes a step wait for the refresh job when the
   installed index is more than that many steps old, for at most `index_wait_seconds`.
   """
   data = data or RealmDataConfig()
   store = BlockStore(block_store)
   model = RealmModel(retriever, reader, projection_size, share_towers, retriever_layer_norm_eps, projection_init)
-  run = RealmRun(model, store, data, retrieval, null_document, mesh)
+  run = RealmRun(model, store, data, retrieval, null_document, mesh, exclude_trivial)
   retriever_params = load_retriever_init(retriever_init, retriever, projection_size, mesh) if retriever_init else {}
   reader_params = load_reader_init(reader_init, model, mesh) if reader_init else {}
 
