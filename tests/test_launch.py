@@ -1,5 +1,6 @@
 """Launchers: gin typos fail fast naming the binding; ICT launch writes config, checkpoints, TensorBoard."""
 
+import json
 import re
 import subprocess
 import sys
@@ -25,7 +26,8 @@ def test_gin_typo_names_the_offending_binding():
   gin.clear_config()
 
 
-REALM_RUN_GINS = sorted(str(p.relative_to(REPO)) for pattern in ("experiments/*.gin", "runs/realm_pretrain*.gin")
+REALM_RUN_GINS = sorted(str(p.relative_to(REPO)) for pattern in ("experiments/*.gin", "runs/realm_pretrain*.gin",
+                                                                 "runs/reader_copy*.gin")
                         for p in (REPO / "gin").glob(pattern))
 
 
@@ -37,6 +39,20 @@ def test_every_realm_run_and_experiment_gin_parses_with_a_model(run_gin):
     gin.parse_config_files_and_bindings(["gin/models/minilm.gin", run_gin], ["BLOCK_STORE = 'blocks'"])
   finally:
     gin.clear_config()
+
+
+def test_reader_copy_launcher_writes_each_evaluation(demo_store, tmp_path):
+  workdir = tmp_path / "reader_copy"
+  result = run_launcher(
+      "reader_copy.py", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/reader_copy_demo.gin",
+      f"--gin_bindings=BLOCK_STORE = '{demo_store.path}'", "--gin_bindings=realm_data.RealmDataConfig.batch_size = 4",
+      "--gin_bindings=reader_copy.run_reader_copy.num_steps = 2",
+      "--gin_bindings=reader_copy.run_reader_copy.eval_every = 1",
+      "--gin_bindings=reader_copy.run_reader_copy.eval_queries = 8", f"--workdir={workdir}",
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert [row["step"] for row in json.loads((workdir / "reader_copy.json").read_text())] == [0, 1, 2]
+  assert "| step | train loss | oracle log-lik |" in result.stdout
 
 
 def test_ict_launcher_end_to_end(demo_store, tmp_path):

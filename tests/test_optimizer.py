@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from realm_jax.train.optimizer import bert_adamw, bert_schedule, bert_warmup_steps, decay_mask
+from realm_jax.train.optimizer import bert_adamw, bert_schedule, bert_warmup_steps, decay_mask, subtree_multipliers
 
 
 @pytest.mark.parametrize("steps, warmup", [(500, 100), (5_000, 500), (200_000, 10_000), (10, 100)])
@@ -74,3 +74,10 @@ def test_a_multiplier_scales_one_subtrees_learning_rate_and_a_wrong_name_is_refu
   np.testing.assert_array_equal(updates["reader"]["kernel"], base["reader"]["kernel"])
   with pytest.raises(ValueError, match=r"\['retriver'\].*\['reader', 'retriever'\]"):
     bert_adamw(1e-3, 100, multipliers={"retriver": 0.1}).init(params)
+
+
+def test_subtrees_given_their_own_peak_rate_get_its_ratio_to_the_base_rate():
+  assert subtree_multipliers(2e-4, retriever=1e-5, mlm_head=5e-3) == pytest.approx({"retriever": 0.05, "mlm_head": 25})
+  assert subtree_multipliers(2e-4, retriever=None) is None
+  with pytest.raises(ValueError, match="learning_rate > 0"):
+    subtree_multipliers(0.0, mlm_head=1e-3)

@@ -44,20 +44,23 @@ class RealmModel(nn.Module):
     queries = {k[len("query_"):]: v for k, v in batch.items() if k.startswith("query_")}
     query_emb = self.retriever.embed_queries(queries, deterministic)
     batch_size, k, block_len = batch["block_input_ids"].shape
-    flat = lambda prefix, n: {  # noqa: E731
-        name: batch[f"{prefix}_{name}"].reshape(batch_size * k, n)
-        for name in ("input_ids", "input_mask", "segment_ids")
-    }
-    block_emb = self.retriever.embed_blocks(flat("block", block_len), deterministic).reshape(batch_size, k, -1)
+    blocks = {name: batch[f"block_{name}"].reshape(batch_size * k, block_len)
+              for name in ("input_ids", "input_mask", "segment_ids")}
+    block_emb = self.retriever.embed_blocks(blocks, deterministic).reshape(batch_size, k, -1)
     scores = jnp.einsum("bd,bkd->bk", query_emb, block_emb)
-    joint = flat("joint", batch["joint_input_ids"].shape[-1])
-    hidden, _ = self.reader(joint["input_ids"], joint["input_mask"], joint["segment_ids"], deterministic)
-    positions = jnp.repeat(batch["mlm_positions"], k, axis=0)  # [B*K, M]
+    joint = {name: batch[f"joint_{name}"] for name in ("input_ids", "input_mask", "segment_ids")}
+    return scores, self.read(joint, batch["mlm_positions"], deterministic)
+
+  def read(self, joint: dict[str, Array], mlm_positions: Array, deterministic: bool = True) -> Array:
+    """The reader's log p(.|z, x) [B, K, M, V] at the masks, from joint inputs [B, K, L] and positions [B, M]."""
+    batch_size, k, seq_len = joint["input_ids"].shape
+    flat = {name: x.reshape(batch_size * k, seq_len) for name, x in joint.items()}
+    hidden, _ = self.reader(flat["input_ids"], flat["input_mask"], flat["segment_ids"], deterministic)
+    positions = jnp.repeat(mlm_positions, k, axis=0)  # [B*K, M]
     at_masks = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # [B*K, M, H]
     table = nn.meta.unbox(self.reader.variables["params"]["embeddings"]["word_embeddings"]["embedding"])
-    logits = self.mlm_head(at_masks, table)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return scores, log_probs.reshape(batch_size, k, *log_probs.shape[1:])
+    log_probs = jax.nn.log_softmax(self.mlm_head(at_masks, table), axis=-1)
+    return log_probs.reshape(batch_size, k, *log_probs.shape[1:])
 
 
 def marginal_loss(

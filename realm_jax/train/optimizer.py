@@ -65,6 +65,17 @@ def decay_mask(params: Any) -> Any:
   return traverse_util.unflatten_dict(mask)
 
 
+def subtree_multipliers(learning_rate: float, **peak_rates: float | None) -> dict[str, float] | None:
+  """`scale_subtrees` multipliers that give subtrees their own peak lr, e.g. (3e-5, retriever=1e-5); None
+  rates keep `learning_rate`.  None when no subtree has its own."""
+  rates = {name: rate for name, rate in peak_rates.items() if rate is not None}
+  if not rates:
+    return None
+  if learning_rate <= 0:
+    raise ValueError(f"subtree learning rates {rates} need learning_rate > 0, got {learning_rate}")
+  return {name: rate / learning_rate for name, rate in rates.items()}
+
+
 def scale_subtrees(multipliers: Mapping[str, float]) -> optax.GradientTransformation:
   """Multiplies the updates of top-level parameter subtrees, e.g. {'retriever': 0.1}: a per-module lr."""
 

@@ -39,7 +39,7 @@ from realm_jax.objectives.ict import load_pretrained_encoder, with_pretrained_to
 from realm_jax.objectives.realm import RealmModel, realm_loss
 from realm_jax.refresh.refresher import RefreshConfig, abstract_tower_params, embed_all_blocks
 from realm_jax.retrieval import index as index_lib
-from realm_jax.train.optimizer import bert_adamw
+from realm_jax.train.optimizer import bert_adamw, subtree_multipliers
 from realm_jax.train.trainer import (
   Trainer,
   TrainerConfig,
@@ -178,15 +178,10 @@ def realm_trainer(
     model: RealmModel, data: RealmDataConfig, mesh: jax.sharding.Mesh, workdir: str | None, retrieval: bool = True,
     per_example_marginal: bool = False, num_steps: int = 200_000, learning_rate: float = 3e-5,
     warmup_steps: int | None = None, checkpoint_every: int = 1000, log_every: int = 100, seed: int = 0,
-    retriever_learning_rate: float | None = None,
+    retriever_learning_rate: float | None = None, mlm_head_learning_rate: float | None = None,
 ) -> Trainer:
   """The REALM trainer (`workdir=None`: no checkpoints, for ahead-of-time compilation)."""
-  multipliers = None
-  if retriever_learning_rate is not None:
-    if learning_rate <= 0:
-      raise ValueError(f"retriever_learning_rate={retriever_learning_rate} needs learning_rate > 0, "
-                       f"got {learning_rate}")
-    multipliers = {"retriever": retriever_learning_rate / learning_rate}
+  multipliers = subtree_multipliers(learning_rate, retriever=retriever_learning_rate, mlm_head=mlm_head_learning_rate)
   spec = realm_batch_spec(dataclasses.replace(data, batch_size=1), data.num_candidates if retrieval else 1)
   example = {name: jnp.zeros(x.shape, x.dtype) for name, x in spec.items()}
   return Trainer(
@@ -223,6 +218,7 @@ def run_pretrain(
     num_steps: int = 200_000,
     learning_rate: float = 3e-5,
     retriever_learning_rate: float | None = None,
+    mlm_head_learning_rate: float | None = None,
     warmup_steps: int | None = None,
     checkpoint_every: int = 1000,
     log_every: int = 100,
@@ -232,6 +228,8 @@ def run_pretrain(
 
   `retriever_learning_rate` (None: `learning_rate`, as the paper) is the retriever's peak lr, on the same
   schedule: a reader whose MLM head starts from scratch wants a higher lr than a pretrained retriever can take.
+  `mlm_head_learning_rate` (None: `learning_rate`) likewise for the MLM head: one that starts from scratch
+  needs to move its bias by several nats, which Adam at a BERT lr (<= lr per step) cannot do in a short run.
 
   `exclude_trivial=False` keeps the query's own block among the candidates (the paper's §3.4: the reader
   then learns to copy, the retriever to match surface strings).  It is the `keep_trivial_retrievals`
@@ -253,7 +251,8 @@ def run_pretrain(
     return params | reader_params
 
   trainer = realm_trainer(model, data, mesh, workdir, retrieval, per_example_marginal, num_steps, learning_rate,
-                          warmup_steps, checkpoint_every, log_every, seed, retriever_learning_rate)
+                          warmup_steps, checkpoint_every, log_every, seed, retriever_learning_rate,
+                          mlm_head_learning_rate)
   queries = iter(realm_query_dataset(store, data).to_iter_dataset())
   index_dir = Path(workdir) / "index"
   reader_thread, state = None, None

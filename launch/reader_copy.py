@@ -1,0 +1,29 @@
+r"""Does the reader read?  Trains it on oracle candidates and reports its held-out copy gain.
+
+  python launch/reader_copy.py --gin_file=gin/models/minilm.gin --gin_file=gin/runs/reader_copy_demo.gin \
+    --gin_bindings="BLOCK_STORE = 'workdir/demo/blocks'" --workdir=workdir/reader_copy
+Writes `<workdir>/reader_copy.json` (one row per evaluation) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+
+import gin
+from absl import app
+
+from launch import common
+from realm_jax.eval import reader_copy
+
+
+def main(argv):
+  del argv
+  workdir, mesh = common.setup("reader_copy")
+  history = gin.get_configurable(reader_copy.run_reader_copy)(mesh=mesh)
+  common.save_operative_config(workdir, "reader_copy")
+  (workdir / "reader_copy.json").write_text(json.dumps(history, indent=1))
+  print(reader_copy.markdown_table(history))
+
+
+if __name__ == "__main__":
+  app.run(main)
