@@ -23,7 +23,7 @@ from absl import logging
 
 from realm_jax import partitioning
 from realm_jax.data.blocks import BlockStore
-from realm_jax.data.realm import NULL_BLOCK, RealmDataConfig, candidate_inputs, realm_query_dataset
+from realm_jax.data.realm import FEATURES, NULL_BLOCK, RealmDataConfig, candidate_inputs, realm_query_dataset
 from realm_jax.models.bert import BertConfig
 from realm_jax.objectives.realm import RealmModel
 from realm_jax.train.optimizer import bert_adamw, subtree_multipliers
@@ -44,7 +44,7 @@ def oracle_batch(store: BlockStore, queries: dict[str, np.ndarray], data: RealmD
 def read_gold(model: RealmModel, params, batch: dict[str, jax.Array], deterministic: bool = True,
               rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """log p(gold piece | candidate, query) and the reader's argmax piece, both [B, K, M]."""
-  joint = {name: batch[name] for name in ("input_ids", "input_mask", "segment_ids")}
+  joint = {name: batch[name] for name in FEATURES}
   log_probs = model.apply({"params": params}, joint, batch["mlm_positions"], deterministic,
                           method=RealmModel.read, rngs=None if rng is None else {"dropout": rng})
   gold = jnp.take_along_axis(log_probs, batch["mlm_ids"][:, None, :, None], axis=-1)[..., 0]
@@ -72,7 +72,7 @@ def run_reader_copy(
     reader_init: str | None = None,
     data: RealmDataConfig | None = None,
     num_steps: int = 1000,
-    learning_rate: float = 2e-4,
+    learning_rate: float = 3e-5,
     mlm_head_learning_rate: float | None = None,
     warmup_steps: int = 10,
     eval_every: int = 100,
@@ -93,9 +93,9 @@ def run_reader_copy(
   eval_batches = [oracle_batch(store, held_out[i], data, with_null=True)
                   for i in range(max(1, eval_queries // data.batch_size))]
   example = oracle_batch(store, train[0], data, with_null=False)
-  params = nn.meta.unbox(model.init(jax.random.key(seed), {k: example[k] for k in ("input_ids", "input_mask",
-                                                                                    "segment_ids")},
-                                    example["mlm_positions"], method=RealmModel.read)["params"])
+  joint = {name: example[name] for name in FEATURES}
+  params = nn.meta.unbox(model.init(jax.random.key(seed), joint, example["mlm_positions"],
+                                    method=RealmModel.read)["params"])
   if reader_init:
     params = params | load_reader_init(reader_init, model, mesh)
   optimizer = bert_adamw(learning_rate, num_steps, warmup_steps=warmup_steps,
