@@ -14,11 +14,9 @@ import dataclasses
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
 from realm_jax import partitioning
@@ -28,6 +26,7 @@ from realm_jax.models.bert import BertConfig
 from realm_jax.objectives.realm import RealmModel
 from realm_jax.train.optimizer import bert_adamw, subtree_multipliers
 from realm_jax.train.pretrain import load_reader_init
+from realm_jax.train.trainer import Trainer, TrainerConfig
 
 MASK_FEATURES = ("mlm_positions", "mlm_ids", "mlm_weights")
 
@@ -94,31 +93,28 @@ def run_reader_copy(
                   for i in range(max(1, eval_queries // data.batch_size))]
   example = oracle_batch(store, train[0], data, with_null=False)
   joint = {name: example[name] for name in FEATURES}
-  params = nn.meta.unbox(model.init(jax.random.key(seed), joint, example["mlm_positions"],
-                                    method=RealmModel.read)["params"])
-  if reader_init:
-    params = params | load_reader_init(reader_init, model, mesh)
-  optimizer = bert_adamw(learning_rate, num_steps, warmup_steps=warmup_steps,
-                         multipliers=subtree_multipliers(learning_rate, mlm_head=mlm_head_learning_rate))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  params = jax.device_put(params, replicated)
-  opt_state = jax.device_put(optimizer.init(params), replicated)
+  loaded = load_reader_init(reader_init, model, mesh) if reader_init else {}
 
-  def loss_fn(p, batch, rng):
-    gold = read_gold(model, p, batch, deterministic=False, rng=rng)[0][:, 0]
-    return -(gold * batch["mlm_weights"]).sum() / jnp.maximum(batch["mlm_weights"].sum(), 1.0)
+  def oracle_loss(params, batch, rng):
+    gold = read_gold(model, params, batch, deterministic=False, rng=rng)[0][:, 0]
+    return -(gold * batch["mlm_weights"]).sum() / jnp.maximum(batch["mlm_weights"].sum(), 1.0), {}
 
-  @jax.jit
-  def train_step(p, s, batch, rng):
-    loss, grads = jax.value_and_grad(loss_fn)(p, batch, rng)
-    updates, s = optimizer.update(grads, s, p)
-    return optax.apply_updates(p, updates), s, loss
-
+  trainer = Trainer(
+      init_params=lambda rng: model.init(rng, joint, example["mlm_positions"], method=RealmModel.read)["params"],
+      loss_fn=oracle_loss,
+      optimizer=bert_adamw(learning_rate, num_steps, warmup_steps=warmup_steps,
+                           multipliers=subtree_multipliers(learning_rate, mlm_head=mlm_head_learning_rate)),
+      mesh=mesh,
+      workdir=None,
+      config=TrainerConfig(num_steps, seed=seed),
+  )
+  state = trainer.init_state(lambda params: params | loaded)
   evaluate_batch = jax.jit(lambda p, batch: read_gold(model, p, batch))
 
   def evaluate(step: int, train_losses: list[float], started: float) -> dict[str, float]:
     with jax.set_mesh(mesh):
-      outputs = [jax.device_get(evaluate_batch(params, partitioning.shard_batch(b, mesh))) for b in eval_batches]
+      outputs = [jax.device_get(evaluate_batch(state.params, partitioning.shard_batch(b, mesh)))
+                 for b in eval_batches]
     gold, predicted = (np.concatenate(x) for x in zip(*outputs, strict=True))
     ids, weights = (np.concatenate([b[name] for b in eval_batches]) for name in ("mlm_ids", "mlm_weights"))
     row = {"step": step, **copy_metrics(gold, predicted, ids, weights),
@@ -129,13 +125,9 @@ def run_reader_copy(
 
   started, losses = time.perf_counter(), []
   history = [evaluate(0, losses, started)]
-  rng = jax.random.key(seed + 1)
   for step in range(1, num_steps + 1):
-    batch = oracle_batch(store, train[step - 1], data, with_null=False)
-    with jax.set_mesh(mesh):
-      params, opt_state, loss = train_step(params, opt_state, partitioning.shard_batch(batch, mesh),
-                                           jax.random.fold_in(rng, step))
-    losses.append(float(loss))
+    state, metrics = trainer.step(state, oracle_batch(store, train[step - 1], data, with_null=False))
+    losses.append(float(metrics["loss"]))
     if not np.isfinite(losses[-1]):
       raise FloatingPointError(f"reader copy probe: loss {losses[-1]} at step {step}")
     if step % eval_every == 0 or step == num_steps:

@@ -232,8 +232,7 @@ def run_pretrain(
   needs to move its bias by several nats, which Adam at a BERT lr (<= lr per step) cannot do in a short run.
 
   `exclude_trivial=False` keeps the query's own block among the candidates (the paper's §3.4: the reader
-  then learns to copy, the retriever to match surface strings).  It is the `keep_trivial_retrievals`
-  ablation, and a cheap curriculum that teaches a fresh MLM head to read its candidates.
+  then learns to copy, the retriever to match surface strings): the `keep_trivial_retrievals` ablation.
 
   `max_index_staleness` (None: unbounded, as the paper) makes a step wait for the refresh job when the
   installed index is more than that many steps old, for at most `index_wait_seconds`.

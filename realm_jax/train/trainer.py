@@ -73,7 +73,7 @@ class Trainer:
       config: TrainerConfig,
       rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES,
   ):
-    """`workdir=None` builds a trainer without checkpoints, only to compile its step (`lower`)."""
+    """`workdir=None` builds a trainer without checkpoints: to compile its step (`lower`), or to `step` it by hand."""
     self.mesh, self.rules, self.config = mesh, rules, config
     self.workdir = Path(workdir) if workdir is not None else None
     self.optimizer = optimizer
