@@ -10,7 +10,9 @@ A variant is NAME=ITEM;ITEM;... where an item ending in .gin is a gin file and a
 binding (variant bindings, like --run_bindings, reach the trainer only; --gin_bindings reach the refresher
 too).  Local mode runs, per variant, the trainer and (unless the variant disables retrieval) a refresher
 beside it, each in its own workdir `<workdir_root>/<NAME>` with its output in `trainer.log` /
-`refresher.log` there, then prints a results table.  `--mode=tpu` prints the
+`refresher.log` there, then prints a results table; with `--baseline=NAME` (and held-out blocks,
+`realm_data.RealmDataConfig.eval_blocks`) also each variant's held-out loss minus the baseline's on the
+same queries, with its standard error.  `--mode=tpu` prints the
 `launch/tpu/pod.py --dry_run` command of each variant instead.
 """
 
@@ -25,6 +27,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from realm_jax.eval import realm_mlm
+
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Model gin files (trainer and refresher).")
 _RUN_GIN = flags.DEFINE_multi_string("run_gin", [], "Trainer run gin files.")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Bindings for every variant (trainer and refresher).")
@@ -32,6 +36,8 @@ _RUN_BINDINGS = flags.DEFINE_multi_string("run_bindings", [], "Bindings for ever
 _VARIANTS = flags.DEFINE_multi_string("variant", [], "NAME=ITEM;ITEM;... (gin files or bindings).")
 _ROOT = flags.DEFINE_string("workdir_root", "workdir/sweep", "Each variant runs in <root>/<NAME>.")
 _MODE = flags.DEFINE_enum("mode", "local", ["local", "tpu"], "Run locally in sequence, or print pod commands.")
+_BASELINE = flags.DEFINE_string("baseline", None, "Variant whose final held-out evaluation the others are compared "
+                                 "with, query by query (local mode).")
 _DEVICES = flags.DEFINE_integer("local_devices", 1, "JAX_NUM_CPU_DEVICES for each local process.")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,6 +120,23 @@ def main(argv):
       print(json.dumps(results[-1]))
   for r in results:
     print(f"{r['variant']:>20}: {r['summary']}")
+  if results and _BASELINE.value:
+    print_paired_differences([name for name, _, _ in variants], _BASELINE.value)
+
+
+def print_paired_differences(names: list[str], baseline: str) -> None:
+  """Each variant's final held-out loss minus the baseline's, over the same queries."""
+  if baseline not in names:
+    raise app.UsageError(f"--baseline={baseline} is not one of the variants {names}")
+  reference = realm_mlm.load_eval(Path(_ROOT.value) / baseline)
+  for name in names:
+    if name == baseline:
+      continue
+    evaluation = realm_mlm.load_eval(Path(_ROOT.value) / name)
+    d = realm_mlm.paired_difference(evaluation, reference)
+    print(f"{name:>20}: held-out loss minus {baseline}'s {d['loss_difference']:+.4f} +- {d['standard_error']:.4f} "
+          f"(step {evaluation['step']} vs {reference['step']}, {d['queries']:.0f} queries, {d['masks']:.0f} masks; "
+          f"better on {d['queries_better']:.0%} of queries, worse on {d['queries_worse']:.0%})")
 
 
 if __name__ == "__main__":

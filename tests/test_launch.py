@@ -122,14 +122,20 @@ def test_sweep_runs_each_variant_locally_with_its_refresher_and_tabulates_the_re
        "--run_gin=gin/runs/realm_pretrain_demo.gin",
        f"--gin_bindings=BLOCK_STORE = '{demo_store.path}'", "--gin_bindings=BLOCK_LEN = 32",
        "--gin_bindings=NUM_STEPS = 4", "--run_bindings=pretrain.run_pretrain.checkpoint_every = 2",
-       "--variant=retrieval=", "--variant=null_only=gin/ablations/no_retrieval.gin", f"--workdir_root={tmp_path}"],
+       "--run_bindings=realm_data.RealmDataConfig.eval_blocks = 8",
+       "--variant=retrieval=", "--variant=null_only=gin/ablations/no_retrieval.gin", "--baseline=null_only",
+       f"--workdir_root={tmp_path}"],
       cwd=REPO, capture_output=True, text=True, timeout=900,
   )
   assert result.returncode == 0, result.stderr[-3000:]
-  table = result.stdout.strip().splitlines()[-2:]
+  *table, paired = result.stdout.strip().splitlines()[-3:]
   assert [line.split(":")[0].strip() for line in table] == ["retrieval", "null_only"]
   assert all("REALM pre-training finished at step 4" in line for line in table)
   assert "p(null) 1.000, masked span retrieved 0.000" in table[1]  # the null block only
+  assert "held-out loss" in table[0] and "(8 queries)" in table[1]
+  # Both variants read the same 8 held-out queries at their last step: a paired comparison.
+  assert re.fullmatch(r"\s*retrieval: held-out loss minus null_only's [+-]\d\.\d{4} \+- \d\.\d{4} \(step 4 vs 4, "
+                      r"8 queries, \d+ masks; .*\)", paired), paired
   for name in ("retrieval", "null_only"):
     assert "REALM pre-training finished at step 4" in (tmp_path / name / "trainer.log").read_text()
   assert "refresher published index steps" in (tmp_path / "retrieval" / "refresher.log").read_text()

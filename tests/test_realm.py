@@ -59,6 +59,31 @@ def test_random_token_masking_ablation_masks_15_percent_of_a_sentence(demo_store
     assert int(ex["mlm_weights"].sum()) == masked
 
 
+def test_held_out_blocks_never_make_training_queries_and_each_gives_one_fixed_query(demo_store):
+  from realm_jax.data.realm import realm_query_dataset
+
+  config = RealmDataConfig(batch_size=5, query_len=32, eval_blocks=12)
+  queries = MaskedQueries(demo_store, config)
+  uids = demo_store.arrays["uids"]
+  held_uids = {bytes(uids[i]) for i in queries.eval_block_ids}
+  assert len(queries.eval_block_ids) == 12
+  assert not held_uids & {bytes(uids[i]) for i in queries.train_block_ids}  # nor any copy of their text
+  assert len(queries.train_block_ids) + 12 <= len(queries.block_ids)
+  dataset = realm_query_dataset(demo_store, config)
+  trained = np.concatenate([dataset[i]["block_id"] for i in range(len(queries.train_block_ids) // 5)])
+  assert not set(trained.tolist()) & set(queries.eval_block_ids.tolist())
+  batches = queries.eval_batches(5)  # 12 queries -> 3 batches, the last filled with 3 unscored rows
+  assert [len(b["block_id"]) for b in batches] == [5, 5, 5]
+  scored = np.concatenate([b["mlm_weights"].sum(-1) > 0 for b in batches])
+  assert scored.tolist() == [True] * 12 + [False] * 3
+  # The same queries whatever the training seed: runs with different query orders compare on them.
+  again = MaskedQueries(demo_store, RealmDataConfig(batch_size=5, query_len=32, eval_blocks=12, seed=9))
+  for a, b in zip(batches, again.eval_batches(5), strict=True):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+  with pytest.raises(ValueError, match="eval_blocks=100000: .* maskable blocks"):
+    MaskedQueries(demo_store, RealmDataConfig(eval_blocks=100_000))
+
+
 def test_the_trivial_block_is_never_a_candidate_and_null_comes_first(demo_store):
   uids = demo_store.arrays["uids"]
   retrieved = np.array([[5, 9, 2, 7], [3, 4, 6, 8], [1, 1, 2, 3]])
@@ -144,11 +169,44 @@ def test_marginal_loss_matches_a_direct_numpy_computation(per_example):
   np.testing.assert_allclose(float(metrics["p_null"]), p_z[:, 0].mean(), rtol=1e-5)
 
 
+def test_per_example_scores_add_up_to_the_marginal_loss_metrics():
+  from realm_jax.objectives.realm import per_example_scores
+
+  rng = np.random.default_rng(1)
+  batch, k, masks, vocab = 4, 3, 5, 7
+  scores = rng.normal(size=(batch, k)).astype(np.float32)
+  log_probs = _numpy_log_softmax(rng.normal(size=(batch, k, masks, vocab)), -1).astype(np.float32)
+  ids = rng.integers(0, vocab, (batch, masks))
+  weights = (rng.random((batch, masks)) < 0.7).astype(np.float32)
+  weights[0] = 0  # an unscored example
+  loss, metrics = marginal_loss(scores, log_probs, ids, weights)
+  per = jax.tree.map(np.asarray, per_example_scores(scores, log_probs, ids, weights))
+  total = weights.sum()
+  np.testing.assert_allclose(per["num_masks"], weights.sum(-1))
+  np.testing.assert_allclose(-per["log_likelihood"].sum() / total, float(loss), rtol=1e-5)
+  np.testing.assert_allclose(per["correct"].sum() / total, float(metrics["mlm_accuracy"]), rtol=1e-5)
+  np.testing.assert_allclose((per["log_likelihood"] - per["null_log_likelihood"]).sum() / total,
+                             float(metrics["retrieval_utility"]), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(per["p_null"], np.exp(_numpy_log_softmax(scores, -1))[:, 0], rtol=1e-5)
+  assert per["log_likelihood"][0] == 0 and per["correct"][0] == 0
+
+
 def test_pretraining_runs_on_the_live_index_and_logs_staleness(demo_store, tmp_path):
-  data = RealmDataConfig(batch_size=8, query_len=32, block_len=48, joint_len=80, num_candidates=4)
+  from realm_jax.eval.realm_mlm import load_eval
+
+  data = RealmDataConfig(batch_size=8, query_len=32, block_len=48, joint_len=80, num_candidates=4, eval_blocks=12)
   history = run_pretrain(str(tmp_path), str(demo_store.path), TINY, TINY, partitioning.make_mesh(), data=data,
-                         num_steps=4, learning_rate=1e-3, warmup_steps=1, checkpoint_every=2, log_every=2)
-  assert [h["step"] for h in history] == [2, 4]
+                         num_steps=4, learning_rate=1e-3, warmup_steps=1, checkpoint_every=2, log_every=1,
+                         eval_every=3)
+  assert [h["step"] for h in history] == [1, 2, 3, 4]
+  # The held-out evaluation runs every eval_every steps and at the last, on the 12 held-out queries.
+  assert ["eval_loss" in h for h in history] == [False, False, True, True]
+  assert history[-1]["eval_queries"] == 12 and 0 < history[-1]["eval_p_null"] < 1
+  assert history[2]["eval_loss"] != history[3]["eval_loss"]  # the parameters moved
+  final = load_eval(tmp_path)
+  assert final["step"] == 4 and len(final["block_id"]) == 12
+  np.testing.assert_allclose(-final["log_likelihood"].sum() / final["num_masks"].sum(), history[-1]["eval_loss"],
+                             rtol=1e-6)
   # Bootstrap index 0; hook scalars are logged at their latest value (step 4), not as a window mean.
   assert history[-1]["index_step"] == 0.0 and history[-1]["index_staleness"] == 4.0
   assert all(np.isfinite(h["loss"]) for h in history)

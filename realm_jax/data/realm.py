@@ -9,6 +9,11 @@ ablation (15% of the sentence's word pieces, at most `max_masks`).
 Candidates: top-k from the published index (stale), the query's own block removed (trivial
 retrieval), the null document prepended at index 0, truncated to `num_candidates` (8).  Examples
 whose retrieved candidates contain duplicates get weight 0 (the released code drops them).
+
+Held-out evaluation (`eval_blocks` > 0; the paper has none): the first `eval_blocks` maskable blocks in
+SHA1-uid order (a pseudo-random choice that depends on the text only, so every run on a store shares it)
+never make training queries; each makes one fixed query (`MaskedQueries.eval_batches`).  They stay in the
+index: other queries may retrieve them, their own queries may not (trivial retrieval).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class RealmDataConfig:
   random_mask_rate: float = 0.15
   excluded_labels: tuple[str, ...] = ("CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY")
   seed: int = 0
+  eval_blocks: int = 0  # source blocks held out of training for a fixed evaluation query set
 
 
 class MaskedQueries:
@@ -56,6 +62,30 @@ class MaskedQueries:
       self.block_ids = np.arange(store.num_blocks)
     if not len(self.block_ids):
       raise ValueError(f"{store.path}: no block has a salient span usable for masking")
+    self.train_block_ids, self.eval_block_ids = self._hold_out(config.eval_blocks)
+
+  def _hold_out(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training source blocks, `count` held-out ones): blocks sharing a held-out uid never train."""
+    if count == 0:
+      return self.block_ids, self.block_ids[:0]
+    if not 0 < count < len(self.block_ids):
+      raise ValueError(f"eval_blocks={count}: {self.store.path} has {len(self.block_ids)} maskable blocks; "
+                       "hold out fewer so some are left to train on")
+    uids = self.store.arrays["uids"]
+    by_uid = sorted(self.block_ids.tolist(), key=lambda i: (bytes(uids[i]), i))
+    held_out = np.asarray(sorted(by_uid[:count]), np.int64)
+    held_uids = {bytes(uids[i]) for i in held_out}
+    train = np.asarray([i for i in self.block_ids if bytes(uids[i]) not in held_uids], np.int64)
+    return train, held_out
+
+  def eval_batches(self, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """One fixed query per held-out block (its rng seeded by the block id), in global batches of `batch_size`;
+    the last is filled up with copies of the first query whose masks are not scored (`mlm_weights` 0)."""
+    examples = [self(int(i), np.random.default_rng(int(i))) for i in self.eval_block_ids]
+    filler = {**examples[0], "mlm_weights": np.zeros_like(examples[0]["mlm_weights"])}
+    examples += [filler] * (-len(examples) % batch_size)
+    return [{k: np.stack([e[k] for e in examples[i : i + batch_size]]) for k in examples[0]}
+            for i in range(0, len(examples), batch_size)]
 
   def _sentence_bounds(self, block_id: int) -> np.ndarray:
     return np.append(self.store.sentence_starts(block_id), len(self.store.body_ids(block_id)))
@@ -109,7 +139,7 @@ class MaskedQueries:
 def realm_query_dataset(store: BlockStore, config: RealmDataConfig) -> grain.MapDataset:
   """Infinite, shuffled, batched masked queries (candidates come later: `select_candidates`)."""
   queries = MaskedQueries(store, config)
-  return block_batches(queries.block_ids, queries, config.batch_size, config.seed)
+  return block_batches(queries.train_block_ids, queries, config.batch_size, config.seed)
 
 
 def select_candidates(

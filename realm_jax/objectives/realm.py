@@ -63,6 +63,16 @@ class RealmModel(nn.Module):
     return log_probs.reshape(batch_size, k, *log_probs.shape[1:])
 
 
+def _marginals(scores: Array, log_probs: Array, mask_ids: Array) -> tuple[Array, Array, Array, Array]:
+  """log p(z|x) [B, K]; log p(y_j|z,x) of the gold token [B, K, M]; its marginal over z [B, M]; whether the
+  marginal predictive distribution's argmax is the gold token [B, M]."""
+  candidate_log_probs = jax.nn.log_softmax(scores.astype(jnp.float32), axis=-1)
+  gold_log_probs = jnp.take_along_axis(log_probs, mask_ids[:, None, :, None], axis=-1)[..., 0]
+  token_marginal = jax.nn.logsumexp(candidate_log_probs[:, :, None] + gold_log_probs, axis=1)
+  predictive = jax.nn.logsumexp(candidate_log_probs[:, :, None, None] + log_probs, axis=1)  # [B, M, V]
+  return candidate_log_probs, gold_log_probs, token_marginal, jnp.argmax(predictive, -1) == mask_ids
+
+
 def marginal_loss(
     scores: Array, log_probs: Array, mask_ids: Array, mask_weights: Array, per_example_marginal: bool = False
 ) -> tuple[Array, dict[str, Array]]:
@@ -70,12 +80,9 @@ def marginal_loss(
 
   scores [B, K] (candidate 0 = null block), log_probs [B, K, M, V] (reader), mask_ids / mask_weights [B, M].
   """
-  candidate_log_probs = jax.nn.log_softmax(scores.astype(jnp.float32), axis=-1)
-  gold_log_probs = jnp.take_along_axis(log_probs, mask_ids[:, None, :, None], axis=-1)[..., 0]  # [B, K, M]
-  predictive = jax.nn.logsumexp(candidate_log_probs[:, :, None, None] + log_probs, axis=1)  # [B, M, V]
+  candidate_log_probs, gold_log_probs, token_marginal, correct = _marginals(scores, log_probs, mask_ids)
   weights = mask_weights.astype(jnp.float32)
   num_masks = jnp.maximum(weights.sum(), 1.0)
-  token_marginal = jax.nn.logsumexp(candidate_log_probs[:, :, None] + gold_log_probs, axis=1)  # [B, M]
   if per_example_marginal:
     sequence = (gold_log_probs * weights[:, None, :]).sum(-1)  # [B, K]
     example_marginal = jax.nn.logsumexp(candidate_log_probs + sequence, axis=1)  # [B]
@@ -88,9 +95,23 @@ def marginal_loss(
       "p_null": (jnp.exp(candidate_log_probs[:, 0]) * (weights.sum(-1) > 0)).sum()
       / jnp.maximum((weights.sum(-1) > 0).sum(), 1.0),
       "mlm_log_likelihood": (token_marginal * weights).sum() / num_masks,
-      "mlm_accuracy": ((jnp.argmax(predictive, -1) == mask_ids) * weights).sum() / num_masks,
+      "mlm_accuracy": (correct * weights).sum() / num_masks,
   }
   return loss, metrics
+
+
+def per_example_scores(scores: Array, log_probs: Array, mask_ids: Array, mask_weights: Array) -> dict[str, Array]:
+  """Sums over each example's scored masks [B] (evaluation): `log_likelihood` (per-token marginal),
+  `null_log_likelihood` (the null block's alone), `correct` (argmax hits), `num_masks`; and `p_null` [B]."""
+  candidate_log_probs, gold_log_probs, token_marginal, correct = _marginals(scores, log_probs, mask_ids)
+  weights = mask_weights.astype(jnp.float32)
+  return {
+      "log_likelihood": (token_marginal * weights).sum(-1),
+      "null_log_likelihood": (gold_log_probs[:, 0] * weights).sum(-1),
+      "correct": (correct * weights).sum(-1),
+      "num_masks": weights.sum(-1),
+      "p_null": jnp.exp(candidate_log_probs[:, 0]),
+  }
 
 
 def realm_loss(model: RealmModel, params, batch: dict[str, Array], rng: Array, per_example_marginal: bool = False):

@@ -7,7 +7,7 @@ candidate/joint inputs; (3) the jit step re-scores the candidates with fresh par
 gradients reach both towers and the reader.  Indexes are hot-swapped between steps.
 Logged besides the loss: MLM accuracy, retrieval utility (marginal vs null-block log-likelihood),
 p(null), `span_retrieved` (share of queries whose masked span is in a candidate the reader saw),
-index step and staleness, examples/s.
+index step and staleness, examples/s; with held-out blocks (`eval_blocks`), the held-out `eval_*` metrics.
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ from realm_jax.checkpoints import hf_realm
 from realm_jax.data.blocks import BlockStore
 from realm_jax.data.realm import (
   FEATURES,
+  MaskedQueries,
   RealmDataConfig,
   candidate_inputs,
   realm_query_dataset,
   select_candidates,
   span_in_candidates,
 )
+from realm_jax.eval.realm_mlm import HeldOutMlm
 from realm_jax.models.bert import BertConfig
 from realm_jax.objectives.ict import load_pretrained_encoder, with_pretrained_towers
 from realm_jax.objectives.realm import RealmModel, realm_loss
@@ -136,6 +138,10 @@ class RealmRun:
 
   def prepare_batch(self, state: TrainState, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Completes this process's part of the batch; all processes search the whole batch's queries."""
+    return self.complete(state.params, batch)
+
+  def complete(self, params: Any, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`prepare_batch` with the given parameters."""
     c = self.data_config
     size = len(batch["block_id"])
     if not self.retrieval:  # ablation: the null block only
@@ -143,7 +149,7 @@ class RealmRun:
     else:
       queries = {k: batch[f"query_{k}"] for k in FEATURES}
       with jax.set_mesh(self.mesh):
-        query_emb = np.asarray(self._embed_queries(state.params, partitioning.shard_batch(queries, self.mesh)))
+        query_emb = np.asarray(self._embed_queries(params, partitioning.shard_batch(queries, self.mesh)))
       retrieved, _ = self.live.searcher.search(query_emb, c.num_candidates)
       retrieved = retrieved[partitioning.process_rows(self.mesh, len(retrieved))]
       candidates, weights = select_candidates(retrieved, batch["block_id"], self.store.arrays["uids"],
@@ -178,7 +184,7 @@ def realm_trainer(
     model: RealmModel, data: RealmDataConfig, mesh: jax.sharding.Mesh, workdir: str | None, retrieval: bool = True,
     per_example_marginal: bool = False, num_steps: int = 200_000, learning_rate: float = 3e-5,
     warmup_steps: int | None = None, checkpoint_every: int = 1000, log_every: int = 100, seed: int = 0,
-    retriever_learning_rate: float | None = None, mlm_head_learning_rate: float | None = None,
+    retriever_learning_rate: float | None = None, mlm_head_learning_rate: float | None = None, eval_every: int = 0,
 ) -> Trainer:
   """The REALM trainer (`workdir=None`: no checkpoints, for ahead-of-time compilation)."""
   multipliers = subtree_multipliers(learning_rate, retriever=retriever_learning_rate, mlm_head=mlm_head_learning_rate)
@@ -190,7 +196,7 @@ def realm_trainer(
       optimizer=bert_adamw(learning_rate, num_steps, warmup_steps=warmup_steps, multipliers=multipliers),
       mesh=mesh,
       workdir=workdir,
-      config=TrainerConfig(num_steps, checkpoint_every, log_every, seed=seed),
+      config=TrainerConfig(num_steps, checkpoint_every, log_every, seed=seed, eval_every=eval_every),
   )
 
 
@@ -222,6 +228,7 @@ def run_pretrain(
     warmup_steps: int | None = None,
     checkpoint_every: int = 1000,
     log_every: int = 100,
+    eval_every: int = 0,
     seed: int = 0,
 ) -> list[dict[str, float]]:
   """REALM pre-training (paper: batch 512, 200k steps, lr 3e-5, 8 candidates incl. null).
@@ -233,6 +240,9 @@ def run_pretrain(
 
   `exclude_trivial=False` keeps the query's own block among the candidates (the paper's §3.4: the reader
   then learns to copy, the retriever to match surface strings): the `keep_trivial_retrievals` ablation.
+
+  With `data.eval_blocks` > 0 the held-out MLM evaluation (`eval.realm_mlm`) runs every `eval_every` steps
+  (0: at the last step only) on the live index; its `eval_*` metrics join the logged ones.
 
   `max_index_staleness` (None: unbounded, as the paper) makes a step wait for the refresh job when the
   installed index is more than that many steps old, for at most `index_wait_seconds`.
@@ -251,7 +261,12 @@ def run_pretrain(
 
   trainer = realm_trainer(model, data, mesh, workdir, retrieval, per_example_marginal, num_steps, learning_rate,
                           warmup_steps, checkpoint_every, log_every, seed, retriever_learning_rate,
-                          mlm_head_learning_rate)
+                          mlm_head_learning_rate, eval_every)
+  evaluate = None
+  if data.eval_blocks:
+    held_out = HeldOutMlm(model, mesh, MaskedQueries(store, data).eval_batches(data.batch_size), run.complete,
+                          workdir)
+    evaluate = lambda state: held_out(state.params, int(state.step))  # noqa: E731
   queries = iter(realm_query_dataset(store, data).to_iter_dataset())
   index_dir = Path(workdir) / "index"
   reader_thread, state = None, None
@@ -273,7 +288,7 @@ def run_pretrain(
   try:
     _, history = trainer.fit(
         queries, pretrained, batch_size=data.batch_size, prepare_batch=run.prepare_batch,
-        before_step=reader_thread.maybe_swap if reader_thread else None, initial_state=state,
+        before_step=reader_thread.maybe_swap if reader_thread else None, initial_state=state, evaluate=evaluate,
     )
   finally:
     if reader_thread:

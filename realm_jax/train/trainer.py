@@ -58,6 +58,7 @@ class TrainerConfig:
   log_every: int = 50
   keep_checkpoints: int = 5
   seed: int = 0
+  eval_every: int = 0  # steps between `fit(evaluate=...)` calls; 0: only at the last step
 
 
 class Trainer:
@@ -179,6 +180,7 @@ class Trainer:
       before_step: Callable[[int], dict[str, float]] | None = None,
       prepare_batch: Callable[[TrainState, dict], dict] | None = None,
       initial_state: TrainState | None = None,
+      evaluate: Callable[[TrainState], dict[str, float]] | None = None,
   ) -> tuple[TrainState, list[dict[str, float]]]:
     """Trains to `config.num_steps`, resuming if a checkpoint exists. Returns state and logged metrics.
 
@@ -187,7 +189,8 @@ class Trainer:
     `before_step(step)` runs between steps (e.g. an index hot-swap); the scalars it returns are
     written to TensorBoard every step and logged with their latest value (not a window mean).  `on_step(step, state)`
     runs after each step.  `prepare_batch(state, host_batch)` completes a batch with the current
-    parameters (REALM: retrieval of candidates for the batch's queries).
+    parameters (REALM: retrieval of candidates for the batch's queries).  `evaluate(state)` runs every
+    `config.eval_every` steps (0: never) and at the last step; its metrics join that step's logged ones.
     """
     cfg = self.config
     state = self.restore_or_init(data, pretrained, initial_state)
@@ -211,8 +214,10 @@ class Trainer:
         state, metrics = self.step(state, batch)
         pending.append(metrics)
         progress.update(1)
+        evaluating = evaluate is not None and (
+            step == cfg.num_steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0))
         boundary = step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or step == cfg.num_steps
-        if boundary:
+        if boundary or evaluating:
           fetched = jax.device_get(pending)  # one host transfer per logging window
           values = {k: float(np.mean([m[k] for m in fetched if k in m])) for k in fetched[-1]}
           values.update({k: float(v) for k, v in extra.items()})  # e.g. index step: the current value
@@ -226,6 +231,9 @@ class Trainer:
           values["steps_per_sec"] = (step - tick_step) / (now - tick)
           if batch_size:
             values["examples_per_sec"] = values["steps_per_sec"] * batch_size
+          if evaluating:  # after the speed figures, which it would distort
+            values.update(evaluate(state))
+            now = time.perf_counter()
           tick, tick_step = now, step
           history.append({"step": step, **values})
           progress.set_postfix(loss=f"{values['loss']:.3f}")

@@ -1,0 +1,133 @@
+"""Held-out REALM MLM evaluation: fixed masked queries from held-out blocks, read with the current index.
+
+Every evaluation of a run, and of every run on the same block store and `eval_blocks`, scores the same
+masked tokens (`MaskedQueries.eval_batches`), so two runs (e.g. retrieval vs the null block only) compare
+query by query: `paired_difference` gives the loss difference and its standard error over queries.
+Unlike training, examples whose retrieved candidates hold duplicates are scored too (the same tokens in
+every run).  Per-query results go to `<workdir>/eval/mlm_step_<N>.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from realm_jax import partitioning
+from realm_jax.objectives.realm import RealmModel, per_example_scores
+
+EVAL_DIR = "eval"
+PER_QUERY = ("block_id", "log_likelihood", "null_log_likelihood", "correct", "num_masks", "p_null", "span_retrieved")
+
+
+def eval_path(workdir: str | Path, step: int) -> Path:
+  return Path(workdir) / EVAL_DIR / f"mlm_step_{step}.json"
+
+
+class HeldOutMlm:
+  """`evaluate(params) -> {'eval_loss', ...}` over fixed global batches of held-out queries.
+
+  `prepare_batch(params, host_batch)` completes this process's rows of a batch with candidates
+  (`RealmRun.prepare_batch`); `workdir` (process 0 writes) receives the per-query JSON of each step.
+  """
+
+  def __init__(self, model: RealmModel, mesh: jax.sharding.Mesh, batches: list[dict[str, np.ndarray]],
+               prepare_batch: Callable[[Any, dict[str, np.ndarray]], dict[str, np.ndarray]],
+               workdir: str | Path | None = None):
+    if not batches:
+      raise ValueError("held-out evaluation needs at least one batch (RealmDataConfig.eval_blocks > 0)")
+    self.mesh, self.batches, self.prepare_batch, self.workdir = mesh, batches, prepare_batch, workdir
+
+    def score(params, batch):
+      scores, log_probs = model.apply({"params": params}, batch, True)
+      scored = per_example_scores(scores, log_probs, batch["mlm_ids"], batch["mlm_weights"])
+      return {**scored, "span_retrieved": batch["span_retrieved"]}
+
+    self._score = jax.jit(score, out_shardings=NamedSharding(mesh, P()))
+
+  def per_query(self, params: Any) -> dict[str, np.ndarray]:
+    """Per-query sums over scored masks (see `per_example_scores`), `block_id` and `span_retrieved`; the
+    filler rows of the last batch are dropped."""
+    rows = partitioning.process_rows(self.mesh, len(self.batches[0]["block_id"]))
+    parts = []
+    for batch in self.batches:
+      local = self.prepare_batch(params, {k: v[rows] for k, v in batch.items()})
+      with jax.set_mesh(self.mesh):
+        scored = jax.device_get(self._score(params, partitioning.shard_batch(local, self.mesh)))
+      parts.append({**scored, "block_id": batch["block_id"], "scored": batch["mlm_weights"].sum(-1) > 0})
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    keep = out.pop("scored")
+    return {k: np.asarray(v[keep]) for k, v in out.items()}
+
+  def __call__(self, params: Any, step: int) -> dict[str, float]:
+    """Evaluation metrics (`eval_*`) at `step`; writes the per-query file when a workdir is set."""
+    queries = self.per_query(params)
+    if self.workdir is not None and jax.process_index() == 0:
+      write_json(eval_path(self.workdir, step), {"step": step, **{k: queries[k].tolist() for k in PER_QUERY}})
+    return summarize(queries)
+
+
+def summarize(queries: dict[str, np.ndarray]) -> dict[str, float]:
+  """Per-token means over all scored masks, per-query means of p(null) and span_retrieved."""
+  masks = float(np.sum(queries["num_masks"]))
+  return {
+      "eval_loss": -float(np.sum(queries["log_likelihood"])) / masks,
+      "eval_mlm_accuracy": float(np.sum(queries["correct"])) / masks,
+      "eval_retrieval_utility": float(np.sum(queries["log_likelihood"] - queries["null_log_likelihood"])) / masks,
+      "eval_p_null": float(np.mean(queries["p_null"])),
+      "eval_span_retrieved": float(np.mean(queries["span_retrieved"])),
+      "eval_queries": float(len(queries["num_masks"])),
+  }
+
+
+def write_json(path: Path, value: dict) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  partial = path.with_suffix(".json.partial")
+  partial.write_text(json.dumps(value))
+  os.replace(partial, path)  # a reader never sees half a file
+
+
+def load_eval(workdir: str | Path, step: int | None = None) -> dict[str, Any]:
+  """A run's per-query evaluation at `step` (None: its newest) as arrays, with 'step'."""
+  directory = Path(workdir) / EVAL_DIR
+  if step is None:
+    steps = sorted(int(p.stem.rsplit("_", 1)[1]) for p in directory.glob("mlm_step_*.json"))
+    if not steps:
+      raise FileNotFoundError(f"{directory}: no held-out evaluation (mlm_step_<N>.json); set eval_blocks and "
+                              "eval_every")
+    step = steps[-1]
+  path = eval_path(workdir, step)
+  try:
+    value = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: unreadable held-out evaluation: {e}") from e
+  missing = [k for k in ("step", *PER_QUERY) if k not in value]
+  if missing:
+    raise ValueError(f"{path}: missing field(s) {missing}")
+  lengths = {len(value[k]) for k in PER_QUERY}
+  if len(lengths) != 1:
+    raise ValueError(f"{path}: per-query fields have different lengths {sorted(lengths)}")
+  return {"step": int(value["step"]), **{k: np.asarray(value[k]) for k in PER_QUERY}}
+
+
+def paired_difference(run: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
+  """`run`'s held-out loss minus `baseline`'s (nats per masked token) over the same queries, with the standard
+  error of that difference over queries (a ratio estimator: queries hold different numbers of masks)."""
+  if not np.array_equal(run["block_id"], baseline["block_id"]) or not np.array_equal(run["num_masks"],
+                                                                                      baseline["num_masks"]):
+    raise ValueError("the two evaluations scored different queries (block store, eval_blocks or masking differ)")
+  gain = run["log_likelihood"] - baseline["log_likelihood"]  # per query, summed over its masks
+  masks, count = float(np.sum(run["num_masks"])), len(gain)
+  mean = float(np.sum(gain)) / masks
+  residual = gain - mean * run["num_masks"]
+  error = math.sqrt(count / max(count - 1, 1) * float(np.sum(residual**2))) / masks
+  return {"loss_difference": -mean, "standard_error": error, "queries": float(count), "masks": masks,
+          "queries_better": float(np.mean(gain > 0)), "queries_worse": float(np.mean(gain < 0))}

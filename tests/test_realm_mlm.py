@@ -1,0 +1,79 @@
+"""Held-out REALM MLM evaluation: fixed held-out queries, per-query results on disk, paired run comparison."""
+
+import json
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from realm_jax import partitioning
+from realm_jax.data.realm import MaskedQueries, RealmDataConfig
+from realm_jax.eval.realm_mlm import HeldOutMlm, eval_path, load_eval, paired_difference
+from realm_jax.models.bert import BertConfig
+from realm_jax.objectives.realm import RealmModel, marginal_loss
+from realm_jax.train.pretrain import RealmRun
+
+TINY = BertConfig(vocab_size=30522, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def null_only(demo_store):
+  data = RealmDataConfig(batch_size=8, query_len=32, block_len=48, joint_len=64, num_candidates=4, eval_blocks=13)
+  mesh = partitioning.make_mesh()
+  model = RealmModel(TINY, TINY, projection_size=16)
+  run = RealmRun(model, demo_store, data, retrieval=False, null_document=True, mesh=mesh)
+  batches = MaskedQueries(demo_store, data).eval_batches(data.batch_size)
+  example = run.complete(None, batches[0])
+  params = nn.meta.unbox(model.init(jax.random.key(0), example)["params"])
+  return run, batches, params
+
+
+def test_held_out_loss_is_the_marginal_loss_over_every_scored_held_out_mask(null_only, tmp_path):
+  run, batches, params = null_only
+  evaluate = HeldOutMlm(run.model, run.mesh, batches, run.complete, tmp_path)
+  metrics = evaluate(params, step=7)
+  log_likelihood, masks, correct = 0.0, 0.0, 0.0
+  for batch in batches:  # the filler rows of the last batch have no scored mask
+    full = run.complete(params, batch)
+    scores, log_probs = run.model.apply({"params": params}, full, True)
+    loss, m = marginal_loss(scores, log_probs, full["mlm_ids"], full["mlm_weights"])
+    count = full["mlm_weights"].sum()
+    log_likelihood, masks, correct = log_likelihood - float(loss) * count, masks + count, correct + float(
+        m["mlm_accuracy"]) * count
+  assert metrics["eval_queries"] == 13
+  np.testing.assert_allclose(metrics["eval_loss"], -log_likelihood / masks, rtol=1e-5)
+  np.testing.assert_allclose(metrics["eval_mlm_accuracy"], correct / masks, rtol=1e-5, atol=1e-7)
+  assert metrics["eval_p_null"] == 1.0 and metrics["eval_retrieval_utility"] == 0.0  # the null block only
+  saved = load_eval(tmp_path)  # the newest step's per-query file
+  assert saved["step"] == 7 and len(saved["block_id"]) == 13 and saved["num_masks"].sum() == masks
+  np.testing.assert_array_equal(np.sort(saved["block_id"]), np.sort(MaskedQueries(
+      run.store, run.data_config).eval_block_ids))
+
+
+def test_paired_difference_is_the_per_token_loss_difference_with_its_standard_error():
+  baseline = {"block_id": np.arange(4), "num_masks": np.array([1.0, 2.0, 3.0, 2.0]),
+              "log_likelihood": np.array([-2.0, -5.0, -6.0, -4.0])}
+  run = {**baseline, "log_likelihood": np.array([-1.0, -5.0, -7.5, -2.0])}
+  d = paired_difference(run, baseline)
+  gain = np.array([1.0, 0.0, -1.5, 2.0])
+  ratio = gain.sum() / 8.0
+  assert d["loss_difference"] == pytest.approx(-ratio)
+  expected_error = np.sqrt(4 / 3 * ((gain - ratio * baseline["num_masks"]) ** 2).sum()) / 8.0
+  assert d["standard_error"] == pytest.approx(expected_error)
+  assert (d["queries"], d["masks"], d["queries_better"], d["queries_worse"]) == (4, 8, 0.5, 0.25)
+  with pytest.raises(ValueError, match="different queries"):
+    paired_difference({**run, "block_id": np.arange(1, 5)}, baseline)
+
+
+def test_a_missing_or_damaged_evaluation_file_is_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no held-out evaluation"):
+    load_eval(tmp_path)
+  path = eval_path(tmp_path, 3)
+  path.parent.mkdir(parents=True)
+  path.write_text('{"step": 3, "block_id": [1, 2]')
+  with pytest.raises(ValueError, match=r"mlm_step_3\.json: unreadable"):
+    load_eval(tmp_path)
+  path.write_text(json.dumps({"step": 3, "block_id": [1, 2]}))
+  with pytest.raises(ValueError, match=r"mlm_step_3\.json: missing field\(s\) \['log_likelihood'"):
+    load_eval(tmp_path, 3)
