@@ -20,6 +20,8 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO
 
+from realm_jax.eval.realm_mlm import load_eval
+
 STEPS = 4
 
 
@@ -27,7 +29,8 @@ def realm_args(store, workdir):
   return ["launch/pretrain.py", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/realm_pretrain_demo.gin",
           f"--gin_bindings=BLOCK_STORE = '{store.path}'", f"--gin_bindings=NUM_STEPS = {STEPS}",
           "--gin_bindings=BATCH_SIZE = 8", "--gin_bindings=pretrain.run_pretrain.checkpoint_every = 2",
-          "--gin_bindings=pretrain.run_pretrain.log_every = 1", f"--workdir={workdir}"]
+          "--gin_bindings=pretrain.run_pretrain.log_every = 1", "--gin_bindings=pretrain.run_pretrain.eval_every = 2",
+          "--gin_bindings=realm_data.RealmDataConfig.eval_blocks = 12", f"--workdir={workdir}"]
 
 
 def two_processes(args, **kwargs):
@@ -78,6 +81,11 @@ def test_two_processes_killed_and_resumed_end_like_one_process(demo_store, one_p
   losses = final_loss(out)
   assert len(losses) == 2 and losses[0] == losses[1]
   np.testing.assert_allclose(losses[0], reference_loss[0], atol=2e-3)
+  # The held-out evaluation (12 queries: 2 global batches of 8, each process reading its half) matches too.
+  expected_eval, got_eval = load_eval(reference, STEPS), load_eval(workdir, STEPS)
+  np.testing.assert_array_equal(got_eval["block_id"], expected_eval["block_id"])
+  assert len(got_eval["block_id"]) == 12
+  np.testing.assert_allclose(got_eval["log_likelihood"], expected_eval["log_likelihood"], rtol=1e-3, atol=2e-3)
 
   expected, got = restored_state(reference, STEPS), restored_state(workdir, STEPS)
   assert int(got["step"]) == STEPS
