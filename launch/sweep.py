@@ -12,8 +12,8 @@ too).  Local mode runs, per variant, the trainer and (unless the variant disable
 beside it, each in its own workdir `<workdir_root>/<NAME>` with its output in `trainer.log` /
 `refresher.log` there, then prints a results table; with `--baseline=NAME` (and held-out blocks,
 `realm_data.RealmDataConfig.eval_blocks`) also each variant's held-out loss minus the baseline's on the
-same queries, with its standard error.  `--mode=tpu` prints the
-`launch/tpu/pod.py --dry_run` command of each variant instead.
+same queries, with its standard error over those queries (a second seed is what measures training
+noise).  `--mode=tpu` prints the `launch/tpu/pod.py --dry_run` command of each variant instead.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ import sys
 from pathlib import Path
 
 from absl import app, flags
-
-from realm_jax.eval import realm_mlm
 
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Model gin files (trainer and refresher).")
 _RUN_GIN = flags.DEFINE_multi_string("run_gin", [], "Trainer run gin files.")
@@ -107,6 +105,9 @@ def main(argv):
               for name, files, bindings in map(parse_variant, _VARIANTS.value)]
   if not variants:
     raise app.UsageError("give at least one --variant")
+  names = [name for name, _, _ in variants]
+  if _BASELINE.value and (_MODE.value != "local" or _BASELINE.value not in names):
+    raise app.UsageError(f"--baseline={_BASELINE.value} needs --mode=local and one of the variants {names}")
   results = []
   for name, files, bindings in variants:
     if _MODE.value == "tpu":
@@ -121,21 +122,26 @@ def main(argv):
   for r in results:
     print(f"{r['variant']:>20}: {r['summary']}")
   if results and _BASELINE.value:
-    print_paired_differences([name for name, _, _ in variants], _BASELINE.value)
+    print_paired_differences(names, _BASELINE.value)
 
 
 def print_paired_differences(names: list[str], baseline: str) -> None:
   """Each variant's final held-out loss minus the baseline's, over the same queries."""
-  if baseline not in names:
-    raise app.UsageError(f"--baseline={baseline} is not one of the variants {names}")
-  reference = realm_mlm.load_eval(Path(_ROOT.value) / baseline)
+  from realm_jax.eval import realm_mlm  # JAX: only when there is something to compare
+
   for name in names:
     if name == baseline:
       continue
-    evaluation = realm_mlm.load_eval(Path(_ROOT.value) / name)
-    d = realm_mlm.paired_difference(evaluation, reference)
+    try:
+      reference = realm_mlm.load_eval(Path(_ROOT.value) / baseline)
+      evaluation = realm_mlm.load_eval(Path(_ROOT.value) / name)
+      d = realm_mlm.paired_difference(evaluation, reference)
+    except (OSError, ValueError) as e:
+      print(f"{name:>20}: not comparable with {baseline}: {e}")
+      continue
+    steps = f"step {evaluation['step']} vs {reference['step']}"
     print(f"{name:>20}: held-out loss minus {baseline}'s {d['loss_difference']:+.4f} +- {d['standard_error']:.4f} "
-          f"(step {evaluation['step']} vs {reference['step']}, {d['queries']:.0f} queries, {d['masks']:.0f} masks; "
+          f"s.e. over queries ({steps}, {d['queries']:.0f} queries, {d['masks']:.0f} masks; "
           f"better on {d['queries_better']:.0%} of queries, worse on {d['queries_worse']:.0%})")
 
 

@@ -134,8 +134,8 @@ def test_sweep_runs_each_variant_locally_with_its_refresher_and_tabulates_the_re
   assert "p(null) 1.000, masked span retrieved 0.000" in table[1]  # the null block only
   assert "held-out loss" in table[0] and "(8 queries)" in table[1]
   # Both variants read the same 8 held-out queries at their last step: a paired comparison.
-  assert re.fullmatch(r"\s*retrieval: held-out loss minus null_only's [+-]\d\.\d{4} \+- \d\.\d{4} \(step 4 vs 4, "
-                      r"8 queries, \d+ masks; .*\)", paired), paired
+  assert re.fullmatch(r"\s*retrieval: held-out loss minus null_only's [+-]\d\.\d{4} \+- \d\.\d{4} s\.e\. over queries "
+                      r"\(step 4 vs 4, 8 queries, \d+ masks; .*\)", paired), paired
   for name in ("retrieval", "null_only"):
     assert "REALM pre-training finished at step 4" in (tmp_path / name / "trainer.log").read_text()
   assert "refresher published index steps" in (tmp_path / "retrieval" / "refresher.log").read_text()

@@ -2,7 +2,8 @@
 
 REALM pre-training in 2 processes (each loading its half of every batch, one bootstrap index published
 and hot-swapped by both), killed after a checkpoint and resumed, ends where the uninterrupted
-1-process run ends; the 2-process refresh job publishes the embeddings one process computes.
+1-process run ends, held-out evaluation included; the 2-process refresh job publishes the embeddings one
+process computes.
 """
 
 import json

@@ -216,6 +216,12 @@ def test_pretraining_runs_on_the_live_index_and_logs_staleness(demo_store, tmp_p
   assert jax.device_count() == 8
 
 
+def test_an_evaluation_schedule_without_held_out_blocks_is_refused(demo_store, tmp_path):
+  with pytest.raises(ValueError, match=r"eval_every=5 needs held-out blocks: set RealmDataConfig.eval_blocks > 0"):
+    run_pretrain(str(tmp_path), str(demo_store.path), TINY, TINY, partitioning.make_mesh(), eval_every=5)
+  assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
 def test_a_run_can_start_its_reader_and_mlm_head_from_another_realm_run(demo_store, tmp_path):
   from realm_jax.objectives.realm import RealmModel
   from realm_jax.train.pretrain import abstract_realm_params, load_reader_init, load_realm_checkpoint

@@ -11,9 +11,11 @@ retrieval), the null document prepended at index 0, truncated to `num_candidates
 whose retrieved candidates contain duplicates get weight 0 (the released code drops them).
 
 Held-out evaluation (`eval_blocks` > 0; the paper has none): the first `eval_blocks` maskable blocks in
-SHA1-uid order (a pseudo-random choice that depends on the text only, so every run on a store shares it)
-never make training queries; each makes one fixed query (`MaskedQueries.eval_batches`).  They stay in the
-index: other queries may retrieve them, their own queries may not (trivial retrieval).
+SHA1-uid order (a pseudo-random choice that depends on the text only) never make training queries; each
+makes one fixed query (`MaskedQueries.eval_batches`).  Runs on the same block store with the same
+`eval_blocks`, `masking`, `query_len`, `max_masks` and `excluded_labels` share these queries, whatever their
+`seed`.  The blocks stay in the index: other queries may retrieve them, their own queries never do (the
+evaluation excludes trivial retrievals even in the keep-trivial ablation).
 """
 
 from __future__ import annotations
@@ -72,11 +74,13 @@ class MaskedQueries:
       raise ValueError(f"eval_blocks={count}: {self.store.path} has {len(self.block_ids)} maskable blocks; "
                        "hold out fewer so some are left to train on")
     uids = self.store.arrays["uids"]
-    by_uid = sorted(self.block_ids.tolist(), key=lambda i: (bytes(uids[i]), i))
-    held_out = np.asarray(sorted(by_uid[:count]), np.int64)
+    order = np.lexsort(uids[self.block_ids].T[::-1])  # by uid bytes; stable, so ties keep block order
+    held_out = np.sort(self.block_ids[order[:count]])
+    prefix = lambda rows: np.ascontiguousarray(rows[:, :8]).view(">u8")[:, 0]  # noqa: E731
     held_uids = {bytes(uids[i]) for i in held_out}
-    train = np.asarray([i for i in self.block_ids if bytes(uids[i]) not in held_uids], np.int64)
-    return train, held_out
+    maybe_held = np.flatnonzero(np.isin(prefix(uids[self.block_ids]), prefix(uids[held_out])))
+    shares_uid = [j for j in maybe_held if bytes(uids[self.block_ids[j]]) in held_uids]
+    return np.delete(self.block_ids, shares_uid), held_out
 
   def eval_batches(self, batch_size: int) -> list[dict[str, np.ndarray]]:
     """One fixed query per held-out block (its rng seeded by the block id), in global batches of `batch_size`;
@@ -136,9 +140,11 @@ class MaskedQueries:
     }
 
 
-def realm_query_dataset(store: BlockStore, config: RealmDataConfig) -> grain.MapDataset:
-  """Infinite, shuffled, batched masked queries (candidates come later: `select_candidates`)."""
-  queries = MaskedQueries(store, config)
+def realm_query_dataset(store: BlockStore, config: RealmDataConfig,
+                        queries: MaskedQueries | None = None) -> grain.MapDataset:
+  """Infinite, shuffled, batched masked training queries (candidates come later: `select_candidates`);
+  `queries`: an already built `MaskedQueries(store, config)`."""
+  queries = queries or MaskedQueries(store, config)
   return block_batches(queries.train_block_ids, queries, config.batch_size, config.seed)
 
 

@@ -1,10 +1,11 @@
 """Held-out REALM MLM evaluation: fixed masked queries from held-out blocks, read with the current index.
 
-Every evaluation of a run, and of every run on the same block store and `eval_blocks`, scores the same
-masked tokens (`MaskedQueries.eval_batches`), so two runs (e.g. retrieval vs the null block only) compare
-query by query: `paired_difference` gives the loss difference and its standard error over queries.
-Unlike training, examples whose retrieved candidates hold duplicates are scored too (the same tokens in
-every run).  Per-query results go to `<workdir>/eval/mlm_step_<N>.json`.
+Every evaluation of a run, and of every run on the same block store with the same query settings (see
+`data.realm`), scores the same masked tokens (`MaskedQueries.eval_batches`), so two runs (e.g. retrieval vs
+the null block only) compare query by query: `paired_difference` gives the loss difference and its standard
+error over queries (the spread of the held-out queries, not of training seeds).  Unlike training, examples
+whose retrieved candidates hold duplicates, or that are short of blocks (filled up with null blocks), are
+scored too, so every run scores the same tokens.  Per-query results go to `<workdir>/eval/mlm_step_<N>.json`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from realm_jax import partitioning
 from realm_jax.objectives.realm import RealmModel, per_example_scores
 
 EVAL_DIR = "eval"
-PER_QUERY = ("block_id", "log_likelihood", "null_log_likelihood", "correct", "num_masks", "p_null", "span_retrieved")
+PER_QUERY = ("block_id", "mlm_ids", "log_likelihood", "null_log_likelihood", "correct", "num_masks", "p_null",
+             "span_retrieved")
 
 
 def eval_path(workdir: str | Path, step: int) -> Path:
@@ -33,10 +35,10 @@ def eval_path(workdir: str | Path, step: int) -> Path:
 
 
 class HeldOutMlm:
-  """`evaluate(params) -> {'eval_loss', ...}` over fixed global batches of held-out queries.
+  """`held_out(params, step) -> {'eval_loss', ...}` over fixed global batches of held-out queries.
 
   `prepare_batch(params, host_batch)` completes this process's rows of a batch with candidates
-  (`RealmRun.prepare_batch`); `workdir` (process 0 writes) receives the per-query JSON of each step.
+  (`RealmRun.complete`); `workdir` (process 0 writes) receives the per-query JSON of each step.
   """
 
   def __init__(self, model: RealmModel, mesh: jax.sharding.Mesh, batches: list[dict[str, np.ndarray]],
@@ -54,15 +56,16 @@ class HeldOutMlm:
     self._score = jax.jit(score, out_shardings=NamedSharding(mesh, P()))
 
   def per_query(self, params: Any) -> dict[str, np.ndarray]:
-    """Per-query sums over scored masks (see `per_example_scores`), `block_id` and `span_retrieved`; the
-    filler rows of the last batch are dropped."""
+    """Per-query sums over scored masks (see `per_example_scores`), `block_id`, `mlm_ids` and `span_retrieved`;
+    the filler rows of the last batch (no scored mask; a real query always has one) are dropped."""
     rows = partitioning.process_rows(self.mesh, len(self.batches[0]["block_id"]))
     parts = []
     for batch in self.batches:
       local = self.prepare_batch(params, {k: v[rows] for k, v in batch.items()})
       with jax.set_mesh(self.mesh):
         scored = jax.device_get(self._score(params, partitioning.shard_batch(local, self.mesh)))
-      parts.append({**scored, "block_id": batch["block_id"], "scored": batch["mlm_weights"].sum(-1) > 0})
+      parts.append({**scored, "block_id": batch["block_id"], "mlm_ids": batch["mlm_ids"] * (batch["mlm_weights"] > 0),
+                    "scored": batch["mlm_weights"].sum(-1) > 0})
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     keep = out.pop("scored")
     return {k: np.asarray(v[keep]) for k, v in out.items()}
@@ -115,19 +118,24 @@ def load_eval(workdir: str | Path, step: int | None = None) -> dict[str, Any]:
   lengths = {len(value[k]) for k in PER_QUERY}
   if len(lengths) != 1:
     raise ValueError(f"{path}: per-query fields have different lengths {sorted(lengths)}")
-  return {"step": int(value["step"]), **{k: np.asarray(value[k]) for k in PER_QUERY}}
+  try:
+    return {"step": int(value["step"]), **{k: np.asarray(value[k], np.float64) for k in PER_QUERY}}
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path}: malformed per-query values: {e}") from e
 
 
 def paired_difference(run: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
   """`run`'s held-out loss minus `baseline`'s (nats per masked token) over the same queries, with the standard
-  error of that difference over queries (a ratio estimator: queries hold different numbers of masks)."""
-  if not np.array_equal(run["block_id"], baseline["block_id"]) or not np.array_equal(run["num_masks"],
-                                                                                      baseline["num_masks"]):
-    raise ValueError("the two evaluations scored different queries (block store, eval_blocks or masking differ)")
+  error of that difference over queries (a ratio estimator, as queries hold different numbers of masks; nan
+  for one query).  It measures how much the held-out queries could move the figure, not seed-to-seed noise."""
+  same = all(np.array_equal(run[k], baseline[k]) for k in ("block_id", "mlm_ids", "num_masks"))
+  if not same:
+    raise ValueError("the two evaluations scored different masked tokens (block store, eval_blocks or the "
+                     "query settings differ)")
   gain = run["log_likelihood"] - baseline["log_likelihood"]  # per query, summed over its masks
   masks, count = float(np.sum(run["num_masks"])), len(gain)
   mean = float(np.sum(gain)) / masks
   residual = gain - mean * run["num_masks"]
-  error = math.sqrt(count / max(count - 1, 1) * float(np.sum(residual**2))) / masks
+  error = math.sqrt(count / (count - 1) * float(np.sum(residual**2))) / masks if count > 1 else math.nan
   return {"loss_difference": -mean, "standard_error": error, "queries": float(count), "masks": masks,
           "queries_better": float(np.mean(gain > 0)), "queries_worse": float(np.mean(gain < 0))}

@@ -13,6 +13,7 @@ index step and staleness, examples/s; with held-out blocks (`eval_blocks`), the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -140,9 +141,12 @@ class RealmRun:
     """Completes this process's part of the batch; all processes search the whole batch's queries."""
     return self.complete(state.params, batch)
 
-  def complete(self, params: Any, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """`prepare_batch` with the given parameters."""
+  def complete(self, params: Any, batch: dict[str, np.ndarray],
+               exclude_trivial: bool | None = None) -> dict[str, np.ndarray]:
+    """`prepare_batch` with the given parameters; `exclude_trivial` (None: the run's) overrides the run's
+    setting (the held-out evaluation always excludes the query's own block)."""
     c = self.data_config
+    exclude_trivial = self.exclude_trivial if exclude_trivial is None else exclude_trivial
     size = len(batch["block_id"])
     if not self.retrieval:  # ablation: the null block only
       candidates, weights = np.full((size, 1), -1, np.int64), np.ones(size, np.float32)
@@ -153,7 +157,7 @@ class RealmRun:
       retrieved, _ = self.live.searcher.search(query_emb, c.num_candidates)
       retrieved = retrieved[partitioning.process_rows(self.mesh, len(retrieved))]
       candidates, weights = select_candidates(retrieved, batch["block_id"], self.store.arrays["uids"],
-                                              c.num_candidates, self.null_document, self.exclude_trivial)
+                                              c.num_candidates, self.null_document, exclude_trivial)
     blocks, joint = candidate_inputs(self.store, candidates, batch["query_input_ids"], c)
     return {
         **batch,
@@ -242,12 +246,15 @@ def run_pretrain(
   then learns to copy, the retriever to match surface strings): the `keep_trivial_retrievals` ablation.
 
   With `data.eval_blocks` > 0 the held-out MLM evaluation (`eval.realm_mlm`) runs every `eval_every` steps
-  (0: at the last step only) on the live index; its `eval_*` metrics join the logged ones.
+  (0: at the last step only) on the live index, never retrieving a query's own block; its `eval_*` metrics
+  join the logged ones (an evaluation step is also a logging step).
 
   `max_index_staleness` (None: unbounded, as the paper) makes a step wait for the refresh job when the
   installed index is more than that many steps old, for at most `index_wait_seconds`.
   """
   data = data or RealmDataConfig()
+  if eval_every and not data.eval_blocks:
+    raise ValueError(f"eval_every={eval_every} needs held-out blocks: set RealmDataConfig.eval_blocks > 0")
   store = BlockStore(block_store)
   model = RealmModel(retriever, reader, projection_size, share_towers, retriever_layer_norm_eps, projection_init)
   run = RealmRun(model, store, data, retrieval, null_document, mesh, exclude_trivial)
@@ -262,12 +269,13 @@ def run_pretrain(
   trainer = realm_trainer(model, data, mesh, workdir, retrieval, per_example_marginal, num_steps, learning_rate,
                           warmup_steps, checkpoint_every, log_every, seed, retriever_learning_rate,
                           mlm_head_learning_rate, eval_every)
+  masked = MaskedQueries(store, data)
   evaluate = None
   if data.eval_blocks:
-    held_out = HeldOutMlm(model, mesh, MaskedQueries(store, data).eval_batches(data.batch_size), run.complete,
-                          workdir)
+    held_out = HeldOutMlm(model, mesh, masked.eval_batches(data.batch_size),
+                          functools.partial(run.complete, exclude_trivial=True), workdir)
     evaluate = lambda state: held_out(state.params, int(state.step))  # noqa: E731
-  queries = iter(realm_query_dataset(store, data).to_iter_dataset())
+  queries = iter(realm_query_dataset(store, data, masked).to_iter_dataset())
   index_dir = Path(workdir) / "index"
   reader_thread, state = None, None
   if retrieval:

@@ -189,8 +189,9 @@ class Trainer:
     `before_step(step)` runs between steps (e.g. an index hot-swap); the scalars it returns are
     written to TensorBoard every step and logged with their latest value (not a window mean).  `on_step(step, state)`
     runs after each step.  `prepare_batch(state, host_batch)` completes a batch with the current
-    parameters (REALM: retrieval of candidates for the batch's queries).  `evaluate(state)` runs every
-    `config.eval_every` steps (0: never) and at the last step; its metrics join that step's logged ones.
+    parameters (REALM: retrieval of candidates for the batch's queries).  `evaluate(state)` runs at the last
+    step and every `config.eval_every` steps (0: the last only); its metrics join that step's logged ones, and
+    a step that evaluates is also a logging step.
     """
     cfg = self.config
     state = self.restore_or_init(data, pretrained, initial_state)
