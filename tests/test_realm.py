@@ -247,20 +247,42 @@ def test_a_run_can_start_its_reader_and_mlm_head_from_another_realm_run(demo_sto
   jax.tree.map(np.testing.assert_array_equal, towers["reader"], loaded["reader"])
 
 
+def _batch_with_candidates(store):
+  """A training batch of 8 queries with 3 candidates each (the null block and 2 fixed blocks)."""
+  from realm_jax.data.realm import realm_query_dataset
+
+  data = RealmDataConfig(batch_size=8, query_len=32, block_len=48, joint_len=80, num_candidates=3)
+  batch = realm_query_dataset(store, data)[0]
+  retrieved = np.stack([np.roll(np.arange(20), i)[:3] for i in range(8)])
+  candidates, weights = select_candidates(retrieved, batch["block_id"], store.arrays["uids"], 3)
+  blocks, joint = candidate_inputs(store, candidates, batch["query_input_ids"], data)
+  span = span_in_candidates(joint, batch["mlm_ids"], batch["mlm_weights"])
+  return {**batch, **{f"block_{k}": v for k, v in blocks.items()}, **{f"joint_{k}": v for k, v in joint.items()},
+          "example_weight": weights, "span_retrieved": span}
+
+
+def test_the_retrieval_score_scale_multiplies_the_inner_products_before_the_candidate_softmax(demo_store):
+  import flax.linen as nn
+
+  from realm_jax.objectives.realm import RealmModel
+
+  batch = _batch_with_candidates(demo_store)
+  model = RealmModel(TINY, TINY, projection_size=16)
+  params = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
+  raw, log_probs = model.apply({"params": params}, batch)
+  scaled, scaled_log_probs = RealmModel(TINY, TINY, projection_size=16, score_scale=0.25).apply({"params": params},
+                                                                                                  batch)
+  np.testing.assert_allclose(scaled, 0.25 * raw, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(scaled_log_probs, log_probs)  # the reader is untouched
+  assert np.abs(raw).max() > 1  # not a vacuous comparison
+
+
 def test_sharded_realm_step_equals_one_device(demo_store):
   import flax.linen as nn
 
-  from realm_jax.data.realm import realm_query_dataset
   from realm_jax.objectives.realm import RealmModel, realm_loss
 
-  data = RealmDataConfig(batch_size=8, query_len=32, block_len=48, joint_len=80, num_candidates=3)
-  batch = realm_query_dataset(demo_store, data)[0]
-  retrieved = np.stack([np.roll(np.arange(20), i)[:3] for i in range(8)])
-  candidates, weights = select_candidates(retrieved, batch["block_id"], demo_store.arrays["uids"], 3)
-  blocks, joint = candidate_inputs(demo_store, candidates, batch["query_input_ids"], data)
-  batch = {**batch, **{f"block_{k}": v for k, v in blocks.items()}, **{f"joint_{k}": v for k, v in joint.items()},
-           "example_weight": weights,
-           "span_retrieved": span_in_candidates(joint, batch["mlm_ids"], batch["mlm_weights"])}
+  batch = _batch_with_candidates(demo_store)
   model = RealmModel(TINY, TINY, projection_size=16)
   params = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
   grad_fn = jax.jit(jax.value_and_grad(lambda p, b: realm_loss(model, p, b, jax.random.key(1)), has_aux=True))

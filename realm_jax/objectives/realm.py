@@ -28,6 +28,7 @@ class RealmModel(nn.Module):
   share_towers: bool = True
   retriever_layer_norm_eps: float = 1e-3  # DualEncoder.layer_norm_eps (Hugging Face REALM: 1e-12)
   retriever_projection_init: str = "normal"  # DualEncoder.projection_init
+  score_scale: float = 1.0  # p(z|x) = softmax(score_scale * <query, block>); 1.0: the released code
 
   def setup(self):
     self.retriever = DualEncoder(self.retriever_config, self.projection_size, self.share_towers,
@@ -40,14 +41,15 @@ class RealmModel(nn.Module):
     return self.retriever.embed_queries(queries, deterministic)
 
   def __call__(self, batch: dict[str, Array], deterministic: bool = True) -> tuple[Array, Array]:
-    """Returns retrieval scores [B, K] and the reader's log p(.|z, x) at the masks [B, K, M, V]."""
+    """Returns retrieval scores [B, K] (scaled by `score_scale`) and the reader's log p(.|z, x) at the masks
+    [B, K, M, V]."""
     queries = {k[len("query_"):]: v for k, v in batch.items() if k.startswith("query_")}
     query_emb = self.retriever.embed_queries(queries, deterministic)
     batch_size, k, block_len = batch["block_input_ids"].shape
     blocks = {name: batch[f"block_{name}"].reshape(batch_size * k, block_len)
               for name in ("input_ids", "input_mask", "segment_ids")}
     block_emb = self.retriever.embed_blocks(blocks, deterministic).reshape(batch_size, k, -1)
-    scores = jnp.einsum("bd,bkd->bk", query_emb, block_emb)
+    scores = self.score_scale * jnp.einsum("bd,bkd->bk", query_emb, block_emb)
     joint = {name: batch[f"joint_{name}"] for name in ("input_ids", "input_mask", "segment_ids")}
     return scores, self.read(joint, batch["mlm_positions"], deterministic)
 

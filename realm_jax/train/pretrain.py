@@ -217,6 +217,7 @@ def run_pretrain(
     share_towers: bool = True,
     retriever_layer_norm_eps: float = 1e-3,
     projection_init: str = "normal",
+    retrieval_score_scale: float = 1.0,
     retrieval: bool = True,
     null_document: bool = True,
     exclude_trivial: bool = True,
@@ -242,6 +243,11 @@ def run_pretrain(
   `mlm_head_learning_rate` (None: `learning_rate`) likewise for the MLM head: one that starts from scratch
   needs to move its bias by several nats, which Adam at a BERT lr (<= lr per step) cannot do in a short run.
 
+  `retrieval_score_scale` multiplies the inner products before the softmax over candidates (1.0: the released
+  code).  A retriever whose embeddings are LayerNorm'd sentence vectors (MiniLM: 384-d, identity projection)
+  has inner products of ~384 x cosine, so p(z|x) is one-hot on the top block and the null block never gets
+  weight; 20 / 384 gives softmax(20 cosine), the scale MiniLM's contrastive loss was trained at.
+
   `exclude_trivial=False` keeps the query's own block among the candidates (the paper's §3.4: the reader
   then learns to copy, the retriever to match surface strings): the `keep_trivial_retrievals` ablation.
 
@@ -256,7 +262,8 @@ def run_pretrain(
   if eval_every and not data.eval_blocks:
     raise ValueError(f"eval_every={eval_every} needs held-out blocks: set RealmDataConfig.eval_blocks > 0")
   store = BlockStore(block_store)
-  model = RealmModel(retriever, reader, projection_size, share_towers, retriever_layer_norm_eps, projection_init)
+  model = RealmModel(retriever, reader, projection_size, share_towers, retriever_layer_norm_eps, projection_init,
+                     retrieval_score_scale)
   run = RealmRun(model, store, data, retrieval, null_document, mesh, exclude_trivial)
   retriever_params = load_retriever_init(retriever_init, retriever, projection_size, mesh) if retriever_init else {}
   reader_params = load_reader_init(reader_init, model, mesh) if reader_init else {}
