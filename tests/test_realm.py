@@ -144,14 +144,20 @@ def _numpy_log_softmax(x, axis):
   return x - np.log(np.exp(x).sum(axis, keepdims=True))
 
 
-@pytest.mark.parametrize("per_example", [False, True])
-def test_marginal_loss_matches_a_direct_numpy_computation(per_example):
-  rng = np.random.default_rng(0)
-  batch, k, masks, vocab = 3, 4, 5, 11
+def _random_marginal_inputs(seed, batch, k, masks, vocab):
+  """Candidate scores [B, K], reader log-probs [B, K, M, V], gold ids and 0/1 mask weights [B, M]."""
+  rng = np.random.default_rng(seed)
   scores = rng.normal(size=(batch, k)).astype(np.float32)
   log_probs = _numpy_log_softmax(rng.normal(size=(batch, k, masks, vocab)), -1).astype(np.float32)
   ids = rng.integers(0, vocab, (batch, masks))
   weights = (rng.random((batch, masks)) < 0.7).astype(np.float32)
+  return scores, log_probs, ids, weights
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_marginal_loss_matches_a_direct_numpy_computation(per_example):
+  batch, k, masks, vocab = 3, 4, 5, 11
+  scores, log_probs, ids, weights = _random_marginal_inputs(0, batch, k, masks, vocab)
   loss, metrics = marginal_loss(scores, log_probs, ids, weights, per_example)
 
   p_z = np.exp(_numpy_log_softmax(scores.astype(np.float64), -1))
@@ -172,12 +178,7 @@ def test_marginal_loss_matches_a_direct_numpy_computation(per_example):
 def test_per_example_scores_add_up_to_the_marginal_loss_metrics():
   from realm_jax.objectives.realm import per_example_scores
 
-  rng = np.random.default_rng(1)
-  batch, k, masks, vocab = 4, 3, 5, 7
-  scores = rng.normal(size=(batch, k)).astype(np.float32)
-  log_probs = _numpy_log_softmax(rng.normal(size=(batch, k, masks, vocab)), -1).astype(np.float32)
-  ids = rng.integers(0, vocab, (batch, masks))
-  weights = (rng.random((batch, masks)) < 0.7).astype(np.float32)
+  scores, log_probs, ids, weights = _random_marginal_inputs(1, batch=4, k=3, masks=5, vocab=7)
   weights[0] = 0  # an unscored example
   loss, metrics = marginal_loss(scores, log_probs, ids, weights)
   per = jax.tree.map(np.asarray, per_example_scores(scores, log_probs, ids, weights))
