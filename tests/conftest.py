@@ -7,6 +7,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from pathlib import Path  # noqa: E402
 
+import itertools  # noqa: E402
+
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -14,6 +16,7 @@ DEMO = REPO / "data" / "demo"
 SHARED_CORPUS = REPO.parent / "shared" / "data" / "realm_small_corpus"
 DEMO_PASSAGES = DEMO / "passages.jsonl"
 DEMO_ENTITIES = DEMO / "entities_spacy_en_core_web_sm_3.8.0.jsonl"
+_BUCKETS = itertools.count()
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +49,43 @@ def demo_store(tmp_path_factory, wordpiece):
       fingerprint_files(DEMO_PASSAGES, DEMO_ENTITIES),
   )
   return BlockStore(out)
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+  """A real GCS server (fake-gcs-server) on localhost; gcsfs and tensorstore in this process point at it."""
+  from gcs import GcsServer
+
+  try:
+    server = GcsServer()
+  except (ImportError, RuntimeError, OSError) as e:
+    pytest.skip(f"no GCS server on this machine: {e}")
+  previous = {k: os.environ.get(k) for k in server.env()}
+  os.environ.update(server.env())
+  yield server
+  for key, value in previous.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
+  server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server, request) -> str:
+  """`gs://<fresh bucket>` for one test; nothing may appear on local disk under a `gs:` name meanwhile."""
+  from gcs import local_gs_entries
+
+  slug = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())
+  name = f"t{next(_BUCKETS)}-{slug}"[:60].strip("-")
+  bucket = gcs_server.create_bucket(name)
+  yield bucket
+  assert not local_gs_entries(REPO, Path.cwd()), "a gs:// path was written to local disk"
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+  """A clean environment for launcher subprocesses, with the GCS server's variables when it runs."""
+  env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+  env.update({k: os.environ[k] for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL") if k in os.environ})
+  env.update(extra)
+  return env

@@ -1,0 +1,37 @@
+"""Storage rules on a real GCS server: one path type, single-object commits, clear errors for unusable workdirs."""
+
+import pytest
+
+from realm_jax import storage
+
+
+def test_write_once_on_gcs_is_read_back_whole(gcs_bucket):
+  path = storage.as_path(f"{gcs_bucket}/run/signal.json")
+  storage.write_json_once(path, {"step": 3})
+  assert path.read_text().startswith("{") and storage.read_bytes(path) == path.read_bytes()
+  assert [p.name for p in path.parent.iterdir()] == ["signal.json"]
+
+
+def test_write_once_on_local_disk_leaves_no_partial_file(tmp_path):
+  storage.write_once(tmp_path / "a" / "DONE", b"7")
+  assert [p.name for p in (tmp_path / "a").iterdir()] == ["DONE"]
+
+
+def test_missing_bucket_is_one_clear_error_naming_the_workdir(gcs_server):
+  with pytest.raises(storage.StorageError, match=r"gs://no-such-bucket-x/run: cannot write the run directory"):
+    storage.check_writable("gs://no-such-bucket-x/run")
+
+
+def test_read_only_bucket_is_one_clear_error_naming_the_workdir(gcs_server, gcs_bucket):
+  from gcs import FaultProxy, use_endpoint
+
+  proxy = FaultProxy(gcs_server.url)
+  try:
+    proxy.fail(r"/upload/", mode="403", methods=("POST", "PUT"))
+    use_endpoint(proxy.url)
+    with pytest.raises(storage.StorageError, match=rf"{gcs_bucket}/run: cannot write the run directory"):
+      storage.check_writable(f"{gcs_bucket}/run")
+  finally:
+    use_endpoint(gcs_server.url)
+    proxy.stop()
+
