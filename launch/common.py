@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import gin
 import jax
 from absl import flags, logging
+from etils import epath
 
-from realm_jax import partitioning
+from realm_jax import partitioning, storage
 
 GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin config files (model gin, then run gin).")
 GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings, e.g. 'NUM_STEPS = 300'.")
@@ -21,7 +22,7 @@ COORDINATOR = flags.DEFINE_string(
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a multi-host job.")
 PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in a multi-host job.")
 
-REPO_GIN_DIR = Path(__file__).resolve().parents[1] / "gin"
+REPO_GIN_DIR = epath.Path(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) / "gin"
 
 
 def parse_gin() -> None:
@@ -30,20 +31,22 @@ def parse_gin() -> None:
   gin.parse_config_files_and_bindings(GIN_FILES.value, GIN_BINDINGS.value)
 
 
-def setup(job: str) -> tuple[Path, jax.sharding.Mesh]:
-  """Joins the multi-host job, parses gin, builds the mesh and records `<job>.config.gin` in the workdir."""
+def setup(job: str) -> tuple[epath.Path, jax.sharding.Mesh]:
+  """Joins the multi-host job, parses gin, checks that the workdir (local or gs://) can be written, builds the
+  mesh and records `<job>.config.gin` in the workdir."""
   partitioning.initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
   parse_gin()
-  workdir = Path(WORKDIR.value)
+  workdir = storage.as_path(WORKDIR.value)
+  if jax.process_index() == 0:
+    storage.check_writable(workdir)
   mesh = partitioning.make_mesh(MESH_DATA.value, MESH_MODEL.value)
   if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / f"{job}.config.gin").write_text(gin.config_str())
+    storage.write_once(workdir / f"{job}.config.gin", gin.config_str().encode())
   logging.info("mesh %s over %d devices; workdir %s", dict(mesh.shape), mesh.size, workdir)
   return workdir, mesh
 
 
-def save_operative_config(workdir: Path, job: str) -> None:
+def save_operative_config(workdir: epath.Path, job: str) -> None:
   """The bindings actually used by the run (gin's operative config): `<job>.operative_config.gin`."""
   if jax.process_index() == 0:
-    (workdir / f"{job}.operative_config.gin").write_text(gin.operative_config_str())
+    storage.write_once(workdir / f"{job}.operative_config.gin", gin.operative_config_str().encode())

@@ -1,9 +1,11 @@
 r"""The index refresh job: watches the trainer's checkpoints, re-embeds all blocks, publishes indexes.
 
-  python launch/refresh_index.py --gin_file=gin/models/minilm.gin --gin_file=gin/runs/refresh.gin \
-    --gin_bindings="BLOCK_STORE = 'workdir/demo/blocks'" --workdir=workdir/demo/ict [--once | --step=N]
+  python launch/refresh_index.py --block_store=workdir/demo/blocks --workdir=workdir/demo/realm [--once | --step=N]
 
-Runs until the trainer writes <workdir>/TRAINING_DONE and its last checkpoint is indexed.
+What to embed with (tower, block length, projection, LayerNorm eps) is read from the trainer's
+<workdir>/retriever.json; gin (--gin_file=gin/runs/refresh.gin, refresher.RefreshJob) sets only the job's
+batching and backend, and a retriever setting that disagrees with the trainer's is refused.  Runs until the
+trainer writes <workdir>/TRAINING_DONE and its last checkpoint is indexed.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from realm_jax.refresh import refresher
 _ONCE = flags.DEFINE_bool("once", False, "Index the newest checkpoint (if not yet indexed) and exit.")
 _STEP = flags.DEFINE_integer("step", None, "Index this checkpoint step and exit.")
 _POLL = flags.DEFINE_float("poll_seconds", 10.0, "Seconds between looks for a new checkpoint.")
+_BLOCK_STORE = flags.DEFINE_string("block_store", None, "Local block store (else gin's BLOCK_STORE).")
 
 
 def main(argv):
   del argv
   workdir, mesh = common.setup("refresh")
+  store = {"block_store": _BLOCK_STORE.value} if _BLOCK_STORE.value else {}
   published = gin.get_configurable(refresher.run_refresh)(
-      workdir=str(workdir), mesh=mesh, once=_ONCE.value, step=_STEP.value, poll_seconds=_POLL.value
+      workdir=str(workdir), mesh=mesh, once=_ONCE.value, step=_STEP.value, poll_seconds=_POLL.value, **store
   )
   common.save_operative_config(workdir, "refresh")
   print(f"refresher published index steps {published}")

@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from absl import app, flags
+
+from realm_jax import storage
 
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Model gin files (trainer and refresher).")
 _RUN_GIN = flags.DEFINE_multi_string("run_gin", [], "Trainer run gin files.")
@@ -64,12 +68,16 @@ def uses_retrieval(files: list[str], bindings: list[str]) -> bool:
 
 
 def run_local(name: str, files: list[str], bindings: list[str]) -> dict:
-  workdir = Path(_ROOT.value) / name
+  workdir = storage.as_path(_ROOT.value) / name
   env = {"JAX_NUM_CPU_DEVICES": str(_DEVICES.value), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+  env.update({k: v for k, v in os.environ.items() if k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
+                                                           "GOOGLE_APPLICATION_CREDENTIALS")})
   common = gin_args(_GIN_FILES.value, [*_GIN_BINDINGS.value])
   trainer_args = common + gin_args([*_RUN_GIN.value, *files], bindings) + [f"--workdir={workdir}"]
-  workdir.mkdir(parents=True, exist_ok=True)
-  trainer_log, refresher_log = workdir / "trainer.log", workdir / "refresher.log"
+  storage.check_writable(workdir)
+  # Process output goes to local files (a pipe left undrained would block its writer), copied into a gs:// workdir.
+  log_dir = Path(tempfile.mkdtemp(prefix=f"sweep-{name}-")) if storage.is_remote(workdir) else Path(workdir)
+  trainer_log, refresher_log = log_dir / "trainer.log", log_dir / "refresher.log"
   with_refresher = uses_retrieval(files, bindings)
   print(f"variant {name}: logs in {trainer_log}" + (f" and {refresher_log}" if with_refresher else ""), flush=True)
   # Files, not pipes: an undrained pipe would block the process writing to it.
@@ -82,12 +90,16 @@ def run_local(name: str, files: list[str], bindings: list[str]) -> dict:
       refresher_out = stack.enter_context(open(refresher_log, "w"))
       refresher = subprocess.Popen(
           [sys.executable, "launch/refresh_index.py", *common, "--gin_file=gin/runs/refresh.gin",
-           "--gin_bindings=TOWER_PATH = ('retriever', 'query_tower')", f"--workdir={workdir}", "--poll_seconds=2"],
+           f"--workdir={workdir}", "--poll_seconds=2"],
           cwd=REPO, env=env, stdout=refresher_out, stderr=subprocess.STDOUT, text=True,
       )
     trainer.wait()
     if refresher:
       refresher.wait()
+  if storage.is_remote(workdir):
+    for log in (trainer_log, refresher_log):
+      if log.exists():
+        storage.write_once(workdir / log.name, log.read_bytes())
   if trainer.returncode:
     raise RuntimeError(f"variant {name}: trainer exited with {trainer.returncode}; see {trainer_log}")
   if refresher and refresher.returncode:
@@ -133,8 +145,8 @@ def print_paired_differences(names: list[str], baseline: str) -> None:
     if name == baseline:
       continue
     try:
-      reference = realm_mlm.load_eval(Path(_ROOT.value) / baseline)
-      evaluation = realm_mlm.load_eval(Path(_ROOT.value) / name)
+      reference = realm_mlm.load_eval(storage.as_path(_ROOT.value) / baseline)
+      evaluation = realm_mlm.load_eval(storage.as_path(_ROOT.value) / name)
       d = realm_mlm.paired_difference(evaluation, reference)
     except (OSError, ValueError) as e:
       print(f"{name:>20}: not comparable with {baseline}: {e}")

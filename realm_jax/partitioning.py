@@ -129,11 +129,12 @@ def agree(value: int) -> int:
   return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
-def same_on_all_processes(value: int) -> bool:
-  """Whether every process holds the same `value` (True on one process)."""
+def gather_ints(values: Sequence[int]) -> np.ndarray:
+  """[processes, len(values)]: every process's `values` (one collective; [1, n] on one process)."""
+  local = np.asarray(values, np.int64)
   if jax.process_count() == 1:
-    return True
-  return bool((multihost_utils.process_allgather(np.int64(value)) == value).all())
+    return local[None]
+  return np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), len(local))
 
 
 def barrier(name: str) -> None:

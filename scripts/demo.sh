@@ -27,8 +27,8 @@ $PY launch/build_blocks.py --passages=$SRC/passages.jsonl \
 INIT=()
 if [ "${PRETRAIN:-1}" != 0 ]; then
   echo "== 2/4 REALM pre-training from all-MiniLM-L6-v2, with the live index refresher beside it"
-  $PY launch/refresh_index.py $MODEL --gin_file=gin/runs/refresh.gin "$STORE" \
-    --gin_bindings="TOWER_PATH = ('retriever', 'query_tower')" --gin_bindings="BLOCK_LEN = 128" \
+  # What to embed with (tower, block length, ...) comes from the trainer's $W/realm/retriever.json.
+  $PY launch/refresh_index.py --gin_file=gin/runs/refresh.gin --block_store=$W/blocks \
     --poll_seconds=5 --workdir=$W/realm --alsologtostderr=false > $W/refresh.log 2>&1 &
   REFRESHER=$!
   $PY launch/pretrain.py $MODEL --gin_file=gin/runs/realm_pretrain_$RUN.gin "$STORE" \

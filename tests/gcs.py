@@ -83,7 +83,8 @@ class Rule:
   mode: str  # an HTTP status ("503", "403", ...) or "drop" (close the connection unanswered)
   remaining: int | None  # None: every matching request
   methods: tuple[str, ...]
-  hits: int = 0
+  after: int = 0  # matching requests let through before the faults start
+  hits: int = 0  # matching requests seen
 
 
 class FaultProxy:
@@ -138,10 +139,11 @@ class FaultProxy:
     self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
     threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
-  def fail(self, pattern: str, mode: str = "503", times: int | None = None,
-           methods: tuple[str, ...] = ("GET",)) -> Rule:
-    """Faults the next `times` (None: all) requests whose method is in `methods` and whose path matches."""
-    rule = Rule(re.compile(pattern), mode, times, methods)
+  def fail(self, pattern: str, mode: str = "503", times: int | None = None, methods: tuple[str, ...] = ("GET",),
+           after: int = 0) -> Rule:
+    """Faults `times` (None: all) requests whose method is in `methods` and whose path matches, once `after` such
+    requests have gone through."""
+    rule = Rule(re.compile(pattern), mode, times, methods, after)
     with self._lock:
       self.rules.append(rule)
     return rule
@@ -153,8 +155,10 @@ class FaultProxy:
   def _match(self, method: str, path: str) -> Rule | None:
     with self._lock:
       for rule in self.rules:
-        if method in rule.methods and rule.pattern.search(path) and rule.remaining != 0:
+        if method in rule.methods and rule.pattern.search(path):
           rule.hits += 1
+          if rule.hits <= rule.after or rule.remaining == 0:
+            continue
           if rule.remaining is not None:
             rule.remaining -= 1
           return rule

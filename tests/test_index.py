@@ -93,9 +93,14 @@ def test_publication_is_atomic_and_keeps_the_newest_three(demo_store, tmp_path):
   for step in (10, 20, 30, 40):
     _publish(tmp_path, demo_store, step, seed=step)
   assert index_lib.committed_steps(tmp_path) == [20, 30, 40]
-  manifest, rows = index_lib.load_index(tmp_path / "committed" / "40", demo_store)
-  assert manifest["train_step"] == 40 and manifest["num_blocks"] == demo_store.num_blocks
+  commit, rows = index_lib.load_index(tmp_path, 40, demo_store)
+  assert commit["train_step"] == 40 and commit["num_blocks"] == demo_store.num_blocks
   np.testing.assert_array_equal(rows, np.random.default_rng(40).normal(size=rows.shape).astype(np.float32))
+  # keep-N removed step 10's commit and its data; every remaining data folder is named by a commit
+  named = {json.loads(p.read_text())["data"] for p in (tmp_path / "commits").iterdir()}
+  assert {f"data/{p.name}" for p in (tmp_path / "data").iterdir()} == named
+  with pytest.raises(index_lib.PublishedIndexError, match="already committed"):
+    _publish(tmp_path, demo_store, 40)
 
 
 def test_refresher_killed_mid_publish_leaves_readers_on_the_previous_index(demo_store, tmp_path):
@@ -107,15 +112,16 @@ def test_refresher_killed_mid_publish_leaves_readers_on_the_previous_index(demo_
   with pytest.raises(KeyboardInterrupt):
     index_lib.publish_index(tmp_path, 20, np.zeros((demo_store.num_blocks, 8), np.float32), demo_store,
                             backend="scann", write_scann=die)
-  assert (tmp_path / "tmp" / "20-refresher").exists()
-  assert index_lib.committed_steps(tmp_path) == [10]
+  half = [p.name for p in (tmp_path / "data").iterdir() if p.name.startswith("20-refresher-")]
+  assert len(half) == 1 and index_lib.committed_steps(tmp_path) == [10]
   installed = []
   reader = index_lib.IndexReader(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]))
   reader.load_newest()
-  assert reader.maybe_swap(12) == {"index_step": 10.0, "index_staleness": 2.0}
-  (tmp_path / "tmp" / "0-bootstrap").mkdir()  # another job's staging is left alone
-  assert index_lib.clean_staging(tmp_path) == [20]
-  assert not (tmp_path / "tmp" / "20-refresher").exists() and (tmp_path / "tmp" / "0-bootstrap").exists()
+  assert reader.maybe_swap(12) == {"index_step": 10.0, "index_staleness": 2.0, "index_read_failures": 0.0}
+  (tmp_path / "data" / "0-bootstrap-abc").mkdir()  # another job's uncommitted data is left alone
+  assert index_lib.remove_uncommitted(tmp_path) == half
+  assert not (tmp_path / "data" / half[0]).exists() and (tmp_path / "data" / "0-bootstrap-abc").exists()
+  assert index_lib.load_index(tmp_path, 10, demo_store)[0]["train_step"] == 10  # the committed one is kept
 
 
 def test_index_for_another_corpus_is_refused(demo_store, tmp_path, wordpiece):
@@ -123,24 +129,30 @@ def test_index_for_another_corpus_is_refused(demo_store, tmp_path, wordpiece):
   other = BlockStore(tmp_path / "other")
   _publish(tmp_path / "index", other, 5)
   with pytest.raises(index_lib.PublishedIndexError, match="field 'num_blocks' is 1 but block store"):
-    index_lib.load_index(tmp_path / "index" / "committed" / "5", demo_store)
+    index_lib.load_index(tmp_path / "index", 5, demo_store)
 
 
-def test_corrupt_embedding_file_is_refused_and_the_reader_keeps_its_index(demo_store, tmp_path):
+def test_corrupt_embedding_file_is_refused_and_the_reader_uses_the_newest_good_index(demo_store, tmp_path):
   _publish(tmp_path, demo_store, 10)
   _publish(tmp_path, demo_store, 20)
-  path = tmp_path / "committed" / "20" / "embeddings.npy"
+  path = tmp_path / json.loads((tmp_path / "commits" / "20.json").read_text())["data"] / "embeddings.npy"
   data = bytearray(path.read_bytes())
   data[-5] ^= 0xFF
   path.write_bytes(bytes(data))
   with pytest.raises(index_lib.PublishedIndexError, match="embeddings.npy: sha256 does not match"):
-    index_lib.load_index(tmp_path / "committed" / "20", demo_store)
+    index_lib.load_index(tmp_path, 20, demo_store)
   installed = []
   reader = index_lib.IndexReader(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]),
                                  poll_seconds=0.05).start()
   time.sleep(0.5)
   reader.close()
-  assert installed == [] and reader.maybe_swap(25) == {}  # 20 is corrupt and 10 is older: nothing new
+  reader.maybe_swap(25)
+  assert installed == [10]  # 20 is corrupt: the newest good index is used
+  assert reader.rejected == {20} and reader.read_failures == 0  # wrong content is a rejection, not an I/O failure
+  _publish(tmp_path, demo_store, 30)  # the next good index is still read: nothing is skipped for good
+  assert reader.load_newest()
+  reader.maybe_swap(31)
+  assert installed == [10, 30]
 
 
 def test_trainer_started_before_any_index_waits_then_gets_the_first(demo_store, tmp_path):
@@ -163,7 +175,8 @@ def test_bounded_staleness_makes_a_step_wait_for_the_refresh_job(demo_store, tmp
   _publish(tmp_path, demo_store, 0)
   threading.Timer(0.3, lambda: _publish(tmp_path, demo_store, 10)).start()
   start = time.monotonic()
-  assert reader.maybe_swap(14) == {"index_step": 10.0, "index_staleness": 4.0}  # waited for 10: 14 - 0 > 5
+  metrics = reader.maybe_swap(14)  # waited for 10: 14 - 0 > 5
+  assert (metrics["index_step"], metrics["index_staleness"]) == (10.0, 4.0)
   assert time.monotonic() - start >= 0.25 and installed[-1] == 10
   reader.wait_seconds = 0.3
   with pytest.raises(TimeoutError, match="step 16: no index of step >= 11 was published .* refresh job running"):
@@ -179,7 +192,7 @@ def test_refresher_indexes_checkpoints_and_resumes_after_a_restart(demo_store, t
       num_steps=4, learning_rate=1e-3, warmup_steps=1, checkpoint_every=2, log_every=2, seed=0,
   )
   state, _ = trainer.fit(data)
-  config = RefreshConfig(TINY, projection_size=16, block_len=32, batch_size=64)
+  config = RefreshConfig(TINY, projection_size=16, tower_path=("query_tower",), block_len=32, batch_size=64)
   refresher = Refresher(tmp_path, tmp_path / "index", demo_store, mesh, config)
   # Training is done and checkpoint 4 is newer: a pass over checkpoint 2 started by the loop is dropped.
   assert refresher.refresh(2, abandon_if_superseded=True) is None
@@ -199,7 +212,7 @@ def test_refresher_indexes_checkpoints_and_resumes_after_a_restart(demo_store, t
   restarted = Refresher(tmp_path, tmp_path / "index", demo_store, mesh, config)
   assert restarted.run() == [4]  # newest checkpoint; training is done, so it exits
   assert Refresher(tmp_path, tmp_path / "index", demo_store, mesh, config).run() == []
-  _, rows = index_lib.load_index(tmp_path / "index" / "committed" / "4", demo_store)
+  _, rows = index_lib.load_index(tmp_path / "index", 4, demo_store)
   # The published rows are the trained tower's embeddings of the blocks.
   params = jax.device_get(state.params["query_tower"])
   np.testing.assert_allclose(rows, embed_all_blocks(params, config, demo_store, mesh), atol=1e-5)

@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 from tqdm import tqdm
 
+from realm_jax import storage
 from realm_jax.data.blocks import BlockStore
 from realm_jax.data.questions import Question, read_questions
 from realm_jax.eval.answers import exact_match, has_answer
@@ -60,15 +61,15 @@ def evaluate(
     baselines: Mapping[str, Retriever],
     datasets: Mapping[str, list[Question]],
     store: BlockStore,
-    out_dir: str | Path,
+    out_dir: storage.PathLike,
     ks: Sequence[int] = RECALL_KS,
     batch_size: int = 8,
     read: bool = True,
 ) -> list[dict]:
   """Runs every system on every dataset; writes `<out_dir>/<dataset>.json` and returns the table rows.
   `read=False` skips the span reader: retrieval recall only, no EM and no per-question predictions."""
-  out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  out_dir = storage.as_path(out_dir)
+  storage.make_dirs(out_dir)
   texts = [t["text"] for t in store.iter_texts()]
   doc_ids = {t["doc_id"] for t in store.iter_texts()}
   k_max = min(max(ks), store.num_blocks)
@@ -95,7 +96,7 @@ def evaluate(
           "blocks": [dataclasses.asdict(b) for b in p.blocks],
           "retrieved_has_answer": systems["realm-jax"][i][:k_max].tolist(),
       } for i, (q, p, c) in enumerate(zip(questions, predictions, correct, strict=True))]
-      (out_dir / f"{name}.json").write_text(json.dumps(records, indent=1, ensure_ascii=False))
+      storage.write_once(out_dir / f"{name}.json", json.dumps(records, indent=1, ensure_ascii=False).encode())
     for system, retriever in baselines.items():
       ids = retriever.search(strings, k_max)
       systems[system] = [answer_hits(texts, q, ids[i]) for i, q in enumerate(questions)]
@@ -107,8 +108,8 @@ def evaluate(
         if system == "realm-jax" and correct is not None:
           row["exact_match"] = 100.0 * float(correct[subset.indices].mean())
         rows.append(row)
-  (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
-  (out_dir / "results.md").write_text(results_table(rows, ks))
+  storage.write_once(out_dir / "results.json", json.dumps(rows, indent=1).encode())
+  storage.write_once(out_dir / "results.md", results_table(rows, ks).encode())
   return rows
 
 
@@ -151,5 +152,5 @@ def run_evaluation(
     else:
       raise ValueError(f"unknown baseline {name!r}; known: bm25, minilm")
   questions = {name: read_questions(Path(questions_dir) / file, limit) for name, file in datasets.items()}
-  out = Path(workdir) / ("eval" if read else "eval_retrieval")
+  out = storage.as_path(workdir) / ("eval" if read else "eval_retrieval")
   return evaluate(predictor, systems, questions, store, out, batch_size=batch_size, read=read)

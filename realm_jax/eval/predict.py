@@ -8,14 +8,12 @@ blocks it was read from (ids, titles, snippets).
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from realm_jax import partitioning
+from realm_jax import partitioning, storage
 from realm_jax.data.blocks import BlockStore
 from realm_jax.data.openqa import OpenQaDataConfig, OpenQaFeaturizer
 from realm_jax.data.realm import FEATURES
@@ -123,9 +121,9 @@ class Predictor:
     return out
 
 
-def load_predictor(workdir: str | Path, spec: OpenQaSpec, mesh) -> Predictor:
+def load_predictor(workdir: storage.PathLike, spec: OpenQaSpec, mesh) -> Predictor:
   """The newest fine-tuning checkpoint of `workdir` and its frozen index."""
-  workdir = Path(workdir)
+  workdir = storage.as_path(workdir)
   step = latest_checkpoint_step(workdir / "train")
   if step is None:
     raise FileNotFoundError(f"{workdir / 'train'}: no fine-tuning checkpoint")
@@ -133,7 +131,7 @@ def load_predictor(workdir: str | Path, spec: OpenQaSpec, mesh) -> Predictor:
   steps = index_lib.committed_steps(workdir / "index")
   if not steps:
     raise FileNotFoundError(f"{workdir / 'index'}: no published index (was fine-tuning started here?)")
-  _, embeddings = index_lib.load_index(workdir / "index" / "committed" / str(steps[-1]), store)
+  _, embeddings = index_lib.load_index(workdir / "index", steps[-1], store)
   model = spec.model()
   abstract = abstract_params(model, spec.example_batch())
   params = restore_params_subtree(workdir / "train", step, (), abstract, NamedSharding(mesh, P()))

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from realm_jax import partitioning
+from realm_jax import partitioning, storage
 from realm_jax.objectives.realm import RealmModel, per_example_scores
 
 EVAL_DIR = "eval"
@@ -30,8 +30,8 @@ PER_QUERY = ("block_id", "mlm_ids", "log_likelihood", "null_log_likelihood", "co
              "span_retrieved")
 
 
-def eval_path(workdir: str | Path, step: int) -> Path:
-  return Path(workdir) / EVAL_DIR / f"mlm_step_{step}.json"
+def eval_path(workdir: storage.PathLike, step: int) -> epath.Path:
+  return storage.as_path(workdir) / EVAL_DIR / f"mlm_step_{step}.json"
 
 
 class HeldOutMlm:
@@ -43,7 +43,7 @@ class HeldOutMlm:
 
   def __init__(self, model: RealmModel, mesh: jax.sharding.Mesh, batches: list[dict[str, np.ndarray]],
                prepare_batch: Callable[[Any, dict[str, np.ndarray]], dict[str, np.ndarray]],
-               workdir: str | Path | None = None):
+               workdir: storage.PathLike | None = None):
     if not batches:
       raise ValueError("held-out evaluation needs at least one batch (RealmDataConfig.eval_blocks > 0)")
     self.mesh, self.batches, self.prepare_batch, self.workdir = mesh, batches, prepare_batch, workdir
@@ -74,7 +74,9 @@ class HeldOutMlm:
     """Evaluation metrics (`eval_*`) at `step`; writes the per-query file when a workdir is set."""
     queries = self.per_query(params)
     if self.workdir is not None and jax.process_index() == 0:
-      write_json(eval_path(self.workdir, step), {"step": step, **{k: queries[k].tolist() for k in PER_QUERY}})
+      # One write: a sweep reading it sees all of it or nothing (an object store has no rename).
+      storage.write_json_once(eval_path(self.workdir, step),
+                              {"step": step, **{k: queries[k].tolist() for k in PER_QUERY}})
     return summarize(queries)
 
 
@@ -91,25 +93,19 @@ def summarize(queries: dict[str, np.ndarray]) -> dict[str, float]:
   }
 
 
-def write_json(path: Path, value: dict) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  partial = path.with_suffix(".json.partial")
-  partial.write_text(json.dumps(value))
-  os.replace(partial, path)  # a reader never sees half a file
-
-
-def load_eval(workdir: str | Path, step: int | None = None) -> dict[str, Any]:
+def load_eval(workdir: storage.PathLike, step: int | None = None) -> dict[str, Any]:
   """A run's per-query evaluation at `step` (None: its newest) as arrays, with 'step'."""
-  directory = Path(workdir) / EVAL_DIR
+  directory = storage.as_path(workdir) / EVAL_DIR
   if step is None:
-    steps = sorted(int(p.stem.rsplit("_", 1)[1]) for p in directory.glob("mlm_step_*.json"))
+    names = [p.name for p in directory.iterdir()] if directory.exists() else []
+    steps = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"mlm_step_(\d+)\.json", n)))
     if not steps:
       raise FileNotFoundError(f"{directory}: no held-out evaluation (mlm_step_<N>.json); set eval_blocks and "
                               "eval_every")
     step = steps[-1]
   path = eval_path(workdir, step)
   try:
-    value = json.loads(path.read_text())
+    value = json.loads(storage.read_bytes(path))
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f"{path}: unreadable held-out evaluation: {e}") from e
   missing = [k for k in ("step", *PER_QUERY) if k not in value]

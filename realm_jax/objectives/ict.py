@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from realm_jax import partitioning
+from realm_jax import partitioning, storage
 from realm_jax.checkpoints import hf_realm
 from realm_jax.checkpoints.hf_bert import load_hf_bert
 from realm_jax.data.blocks import BlockStore
@@ -24,6 +24,7 @@ from realm_jax.data.ict import IctDataConfig, ict_iterator
 from realm_jax.data.tokenization import minilm_dir
 from realm_jax.models.bert import BertConfig
 from realm_jax.models.retriever import DualEncoder
+from realm_jax.refresh.refresher import RetrieverDescription
 from realm_jax.retrieval.index import LiveIndex
 from realm_jax.train.optimizer import bert_adamw
 from realm_jax.train.trainer import Trainer, TrainerConfig
@@ -115,12 +116,17 @@ def run_ict(
   """
   settings = {k: v for k, v in locals().items()
               if k not in ("follow_index", "index_poll_seconds", "max_index_staleness")}
+  storage.check_writable(workdir)
   trainer, data, pretrained = make_ict_trainer(**settings)
+  store = BlockStore(block_store)
+  tower = DualEncoder(encoder)
+  RetrieverDescription(encoder, ("query_tower" if share_towers else "block_tower",), block_len, projection_size,
+                       projection_init, tower.layer_norm_eps, share_towers, 1.0,
+                       store.manifest["tokenizer"]).write(workdir)
   reader = None
   if follow_index:
     live = LiveIndex(mesh)
-    reader = live.reader(Path(workdir) / "index", BlockStore(block_store), index_poll_seconds,
-                         max_index_staleness).start()
+    reader = live.reader(storage.as_path(workdir) / "index", store, index_poll_seconds, max_index_staleness).start()
   try:
     _, history = trainer.fit(data, pretrained, batch_size=batch_size,
                              before_step=reader.maybe_swap if reader else None)

@@ -1,36 +1,40 @@
 """The index refresh job: newest trainer checkpoint -> re-embed every block -> build -> publish.
 
-Runs beside the trainer (REALM's asynchronous index builder).  It restores only the block
-tower's parameters from the trainer's orbax checkpoints (partial restore), embeds all blocks
-with a jit step sharded over the mesh, builds the chosen MIPS backend and publishes the index
-atomically (see `realm_jax.retrieval.index`).  Restarting resumes: checkpoints already indexed
-are skipped and half-written staging folders are removed.
+Runs beside the trainer (REALM's asynchronous index builder).  What to embed with comes from the run itself:
+the trainer writes `<workdir>/retriever.json` (`RetrieverDescription`: tower, block length, projection,
+LayerNorm eps, vocabulary, ...), and a refresh-job setting that disagrees with it is refused.  The refresher
+restores only the block tower's parameters from the trainer's orbax checkpoints (partial restore), embeds all
+blocks with a jit step sharded over the mesh, builds the chosen MIPS backend and publishes the index with a
+commit object (see `realm_jax.retrieval.index`).  Restarting resumes: checkpoints already indexed are skipped
+and the data of a publish it was killed in is removed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from realm_jax import partitioning
+from realm_jax import partitioning, storage
 from realm_jax.data.blocks import BlockStore
 from realm_jax.models.bert import BertConfig
 from realm_jax.models.retriever import RetrieverTower
 from realm_jax.retrieval import index as index_lib
 from realm_jax.retrieval.mips import ScannConfig, ScannSearcher
-from realm_jax.train.trainer import TRAINING_DONE, restore_params_subtree
+from realm_jax.train.trainer import TRAINING_DONE, read_only_checkpoints, restore_params_subtree
+
+RETRIEVER_DESCRIPTION = "retriever.json"
 
 
 @dataclasses.dataclass
@@ -47,6 +51,91 @@ class RefreshConfig:
   backend: str = "exact"  # "exact" (on-device search) or "scann"
   scann: ScannConfig = dataclasses.field(default_factory=ScannConfig)
   keep: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrieverDescription:
+  """What a run's index must be embedded with, written by its trainer to `<workdir>/retriever.json`."""
+
+  encoder: BertConfig
+  tower_path: tuple[str, ...]  # the block tower in the trainer's params
+  block_len: int
+  projection_size: int
+  projection_init: str
+  layer_norm_eps: float
+  share_towers: bool
+  score_scale: float
+  vocab: str  # tokenizer fingerprint of the block store the trainer reads
+
+  def to_json(self) -> dict:
+    return {**dataclasses.asdict(self), "tower_path": list(self.tower_path)}
+
+  @classmethod
+  def from_json(cls, value: dict, where: storage.PathLike) -> RetrieverDescription:
+    try:
+      fields = {**value, "encoder": BertConfig(**value["encoder"]), "tower_path": tuple(value["tower_path"])}
+      return cls(**fields)
+    except (KeyError, TypeError, ValueError) as e:
+      raise ValueError(f"{where}: not a retriever description ({type(e).__name__}: {e})") from e
+
+  def write(self, workdir: storage.PathLike) -> None:
+    """Process 0 records it once; a workdir whose trainer was started with another retriever is refused."""
+    path = storage.as_path(workdir) / RETRIEVER_DESCRIPTION
+    if path.exists():
+      written = RetrieverDescription.from_json(json.loads(storage.read_bytes(path)), path)
+      differ = {k: (v, getattr(self, k)) for k, v in dataclasses.asdict(written).items()
+                if v != dataclasses.asdict(self)[k]}
+      if differ:
+        raise ValueError(f"{path}: this workdir's run was started with " + "; ".join(
+            f"{k}={old!r}, now {k}={new!r}" for k, (old, new) in differ.items()) + ": use a new workdir")
+    elif jax.process_index() == 0:
+      storage.write_json_once(path, self.to_json())
+    partitioning.barrier("retriever description written")
+
+  @classmethod
+  def read(cls, workdir: storage.PathLike, wait_seconds: float | None = 3600.0,
+           poll_seconds: float = 2.0) -> RetrieverDescription:
+    """The trainer's description, waiting for a trainer that has not started yet."""
+    path = storage.as_path(workdir) / RETRIEVER_DESCRIPTION
+    start, logged = time.monotonic(), False
+    while not path.exists():
+      if wait_seconds is not None and time.monotonic() - start > wait_seconds:
+        raise TimeoutError(f"{path}: no trainer wrote its retriever description within {wait_seconds} s")
+      if not logged:
+        logging.info("waiting for the trainer to write %s ...", path)
+        logged = True
+      time.sleep(poll_seconds)
+    return cls.from_json(json.loads(storage.read_bytes(path)), path)
+
+
+@dataclasses.dataclass
+class RefreshJob:
+  """The refresh job's own settings; the retriever's come from the run (`RetrieverDescription`).
+
+  encoder / projection_size / layer_norm_eps / tower_path / block_len: None takes the run's value; a value
+  given here must equal it (a refresher that embeds with another tower or length is refused, both named).
+  """
+
+  batch_size: int = 256
+  length_bucket: int = 32
+  backend: str = "exact"
+  scann: ScannConfig = dataclasses.field(default_factory=ScannConfig)
+  keep: int = 3
+  encoder: BertConfig | None = None
+  projection_size: int | None = None
+  layer_norm_eps: float | None = None
+  tower_path: Sequence[str] | None = None
+  block_len: int | None = None
+
+  def config(self, run: RetrieverDescription, where: storage.PathLike) -> RefreshConfig:
+    """The complete embedding config: the run's retriever with this job's batching and backend."""
+    for field in ("encoder", "projection_size", "layer_norm_eps", "tower_path", "block_len"):
+      mine, theirs = getattr(self, field), getattr(run, field)
+      if mine is not None and (tuple(mine) if field == "tower_path" else mine) != theirs:
+        raise ValueError(f"refresher.RefreshJob.{field} = {mine!r}, but the trainer of this run wrote "
+                         f"{field} = {theirs!r} in {where}; drop the binding or use that value")
+    return RefreshConfig(run.encoder, run.projection_size, run.layer_norm_eps, run.tower_path, run.block_len,
+                         self.batch_size, self.length_bucket, self.backend, self.scann, self.keep)
 
 
 def abstract_tower_params(encoder: BertConfig, projection_size: int) -> dict:
@@ -119,20 +208,16 @@ def embed_all_blocks(
 class Refresher:
   """Watches `<train_workdir>/train`, publishes indexes to `<index_dir>`."""
 
-  def __init__(self, train_workdir: str | Path, index_dir: str | Path, store: BlockStore, mesh: Mesh,
+  def __init__(self, train_workdir: storage.PathLike, index_dir: storage.PathLike, store: BlockStore, mesh: Mesh,
                config: RefreshConfig):
-    self.train_workdir, self.index_dir = Path(train_workdir), Path(index_dir)
+    self.train_workdir, self.index_dir = storage.as_path(train_workdir), storage.as_path(index_dir)
     if config.backend not in ("exact", "scann"):
       raise ValueError(f"unknown index backend {config.backend!r} (use 'exact' or 'scann')")
     self.store, self.mesh, self.config = store, mesh, config
-    self.checkpoints = ocp.CheckpointManager(
-        (self.train_workdir / "train").absolute(),
-        options=ocp.CheckpointManagerOptions(read_only=True),
-        item_names=("state", "data"),
-    )
-    stale = index_lib.clean_staging(index_dir) if jax.process_index() == 0 else []
+    self.checkpoints = read_only_checkpoints(self.train_workdir / "train")
+    stale = index_lib.remove_uncommitted(index_dir) if jax.process_index() == 0 else []
     if stale:
-      logging.warning("removed half-written indexes from a previous refresher: steps %s", stale)
+      logging.warning("removed the data of publishes a previous refresher was killed in: %s", stale)
 
   def restore_block_tower(self, step: int) -> dict:
     """Only the block tower's parameters (orbax partial restore), replicated."""
@@ -141,7 +226,7 @@ class Refresher:
         abstract_tower_params(self.config.encoder, self.config.projection_size), NamedSharding(self.mesh, P()),
     )
 
-  def refresh(self, step: int, abandon_if_superseded: bool = False) -> Path | None:
+  def refresh(self, step: int, abandon_if_superseded: bool = False) -> epath.Path | None:
     """Embeds all blocks with checkpoint `step` (every process) and publishes index `step` (process 0).
 
     With `abandon_if_superseded`, a pass still running when the trainer has finished with a newer final
@@ -160,7 +245,7 @@ class Refresher:
       index_lib.publish_index(self.index_dir, step, embeddings, self.store, self.config.backend, write_scann,
                               self.config.keep)
     partitioning.barrier(f"index {step} published")
-    return self.index_dir / "committed" / str(step)
+    return index_lib.commit_path(self.index_dir, step)
 
   def pending_step(self) -> int | None:
     """Newest trainer checkpoint not yet indexed."""
@@ -197,6 +282,9 @@ class Refresher:
           max_refreshes: int | None = None) -> list[int]:
     """Refreshes until the trainer is done (or once / for one step); returns the published steps."""
     if step is not None:
+      if step in index_lib.committed_steps(self.index_dir):
+        logging.info("index step %d is already committed in %s", step, self.index_dir)
+        return []
       self.refresh(step)
       return [step]
     published: list[int] = []
@@ -221,12 +309,19 @@ def run_refresh(
     workdir: str,
     block_store: str,
     mesh: Mesh,
-    config: RefreshConfig,
+    job: RefreshJob | None = None,
     once: bool = False,
     step: int | None = None,
     poll_seconds: float = 10.0,
+    description_wait_seconds: float | None = 3600.0,
 ) -> list[int]:
-  """Refresh job for the trainer in `workdir`; indexes go to `<workdir>/index`."""
+  """Refresh job for the trainer in `workdir` (its `retriever.json` says what to embed with); indexes go to
+  `<workdir>/index`."""
   store = BlockStore(block_store)
-  refresher = Refresher(workdir, Path(workdir) / "index", store, mesh, config)
+  run = RetrieverDescription.read(workdir, description_wait_seconds)
+  if run.vocab != store.manifest["tokenizer"]:
+    raise ValueError(f"block store {store.path} was built with tokenizer {store.manifest['tokenizer']}, but the "
+                     f"trainer of {workdir} reads blocks of tokenizer {run.vocab}")
+  config = (job or RefreshJob()).config(run, storage.as_path(workdir) / RETRIEVER_DESCRIPTION)
+  refresher = Refresher(workdir, storage.as_path(workdir) / "index", store, mesh, config)
   return refresher.run(once=once, step=step, poll_seconds=poll_seconds)

@@ -1,197 +1,317 @@
-"""Published MIPS indexes: atomic publication in `<index_dir>/committed/<step>/` and a hot-swapping reader.
+"""Published MIPS indexes: a publish protocol that is atomic on object stores and local disks, and a hot-swapping
+reader.
 
-A published index holds `embeddings.npy` (rows = block ids; read with allow_pickle=False),
-`manifest.json` {train_step, num_blocks, dim, dtype, corpus_fingerprint, tokenizer, backend,
-created, embeddings_sha256} and, for the ScaNN backend, `scann/` assets.  It is written under
-`tmp/<step>/` and renamed into `committed/` only when complete, so readers never see a partial
-index; the newest `keep` are kept.  Paths go through etils.epath (local disk or GCS).
+  <index_dir>/data/<step>-<writer>-<nonce>/   embeddings.npy (rows = block ids) [+ scann/ assets]: written once,
+                                              under a name never reused
+  <index_dir>/commits/<step>.json             the commit object, written last in one write: train_step, the data
+                                              folder, every file's size and sha256, num_blocks, dim, dtype,
+                                              corpus_fingerprint, tokenizer, backend, writer, created
+
+An index exists only once its commit object does (a single-object write is atomic on GCS; a rename on local
+disk), so no step needs a directory rename or a consistent listing of a half-written prefix.  Readers trust
+only commit objects and verify every byte they load against them.  The publisher keeps the newest `keep`
+commits and removes older ones commit first, then data; a writer that restarts removes only its own data
+folders that no commit names (a publish it was killed in).  Paths go through etils.epath (local disk or GCS).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
+import shutil
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from absl import logging
 from etils import epath
 
-from realm_jax import partitioning
+from realm_jax import partitioning, storage
 from realm_jax.data.blocks import BlockStore
 from realm_jax.retrieval.mips import ExactSearcher, ScannSearcher
 
-MANIFEST = "manifest.json"
+COMMITS = "commits"
+DATA = "data"
 EMBEDDINGS = "embeddings.npy"
 SCANN_DIR = "scann"
+COMMIT_FORMAT = 1
+_CHUNK = 1 << 24
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 class PublishedIndexError(ValueError):
-  """A published index that is corrupt or does not match the block store."""
+  """A committed index whose content is wrong (hash, size, shape) or that does not match the block store."""
 
 
-def _steps(directory: epath.Path) -> list[int]:
+class IndexReadError(RuntimeError):
+  """An index that could not be read for `max_failures` consecutive attempts (I/O, not content)."""
+
+
+def commit_path(index_dir: storage.PathLike, step: int) -> epath.Path:
+  return storage.as_path(index_dir) / COMMITS / f"{step}.json"
+
+
+def committed_steps(index_dir: storage.PathLike) -> list[int]:
+  """Steps with a commit object, oldest first (a listing only ever shows whole objects)."""
+  directory = storage.as_path(index_dir) / COMMITS
   if not directory.exists():
     return []
-  return sorted(int(p.name) for p in directory.iterdir() if re.fullmatch(r"\d+", p.name))
+  return sorted(int(m.group(1)) for p in directory.iterdir() if (m := re.fullmatch(r"(\d+)\.json", p.name)))
 
 
-def committed_steps(index_dir: str | Path) -> list[int]:
-  return _steps(epath.Path(index_dir) / "committed")
+class _Hashing:
+  """A file wrapper that counts and hashes every byte written to or read from it."""
 
+  def __init__(self, file: BinaryIO):
+    self.file, self.digest, self.size = file, hashlib.sha256(), 0
 
-def _sha256(path: epath.Path) -> str:
-  digest = hashlib.sha256()
-  with path.open("rb") as f:
-    for chunk in iter(lambda: f.read(1 << 22), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
+  def write(self, data) -> int:
+    self.digest.update(data)
+    self.size += len(memoryview(data).cast("B"))
+    return self.file.write(data)
+
+  def read(self, n: int = -1) -> bytes:
+    data = self.file.read(n)
+    self.digest.update(data)
+    self.size += len(data)
+    return data
+
+  def entry(self) -> dict[str, Any]:
+    return {"size": self.size, "sha256": self.digest.hexdigest()}
 
 
 def publish_index(
-    index_dir: str | Path,
+    index_dir: storage.PathLike,
     train_step: int,
     embeddings: np.ndarray,
     store: BlockStore,
     backend: str = "exact",
-    write_scann: Callable[[Path], None] | None = None,
+    write_scann: Callable[[epath.Path], None] | None = None,
     keep: int = 3,
     writer: str = "refresher",
 ) -> epath.Path:
-  """Writes tmp/<step>-<writer>/, renames it to committed/<step>/, keeps the newest `keep` indexes.
+  """Writes index `train_step`'s data under a fresh name, then its commit object; keeps the newest `keep`.
 
-  `writer` names the job (the refresher, or a trainer bootstrapping index 0) so that each job
-  only ever cleans its own half-written staging folders.
+  `writer` names the job (the refresher, or a trainer bootstrapping index 0): each job only ever removes its
+  own uncommitted data.  A committed step is never rewritten.  Returns the commit object's path.
   """
   if embeddings.ndim != 2 or len(embeddings) != store.num_blocks:
     raise ValueError(f"embeddings {embeddings.shape} do not have one row per block ({store.num_blocks})")
-  root = epath.Path(index_dir)
-  staging = root / "tmp" / f"{train_step}-{writer}"
-  final = root / "committed" / str(train_step)
-  if staging.exists():
-    staging.rmtree()
-  staging.mkdir(parents=True)
-  buffer = io.BytesIO()
-  np.save(buffer, np.ascontiguousarray(embeddings), allow_pickle=False)
-  (staging / EMBEDDINGS).write_bytes(buffer.getvalue())
+  root = storage.as_path(index_dir)
+  commit = commit_path(root, train_step)
+  if commit.exists():
+    raise PublishedIndexError(f"{commit}: index step {train_step} is already committed (never rewritten)")
+  name = f"{train_step}-{writer}-{uuid.uuid4().hex[:12]}"
+  data = root / DATA / name
+  storage.make_dirs(data)
+  files = {}
+  with (data / EMBEDDINGS).open("wb") as f:
+    hashing = _Hashing(f)
+    np.lib.format.write_array(hashing, np.ascontiguousarray(embeddings), allow_pickle=False)
+  files[EMBEDDINGS] = hashing.entry()
   if write_scann is not None:
-    with tempfile.TemporaryDirectory() as local:  # ScaNN writes local files; copy them in (GCS-safe)
-      write_scann(Path(local))
-      (staging / SCANN_DIR).mkdir()
-      for file in Path(local).iterdir():
-        (staging / SCANN_DIR / file.name).write_bytes(file.read_bytes())
-  manifest = {
+    with tempfile.TemporaryDirectory() as local:  # ScaNN writes local files; upload them (GCS-safe)
+      write_scann(epath.Path(local))
+      for file in sorted(epath.Path(local).iterdir()):
+        raw = file.read_bytes()
+        storage.make_dirs(data / SCANN_DIR)
+        (data / SCANN_DIR / file.name).write_bytes(raw)
+        files[f"{SCANN_DIR}/{file.name}"] = {"size": len(raw), "sha256": storage.sha256(raw)}
+  storage.write_json_once(commit, {
+      "format": COMMIT_FORMAT,
       "train_step": int(train_step),
+      "data": f"{DATA}/{name}",
+      "files": files,
       "num_blocks": int(embeddings.shape[0]),
       "dim": int(embeddings.shape[1]),
       "dtype": str(embeddings.dtype),
       "corpus_fingerprint": store.manifest["corpus_fingerprint"],
       "tokenizer": store.manifest["tokenizer"],
       "backend": backend,
+      "writer": writer,
       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-      "embeddings_sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
-  }
-  (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-  final.parent.mkdir(parents=True, exist_ok=True)
-  if final.exists():
-    final.rmtree()
-  staging.rename(final)
-  for old in _steps(root / "committed")[:-keep]:
-    (root / "committed" / str(old)).rmtree()
-  logging.info("published index step %d (%d x %d, %s) at %s", train_step, *embeddings.shape, backend, final)
-  return final
+  })
+  for old in committed_steps(root)[:-keep]:
+    remove_index(root, old)
+  logging.info("published index step %d (%d x %d, %s): %s", train_step, *embeddings.shape, backend, commit)
+  return commit
 
 
-def clean_staging(index_dir: str | Path, writer: str = "refresher") -> list[int]:
-  """Removes half-written indexes that `writer` left behind when it was killed; returns their steps."""
-  tmp = epath.Path(index_dir) / "tmp"
-  if not tmp.exists():
+def remove_index(index_dir: storage.PathLike, step: int) -> None:
+  """Deletes a committed index: the commit object first (readers stop trusting it), then its data."""
+  commit = commit_path(index_dir, step)
+  try:
+    data = storage.as_path(index_dir) / _data_name(json.loads(storage.read_bytes(commit)), commit)
+  except (OSError, ValueError) as e:
+    logging.error("not removing index %s: its commit cannot be read (%s)", commit, e)
+    return
+  commit.unlink()
+  if data.exists():
+    data.rmtree()
+
+
+def remove_uncommitted(index_dir: storage.PathLike, writer: str = "refresher") -> list[str]:
+  """Removes `writer`'s data folders that no commit names (publishes it was killed in); returns their names."""
+  root = storage.as_path(index_dir)
+  if not (root / DATA).exists():
     return []
-  stale = sorted(p for p in tmp.iterdir() if re.fullmatch(rf"\d+-{re.escape(writer)}", p.name))
+  named = set()
+  for step in committed_steps(root):
+    try:
+      named.add(_data_name(json.loads(storage.read_bytes(commit_path(root, step))), commit_path(root, step)))
+    except (FileNotFoundError, ValueError):  # removed meanwhile, or unreadable: never delete what it may name
+      return []
+  stale = sorted(p for p in (root / DATA).iterdir()
+                 if re.fullmatch(rf"\d+-{re.escape(writer)}-[0-9a-f]+", p.name) and f"{DATA}/{p.name}" not in named)
   for path in stale:
     path.rmtree()
-  return sorted(int(p.name.split("-")[0]) for p in stale)
+  return [p.name for p in stale]
 
 
-def load_index(path: str | Path, store: BlockStore) -> tuple[dict[str, Any], np.ndarray]:
-  """Reads and verifies one committed index against the block store."""
-  path = epath.Path(path)
+def _data_name(commit: dict, where: epath.Path) -> str:
+  name = commit.get("data") if isinstance(commit, dict) else None
+  if not isinstance(name, str) or not re.fullmatch(rf"{DATA}/[\w.-]+", name):
+    raise PublishedIndexError(f"{where}: field 'data' is {name!r}, not a data folder of this index")
+  return name
+
+
+def read_commit(index_dir: storage.PathLike, step: int, store: BlockStore, attempts: int = 4) -> dict[str, Any]:
+  """Index `step`'s commit object, checked against the block store."""
+  path = commit_path(index_dir, step)
+  raw = storage.read_bytes(path, attempts)
   try:
-    manifest = json.loads((path / MANIFEST).read_text())
-  except (OSError, json.JSONDecodeError) as e:
-    raise PublishedIndexError(f"{path / MANIFEST}: unreadable index manifest ({e})") from e
+    commit = json.loads(raw)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise PublishedIndexError(f"{path}: unreadable commit object ({e})") from e
+  _data_name(commit, path)
+  if not isinstance(commit.get("files"), dict) or EMBEDDINGS not in commit["files"]:
+    raise PublishedIndexError(f"{path}: field 'files' does not list {EMBEDDINGS}")
   expected = {
+      "train_step": step,
       "num_blocks": store.num_blocks,
       "corpus_fingerprint": store.manifest["corpus_fingerprint"],
       "tokenizer": store.manifest["tokenizer"],
   }
   for field, want in expected.items():
-    if manifest.get(field) != want:
+    if commit.get(field) != want:
       raise PublishedIndexError(
-          f"{path / MANIFEST}: field {field!r} is {manifest.get(field)!r} but block store {store.path} has "
-          f"{want!r}; this index was built for another corpus"
-      )
-  raw = (path / EMBEDDINGS).read_bytes()
-  if hashlib.sha256(raw).hexdigest() != manifest.get("embeddings_sha256"):
-    raise PublishedIndexError(f"{path / EMBEDDINGS}: sha256 does not match the manifest (corrupt embedding file)")
+          f"{path}: field {field!r} is {commit.get(field)!r} but block store {store.path} has "
+          f"{want!r}; this index was built for another corpus" if field != "train_step" else
+          f"{path}: field 'train_step' is {commit.get(field)!r}, the commit's name says {step}")
+  return commit
+
+
+def _read_verified_npy(path: epath.Path, entry: dict) -> np.ndarray:
+  """A plain numeric .npy file streamed into memory, its size and sha256 checked against the commit."""
+  with path.open("rb") as raw:
+    f = _Hashing(raw)
+    try:
+      version = np.lib.format.read_magic(f)
+      header = _NPY_HEADERS.get(version)
+      if header is None:
+        raise ValueError(f"format version {version}")
+      shape, fortran, dtype = header(f)  # a literal dict: no pickle, no code
+    except ValueError as e:
+      raise PublishedIndexError(f"{path}: not a .npy file ({e})") from e
+    if dtype.hasobject or fortran or dtype.kind not in "fiu":
+      raise PublishedIndexError(f"{path}: dtype {dtype} (fortran order {fortran}) is not a plain numeric array")
+    out = np.empty(shape, dtype)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    for start in range(0, len(view), _CHUNK):
+      chunk = f.read(min(_CHUNK, len(view) - start))
+      if not chunk:
+        break
+      view[start : start + len(chunk)] = chunk
+    extra = f.read(1)
+  got = f.entry()
+  if got["size"] != entry.get("size") or extra:
+    raise PublishedIndexError(f"{path}: {got['size']}{'+' if extra else ''} bytes, the commit says {entry.get('size')}")
+  if got["sha256"] != entry.get("sha256"):
+    raise PublishedIndexError(f"{path}: sha256 does not match the commit (corrupt embedding file)")
+  return out
+
+
+def load_index(index_dir: storage.PathLike, step: int, store: BlockStore,
+               attempts: int = 4) -> tuple[dict[str, Any], np.ndarray]:
+  """Reads and verifies committed index `step` (transient I/O errors retried): (commit, embeddings)."""
+  root = storage.as_path(index_dir)
+  commit = read_commit(root, step, store, attempts)
+  path = root / commit["data"] / EMBEDDINGS
   try:
-    embeddings = np.load(io.BytesIO(raw), allow_pickle=False)
-  except ValueError as e:
-    raise PublishedIndexError(f"{path / EMBEDDINGS}: not a plain numeric .npy file ({e})") from e
-  if embeddings.shape != (manifest["num_blocks"], manifest["dim"]):
-    raise PublishedIndexError(f"{path / EMBEDDINGS}: shape {embeddings.shape} != manifest "
-                      f"({manifest['num_blocks']}, {manifest['dim']})")
-  return manifest, embeddings
+    embeddings = storage.retrying(lambda: _read_verified_npy(path, commit["files"][EMBEDDINGS]), str(path), attempts)
+  except FileNotFoundError as e:
+    if not commit_path(root, step).exists():
+      raise  # removed by the publisher's keep-N meanwhile: superseded, not wrong
+    raise PublishedIndexError(f"{path}: listed by {commit_path(root, step)} but missing") from e
+  if embeddings.shape != (commit["num_blocks"], commit["dim"]):
+    raise PublishedIndexError(f"{path}: shape {embeddings.shape} != commit ({commit['num_blocks']}, {commit['dim']})")
+  return commit, embeddings
 
 
-def local_scann_dir(path: str | Path) -> Path:
-  """ScaNN reads local files: copies `<index>/scann` to a temporary local folder if needed."""
-  source = epath.Path(path) / SCANN_DIR
-  if "://" not in str(source):
-    return Path(str(source))
-  local = Path(tempfile.mkdtemp(prefix="scann-"))
-  for file in source.iterdir():
-    (local / file.name).write_bytes(file.read_bytes())
+def local_scann_dir(index_dir: storage.PathLike, commit: dict) -> epath.Path:
+  """ScaNN reads local files: copies the commit's `scann/` assets to a new local folder, each one verified."""
+  root = storage.as_path(index_dir)
+  local = epath.Path(tempfile.mkdtemp(prefix="scann-"))
+  for name, entry in commit["files"].items():
+    if not name.startswith(f"{SCANN_DIR}/"):
+      continue
+    source = root / commit["data"] / name
+    raw = storage.read_bytes(source)
+    if len(raw) != entry["size"] or storage.sha256(raw) != entry["sha256"]:
+      shutil.rmtree(local)
+      raise PublishedIndexError(f"{source}: size or sha256 does not match the commit (corrupt ScaNN asset)")
+    (local / name.split("/", 1)[1]).write_bytes(raw)
   return local
 
 
 class IndexReader:
-  """Polls `committed/` in a background thread, loads and prepares new indexes off the training thread.
+  """Polls `commits/` in a background thread, loads and prepares new indexes off the training thread.
 
-  `prepare(manifest, embeddings, path)` runs in the background thread (read, verify, place on
-  device or load ScaNN assets); the training loop calls `maybe_swap(train_step)` between steps,
-  which only hands the prepared object to `install(manifest, prepared)`: a reference swap, same
-  shapes, no recompilation.  It returns `index_step` and `index_staleness` for the step's metrics.
+  `prepare(commit, embeddings, index_dir)` runs in the background thread (read, verify, place on device or
+  load ScaNN assets); the training loop calls `maybe_swap(train_step)` between steps, which only hands the
+  prepared object to `install(commit, prepared)`: a reference swap, same shapes, no recompilation.  It returns
+  `index_step`, `index_staleness` and `index_read_failures` for the step's metrics.
+
+  An index whose committed content is wrong is rejected (logged; the next one is read).  Any other error in
+  the thread is logged and counted; after `max_failures` consecutive ones every process stops with an
+  `IndexReadError` naming the index.  All processes swap together, at a step where each has the same index.
 
   `max_staleness` bounds the staleness: a step more than that many steps past the installed index
-  (past step 0 while none is installed) waits for a newer one, for at most `wait_seconds`.  It keeps
-  a run's retrieval as fresh as its gin says when the refresh job is slower than the trainer.
+  (past step 0 while none is installed) waits for a newer one, for at most `wait_seconds`.
   """
 
   def __init__(
       self,
-      index_dir: str | Path,
+      index_dir: storage.PathLike,
       store: BlockStore,
       install: Callable[[dict, Any], None],
-      prepare: Callable[[dict, np.ndarray, epath.Path], Any] = lambda manifest, embeddings, path: embeddings,
+      prepare: Callable[[dict, np.ndarray, epath.Path], Any] = lambda commit, embeddings, index_dir: embeddings,
       poll_seconds: float = 5.0,
       max_staleness: int | None = None,
       wait_seconds: float | None = 3600.0,
+      max_failures: int = 5,
+      read_attempts: int = 4,
   ):
     if max_staleness is not None and max_staleness < 0:
       raise ValueError(f"max_staleness must be >= 0 or None, got {max_staleness}")
-    self.index_dir = epath.Path(index_dir)
+    if max_failures < 1:
+      raise ValueError(f"max_failures must be >= 1, got {max_failures}")
+    self.index_dir = storage.as_path(index_dir)
     self.store, self.install, self.prepare, self.poll_seconds = store, install, prepare, poll_seconds
-    self.max_staleness, self.wait_seconds = max_staleness, wait_seconds
+    self.max_staleness, self.wait_seconds, self.max_failures = max_staleness, wait_seconds, max_failures
+    self.read_attempts = read_attempts  # per file, transient errors retried with backoff (storage.retrying)
     self.index_step: int | None = None
     self.swaps = 0
+    self.read_failures = 0  # all failed reads so far (a metric)
+    self.rejected: set[int] = set()
+    self._failures = 0  # consecutive
+    self._error: str | None = None
+    self._reading = self.index_dir / COMMITS  # what the thread reads now (named when it gives up)
     self._ready: tuple[dict, Any] | None = None
     self._lock = threading.Lock()
     self._stop = threading.Event()
@@ -207,19 +327,26 @@ class IndexReader:
     self._thread.join(timeout=30)
 
   def load_newest(self) -> bool:
-    """Loads the newest committed index if it is newer than the last one loaded."""
-    steps = committed_steps(self.index_dir)
+    """Loads the newest committed, not rejected index if it is newer than the last one loaded.
+
+    Wrong content rejects that index (logged); an I/O error propagates (the poll loop counts it)."""
+    self._reading = self.index_dir / COMMITS
+    steps = [s for s in committed_steps(self.index_dir) if s not in self.rejected]
     if not steps or steps[-1] <= self._loaded_step:
       return False
     step = steps[-1]
-    path = self.index_dir / "committed" / str(step)
+    self._reading = commit_path(self.index_dir, step)
     try:
-      manifest, embeddings = load_index(path, self.store)
-    except FileNotFoundError:  # removed by the refresher's garbage collection meanwhile
+      commit, embeddings = load_index(self.index_dir, step, self.store, self.read_attempts)
+      prepared = self.prepare(commit, embeddings, self.index_dir)
+    except FileNotFoundError:  # removed by the publisher's keep-N meanwhile: a newer one exists
       return False
-    prepared = self.prepare(manifest, embeddings, path)
+    except PublishedIndexError as e:
+      logging.error("rejected index %s: %s", commit_path(self.index_dir, step), e)
+      self.rejected.add(step)
+      return False
     with self._lock:
-      self._ready = (manifest, prepared)
+      self._ready = (commit, prepared)
     self._loaded_step = step
     return True
 
@@ -227,9 +354,14 @@ class IndexReader:
     while not self._stop.is_set():
       try:
         self.load_newest()
-      except PublishedIndexError as e:  # keep training on the current index, say why
-        logging.error("ignoring published index: %s", e)
-        self._loaded_step = max(self._loaded_step, committed_steps(self.index_dir)[-1])
+        self._failures = 0
+      except Exception as e:  # noqa: BLE001 - surfaced: logged, counted, fatal after max_failures in a row
+        self._failures += 1
+        self.read_failures += 1
+        logging.exception("index reader: reading %s/%s failed (%d in a row)", self.index_dir, COMMITS, self._failures)
+        if self._failures >= self.max_failures:
+          self._error = f"{self._reading}: {self._failures} consecutive failed reads; last: {type(e).__name__}: {e}"
+          return
       self._stop.wait(self.poll_seconds)
 
   def wait_for_first(self, timeout: float | None = None) -> None:
@@ -237,16 +369,16 @@ class IndexReader:
     start = time.monotonic()
     logged = False
     while self.index_step is None:
-      if not self._thread.is_alive():
+      if not self._thread.is_alive() and self._error is None:
         self.load_newest()
       self.maybe_swap(None)
       if self.index_step is not None:
         break
       if not logged:
-        logging.info("waiting for a published index in %s/committed ...", self.index_dir)
+        logging.info("waiting for a published index in %s/%s ...", self.index_dir, COMMITS)
         logged = True
       if timeout is not None and time.monotonic() - start > timeout:
-        raise TimeoutError(f"no index was published in {self.index_dir}/committed within {timeout} s")
+        raise TimeoutError(f"no index was published in {self.index_dir}/{COMMITS} within {timeout} s")
       time.sleep(min(self.poll_seconds, 0.5))
 
   def maybe_swap(self, train_step: int | None) -> dict[str, float]:
@@ -259,7 +391,8 @@ class IndexReader:
       self._wait_until_fresh(train_step)
     if self.index_step is None or train_step is None:
       return {}
-    return {"index_step": float(self.index_step), "index_staleness": float(train_step - self.index_step)}
+    return {"index_step": float(self.index_step), "index_staleness": float(train_step - self.index_step),
+            "index_read_failures": float(self.read_failures)}
 
   def _wait_until_fresh(self, train_step: int) -> None:
     # Every process loops the same number of times: the condition only reads the (agreed) installed step.
@@ -268,15 +401,15 @@ class IndexReader:
     logged = False
     while (self.index_step if self.index_step is not None else 0) < needed:
       if not logged:
-        logging.info("step %d: waiting for an index of step >= %d in %s/committed (max staleness %d)",
-                     train_step, needed, self.index_dir, self.max_staleness)
+        logging.info("step %d: waiting for an index of step >= %d in %s/%s (max staleness %d)",
+                     train_step, needed, self.index_dir, COMMITS, self.max_staleness)
         logged = True
       timed_out = self.wait_seconds is not None and time.monotonic() - start > self.wait_seconds
       if partitioning.agree(int(timed_out)):  # process 0's clock decides for all
         raise TimeoutError(f"step {train_step}: no index of step >= {needed} was published in "
-                           f"{self.index_dir}/committed within {self.wait_seconds} s (max staleness "
+                           f"{self.index_dir}/{COMMITS} within {self.wait_seconds} s (max staleness "
                            f"{self.max_staleness}); is the refresh job running?")
-      if not self._thread.is_alive():
+      if not self._thread.is_alive() and self._error is None:
         self.load_newest()
       time.sleep(min(self.poll_seconds, 0.5))
       self._swap_if_ready()
@@ -284,17 +417,22 @@ class IndexReader:
   def _swap_if_ready(self) -> None:
     with self._lock:
       ready = self._ready
-    if not partitioning.same_on_all_processes(ready[0]["train_step"] if ready is not None else -1):
-      ready = None
-    if ready is not None:
-      with self._lock:
-        if self._ready is ready:
-          self._ready = None
-      manifest, prepared = ready
-      self.install(manifest, prepared)
-      self.index_step = manifest["train_step"]
-      self.swaps += 1
-      logging.info("swapped in index step %d", self.index_step)
+    # One collective: each process's prepared step and whether its reader has given up.
+    states = partitioning.gather_ints([ready[0]["train_step"] if ready is not None else -1, self._error is not None])
+    if states[:, 1].any():
+      failed = [int(i) for i in np.flatnonzero(states[:, 1])]
+      raise IndexReadError(self._error or f"process(es) {failed} could not read the index in {self.index_dir} "
+                           "(see their logs)")
+    if ready is None or not (states[:, 0] == states[0, 0]).all():
+      return
+    with self._lock:
+      if self._ready is ready:
+        self._ready = None
+    commit, prepared = ready
+    self.install(commit, prepared)
+    self.index_step = commit["train_step"]
+    self.swaps += 1
+    logging.info("swapped in index step %d", self.index_step)
 
 
 class LiveIndex:
@@ -311,21 +449,28 @@ class LiveIndex:
     self.mesh, self.backend, self.approximate = mesh, backend, approximate
     self.searcher = None
 
-  def prepare(self, manifest: dict, embeddings: np.ndarray, path: epath.Path):
+  def prepare(self, commit: dict, embeddings: np.ndarray, index_dir: epath.Path):
     if self.backend == "scann":
-      if manifest["backend"] != "scann":
-        raise PublishedIndexError(f"{path}: published with backend {manifest['backend']!r}, no ScaNN assets")
-      return ScannSearcher.load(local_scann_dir(path), manifest["num_blocks"])
+      if commit["backend"] != "scann":
+        raise PublishedIndexError(f"{commit_path(index_dir, commit['train_step'])}: published with backend "
+                                  f"{commit['backend']!r}, no ScaNN assets")
+      local = local_scann_dir(index_dir, commit)
+      try:
+        return ScannSearcher.load(local, commit["num_blocks"])
+      finally:
+        shutil.rmtree(local)
     if self.searcher is None:
       return ExactSearcher(embeddings, self.mesh, self.approximate)
     return self.searcher.place(embeddings)
 
-  def install(self, manifest: dict, prepared) -> None:
+  def install(self, commit: dict, prepared) -> None:
     if self.backend == "exact" and self.searcher is not None:
       self.searcher.embeddings = prepared
     else:
       self.searcher = prepared
 
-  def reader(self, index_dir: str | Path, store: BlockStore, poll_seconds: float = 5.0,
-             max_staleness: int | None = None, wait_seconds: float | None = 3600.0) -> IndexReader:
-    return IndexReader(index_dir, store, self.install, self.prepare, poll_seconds, max_staleness, wait_seconds)
+  def reader(self, index_dir: storage.PathLike, store: BlockStore, poll_seconds: float = 5.0,
+             max_staleness: int | None = None, wait_seconds: float | None = 3600.0,
+             max_failures: int = 5) -> IndexReader:
+    return IndexReader(index_dir, store, self.install, self.prepare, poll_seconds, max_staleness, wait_seconds,
+                       max_failures)

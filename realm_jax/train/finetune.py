@@ -9,7 +9,6 @@ exactly (gradients reach the query tower only) and reads the top `reader_k`.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from realm_jax import partitioning
+from realm_jax import partitioning, storage
 from realm_jax.checkpoints import hf_realm
 from realm_jax.data.blocks import BlockStore
 from realm_jax.data.openqa import OpenQaDataConfig, OpenQaFeaturizer, question_dataset
@@ -69,24 +68,29 @@ class OpenQaRun:
     return {**batch, **features}
 
 
-def frozen_index(workdir: Path, tower: dict | None, refresh: RefreshConfig, store: BlockStore, mesh,
-                 pretrained_index: Path | None = None) -> np.ndarray:
-  """The fine-tuning index: `<workdir>/index`'s newest; else `pretrained_index` (the REALM run's index of the
-  very checkpoint fine-tuning starts from); else embedded now from `tower`.  Published in `<workdir>/index`."""
-  index_dir = workdir / "index"
+def frozen_index(workdir: storage.PathLike, tower: dict | None, refresh: RefreshConfig, store: BlockStore, mesh,
+                 pretrained_index: tuple[storage.PathLike, int] | None = None) -> np.ndarray:
+  """The fine-tuning index: `<workdir>/index`'s newest; else `pretrained_index` ((index dir, step): the REALM run's
+  index of the very checkpoint fine-tuning starts from); else embedded now from `tower`.  Published (by process 0)
+  in `<workdir>/index`."""
+  index_dir = storage.as_path(workdir) / "index"
   steps = index_lib.committed_steps(index_dir)
   if steps:
-    _, embeddings = index_lib.load_index(index_dir / "committed" / str(steps[-1]), store)
+    _, embeddings = index_lib.load_index(index_dir, steps[-1], store)
     return embeddings
-  if pretrained_index is not None and (pretrained_index / index_lib.MANIFEST).is_file():
-    _, embeddings = index_lib.load_index(pretrained_index, store)
-    logging.info("fine-tuning index: reusing %s (same parameters as the starting checkpoint)", pretrained_index)
+  if pretrained_index is not None and pretrained_index[1] in index_lib.committed_steps(pretrained_index[0]):
+    _, embeddings = index_lib.load_index(*pretrained_index, store)
+    logging.info("fine-tuning index: reusing %s (same parameters as the starting checkpoint)",
+                 index_lib.commit_path(*pretrained_index))
   elif tower is None:
     raise FileNotFoundError(f"{index_dir}: the run has checkpoints but no published frozen index (deleted?); "
                             "its index cannot be rebuilt from the fine-tuned parameters: start a new workdir")
   else:
     embeddings = embed_all_blocks(tower, refresh, store, mesh, desc="fine-tuning index")
-  index_lib.publish_index(index_dir, 0, embeddings, store, writer="finetune")
+  if jax.process_index() == 0:
+    index_lib.remove_uncommitted(index_dir, writer="finetune")  # a start killed mid-publish
+    index_lib.publish_index(index_dir, 0, embeddings, store, writer="finetune")
+  partitioning.barrier("fine-tuning index published")
   return embeddings
 
 
@@ -173,7 +177,7 @@ def run_finetune(
   weights) and `reader_init` (BERT weights, or 'hf_realm:<dir>': a released REALM encoder, or an ORQA
   reader with its span scorer).  Otherwise the span scorer starts fresh."""
   data, retriever, reader = spec.data, spec.retriever, spec.reader
-  workdir_path = Path(workdir)
+  workdir_path = storage.check_writable(workdir)
   store = spec.store()
   featurizer = OpenQaFeaturizer(store, spec.tokenizer(), data)
   questions = read_questions(train_questions, skip_unanswerable=True)
@@ -182,11 +186,11 @@ def run_finetune(
   if init is not None:
     if not init.startswith(REALM_SPEC_PREFIX):
       raise ValueError(f"init={init!r}: expected '{REALM_SPEC_PREFIX}<REALM pre-training workdir>'")
-    realm_dir = Path(init[len(REALM_SPEC_PREFIX):])
+    realm_dir = storage.as_path(init[len(REALM_SPEC_PREFIX):])
     realm_model = RealmModel(retriever, reader, spec.projection_size, spec.share_towers)
     realm, realm_step = load_realm_checkpoint(realm_dir, realm_model, ("retriever", "reader"), mesh)
     starting = {"retriever": realm["retriever"], "reader": {"encoder": realm["reader"]}}
-    pretrained_index = realm_dir / "index" / "committed" / str(realm_step)
+    pretrained_index = (realm_dir / "index", realm_step)
   else:
     retriever_params = (load_retriever_init(retriever_init, retriever, spec.projection_size, mesh)
                         if retriever_init else {})

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -24,7 +23,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from realm_jax import partitioning
+from realm_jax import partitioning, storage
 from realm_jax.checkpoints import hf_realm
 from realm_jax.data.blocks import BlockStore
 from realm_jax.data.realm import (
@@ -40,7 +39,7 @@ from realm_jax.eval.realm_mlm import HeldOutMlm
 from realm_jax.models.bert import BertConfig
 from realm_jax.objectives.ict import load_pretrained_encoder, with_pretrained_towers
 from realm_jax.objectives.realm import RealmModel, realm_loss
-from realm_jax.refresh.refresher import RefreshConfig, abstract_tower_params, embed_all_blocks
+from realm_jax.refresh.refresher import RefreshConfig, RetrieverDescription, abstract_tower_params, embed_all_blocks
 from realm_jax.retrieval import index as index_lib
 from realm_jax.train.optimizer import bert_adamw, subtree_multipliers
 from realm_jax.train.trainer import (
@@ -60,7 +59,7 @@ def load_retriever_init(spec: str, encoder: BertConfig, projection_size: int, me
     towers = hf_realm.load_hf_realm_retriever(spec, encoder, projection_size)
     return {"tower": towers["query_tower"]} if len(towers) == 1 else {"towers": towers}
   if spec.startswith("ict:"):
-    train_dir = Path(spec[4:]) / "train"
+    train_dir = storage.as_path(spec[4:]) / "train"
     step = latest_checkpoint_step(train_dir)
     if step is None:
       raise FileNotFoundError(f"{train_dir}: no ICT checkpoint to start the retriever from")
@@ -94,10 +93,10 @@ def abstract_realm_params(model: RealmModel) -> dict[str, Any]:
   return abstract_params(model, {name: jnp.zeros(x.shape, x.dtype) for name, x in spec.items()})
 
 
-def load_realm_checkpoint(workdir: str | Path, model: RealmModel, names: tuple[str, ...],
+def load_realm_checkpoint(workdir: storage.PathLike, model: RealmModel, names: tuple[str, ...],
                           mesh) -> tuple[dict[str, Any], int]:
   """The `names` subtrees ('retriever', 'reader', 'mlm_head') of a REALM run's newest checkpoint, and its step."""
-  train_dir = Path(workdir) / "train"
+  train_dir = storage.as_path(workdir) / "train"
   step = latest_checkpoint_step(train_dir)
   if step is None:
     raise FileNotFoundError(f"{train_dir}: no REALM pre-training checkpoint")
@@ -261,9 +260,15 @@ def run_pretrain(
   data = data or RealmDataConfig()
   if eval_every and not data.eval_blocks:
     raise ValueError(f"eval_every={eval_every} needs held-out blocks: set RealmDataConfig.eval_blocks > 0")
+  storage.check_writable(workdir)
   store = BlockStore(block_store)
   model = RealmModel(retriever, reader, projection_size, share_towers, retriever_layer_norm_eps, projection_init,
                      retrieval_score_scale)
+  tower_path = ("retriever", "query_tower" if share_towers else "block_tower")
+  description = RetrieverDescription(retriever, tower_path, data.block_len, projection_size, projection_init,
+                                     retriever_layer_norm_eps, share_towers, retrieval_score_scale,
+                                     store.manifest["tokenizer"])
+  description.write(workdir)
   run = RealmRun(model, store, data, retrieval, null_document, mesh, exclude_trivial)
   retriever_params = load_retriever_init(retriever_init, retriever, projection_size, mesh) if retriever_init else {}
   reader_params = load_reader_init(reader_init, model, mesh) if reader_init else {}
@@ -283,18 +288,19 @@ def run_pretrain(
                           functools.partial(run.complete, exclude_trivial=True), workdir)
     evaluate = lambda state: held_out(state.params, int(state.step))  # noqa: E731
   queries = iter(realm_query_dataset(store, data, masked).to_iter_dataset())
-  index_dir = Path(workdir) / "index"
+  index_dir = storage.as_path(workdir) / "index"
   reader_thread, state = None, None
   if retrieval:
     fresh = not index_lib.committed_steps(index_dir) and trainer.checkpoints.latest_step() is None
     if bootstrap_index and partitioning.agree(fresh):
       state = trainer.init_state(pretrained)  # also the first train state: initialised once
-      tower = jax.device_get(state.params["retriever"]["block_tower" if not share_towers else "query_tower"])
+      tower = jax.device_get(state.params["retriever"][tower_path[1]])
       embeddings = embed_all_blocks(tower, RefreshConfig(retriever, projection_size, retriever_layer_norm_eps,
-                                                         block_len=data.block_len,
+                                                         tower_path, data.block_len,
                                                          batch_size=max(64, mesh.shape["data"])), store, mesh,
                                     desc="bootstrap index")
       if jax.process_index() == 0:  # one writer; every process then loads it
+        index_lib.remove_uncommitted(index_dir, writer="bootstrap")  # a bootstrap killed mid-publish
         index_lib.publish_index(index_dir, 0, embeddings, store, writer="bootstrap")
       partitioning.barrier("bootstrap index published")
     reader_thread = run.live.reader(index_dir, store, index_poll_seconds, max_index_staleness,

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 import flax.linen as nn
@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
-from realm_jax import partitioning
+from realm_jax import partitioning, storage
 
 TRAINING_DONE = "TRAINING_DONE"  # written to the workdir when the last step is saved
 
@@ -70,13 +70,13 @@ class Trainer:
       loss_fn: LossFn,
       optimizer: optax.GradientTransformation,
       mesh: Mesh,
-      workdir: str | Path | None,
+      workdir: storage.PathLike | None,
       config: TrainerConfig,
       rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES,
   ):
     """`workdir=None` builds a trainer without checkpoints: to compile its step (`lower`), or to `step` it by hand."""
     self.mesh, self.rules, self.config = mesh, rules, config
-    self.workdir = Path(workdir) if workdir is not None else None
+    self.workdir = storage.as_path(workdir) if workdir is not None else None
     self.optimizer = optimizer
     self._loss_fn = loss_fn
     self._init_params = init_params
@@ -93,7 +93,7 @@ class Trainer:
         nn.meta.unbox(abstract), self.state_shardings,
     )
     self.checkpoints = None if self.workdir is None else ocp.CheckpointManager(
-        (self.workdir / "train").absolute(),
+        _orbax_dir(self.workdir / "train"),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True),
         item_names=("state", "data"),
     )
@@ -251,7 +251,7 @@ class Trainer:
         self.save(state, data)
       if jax.process_index() == 0:
         self.checkpoints.wait_until_finished()
-        (self.workdir / TRAINING_DONE).write_text(str(cfg.num_steps))
+        storage.write_once(self.workdir / TRAINING_DONE, str(cfg.num_steps).encode())
     finally:
       progress.close()
       self.checkpoints.wait_until_finished()
@@ -266,11 +266,21 @@ def abstract_params(model: nn.Module, example: dict[str, Any], method=None) -> A
   return nn.meta.unbox(jax.eval_shape(init))
 
 
-def restore_params_subtree(train_dir: str | Path, step: int, path: tuple[str, ...], abstract: Any, sharding) -> Any:
+def _orbax_dir(path: storage.PathLike) -> str:
+  """The directory string orbax gets: `gs://...` as is (tensorstore writes the arrays), local ones absolute."""
+  return os.fspath(path) if storage.is_remote(path) else os.path.abspath(os.fspath(path))
+
+
+def read_only_checkpoints(train_dir: storage.PathLike) -> ocp.CheckpointManager:
+  """Another job's trainer checkpoints, read-only (the refresher, init specs, evaluation)."""
+  return ocp.CheckpointManager(_orbax_dir(train_dir), options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_names=("state", "data"))
+
+
+def restore_params_subtree(train_dir: storage.PathLike, step: int, path: tuple[str, ...], abstract: Any,
+                           sharding) -> Any:
   """Restores only `params[path...]` of a trainer checkpoint (orbax partial restore)."""
-  manager = ocp.CheckpointManager(
-      Path(train_dir).absolute(), options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state", "data")
-  )
+  manager = read_only_checkpoints(train_dir)
   item = abstract
   for key in reversed(path):
     item = {key: item}
@@ -284,8 +294,5 @@ def restore_params_subtree(train_dir: str | Path, step: int, path: tuple[str, ..
   return params
 
 
-def latest_checkpoint_step(train_dir: str | Path) -> int | None:
-  manager = ocp.CheckpointManager(
-      Path(train_dir).absolute(), options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state", "data")
-  )
-  return manager.latest_step()
+def latest_checkpoint_step(train_dir: storage.PathLike) -> int | None:
+  return read_only_checkpoints(train_dir).latest_step()

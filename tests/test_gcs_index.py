@@ -1,0 +1,92 @@
+"""The index publish protocol and reader on a real GCS server: killed publishes, transient and persistent faults."""
+
+import time
+
+import numpy as np
+import pytest
+from gcs import FaultProxy, use_endpoint
+
+from realm_jax.retrieval import index as index_lib
+
+MUTATIONS = ("POST", "PUT", "DELETE", "PATCH")
+
+
+def _rows(store, seed):
+  return np.random.default_rng(seed).normal(size=(store.num_blocks, 8)).astype(np.float32)
+
+
+def _two_scann_files(directory):
+  (directory / "a.npy").write_bytes(b"asset a")
+  (directory / "b.txt").write_bytes(b"asset b")
+
+
+@pytest.fixture
+def proxy(gcs_server):
+  proxy = FaultProxy(gcs_server.url)
+  yield proxy
+  use_endpoint(gcs_server.url)
+  proxy.stop()
+
+
+def _publish_through(proxy, gcs_server, index_dir, store, step, seed):
+  use_endpoint(proxy.url)
+  try:
+    index_lib.publish_index(index_dir, step, _rows(store, seed), store, write_scann=_two_scann_files, keep=1)
+  finally:
+    use_endpoint(gcs_server.url)
+
+
+def test_publish_killed_after_each_object_never_exposes_a_partial_index(demo_store, gcs_server, gcs_bucket, proxy):
+  # How many objects one publish writes or deletes (data files, commit, then keep-N removal of the previous one).
+  counter = proxy.fail(r".", mode="503", times=0, methods=MUTATIONS)
+  index_lib.publish_index(f"{gcs_bucket}/count", 10, _rows(demo_store, 10), demo_store, keep=1)
+  _publish_through(proxy, gcs_server, f"{gcs_bucket}/count", demo_store, 20, 20)
+  writes = counter.hits
+  proxy.clear()
+  assert writes >= 5  # embeddings, 2 ScaNN assets, the commit, removal of index 10
+  for killed_after in range(writes):
+    index_dir = f"{gcs_bucket}/killed_{killed_after}"
+    index_lib.publish_index(index_dir, 10, _rows(demo_store, 10), demo_store, keep=1)
+    # From here on, nothing this writer sends reaches the store: it was killed after `killed_after` objects.
+    proxy.fail(r".", mode="403", methods=MUTATIONS, after=killed_after)
+    with pytest.raises(OSError):
+      _publish_through(proxy, gcs_server, index_dir, demo_store, 20, 20)
+    proxy.clear()
+    reader = index_lib.IndexReader(index_dir, demo_store, lambda commit, rows: None)
+    assert reader.load_newest()  # whatever is committed verifies in full
+    commit, rows = reader._ready
+    np.testing.assert_array_equal(rows, _rows(demo_store, commit["train_step"]))
+    committed = 20 in index_lib.committed_steps(index_dir)
+    assert commit["train_step"] == (20 if committed else 10) and (committed or killed_after < writes - 1)
+    # The restarted writer removes its own half-written data; the next publish succeeds and is read.
+    index_lib.remove_uncommitted(index_dir)
+    index_lib.publish_index(index_dir, 30, _rows(demo_store, 30), demo_store, keep=1)
+    assert reader.load_newest() and reader._ready[0]["train_step"] == 30 and not reader.rejected
+    assert index_lib.committed_steps(index_dir) == [30]
+
+
+def test_reader_retries_transient_faults_and_stops_on_persistent_ones(demo_store, gcs_server, gcs_bucket, proxy):
+  flaky, broken = f"{gcs_bucket}/flaky", f"{gcs_bucket}/broken"
+  index_lib.publish_index(flaky, 10, _rows(demo_store, 10), demo_store)
+  index_lib.publish_index(broken, 20, _rows(demo_store, 20), demo_store)
+  # flaky: the embeddings answer 503 seven times, then drop the connection twice (more than gcsfs's own 6 tries);
+  # broken: index 20's commit object can never be read.
+  proxy.fail(r"/flaky/data/.*embeddings\.npy", mode="503", times=7)
+  proxy.fail(r"/flaky/data/.*embeddings\.npy", mode="drop", times=2)
+  proxy.fail(r"/broken/commits/20\.json", mode="503")
+  use_endpoint(proxy.url)
+  installed = []
+  flaky_reader = index_lib.IndexReader(flaky, demo_store, lambda c, r: installed.append(c["train_step"]),
+                                       poll_seconds=0.1, read_attempts=3).start()
+  broken_reader = index_lib.IndexReader(broken, demo_store, lambda c, r: installed.append(c["train_step"]),
+                                        poll_seconds=0.1, read_attempts=1, max_failures=1).start()
+  flaky_reader.wait_for_first(timeout=240)
+  flaky_reader.close()
+  assert installed == [10] and flaky_reader.read_failures == 0
+  deadline = time.monotonic() + 240
+  with pytest.raises(index_lib.IndexReadError, match=rf"{broken}/commits/20\.json: 1 consecutive failed reads"):
+    while time.monotonic() < deadline:  # the training loop's between-step call is where the run stops
+      broken_reader.maybe_swap(21)
+      time.sleep(0.2)
+  broken_reader.close()
+  assert broken_reader.read_failures == 1 and installed == [10]
