@@ -8,6 +8,7 @@ blocks it was read from (ids, titles, snippets).
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
