@@ -7,28 +7,56 @@ import sys
 from conftest import REPO
 
 
-def test_pod_dry_run_prints_create_install_trainer_and_refresher_commands():
-  result = subprocess.run(
+def _pod_dry_run(*flags: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
       [sys.executable, "launch/tpu/pod.py", "--name=realm", "--zone=us-central2-b", "--accelerator=v4-64",
        "--refresh_accelerator=v4-16", "--workdir=gs://bucket/run", "--gin_file=gin/models/bert_base.gin",
-       "--run_gin=gin/runs/realm_pretrain.gin", "--gin_bindings=BLOCK_STORE = 'gs://bucket/blocks'", "--dry_run"],
+       "--run_gin=gin/runs/realm_pretrain.gin", *flags, "--dry_run"],
       cwd=REPO, capture_output=True, text=True, timeout=120,
   )
+
+
+def _shell(command: list[str]) -> list[str]:
+  """The shell command a `gcloud ... ssh` runs on the workers ([] for other gcloud commands)."""
+  return shlex.split(next((a for a in command if a.startswith("--command=")), "--command=").split("=", 1)[1])
+
+
+def test_pod_dry_run_prints_create_install_stage_trainer_and_refresher_commands():
+  result = _pod_dry_run("--block_store=gs://bucket/blocks")
   assert result.returncode == 0, result.stderr
   commands = [shlex.split(line) for line in result.stdout.strip().splitlines()]
-  assert [c[4] for c in commands] == ["create", "create", "ssh", "ssh", "ssh", "ssh"]
+  assert [c[4] for c in commands] == ["create", "create", "ssh", "ssh", "ssh", "ssh", "ssh", "ssh"]
   assert "--accelerator-type=v4-64" in commands[0] and "--accelerator-type=v4-16" in commands[1]
-  trainer, refresher = commands[4], commands[5]
+  trainer, refresher = commands[6], commands[7]
   assert trainer[5] == "realm" and refresher[5] == "realm-refresh"
   assert all("--worker=all" in c and "--zone=us-central2-b" in c for c in commands[2:])
-  train_shell = shlex.split(next(a for a in trainer if a.startswith("--command=")).split("=", 1)[1])
+  train_shell = _shell(trainer)
   assert "launch/pretrain.py" in train_shell and "--coordinator_address=auto" in train_shell
   assert "--gin_file=gin/runs/realm_pretrain.gin" in train_shell
-  assert "--gin_bindings=BLOCK_STORE = 'gs://bucket/blocks'" in train_shell
-  refresh_shell = shlex.split(next(a for a in refresher if a.startswith("--command=")).split("=", 1)[1])
+  refresh_shell = _shell(refresher)
   assert "launch/refresh_index.py" in refresh_shell and "--gin_file=gin/runs/refresh.gin" in refresh_shell
   assert "--gin_file=gin/runs/realm_pretrain.gin" not in refresh_shell
   assert "--gin_bindings=TOWER_PATH = ('retriever', 'query_tower')" in refresh_shell
+
+
+def test_pod_stages_the_block_store_on_every_host_of_both_slices_and_jobs_read_the_copy():
+  result = _pod_dry_run("--block_store=gs://bucket/blocks", "--local_block_store=/mnt/disk/blocks")
+  assert result.returncode == 0, result.stderr
+  commands = [shlex.split(line) for line in result.stdout.strip().splitlines()]
+  stage = ["launch/stage_blocks.py", "--source=gs://bucket/blocks", "--dest=/mnt/disk/blocks"]
+  staged = [c for c in commands if "launch/stage_blocks.py" in _shell(c)]
+  assert [(c[5], c.index("--worker=all") > 0) for c in staged] == [("realm", True), ("realm-refresh", True)]
+  assert all(_shell(c)[-3:] == stage for c in staged)
+  jobs = commands[-2:]  # trainer, refresher: after the staging
+  assert commands.index(staged[-1]) < commands.index(jobs[0])
+  assert all("--gin_bindings=BLOCK_STORE = '/mnt/disk/blocks'" in _shell(c) for c in jobs)
+  assert "gs://bucket/blocks" not in " ".join(" ".join(_shell(c)) for c in jobs)
+
+
+def test_pod_refuses_a_gs_block_store_binding_that_jobs_cannot_memory_map():
+  result = _pod_dry_run("--gin_bindings=BLOCK_STORE = 'gs://bucket/blocks'")
+  assert result.returncode != 0
+  assert "pass --block_store=gs://... instead" in result.stderr and not result.stdout.strip()
 
 
 def test_sweep_expands_variants_into_pod_commands():

@@ -3,15 +3,18 @@ r"""Cloud TPU VM commands for realm-jax: create slices, install, start the train
   python launch/tpu/pod.py --name=realm --zone=europe-west4-a --accelerator=v3-64 \
     --refresh_accelerator=v3-16 --workdir=gs://BUCKET/realm --job=pretrain \
     --gin_file=gin/models/bert_base.gin --run_gin=gin/runs/realm_pretrain.gin \
-    --gin_bindings="BLOCK_STORE = 'gs://BUCKET/blocks'" --dry_run
+    --block_store=gs://BUCKET/blocks --dry_run
 
 Every host of a slice runs the same launcher (`--worker=all`) with `--coordinator_address=auto`;
-the trainer and the refresher share only `--workdir` (see WORKSPACE.md).  `--dry_run` prints the
-commands instead of running them.
+the trainer and the refresher share only `--workdir` (see WORKSPACE.md).  Block stores are memory-mapped
+from local disk: the `stage` step copies --block_store (from `launch/build_blocks.py --out=gs://...`) to
+--local_block_store on every host of both slices (`launch/stage_blocks.py`, a verified copy), and both jobs
+get `BLOCK_STORE = '<local_block_store>'`.  `--dry_run` prints the commands instead of running them.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 
@@ -30,8 +33,13 @@ _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Model gin files (trainer
 _RUN_GIN = flags.DEFINE_multi_string("run_gin", [], "Run gin files of the trainer (e.g. gin/runs/realm_pretrain.gin).")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings for both jobs.")
 _RUN_BINDINGS = flags.DEFINE_multi_string("run_bindings", [], "Gin bindings for the trainer only.")
-_STEPS = flags.DEFINE_multi_enum("step", ["create", "install", "train", "refresh"],
-                                 ["create", "install", "train", "refresh"], "Which commands to issue.")
+_BLOCK_STORE = flags.DEFINE_string("block_store", None, "Block store on GCS (gs://BUCKET/blocks), staged to "
+                                   "--local_block_store on every host; without it, bind a local BLOCK_STORE.")
+_LOCAL_BLOCK_STORE = flags.DEFINE_string("local_block_store", "/tmp/realm-jax-blocks",
+                                         "Where every host stages --block_store; the jobs' BLOCK_STORE.")
+STEPS = ["create", "install", "stage", "train", "refresh"]
+_STEPS = flags.DEFINE_multi_enum("step", STEPS, STEPS, "Which commands to issue (always in this order; stage "
+                                 "only with --block_store).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
 
 
@@ -46,9 +54,25 @@ def _on_all_workers(vm: str, shell: str) -> list[str]:
   return _gcloud("ssh", vm, "--worker=all", f"--command={shell}")
 
 
+def _check_block_store_flags() -> None:
+  """Jobs read a local block store: a gs:// BLOCK_STORE binding, or one beside --block_store, is refused."""
+  bound = [b for b in [*_GIN_BINDINGS.value, *_RUN_BINDINGS.value] if re.match(r"\s*BLOCK_STORE\s*=", b)]
+  if _BLOCK_STORE.value and bound:
+    raise app.UsageError(f"--block_store={_BLOCK_STORE.value} and the binding {bound[0]!r}: give one of them")
+  if any("gs://" in b for b in bound):
+    raise app.UsageError(f"{bound[0]!r}: a block store is memory-mapped from each host's disk; pass "
+                         "--block_store=gs://... instead, which the stage step copies to --local_block_store")
+  if "://" in _LOCAL_BLOCK_STORE.value:
+    raise app.UsageError(f"--local_block_store={_LOCAL_BLOCK_STORE.value} must be a directory on each host's disk")
+
+
+def _block_store_binding() -> list[str]:
+  return [f"BLOCK_STORE = {_LOCAL_BLOCK_STORE.value!r}"] if _BLOCK_STORE.value else []
+
+
 def _launcher(script: str, run_gins: list[str], extra_bindings: list[str]) -> str:
   args = [f"--gin_file={f}" for f in [*_GIN_FILES.value, *run_gins]]
-  args += [f"--gin_bindings={b}" for b in [*_GIN_BINDINGS.value, *extra_bindings]]
+  args += [f"--gin_bindings={b}" for b in [*_GIN_BINDINGS.value, *extra_bindings, *_block_store_binding()]]
   args += [f"--workdir={_WORKDIR.value}", "--coordinator_address=auto"]
   log = "~/" + script.split("/")[-1].replace(".py", ".log")
   return f"cd ~/realm-jax && nohup .venv/bin/python {shlex.join([script, *args])} > {log} 2>&1 &"
@@ -56,17 +80,22 @@ def _launcher(script: str, run_gins: list[str], extra_bindings: list[str]) -> st
 
 def pod_commands() -> list[list[str]]:
   """The gcloud commands for the selected steps, in order."""
+  _check_block_store_flags()
   trainer_vm, refresh_vm = _NAME.value, f"{_NAME.value}-refresh"
   install = (f"git clone {_REPO_URL.value} ~/realm-jax || (cd ~/realm-jax && git pull); cd ~/realm-jax && "
              "bash scripts/setup_venv.sh && .venv/bin/pip install -q 'jax[tpu]==0.10.2'")
   tower = "TOWER_PATH = ('retriever', 'query_tower')" if _JOB.value == "pretrain" else "TOWER_PATH = ('query_tower',)"
   commands = []
-  for step in _STEPS.value:
+  for step in [s for s in STEPS if s in _STEPS.value]:
     if step == "create":
       for vm, accelerator in ((trainer_vm, _ACCELERATOR.value), (refresh_vm, _REFRESH_ACCELERATOR.value)):
         commands.append(_gcloud("create", vm, f"--accelerator-type={accelerator}", f"--version={_VERSION.value}"))
     elif step == "install":
       commands += [_on_all_workers(trainer_vm, install), _on_all_workers(refresh_vm, install)]
+    elif step == "stage" and _BLOCK_STORE.value:
+      stage = "cd ~/realm-jax && .venv/bin/python " + shlex.join(
+          ["launch/stage_blocks.py", f"--source={_BLOCK_STORE.value}", f"--dest={_LOCAL_BLOCK_STORE.value}"])
+      commands += [_on_all_workers(trainer_vm, stage), _on_all_workers(refresh_vm, stage)]
     elif step == "train":
       trainer = _launcher(f"launch/{_JOB.value}.py", _RUN_GIN.value, _RUN_BINDINGS.value)
       commands.append(_on_all_workers(trainer_vm, trainer))

@@ -6,13 +6,17 @@ than the body budget is cut at word-piece boundaries.  Entity spans are mapped
 to the word pieces that lie fully inside them (REALM's rule); spans that cross a
 block boundary or cover no word piece are dropped and counted.
 
-Store layout (one directory, written to a staging name and renamed when complete):
-  manifest.json                    counts, tokenizer fingerprint, corpus fingerprint, arrays
+Store layout (one local directory, written to a staging name and renamed when complete):
+  manifest.json                    counts, tokenizer fingerprint, corpus fingerprint, arrays, and
+                                   `files` {file name: {size, sha256}} of every other file of the store
   <array>.bin                      raw little-endian arrays described in the manifest
   texts.jsonl + text_offsets.bin   per block {doc_id, title, text, uid}, random access by offset
 Arrays are CSR: `title_ids`/`title_offsets`, `body_ids`/`body_offsets`,
 `sentence_starts`/`sentence_offsets` (body-relative), `spans` [S, 3] (start, end, label id,
 body-relative, end exclusive)/`span_offsets`; `uids` [N, 20] uint8 (SHA1 of "title <sep> body").
+
+A store is memory-mapped from local disk.  One on GCS (`launch/build_blocks.py --out=gs://...`) is staged to
+each host first (`realm_jax.data.staging`, `launch/stage_blocks.py`), checked against `files`.
 """
 
 from __future__ import annotations
@@ -26,17 +30,19 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 from tqdm.auto import tqdm
 
+from realm_jax import storage
 from realm_jax.data.corpus import Document
 from realm_jax.data.tokenization import Tokenizer
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+TEXTS = "texts.jsonl"
 
 # Sentence ends: . ! ? (plus closing quotes/brackets) followed by space and an upper-case/digit/quote start.
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9])")
@@ -58,6 +64,12 @@ def date_spans(text: str) -> tuple[tuple[int, int, str], ...]:
 
 class BlockStoreError(ValueError):
   """A block store that is missing, incomplete, corrupt or made for another vocabulary."""
+
+
+def _staging_advice(source: storage.PathLike) -> str:
+  """How to make a local copy of the block store at `source` (a gs:// path)."""
+  return (f"stage it to each host first: python launch/stage_blocks.py --source={source} --dest=/local/dir, "
+          "then point BLOCK_STORE at /local/dir")
 
 
 def split_sentences(text: str) -> list[tuple[int, int]]:
@@ -180,50 +192,77 @@ _ARRAYS: dict[str, tuple[str, tuple[int, ...]]] = {
 }
 
 
+def data_file_names(manifest: dict) -> list[str]:
+  """The files of a store besides its manifest: one `<array>.bin` per array, and the texts."""
+  return [f"{name}.bin" for name in manifest["arrays"]] + [TEXTS]
+
+
+class _HashedFile:
+  """A local file written front to back; its size and sha256 are kept as it is written (never re-read)."""
+
+  def __init__(self, path: epath.Path):
+    self._file = open(os.fspath(path), "wb")
+    self._digest = hashlib.sha256()
+    self._size = 0
+
+  def write(self, data: bytes) -> None:
+    self._file.write(data)
+    self._digest.update(data)
+    self._size += len(data)
+
+  def close(self) -> dict[str, Any]:
+    """Closes the file; returns its `files` entry {size, sha256}."""
+    self._file.close()
+    return {"size": self._size, "sha256": self._digest.hexdigest()}
+
+
 def write_block_store(
     blocks: Iterable[Block],
-    out_dir: str | Path,
+    out_dir: storage.PathLike,
     tokenizer: Tokenizer,
     max_block_len: int,
     corpus_fingerprint: str,
     manifest_extras: Callable[[], dict[str, Any]] = dict,
 ) -> dict:
-  """Streams blocks to `<out_dir>.staging` and renames it to `out_dir` when complete.
+  """Streams blocks to `<out_dir>.staging` (local disk) and renames it to `out_dir` when complete.
 
-  `manifest_extras` is called once all blocks are written (e.g. to add packing statistics).
+  `manifest_extras` is called once all blocks are written (e.g. to add packing statistics).  The manifest's
+  `files` table gets the size and sha256 of every file, hashed while it is written.
   """
-  out_dir = Path(out_dir)
+  out_dir = storage.local_path(out_dir, "a block store being written",
+                               "build it locally, or run launch/build_blocks.py --out=gs://... (builds locally, "
+                               "then uploads)")
   staging = out_dir.with_name(out_dir.name + ".staging")
   if staging.exists():
     shutil.rmtree(staging)
   staging.mkdir(parents=True)
-  files = {name: (staging / f"{name}.bin").open("wb") for name in _ARRAYS}
+  files = {name: _HashedFile(staging / f"{name}.bin") for name in _ARRAYS}
+  texts = _HashedFile(staging / TEXTS)
   counts = Counter()
   offsets = {"title": 0, "body": 0, "sentence": 0, "span": 0, "text": 0}
   for name in ("title_offsets", "body_offsets", "sentence_offsets", "span_offsets", "text_offsets"):
     files[name].write(np.int64(0).tobytes())
-  with (staging / "texts.jsonl").open("wb") as texts:
-    for block in blocks:
-      line = (json.dumps(
-          {"doc_id": block.doc_id, "title": block.title, "text": block.text, "uid": block.uid.hex()},
-          ensure_ascii=False,
-      ) + "\n").encode()
-      texts.write(line)
-      for key, name, arr in (
-          ("title", "title_ids", block.title_ids),
-          ("body", "body_ids", block.body_ids),
-          ("sentence", "sentence_starts", block.sentence_starts),
-          ("span", "spans", block.spans),
-      ):
-        files[name].write(np.ascontiguousarray(arr, _ARRAYS[name][0]).tobytes())
-        offsets[key] += len(arr)
-        files[f"{key}_offsets"].write(np.int64(offsets[key]).tobytes())
-      offsets["text"] += len(line)
-      files["text_offsets"].write(np.int64(offsets["text"]).tobytes())
-      files["uids"].write(block.uid)
-      counts["blocks"] += 1
-  for f in files.values():
-    f.close()
+  for block in blocks:
+    line = (json.dumps(
+        {"doc_id": block.doc_id, "title": block.title, "text": block.text, "uid": block.uid.hex()},
+        ensure_ascii=False,
+    ) + "\n").encode()
+    texts.write(line)
+    for key, name, arr in (
+        ("title", "title_ids", block.title_ids),
+        ("body", "body_ids", block.body_ids),
+        ("sentence", "sentence_starts", block.sentence_starts),
+        ("span", "spans", block.spans),
+    ):
+      files[name].write(np.ascontiguousarray(arr, _ARRAYS[name][0]).tobytes())
+      offsets[key] += len(arr)
+      files[f"{key}_offsets"].write(np.int64(offsets[key]).tobytes())
+    offsets["text"] += len(line)
+    files["text_offsets"].write(np.int64(offsets["text"]).tobytes())
+    files["uids"].write(block.uid)
+    counts["blocks"] += 1
+  file_table = {f"{name}.bin": f.close() for name, f in files.items()}
+  file_table[TEXTS] = texts.close()
   n = counts["blocks"]
   if not n:
     shutil.rmtree(staging)
@@ -248,6 +287,7 @@ def write_block_store(
       },
       "corpus_fingerprint": corpus_fingerprint,
       "arrays": arrays,
+      "files": file_table,
       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
       **manifest_extras(),
   }
@@ -259,10 +299,10 @@ def write_block_store(
 
 
 class BlockStore:
-  """Read-only, memory-mapped view of a block store directory."""
+  """Read-only, memory-mapped view of a block store directory on local disk (a gs:// store is refused)."""
 
-  def __init__(self, path: str | Path):
-    self.path = Path(path)
+  def __init__(self, path: storage.PathLike):
+    self.path = storage.local_path(path, "a block store (it is memory-mapped)", _staging_advice(path))
     manifest_file = self.path / MANIFEST
     if not manifest_file.is_file():
       raise BlockStoreError(f"{self.path}: not a block store (no {MANIFEST}; unfinished build?)")
@@ -280,17 +320,17 @@ class BlockStore:
       file = self.path / f"{name}.bin"
       shape = tuple(spec["shape"])
       expected = int(np.prod(shape)) * np.dtype(spec["dtype"]).itemsize
-      actual = file.stat().st_size if file.is_file() else None
+      actual = os.path.getsize(file) if file.is_file() else None
       if actual != expected:
         raise BlockStoreError(
             f"{file}: expected {expected} bytes for {spec['dtype']}{list(shape)}, found "
             f"{'no file' if actual is None else f'{actual} bytes'} (corrupt or truncated store)"
         )
       self.arrays[name] = (
-          np.memmap(file, dtype=spec["dtype"], mode="r", shape=shape) if expected
+          np.memmap(os.fspath(file), dtype=spec["dtype"], mode="r", shape=shape) if expected
           else np.zeros(shape, spec["dtype"])
       )
-    self._texts = (self.path / "texts.jsonl").open("rb")
+    self._texts = open(os.fspath(self.path / TEXTS), "rb")
 
   def check_tokenizer(self, tokenizer: Tokenizer) -> None:
     if tokenizer.fingerprint != self.manifest["tokenizer"]:
@@ -327,7 +367,7 @@ class BlockStore:
     return json.loads(self._texts.read(int(o[i + 1] - o[i])))
 
   def iter_texts(self) -> Iterator[dict]:
-    with (self.path / "texts.jsonl").open(encoding="utf-8") as f:
+    with open(os.fspath(self.path / TEXTS), encoding="utf-8") as f:
       for line in f:
         yield json.loads(line)
 
@@ -357,7 +397,7 @@ class BlockStore:
 
 def build_block_store(
     documents: Iterable[Document],
-    out_dir: str | Path,
+    out_dir: storage.PathLike,
     tokenizer: Tokenizer,
     corpus_fingerprint: str,
     max_block_len: int = 288,
