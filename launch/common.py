@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import gin
 import jax
@@ -25,17 +26,18 @@ PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in a mu
 REPO_GIN_DIR = epath.Path(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) / "gin"
 
 
-def parse_gin() -> None:
-  """Parses --gin_file/--gin_bindings; a misspelt binding fails here, naming it."""
+def parse_gin(extra_bindings: Sequence[str] = ()) -> None:
+  """Parses --gin_file/--gin_bindings, then `extra_bindings` (a launcher's own flags); a misspelt binding fails
+  here, naming it."""
   gin.add_config_file_search_path(str(REPO_GIN_DIR.parent))
-  gin.parse_config_files_and_bindings(GIN_FILES.value, GIN_BINDINGS.value)
+  gin.parse_config_files_and_bindings(GIN_FILES.value, [*GIN_BINDINGS.value, *extra_bindings])
 
 
-def setup(job: str) -> tuple[epath.Path, jax.sharding.Mesh]:
+def setup(job: str, extra_bindings: Sequence[str] = ()) -> tuple[epath.Path, jax.sharding.Mesh]:
   """Joins the multi-host job, parses gin, checks that the workdir (local or gs://) can be written, builds the
   mesh and records `<job>.config.gin` in the workdir."""
   partitioning.initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
-  parse_gin()
+  parse_gin(extra_bindings)
   workdir = storage.as_path(WORKDIR.value)
   if jax.process_index() == 0:
     storage.check_writable(workdir)

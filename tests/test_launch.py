@@ -1,4 +1,5 @@
-"""Launchers: gin typos fail fast naming the binding; ICT launch writes config, checkpoints, TensorBoard."""
+"""Launchers: gin typos fail fast naming the binding; ICT launch on a gs:// workdir writes config, checkpoints,
+TensorBoard; trainer + refresher processes; a 2-variant sweep on gs://; unusable workdirs fail before training."""
 
 import json
 import re
@@ -7,11 +8,12 @@ import sys
 
 import gin
 import pytest
-from conftest import REPO
+from conftest import REPO, subprocess_env
+from etils import epath
 
 
 def run_launcher(script, *args, timeout=600):
-  env = {"JAX_NUM_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+  env = subprocess_env(JAX_NUM_CPU_DEVICES="2")
   return subprocess.run([sys.executable, str(REPO / "launch" / script), *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
@@ -55,8 +57,8 @@ def test_reader_copy_launcher_writes_each_evaluation(demo_store, tmp_path):
   assert "| step | train loss | oracle log-lik |" in result.stdout
 
 
-def test_ict_launcher_end_to_end(demo_store, tmp_path):
-  workdir = tmp_path / "ict"
+def test_ict_launcher_end_to_end_on_a_gcs_workdir(demo_store, gcs_bucket):
+  workdir = epath.Path(f"{gcs_bucket}/ict")
   result = run_launcher(
       "ict.py", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/ict_demo.gin",
       f"--gin_bindings=BLOCK_STORE = '{demo_store.path}'", "--gin_bindings=NUM_STEPS = 4",
@@ -69,6 +71,25 @@ def test_ict_launcher_end_to_end(demo_store, tmp_path):
   assert "ict.run_ict" in (workdir / "ict.operative_config.gin").read_text()
   assert sorted(p.name for p in (workdir / "train").iterdir() if p.name.isdigit()) == ["2", "4"]
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert (workdir / "TRAINING_DONE").read_text() == "4"
+  assert json.loads((workdir / "retriever.json").read_text())["tower_path"] == ["query_tower"]
+
+
+@pytest.mark.parametrize("workdir", ["gs://no-such-bucket-here/run", "gs://{bucket}/run"])
+def test_unusable_gcs_workdir_fails_before_training_naming_it(gcs_server, gcs_bucket, workdir):
+  from gcs import FaultProxy
+
+  proxy = FaultProxy(gcs_server.url)  # a read-only bucket: every upload is refused
+  proxy.fail(r"/upload/", mode="403", methods=("POST", "PUT"))
+  workdir = workdir.format(bucket=gcs_bucket.removeprefix("gs://"))
+  env = subprocess_env(JAX_NUM_CPU_DEVICES="2", STORAGE_EMULATOR_HOST=proxy.url)
+  result = subprocess.run([sys.executable, "launch/ict.py", "--gin_file=gin/models/tiny.gin",
+                           "--gin_file=gin/runs/ict_demo.gin", "--gin_bindings=BLOCK_STORE = 'unused'",
+                           f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  proxy.stop()
+  assert result.returncode != 0
+  assert f"StorageError: {workdir}: cannot write the run directory" in result.stderr
+  assert "ICT finished" not in result.stdout and "step 1:" not in result.stderr  # before any training step
 
 
 def test_ict_launcher_rejects_a_typo_before_training(tmp_path):
@@ -81,11 +102,12 @@ def test_ict_launcher_rejects_a_typo_before_training(tmp_path):
 
 def test_trainer_and_refresher_processes_run_concurrently_and_the_trainer_hot_swaps(demo_store, tmp_path):
   workdir = tmp_path / "run"
-  env = {"JAX_NUM_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+  env = subprocess_env(JAX_NUM_CPU_DEVICES="2")
   model = ["--gin_file=gin/models/tiny.gin", f"--gin_bindings=BLOCK_STORE = '{demo_store.path}'"]
   trainer = subprocess.Popen(
       [sys.executable, "launch/ict.py", *model, "--gin_file=gin/runs/ict_demo.gin", "--gin_bindings=NUM_STEPS = 160",
        "--gin_bindings=BATCH_SIZE = 16", "--gin_bindings=ict.run_ict.checkpoint_every = 20",
+       "--gin_bindings=ict.run_ict.block_len = 32",
        "--gin_bindings=ict.run_ict.follow_index = True", "--gin_bindings=ict.run_ict.index_poll_seconds = 0.2",
        "--gin_bindings=ict.run_ict.max_index_staleness = 30", f"--workdir={workdir}"],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -93,9 +115,9 @@ def test_trainer_and_refresher_processes_run_concurrently_and_the_trainer_hot_sw
   # Files, not pipes: an undrained pipe would block the refresher while the trainer waits for it.
   with (tmp_path / "refresh.out").open("w") as out, (tmp_path / "refresh.log").open("w") as log:
     refresher = subprocess.Popen(
-        [sys.executable, "launch/refresh_index.py", *model, "--gin_file=gin/runs/refresh.gin",
-         "--gin_bindings=refresher.RefreshConfig.block_len = 32",
-         "--gin_bindings=refresher.RefreshConfig.batch_size = 512",
+        [sys.executable, "launch/refresh_index.py", "--gin_file=gin/runs/refresh.gin", f"--block_store={demo_store.path}",
+         "--gin_bindings=refresher.RefreshJob.block_len = 32",  # agrees with the trainer's retriever.json
+         "--gin_bindings=refresher.RefreshJob.batch_size = 512",
          "--poll_seconds=0.2", f"--workdir={workdir}"],
         cwd=REPO, env=env, stdout=out, stderr=log,
     )
@@ -113,10 +135,17 @@ def test_trainer_and_refresher_processes_run_concurrently_and_the_trainer_hot_sw
   staleness = [float(x) for x in re.findall(r"index_staleness=([\d.]+)", train_log)]
   assert staleness and max(staleness) <= 30  # bounded: the trainer waited for the refresher when it lagged
   assert "refresher published index steps" in refresh_out
-  assert (workdir / "index" / "committed" / "160").is_dir()  # the final checkpoint is indexed
+  assert (workdir / "index" / "commits" / "160.json").is_file()  # the final checkpoint is indexed
+  # A refresher told to embed differently from the trainer's retriever.json is refused, both values named.
+  result = run_launcher("refresh_index.py", f"--block_store={demo_store.path}", "--once", f"--workdir={workdir}",
+                        "--gin_file=gin/runs/refresh.gin", "--gin_bindings=refresher.RefreshJob.block_len = 64")
+  assert result.returncode != 0
+  assert re.search(r"RefreshJob.block_len = 64, but the trainer of this run wrote block_len = 32 in .*retriever.json",
+                   result.stderr), result.stderr[-2000:]
 
 
-def test_sweep_runs_each_variant_locally_with_its_refresher_and_tabulates_the_results(demo_store, tmp_path):
+def test_sweep_runs_each_variant_locally_with_its_refresher_and_tabulates_the_results(demo_store, gcs_bucket):
+  root = epath.Path(f"{gcs_bucket}/sweep")
   result = subprocess.run(
       [sys.executable, "launch/sweep.py", "--gin_file=gin/models/tiny.gin",
        "--run_gin=gin/runs/realm_pretrain_demo.gin",
@@ -124,8 +153,8 @@ def test_sweep_runs_each_variant_locally_with_its_refresher_and_tabulates_the_re
        "--gin_bindings=NUM_STEPS = 4", "--run_bindings=pretrain.run_pretrain.checkpoint_every = 2",
        "--run_bindings=realm_data.RealmDataConfig.eval_blocks = 8",
        "--variant=retrieval=", "--variant=null_only=gin/ablations/no_retrieval.gin", "--baseline=null_only",
-       f"--workdir_root={tmp_path}"],
-      cwd=REPO, capture_output=True, text=True, timeout=900,
+       f"--workdir_root={root}"],
+      cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900,
   )
   assert result.returncode == 0, result.stderr[-3000:]
   *table, paired = result.stdout.strip().splitlines()[-3:]
@@ -137,7 +166,7 @@ def test_sweep_runs_each_variant_locally_with_its_refresher_and_tabulates_the_re
   assert re.fullmatch(r"\s*retrieval: held-out loss minus null_only's [+-]\d\.\d{4} \+- \d\.\d{4} s\.e\. over queries "
                       r"\(step 4 vs 4, 8 queries, \d+ masks; .*\)", paired), paired
   for name in ("retrieval", "null_only"):
-    assert "REALM pre-training finished at step 4" in (tmp_path / name / "trainer.log").read_text()
-  assert "refresher published index steps" in (tmp_path / "retrieval" / "refresher.log").read_text()
-  assert not (tmp_path / "null_only" / "refresher.log").exists()
-  assert (tmp_path / "retrieval" / "index" / "committed" / "4").is_dir()
+    assert "REALM pre-training finished at step 4" in (root / name / "trainer.log").read_text()
+  assert "refresher published index steps" in (root / "retrieval" / "refresher.log").read_text()
+  assert not (root / "null_only" / "refresher.log").exists()
+  assert (root / "retrieval" / "index" / "commits" / "4.json").is_file()

@@ -260,28 +260,31 @@ def test_finetuning_from_minilm_learns_to_answer_its_training_questions(small_qa
   assert all(len(p.blocks) == 2 and p.block_id in [b.block_id for b in p.blocks] for p in predictions)
 
 
-def test_finetune_evaluate_and_ask_launchers_end_to_end(small_qa_setup, tmp_path):
+def test_finetune_evaluate_and_ask_launchers_end_to_end_on_a_gcs_workdir(small_qa_setup, gcs_bucket):
+  from etils import epath
+
   root, store = small_qa_setup
+  workdir = epath.Path(f"{gcs_bucket}/qa")
   flags = ["--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/openqa_demo.gin",
            f"--gin_bindings=BLOCK_STORE = '{store.path}'", f"--gin_bindings=TRAIN_QUESTIONS = '{root / 'q.jsonl'}'",
            f"--gin_bindings=QUESTIONS = '{QUESTIONS}'", "--gin_bindings=NUM_STEPS = 2",
-           "--gin_bindings=openqa_data.OpenQaDataConfig.retrieve_k = 8", f"--workdir={tmp_path / 'qa'}"]
+           "--gin_bindings=openqa_data.OpenQaDataConfig.retrieve_k = 8", f"--workdir={workdir}"]
   result = run_launcher("finetune.py", *flags, "--gin_bindings=finetune.run_finetune.log_every = 1")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Open-QA fine-tuning finished at step 2" in result.stdout
   result = run_launcher("evaluate.py", *flags, "--limit=3", "--gin_bindings=openqa_eval.run_evaluation.baselines = "
                         "('bm25',)")
   assert result.returncode == 0, result.stderr[-3000:]
-  rows = json.loads((tmp_path / "qa" / "eval" / "results.json").read_text())
+  rows = json.loads((workdir / "eval" / "results.json").read_text())
   assert {(r["dataset"], r["system"]) for r in rows} >= {("nq_open_dev", "realm-jax"), ("curatedtrec_test", "BM25")}
   assert "| nq_open_dev | 3 |" in result.stdout
-  records = json.loads((tmp_path / "qa" / "eval" / "webquestions_test.json").read_text())
+  records = json.loads((workdir / "eval" / "webquestions_test.json").read_text())
   assert len(records) == 3 and {"prediction", "blocks", "correct"} <= set(records[0])
   assert records[0]["blocks"][0]["title"]
   result = run_launcher("evaluate.py", *flags, "--limit=3", "--retrieval_only",  # 3 questions on 2 devices: padded
                         "--gin_bindings=openqa_eval.run_evaluation.baselines = ('bm25',)")
   assert result.returncode == 0, result.stderr[-3000:]
-  recall_rows = json.loads((tmp_path / "qa" / "eval_retrieval" / "results.json").read_text())
+  recall_rows = json.loads((workdir / "eval_retrieval" / "results.json").read_text())
   ours = [r for r in recall_rows if r["system"] == "realm-jax"]
   assert len(ours) >= 3 and all("recall@5" in r and "exact_match" not in r for r in ours)
   assert {r["dataset"]: r["questions"] for r in ours}["nq_open_dev"] == 3

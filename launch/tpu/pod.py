@@ -84,7 +84,6 @@ def pod_commands() -> list[list[str]]:
   trainer_vm, refresh_vm = _NAME.value, f"{_NAME.value}-refresh"
   install = (f"git clone {_REPO_URL.value} ~/realm-jax || (cd ~/realm-jax && git pull); cd ~/realm-jax && "
              "bash scripts/setup_venv.sh && .venv/bin/pip install -q 'jax[tpu]==0.10.2'")
-  tower = "TOWER_PATH = ('retriever', 'query_tower')" if _JOB.value == "pretrain" else "TOWER_PATH = ('query_tower',)"
   commands = []
   for step in [s for s in STEPS if s in _STEPS.value]:
     if step == "create":
@@ -100,7 +99,8 @@ def pod_commands() -> list[list[str]]:
       trainer = _launcher(f"launch/{_JOB.value}.py", _RUN_GIN.value, _RUN_BINDINGS.value)
       commands.append(_on_all_workers(trainer_vm, trainer))
     elif step == "refresh":
-      refresh = _launcher("launch/refresh_index.py", ["gin/runs/refresh.gin"], [tower])
+      # The refresher reads what to embed with (tower, block length, ...) from the trainer's <workdir>/retriever.json.
+      refresh = _launcher("launch/refresh_index.py", ["gin/runs/refresh.gin"], [])
       commands.append(_on_all_workers(refresh_vm, refresh))
   return commands
 
