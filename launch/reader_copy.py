@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 
 import gin
+import jax
 from absl import app
 
 from launch import common
+from realm_jax import storage
 from realm_jax.eval import reader_copy
 
 
@@ -21,7 +23,8 @@ def main(argv):
   workdir, mesh = common.setup("reader_copy")
   history = gin.get_configurable(reader_copy.run_reader_copy)(mesh=mesh)
   common.save_operative_config(workdir, "reader_copy")
-  (workdir / "reader_copy.json").write_text(json.dumps(history, indent=1))
+  if jax.process_index() == 0:
+    storage.write_once(workdir / "reader_copy.json", json.dumps(history, indent=1).encode())
   print(reader_copy.markdown_table(history))
 
 

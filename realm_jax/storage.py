@@ -18,11 +18,17 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import fsspec
 from absl import logging
 from etils import epath
 
 PathLike = str | os.PathLike
 T = TypeVar("T")
+
+# Jobs poll what other jobs publish (checkpoints, index commits, TRAINING_DONE): gcsfs must not answer from a
+# listing it cached earlier in the process (its default keeps listings forever).
+for _protocol in ("gs", "gcs"):
+  fsspec.config.conf.setdefault(_protocol, {})["use_listings_cache"] = False
 
 # gcsfs warns on every new bucket that it cannot read the bucket type without credentials (the emulator, or
 # a TPU VM's default service account before it is asked); its real errors are logged at ERROR.

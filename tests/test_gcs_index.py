@@ -90,3 +90,22 @@ def test_reader_retries_transient_faults_and_stops_on_persistent_ones(demo_store
       time.sleep(0.2)
   broken_reader.close()
   assert broken_reader.read_failures == 1 and installed == [10]
+
+
+def test_a_scann_index_published_to_gcs_is_verified_and_served_by_the_live_index(demo_store, gcs_bucket):
+  from realm_jax import partitioning
+  from realm_jax.retrieval.mips import ScannConfig, ScannSearcher, exact_top_k_numpy
+
+  rows = _rows(demo_store, 3)
+  built = ScannSearcher.build(rows, ScannConfig(num_leaves=16, num_leaves_to_search=16, reorder=100))
+  index_dir = f"{gcs_bucket}/scann"
+  index_lib.publish_index(index_dir, 5, rows, demo_store, backend="scann", write_scann=built.serialize)
+  commit = index_lib.read_commit(index_dir, 5, demo_store)
+  assert any(name.startswith("scann/") for name in commit["files"])
+  live = index_lib.LiveIndex(partitioning.make_mesh(), backend="scann")
+  reader = live.reader(index_dir, demo_store)
+  reader.load_newest()
+  reader.maybe_swap(5)
+  queries = rows[:4] + 0.01
+  ids, _ = live.searcher.search(queries, 5)
+  assert (ids[:, 0] == exact_top_k_numpy(rows, queries, 1)[0][:, 0]).mean() >= 0.75

@@ -1,9 +1,10 @@
-"""Multi-host on one machine: 2 processes x 4 CPU devices over jax.distributed behave as 1 process x 8 devices.
+"""A pod on one machine: 2 trainer processes x 4 CPU devices (jax.distributed) and a refresher process sharing a
+gs:// run directory on a real GCS server, the block store built to gs:// and staged to each "host".
 
-REALM pre-training in 2 processes (each loading its half of every batch, one bootstrap index published
-and hot-swapped by both), killed after a checkpoint and resumed, ends where the uninterrupted
-1-process run ends, held-out evaluation included; the 2-process refresh job publishes the embeddings one
-process computes.
+REALM pre-training with the refresher beside it hot-swaps the bootstrap index and the refresher's indexes (at
+steps fixed by `max_index_staleness = checkpoint_every`, so runs are comparable); killed (trainer and refresher,
+a preempted pod) and resumed, it ends where the uninterrupted 1-process run on local disk ends, held-out
+evaluation included.  The 2-process refresh job publishes the embeddings one process computes.
 """
 
 import json
@@ -19,70 +20,136 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import REPO
+from conftest import DEMO_ENTITIES, DEMO_PASSAGES, REPO, subprocess_env
+from etils import epath
 
+from realm_jax.data.blocks import BlockStore
 from realm_jax.eval.realm_mlm import load_eval
 
-STEPS = 4
+STEPS = 6
+PASSAGES = 1000  # a slice of the demo corpus: every refresh re-embeds all its blocks
 
 
 def realm_args(store, workdir):
   return ["launch/pretrain.py", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/realm_pretrain_demo.gin",
-          f"--gin_bindings=BLOCK_STORE = '{store.path}'", f"--gin_bindings=NUM_STEPS = {STEPS}",
+          f"--gin_bindings=BLOCK_STORE = '{store}'", f"--gin_bindings=NUM_STEPS = {STEPS}",
           "--gin_bindings=BATCH_SIZE = 8", "--gin_bindings=pretrain.run_pretrain.checkpoint_every = 2",
+          # A step waits for the index of the previous checkpoint: every run swaps the same indexes at the same steps.
+          "--gin_bindings=pretrain.run_pretrain.max_index_staleness = 2",
+          "--gin_bindings=pretrain.run_pretrain.index_poll_seconds = 0.2",
           "--gin_bindings=pretrain.run_pretrain.log_every = 1", "--gin_bindings=pretrain.run_pretrain.eval_every = 2",
           "--gin_bindings=realm_data.RealmDataConfig.eval_blocks = 12", f"--workdir={workdir}"]
 
 
+def refresher_args(store, workdir, *extra):
+  return ["launch/refresh_index.py", "--gin_file=gin/runs/refresh.gin", f"--block_store={store}",
+          "--gin_bindings=refresher.RefreshJob.batch_size = 64", "--poll_seconds=0.2", f"--workdir={workdir}", *extra]
+
+
 def two_processes(args, **kwargs):
   command = [sys.executable, "launch/local_multihost.py", "--num_processes=2", "--devices_per_process=4", "--", *args]
-  env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
-  return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          **kwargs)
+  return subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, **kwargs)
+
+
+def refresher(store, workdir, log):
+  return subprocess.Popen([sys.executable, *refresher_args(store, workdir)], cwd=REPO,
+                          env=subprocess_env(JAX_NUM_CPU_DEVICES="4"), stdout=log, stderr=subprocess.STDOUT,
+                          start_new_session=True)
 
 
 def final_loss(stdout):
   return [float(x) for x in re.findall(r"finished at step \d+: loss ([\d.]+)", stdout)]
 
 
+def swapped(log):
+  return sorted({int(s) for s in re.findall(r"swapped in index step (\d+)", log)})
+
+
 def restored_state(workdir, step):
-  path = workdir / "train" / str(step) / "state"
+  path = os.fspath(epath.Path(workdir) / "train" / str(step) / "state")
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(path).item_metadata.tree
   return checkpointer.restore(path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
 
 
 @pytest.fixture(scope="module")
-def one_process_run(demo_store, tmp_path_factory):
+def gcs_store(gcs_server, tmp_path_factory):
+  """A block store built straight to gs:// (launch/build_blocks.py), staged to two local "hosts"."""
+  root = tmp_path_factory.mktemp("gcs_store")
+  for source, name in ((DEMO_PASSAGES, "p.jsonl"), (DEMO_ENTITIES, "e.jsonl")):
+    (root / name).write_text("\n".join(source.read_text().splitlines()[:PASSAGES]) + "\n")
+  bucket = gcs_server.create_bucket("multihost")
+  remote = f"{bucket}/blocks"
+  env = subprocess_env()
+  build = subprocess.run([sys.executable, "launch/build_blocks.py", f"--passages={root / 'p.jsonl'}",
+                          f"--entities={root / 'e.jsonl'}", f"--out={remote}"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+  assert build.returncode == 0, build.stderr[-3000:]
+  staged = {}
+  for host in ("trainer_host", "refresher_host"):
+    stage = subprocess.run([sys.executable, "launch/stage_blocks.py", f"--source={remote}", f"--dest={root / host}"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert stage.returncode == 0, stage.stderr[-3000:]
+    staged[host] = BlockStore(root / host)
+  return bucket, staged
+
+
+@pytest.fixture(scope="module")
+def one_process_run(gcs_store, tmp_path_factory):
+  """The uninterrupted reference: 1 trainer process x 8 devices and its refresher, on local disk."""
+  _, staged = gcs_store
   workdir = tmp_path_factory.mktemp("one_process") / "realm"
-  env = {"JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
-  result = subprocess.run([sys.executable, *realm_args(demo_store, workdir)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+  with open(workdir.parent / "refresher.log", "w") as log:
+    refresh = refresher(staged["refresher_host"].path, workdir, log)
+    result = subprocess.run([sys.executable, *realm_args(staged["trainer_host"].path, workdir)], cwd=REPO,
+                            env=subprocess_env(JAX_NUM_CPU_DEVICES="8"), capture_output=True, text=True, timeout=900)
+    refresh.wait(timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
+  assert refresh.returncode == 0, (workdir.parent / "refresher.log").read_text()[-3000:]
+  assert swapped(result.stderr) == [0, 2, 4]
   return workdir, final_loss(result.stdout)
 
 
-def test_two_processes_killed_and_resumed_end_like_one_process(demo_store, one_process_run, tmp_path):
-  reference, reference_loss = one_process_run
-  workdir = tmp_path / "realm"
-  run = two_processes(realm_args(demo_store, workdir), start_new_session=True)
-  deadline = time.monotonic() + 600
-  while not (workdir / "train" / "2").is_dir() and run.poll() is None and time.monotonic() < deadline:
-    time.sleep(0.1)
-  os.killpg(run.pid, signal.SIGKILL)  # the launcher and both processes: a preempted pod
-  run.communicate()
-  assert not (workdir / "TRAINING_DONE").exists(), "killed too late: the run had finished"
+def test_two_processes_and_a_refresher_on_gcs_killed_and_resumed_end_like_one_process(gcs_store, one_process_run,
+                                                                                      tmp_path):
+  from gcs import local_gs_entries
 
-  resumed = two_processes(realm_args(demo_store, workdir))
-  out, err = resumed.communicate(timeout=600)
+  bucket, staged = gcs_store
+  reference, reference_loss = one_process_run
+  workdir = epath.Path(f"{bucket}/run")
+  trainer_store, refresher_store = staged["trainer_host"].path, staged["refresher_host"].path
+  with open(tmp_path / "refresher_1.log", "w") as log:
+    refresh = refresher(refresher_store, workdir, log)
+    run = two_processes(realm_args(trainer_store, workdir), start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not (workdir / "index" / "commits" / "2.json").exists() and run.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.2)
+    for process in (run, refresh):  # a preempted pod: the launcher, both trainer processes and the refresher
+      os.killpg(process.pid, signal.SIGKILL)
+    _, first_err = run.communicate()
+    refresh.wait()
+  assert not (workdir / "TRAINING_DONE").exists(), "killed too late: the run had finished"
+  assert swapped(first_err) and "swapped in index step 0" in first_err
+
+  with open(tmp_path / "refresher_2.log", "w") as log:
+    refresh = refresher(refresher_store, workdir, log)
+    resumed = two_processes(realm_args(trainer_store, workdir))
+    out, err = resumed.communicate(timeout=900)
+    refresh.wait(timeout=300)
+  refresher_log = (tmp_path / "refresher_2.log").read_text()
   assert resumed.returncode == 0, err[-3000:]
-  assert re.search(r"\[process 0\].*resumed from .* at step 2", err) and re.search(r"\[process 1\].*resumed from", err)
-  assert all(re.search(rf"\[process {i}\].*swapped in index step 0", err) for i in (0, 1))
-  assert sorted(p.name for p in (workdir / "index" / "committed").iterdir()) == ["0"]  # published once
+  assert refresh.returncode == 0, refresher_log[-3000:]
+  assert all(re.search(rf"\[process {i}\].*resumed from gs://.* at step [24]\b", err) for i in (0, 1)), err[-3000:]
+  # Both runs together swapped the bootstrap index and at least two of the refresher's, every process alike.
+  for i in (0, 1):
+    steps = set(swapped("\n".join(line for line in (first_err + err).splitlines() if f"[process {i}]" in line)))
+    assert {0, 2, 4} <= steps, steps
+  assert "refresher published index steps" in refresher_log
+  assert [s for s in [0, 2, 4, 6] if (workdir / "index" / "commits" / f"{s}.json").exists()] == [2, 4, 6]  # keep 3
   losses = final_loss(out)
   assert len(losses) == 2 and losses[0] == losses[1]
   np.testing.assert_allclose(losses[0], reference_loss[0], atol=2e-3)
-  # The held-out evaluation (12 queries: 2 global batches of 8, each process reading its half) matches too.
   expected_eval, got_eval = load_eval(reference, STEPS), load_eval(workdir, STEPS)
   np.testing.assert_array_equal(got_eval["block_id"], expected_eval["block_id"])
   assert len(got_eval["block_id"]) == 12
@@ -93,32 +160,31 @@ def test_two_processes_killed_and_resumed_end_like_one_process(demo_store, one_p
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                {"params": expected["params"], "opt_state": expected["opt_state"]},
                {"params": got["params"], "opt_state": got["opt_state"]})
+  assert not local_gs_entries(REPO, tmp_path, epath.Path.cwd())
 
 
-def test_two_process_refresher_publishes_what_one_process_embeds(demo_store, one_process_run, tmp_path):
+def test_two_process_refresher_publishes_what_one_process_embeds(gcs_store, one_process_run, tmp_path):
   from realm_jax import partitioning
   from realm_jax.models.bert import BertConfig
   from realm_jax.refresh.refresher import RefreshConfig, abstract_tower_params, embed_all_blocks
+  from realm_jax.retrieval import index as index_lib
   from realm_jax.train.trainer import restore_params_subtree
 
+  store = gcs_store[1]["refresher_host"]
   workdir = tmp_path / "realm"
-  shutil.copytree(one_process_run[0], workdir)
-  refresh = two_processes([
-      "launch/refresh_index.py", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/refresh.gin",
-      f"--gin_bindings=BLOCK_STORE = '{demo_store.path}'", "--gin_bindings=BLOCK_LEN = 64",
-      "--gin_bindings=TOWER_PATH = ('retriever', 'query_tower')",
-      "--gin_bindings=refresher.RefreshConfig.batch_size = 64",
-      f"--step={STEPS}", f"--workdir={workdir}"])
+  shutil.copytree(one_process_run[0], workdir, ignore=shutil.ignore_patterns("index"))
+  refresh = two_processes(refresher_args(store.path, workdir, f"--step={STEPS}"))
   out, err = refresh.communicate(timeout=600)
   assert refresh.returncode == 0, err[-3000:]
   assert out.count(f"refresher published index steps [{STEPS}]") == 2
-  published = workdir / "index" / "committed" / str(STEPS)
-  assert json.loads((published / "manifest.json").read_text())["train_step"] == STEPS
-  assert not list((workdir / "index" / "tmp").iterdir())
+  assert index_lib.committed_steps(workdir / "index") == [STEPS]
+  commit, published = index_lib.load_index(workdir / "index", STEPS, store)
+  assert commit["train_step"] == STEPS and commit["writer"] == "refresher"
+  assert json.loads((workdir / "retriever.json").read_text())["block_len"] == 128
 
   tiny = BertConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512)
   mesh = partitioning.make_mesh()
   tower = restore_params_subtree(workdir / "train", STEPS, ("retriever", "query_tower"),
                                  abstract_tower_params(tiny, 128), partitioning.replicated(mesh))
-  expected = embed_all_blocks(tower, RefreshConfig(tiny, block_len=64, batch_size=64), demo_store, mesh)
-  np.testing.assert_allclose(np.load(published / "embeddings.npy"), expected, rtol=1e-5, atol=1e-5)
+  expected = embed_all_blocks(tower, RefreshConfig(tiny, block_len=128, batch_size=64), store, mesh)
+  np.testing.assert_allclose(published, expected, rtol=1e-5, atol=1e-5)

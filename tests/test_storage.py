@@ -35,3 +35,19 @@ def test_read_only_bucket_is_one_clear_error_naming_the_workdir(gcs_server, gcs_
     use_endpoint(gcs_server.url)
     proxy.stop()
 
+
+
+def test_a_listing_shows_what_another_process_wrote_since(gcs_bucket):
+  """Jobs poll each other's outputs: gcsfs must not answer from a listing cached earlier in the process."""
+  import subprocess
+  import sys
+
+  from conftest import REPO, subprocess_env
+
+  directory = storage.as_path(f"{gcs_bucket}/run/index/commits")
+  storage.write_once(directory / "0.json", b"{}")
+  assert [p.name for p in directory.iterdir()] == ["0.json"]
+  writer = f"from etils import epath; epath.Path('{directory}/2.json').write_bytes(b'{{}}')"
+  subprocess.run([sys.executable, "-c", writer], cwd=REPO, env=subprocess_env(), check=True, timeout=60)
+  assert sorted(p.name for p in directory.iterdir()) == ["0.json", "2.json"]
+  assert (directory / "2.json").exists()
