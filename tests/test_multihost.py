@@ -160,7 +160,7 @@ def test_two_processes_and_a_refresher_on_gcs_killed_and_resumed_end_like_one_pr
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                {"params": expected["params"], "opt_state": expected["opt_state"]},
                {"params": got["params"], "opt_state": got["opt_state"]})
-  assert not local_gs_entries(REPO, tmp_path, epath.Path.cwd())
+  assert not local_gs_entries(REPO, tmp_path)
 
 
 def test_two_process_refresher_publishes_what_one_process_embeds(gcs_store, one_process_run, tmp_path):
