@@ -16,7 +16,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 from absl import logging
@@ -80,6 +80,28 @@ def write_json_once(path: PathLike, value: Any) -> None:
 
 def sha256(data: bytes) -> str:
   return hashlib.sha256(data).hexdigest()
+
+
+class HashingFile:
+  """Wraps an open binary file: counts and hashes every byte written to or read from it (one pass, no re-read)."""
+
+  def __init__(self, file: BinaryIO):
+    self.file, self.digest, self.size = file, hashlib.sha256(), 0
+
+  def write(self, data) -> int:
+    self.digest.update(data)
+    self.size += memoryview(data).nbytes
+    return self.file.write(data)
+
+  def read(self, n: int = -1) -> bytes:
+    data = self.file.read(n)
+    self.digest.update(data)
+    self.size += len(data)
+    return data
+
+  def entry(self) -> dict[str, Any]:
+    """The `files` table entry of what went through: {size, sha256}."""
+    return {"size": self.size, "sha256": self.digest.hexdigest()}
 
 
 def is_transient(error: BaseException) -> bool:

@@ -308,7 +308,9 @@ def test_a_dest_holding_something_else_is_refused_and_left_alone(gs_slice_store,
     stage_block_store(gs_slice_store, folder)
   assert os.listdir(folder) == ["keep.txt"]
   other = tmp_path / "other"
-  shutil.copytree(local_slice_store, other)  # the same blocks, another build (its manifest differs)
+  shutil.copytree(local_slice_store, other)  # the same blocks, another build: its manifest differs
+  manifest = json.loads((other / "manifest.json").read_text())
+  (other / "manifest.json").write_text(json.dumps({**manifest, "created": "2000-01-01T00:00:00Z"}))
   before = _stats(other)
   with pytest.raises(BlockStoreError, match=rf"{other}: holds another block store than {gs_slice_store}"):
     stage_block_store(gs_slice_store, other)

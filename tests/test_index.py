@@ -1,5 +1,6 @@
 """MIPS backends, atomic index publication, the hot-swapping reader and the refresh job's faults."""
 
+import dataclasses
 import json
 import threading
 import time
@@ -239,8 +240,6 @@ def test_embedding_batches_cover_every_block_once_at_a_length_that_holds_it():
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_length_bucketed_embeddings_equal_padded_ones(demo_store, pooling):
-  import dataclasses
-
   from realm_jax.models.retriever import RetrieverTower
 
   config = dataclasses.replace(TINY, pooling=pooling)
@@ -250,3 +249,18 @@ def test_length_bucketed_embeddings_equal_padded_ones(demo_store, pooling):
   padded = embed_all_blocks(params, RefreshConfig(config, 16, block_len=128, length_bucket=0), demo_store, mesh)
   bucketed = embed_all_blocks(params, RefreshConfig(config, 16, block_len=128, length_bucket=32), demo_store, mesh)
   np.testing.assert_allclose(bucketed, padded, atol=2e-5)
+
+
+def test_a_trainer_restarted_with_another_retriever_is_refused_naming_both_values(tmp_path):
+  from realm_jax.refresh.refresher import RefreshJob, RetrieverDescription
+
+  run = RetrieverDescription(TINY, ("retriever", "query_tower"), 128, 16, "normal", 1e-3, True, 1.0, "wp:abc")
+  run.write(tmp_path)
+  run.write(tmp_path)  # the same retriever: a resumed run
+  assert RetrieverDescription.read(tmp_path, wait_seconds=0) == run
+  with pytest.raises(ValueError, match=r"started with block_len=128, now block_len=64: use a new workdir"):
+    dataclasses.replace(run, block_len=64).write(tmp_path)
+  config = RefreshJob(batch_size=32, block_len=128).config(run, tmp_path / "retriever.json")
+  assert (config.tower_path, config.block_len, config.batch_size) == (("retriever", "query_tower"), 128, 32)
+  with pytest.raises(ValueError, match=r"RefreshJob.tower_path = \('retriever', 'block_tower'\), but the trainer"):
+    RefreshJob(tower_path=("retriever", "block_tower")).config(run, tmp_path / "retriever.json")

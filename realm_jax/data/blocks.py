@@ -33,7 +33,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
-from etils import epath
 from tqdm.auto import tqdm
 
 from realm_jax import storage
@@ -197,25 +196,6 @@ def data_file_names(manifest: dict) -> list[str]:
   return [f"{name}.bin" for name in manifest["arrays"]] + [TEXTS]
 
 
-class _HashedFile:
-  """A local file written front to back; its size and sha256 are kept as it is written (never re-read)."""
-
-  def __init__(self, path: epath.Path):
-    self._file = open(os.fspath(path), "wb")
-    self._digest = hashlib.sha256()
-    self._size = 0
-
-  def write(self, data: bytes) -> None:
-    self._file.write(data)
-    self._digest.update(data)
-    self._size += len(data)
-
-  def close(self) -> dict[str, Any]:
-    """Closes the file; returns its `files` entry {size, sha256}."""
-    self._file.close()
-    return {"size": self._size, "sha256": self._digest.hexdigest()}
-
-
 def write_block_store(
     blocks: Iterable[Block],
     out_dir: storage.PathLike,
@@ -236,8 +216,8 @@ def write_block_store(
   if staging.exists():
     shutil.rmtree(staging)
   staging.mkdir(parents=True)
-  files = {name: _HashedFile(staging / f"{name}.bin") for name in _ARRAYS}
-  texts = _HashedFile(staging / TEXTS)
+  files = {name: storage.HashingFile(open(os.fspath(staging / f"{name}.bin"), "wb")) for name in _ARRAYS}
+  texts = storage.HashingFile(open(os.fspath(staging / TEXTS), "wb"))
   counts = Counter()
   offsets = {"title": 0, "body": 0, "sentence": 0, "span": 0, "text": 0}
   for name in ("title_offsets", "body_offsets", "sentence_offsets", "span_offsets", "text_offsets"):
@@ -261,8 +241,10 @@ def write_block_store(
     files["text_offsets"].write(np.int64(offsets["text"]).tobytes())
     files["uids"].write(block.uid)
     counts["blocks"] += 1
-  file_table = {f"{name}.bin": f.close() for name, f in files.items()}
-  file_table[TEXTS] = texts.close()
+  for f in (*files.values(), texts):
+    f.file.close()
+  file_table = {f"{name}.bin": f.entry() for name, f in files.items()}
+  file_table[TEXTS] = texts.entry()
   n = counts["blocks"]
   if not n:
     shutil.rmtree(staging)

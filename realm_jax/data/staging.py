@@ -169,23 +169,22 @@ def _write_stamp(directory: epath.Path, manifest_bytes: bytes, files: dict[str, 
 
 def _copy_checked(source: epath.Path, target: epath.Path, entry: dict[str, Any], progress: tqdm) -> None:
   """Streams `source` to the local `target`, checking its size and sha256 against its `files` entry."""
-  digest, size = hashlib.sha256(), 0
   try:
-    with open(os.fspath(target), "wb") as out:
+    with open(os.fspath(target), "wb") as raw:
+      out = storage.HashingFile(raw)
       for chunk in _read_chunks(source):
         out.write(chunk)
-        digest.update(chunk)
-        size += len(chunk)
         progress.update(len(chunk))
-        if size > entry["size"]:
+        if out.size > entry["size"]:
           break
   except OSError as e:
     raise storage.StorageError(f"{source}: cannot be staged ({type(e).__name__}: {e}); nothing was staged") from e
-  if size != entry["size"]:
-    raise BlockStoreError(f"{source}: {size}{'+' if size > entry['size'] else ''} bytes, the manifest says "
-                          f"{entry['size']} (corrupt or replaced object); nothing was staged")
-  if digest.hexdigest() != entry["sha256"]:
-    raise BlockStoreError(f"{source}: sha256 {digest.hexdigest()}, the manifest says {entry['sha256']} "
+  got = out.entry()
+  if got["size"] != entry["size"]:
+    raise BlockStoreError(f"{source}: {got['size']}{'+' if got['size'] > entry['size'] else ''} bytes, the manifest "
+                          f"says {entry['size']} (corrupt or replaced object); nothing was staged")
+  if got["sha256"] != entry["sha256"]:
+    raise BlockStoreError(f"{source}: sha256 {got['sha256']}, the manifest says {entry['sha256']} "
                           "(corrupt or replaced object); nothing was staged")
 
 

@@ -16,7 +16,6 @@ folders that no commit names (a publish it was killed in).  Paths go through eti
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -25,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 from absl import logging
@@ -64,27 +63,6 @@ def committed_steps(index_dir: storage.PathLike) -> list[int]:
   return sorted(int(m.group(1)) for p in directory.iterdir() if (m := re.fullmatch(r"(\d+)\.json", p.name)))
 
 
-class _Hashing:
-  """A file wrapper that counts and hashes every byte written to or read from it."""
-
-  def __init__(self, file: BinaryIO):
-    self.file, self.digest, self.size = file, hashlib.sha256(), 0
-
-  def write(self, data) -> int:
-    self.digest.update(data)
-    self.size += len(memoryview(data).cast("B"))
-    return self.file.write(data)
-
-  def read(self, n: int = -1) -> bytes:
-    data = self.file.read(n)
-    self.digest.update(data)
-    self.size += len(data)
-    return data
-
-  def entry(self) -> dict[str, Any]:
-    return {"size": self.size, "sha256": self.digest.hexdigest()}
-
-
 def publish_index(
     index_dir: storage.PathLike,
     train_step: int,
@@ -111,7 +89,7 @@ def publish_index(
   storage.make_dirs(data)
   files = {}
   with (data / EMBEDDINGS).open("wb") as f:
-    hashing = _Hashing(f)
+    hashing = storage.HashingFile(f)
     np.lib.format.write_array(hashing, np.ascontiguousarray(embeddings), allow_pickle=False)
   files[EMBEDDINGS] = hashing.entry()
   if write_scann is not None:
@@ -209,7 +187,7 @@ def read_commit(index_dir: storage.PathLike, step: int, store: BlockStore, attem
 def _read_verified_npy(path: epath.Path, entry: dict) -> np.ndarray:
   """A plain numeric .npy file streamed into memory, its size and sha256 checked against the commit."""
   with path.open("rb") as raw:
-    f = _Hashing(raw)
+    f = storage.HashingFile(raw)
     try:
       version = np.lib.format.read_magic(f)
       header = _NPY_HEADERS.get(version)
