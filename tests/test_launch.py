@@ -115,7 +115,8 @@ def test_trainer_and_refresher_processes_run_concurrently_and_the_trainer_hot_sw
   # Files, not pipes: an undrained pipe would block the refresher while the trainer waits for it.
   with (tmp_path / "refresh.out").open("w") as out, (tmp_path / "refresh.log").open("w") as log:
     refresher = subprocess.Popen(
-        [sys.executable, "launch/refresh_index.py", "--gin_file=gin/runs/refresh.gin", f"--block_store={demo_store.path}",
+        [sys.executable, "launch/refresh_index.py", "--gin_file=gin/runs/refresh.gin",
+         f"--block_store={demo_store.path}",
          "--gin_bindings=refresher.RefreshJob.block_len = 32",  # agrees with the trainer's retriever.json
          "--gin_bindings=refresher.RefreshJob.batch_size = 512",
          "--poll_seconds=0.2", f"--workdir={workdir}"],

@@ -122,8 +122,8 @@ def test_two_processes_and_a_refresher_on_gcs_killed_and_resumed_end_like_one_pr
   with open(tmp_path / "refresher_1.log", "w") as log:
     refresh = refresher(refresher_store, workdir, log)
     run = two_processes(realm_args(trainer_store, workdir), start_new_session=True)
-    deadline = time.monotonic() + 600
-    while not (workdir / "index" / "commits" / "2.json").exists() and run.poll() is None and time.monotonic() < deadline:
+    deadline, first_refresh = time.monotonic() + 600, workdir / "index" / "commits" / "2.json"
+    while not first_refresh.exists() and run.poll() is None and time.monotonic() < deadline:
       time.sleep(0.2)
     for process in (run, refresh):  # a preempted pod: the launcher, both trainer processes and the refresher
       os.killpg(process.pid, signal.SIGKILL)
