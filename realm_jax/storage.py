@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, BinaryIO, TypeVar
 
+import aiohttp
 import fsspec
 from absl import logging
 from etils import epath
@@ -25,10 +26,21 @@ from etils import epath
 PathLike = str | os.PathLike
 T = TypeVar("T")
 
-# Jobs poll what other jobs publish (checkpoints, index commits, TRAINING_DONE): gcsfs must not answer from a
-# listing it cached earlier in the process (its default keeps listings forever).
-for _protocol in ("gs", "gcs"):
-  fsspec.config.conf.setdefault(_protocol, {})["use_listings_cache"] = False
+
+def configure_gcs(read_timeout_seconds: float = 120.0, connect_timeout_seconds: float = 60.0) -> None:
+  """gcsfs settings for every filesystem created from now on (etils and fsspec cache theirs).
+
+  Jobs poll what other jobs publish (checkpoints, index commits, TRAINING_DONE), so gcsfs must not answer from a
+  listing it cached earlier in the process (its default keeps listings forever).  A request whose server goes
+  silent for `read_timeout_seconds` fails and is retried (gcsfs's default waits forever); the timeout bounds the
+  silence between reads, not a whole multi-GB transfer.
+  """
+  timeout = aiohttp.ClientTimeout(sock_connect=connect_timeout_seconds, sock_read=read_timeout_seconds)
+  for protocol in ("gs", "gcs"):
+    fsspec.config.conf.setdefault(protocol, {}).update(use_listings_cache=False, requests_timeout=timeout)
+
+
+configure_gcs()
 
 # gcsfs warns on every new bucket that it cannot read the bucket type without credentials (the emulator, or
 # a TPU VM's default service account before it is asked); its real errors are logged at ERROR.

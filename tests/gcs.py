@@ -2,7 +2,7 @@
 
 gcsfs (etils.epath's gs:// backend) honours STORAGE_EMULATOR_HOST; tensorstore (orbax's arrays) honours
 TENSORSTORE_GCS_HTTP_URL.  `FaultProxy` forwards every request to the server except those matching a rule,
-which it answers with an HTTP error (503, 403, ...) or by dropping the connection.
+which it answers with an HTTP error (503, 403, ...), by dropping the connection, or by stalling (a timeout).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class GcsServer:
 @dataclasses.dataclass
 class Rule:
   pattern: re.Pattern
-  mode: str  # an HTTP status ("503", "403", ...) or "drop" (close the connection unanswered)
+  mode: str  # an HTTP status ("503", "403", ...), "drop" (close the connection unanswered) or "stall:<seconds>"
   remaining: int | None  # None: every matching request
   methods: tuple[str, ...]
   after: int = 0  # matching requests let through before the faults start
@@ -105,6 +105,9 @@ class FaultProxy:
       def _handle(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         rule = proxy._match(self.command, urllib.parse.unquote(self.path))
+        if rule is not None and rule.mode.startswith("stall"):  # "stall:S": say nothing for S seconds, then hang up
+          time.sleep(float(rule.mode.split(":")[1]))
+          rule = dataclasses.replace(rule, mode="drop")
         if rule is not None and rule.mode == "drop":
           self.close_connection = True
           self.connection.shutdown(socket.SHUT_RDWR)

@@ -51,3 +51,24 @@ def test_a_listing_shows_what_another_process_wrote_since(gcs_bucket):
   subprocess.run([sys.executable, "-c", writer], cwd=REPO, env=subprocess_env(), check=True, timeout=60)
   assert sorted(p.name for p in directory.iterdir()) == ["0.json", "2.json"]
   assert (directory / "2.json").exists()
+
+
+def test_a_read_whose_server_goes_silent_times_out_and_is_retried(gcs_server, gcs_bucket):
+  import time
+
+  from gcs import FaultProxy, use_endpoint
+
+  path = storage.as_path(f"{gcs_bucket}/run/commits/3.json")
+  storage.write_once(path, b'{"step": 3}')
+  proxy = FaultProxy(gcs_server.url)
+  proxy.fail(r"/commits/3\.json", mode="stall:60", times=1)
+  try:
+    storage.configure_gcs(read_timeout_seconds=2)
+    use_endpoint(proxy.url)
+    start = time.monotonic()
+    assert storage.read_bytes(path) == b'{"step": 3}'
+    assert time.monotonic() - start < 30  # not the 60 s the server stayed silent
+  finally:
+    storage.configure_gcs()
+    use_endpoint(gcs_server.url)
+    proxy.stop()
