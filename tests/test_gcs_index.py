@@ -4,6 +4,7 @@ import time
 
 import numpy as np
 import pytest
+from etils import epath
 from gcs import FaultProxy, use_endpoint
 
 from realm_jax.retrieval import index as index_lib
@@ -46,7 +47,7 @@ def test_publish_killed_after_each_object_never_exposes_a_partial_index(demo_sto
   assert writes >= 5  # embeddings, 2 ScaNN assets, the commit, removal of index 10
   for killed_after in range(writes):
     index_dir = f"{gcs_bucket}/killed_{killed_after}"
-    index_lib.publish_index(index_dir, 10, _rows(demo_store, 10), demo_store, keep=1)
+    index_lib.publish_index(index_dir, 10, _rows(demo_store, 10), demo_store, keep=1, writer="bootstrap")
     # From here on, nothing this writer sends reaches the store: it was killed after `killed_after` objects.
     proxy.fail(r".", mode="403", methods=MUTATIONS, after=killed_after)
     with pytest.raises(OSError):
@@ -63,6 +64,9 @@ def test_publish_killed_after_each_object_never_exposes_a_partial_index(demo_sto
     index_lib.publish_index(index_dir, 30, _rows(demo_store, 30), demo_store, keep=1)
     assert reader.load_newest() and reader._ready[0]["train_step"] == 30 and not reader.rejected
     assert index_lib.committed_steps(index_dir) == [30]
+    index_lib.remove_uncommitted(index_dir)  # also what a keep-N removal killed mid-way left of the other writer's
+    data = {p.name for p in epath.Path(f"{index_dir}/data").iterdir()}
+    assert data == {index_lib.read_commit(index_dir, 30, demo_store)["data"].split("/")[1]}
 
 
 def test_reader_retries_transient_faults_and_stops_on_persistent_ones(demo_store, gcs_server, gcs_bucket, proxy):

@@ -119,9 +119,10 @@ def test_refresher_killed_mid_publish_leaves_readers_on_the_previous_index(demo_
   reader = index_lib.IndexReader(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]))
   reader.load_newest()
   assert reader.maybe_swap(12) == {"index_step": 10.0, "index_staleness": 2.0, "index_read_failures": 0.0}
-  (tmp_path / "data" / "0-bootstrap-abc").mkdir()  # another job's uncommitted data is left alone
-  assert index_lib.remove_uncommitted(tmp_path) == half
-  assert not (tmp_path / "data" / half[0]).exists() and (tmp_path / "data" / "0-bootstrap-abc").exists()
+  (tmp_path / "data" / "30-bootstrap-abc").mkdir()  # another job's uncommitted data (it may be publishing)
+  (tmp_path / "data" / "5-bootstrap-abc").mkdir()  # older than every commit: left by a killed keep-N removal
+  assert sorted(index_lib.remove_uncommitted(tmp_path)) == sorted(["5-bootstrap-abc", *half])
+  assert not (tmp_path / "data" / half[0]).exists() and (tmp_path / "data" / "30-bootstrap-abc").exists()
   assert index_lib.load_index(tmp_path, 10, demo_store)[0]["train_step"] == 10  # the committed one is kept
 
 

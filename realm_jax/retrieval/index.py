@@ -134,18 +134,25 @@ def remove_index(index_dir: storage.PathLike, step: int) -> None:
 
 
 def remove_uncommitted(index_dir: storage.PathLike, writer: str = "refresher") -> list[str]:
-  """Removes `writer`'s data folders that no commit names (publishes it was killed in); returns their names."""
+  """Removes data folders that no commit names: `writer`'s own (publishes it was killed in), and any writer's
+  older than the oldest commit (a keep-N removal killed between the commit and its data).  Returns their names."""
   root = storage.as_path(index_dir)
   if not (root / DATA).exists():
     return []
-  named = set()
-  for step in committed_steps(root):
+  steps, named = committed_steps(root), set()
+  for step in steps:
     try:
       named.add(_data_name(json.loads(storage.read_bytes(commit_path(root, step))), commit_path(root, step)))
     except (FileNotFoundError, ValueError):  # removed meanwhile, or unreadable: never delete what it may name
       return []
-  stale = sorted(p for p in (root / DATA).iterdir()
-                 if re.fullmatch(rf"\d+-{re.escape(writer)}-[0-9a-f]+", p.name) and f"{DATA}/{p.name}" not in named)
+
+  def is_stale(name: str) -> bool:
+    match = re.fullmatch(r"(\d+)-([\w.]+)-[0-9a-f]+", name)
+    if match is None or f"{DATA}/{name}" in named:
+      return False
+    return match.group(2) == writer or (bool(steps) and int(match.group(1)) < steps[0])
+
+  stale = sorted(p for p in (root / DATA).iterdir() if is_stale(p.name))
   for path in stale:
     path.rmtree()
   return [p.name for p in stale]
