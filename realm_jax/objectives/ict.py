@@ -106,6 +106,7 @@ def run_ict(
     seed: int = 0,
     follow_index: bool = False,
     index_poll_seconds: float = 5.0,
+    index_max_failures: int = 5,
     max_index_staleness: int | None = None,
 ) -> list[dict[str, float]]:
   """ICT warm start (defaults = ORQA: batch 4096, 100k steps, lr 1e-4, 90% removal).
@@ -115,7 +116,7 @@ def run_ict(
   `max_index_staleness` makes a step wait for the refresh job when the index is older than that.
   """
   settings = {k: v for k, v in locals().items()
-              if k not in ("follow_index", "index_poll_seconds", "max_index_staleness")}
+              if k not in ("follow_index", "index_poll_seconds", "max_index_staleness", "index_max_failures")}
   storage.check_writable(workdir)
   trainer, data, pretrained = make_ict_trainer(**settings)
   store = BlockStore(block_store)
@@ -126,7 +127,8 @@ def run_ict(
   reader = None
   if follow_index:
     live = LiveIndex(mesh)
-    reader = live.reader(storage.as_path(workdir) / "index", store, index_poll_seconds, max_index_staleness).start()
+    reader = live.reader(storage.as_path(workdir) / "index", store, index_poll_seconds, max_index_staleness,
+                         max_failures=index_max_failures).start()
   try:
     _, history = trainer.fit(data, pretrained, batch_size=batch_size,
                              before_step=reader.maybe_swap if reader else None)

@@ -224,6 +224,7 @@ def run_pretrain(
     bootstrap_index: bool = True,
     index_wait_seconds: float | None = 3600.0,
     index_poll_seconds: float = 5.0,
+    index_max_failures: int = 5,
     max_index_staleness: int | None = None,
     num_steps: int = 200_000,
     learning_rate: float = 3e-5,
@@ -255,7 +256,8 @@ def run_pretrain(
   join the logged ones (an evaluation step is also a logging step).
 
   `max_index_staleness` (None: unbounded, as the paper) makes a step wait for the refresh job when the
-  installed index is more than that many steps old, for at most `index_wait_seconds`.
+  installed index is more than that many steps old, for at most `index_wait_seconds`.  `index_max_failures`
+  consecutive failed index reads (after retries) stop the run with an error naming the index.
   """
   data = data or RealmDataConfig()
   if eval_every and not data.eval_blocks:
@@ -304,7 +306,7 @@ def run_pretrain(
         index_lib.publish_index(index_dir, 0, embeddings, store, writer="bootstrap")
       partitioning.barrier("bootstrap index published")
     reader_thread = run.live.reader(index_dir, store, index_poll_seconds, max_index_staleness,
-                                    index_wait_seconds).start()
+                                    index_wait_seconds, index_max_failures).start()
     reader_thread.wait_for_first(index_wait_seconds)
   try:
     _, history = trainer.fit(
