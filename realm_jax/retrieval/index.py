@@ -10,8 +10,9 @@ reader.
 An index exists only once its commit object does (a single-object write is atomic on GCS; a rename on local
 disk), so no step needs a directory rename or a consistent listing of a half-written prefix.  Readers trust
 only commit objects and verify every byte they load against them.  The publisher keeps the newest `keep`
-commits and removes older ones commit first, then data; a writer that restarts removes only its own data
-folders that no commit names (a publish it was killed in).  Paths go through etils.epath (local disk or GCS).
+commits and removes older ones commit first, then data; a writer that restarts removes the data folders no
+commit names that are its own (a publish it was killed in) or older than the oldest commit (a removal killed
+between commit and data).  Paths go through etils.epath (local disk or GCS).
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ def publish_index(
 ) -> epath.Path:
   """Writes index `train_step`'s data under a fresh name, then its commit object; keeps the newest `keep`.
 
-  `writer` names the job (the refresher, or a trainer bootstrapping index 0): each job only ever removes its
-  own uncommitted data.  A committed step is never rewritten.  Returns the commit object's path.
+  `writer` names the job (the refresher, or a trainer bootstrapping index 0) in the data folder's name, which
+  tells `remove_uncommitted` whose a half-written folder is.  A committed step is never rewritten.  Returns the
+  commit object's path.
   """
   if embeddings.ndim != 2 or len(embeddings) != store.num_blocks:
     raise ValueError(f"embeddings {embeddings.shape} do not have one row per block ({store.num_blocks})")
@@ -95,9 +97,9 @@ def publish_index(
   if write_scann is not None:
     with tempfile.TemporaryDirectory() as local:  # ScaNN writes local files; upload them (GCS-safe)
       write_scann(epath.Path(local))
+      storage.make_dirs(data / SCANN_DIR)
       for file in sorted(epath.Path(local).iterdir()):
         raw = file.read_bytes()
-        storage.make_dirs(data / SCANN_DIR)
         (data / SCANN_DIR / file.name).write_bytes(raw)
         files[f"{SCANN_DIR}/{file.name}"] = {"size": len(raw), "sha256": storage.sha256(raw)}
   storage.write_json_once(commit, {
