@@ -15,6 +15,7 @@ from realm_jax.data.realm import (
 )
 from realm_jax.models.bert import BertConfig
 from realm_jax.objectives.realm import marginal_loss
+from realm_jax.retrieval import index as index_lib
 from realm_jax.train.pretrain import run_pretrain
 
 TINY = BertConfig(vocab_size=30522, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128)
@@ -213,7 +214,7 @@ def test_pretraining_runs_on_the_live_index_and_logs_staleness(demo_store, tmp_p
   assert all(np.isfinite(h["loss"]) for h in history)
   assert 0 < history[-1]["p_null"] < 1
   assert 0 <= history[-1]["span_retrieved"] <= 1
-  assert (tmp_path / "index" / "committed" / "0").is_dir()
+  assert index_lib.committed_steps(tmp_path / "index") == [0] and history[-1]["index_read_failures"] == 0.0
   assert jax.device_count() == 8
 
 
