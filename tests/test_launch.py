@@ -105,7 +105,7 @@ def test_trainer_and_refresher_processes_run_concurrently_and_the_trainer_hot_sw
   env = subprocess_env(JAX_NUM_CPU_DEVICES="2")
   model = ["--gin_file=gin/models/tiny.gin", f"--gin_bindings=BLOCK_STORE = '{demo_store.path}'"]
   trainer = subprocess.Popen(
-      [sys.executable, "launch/ict.py", *model, "--gin_file=gin/runs/ict_demo.gin", "--gin_bindings=NUM_STEPS = 160",
+      [sys.executable, "launch/ict.py", *model, "--gin_file=gin/runs/ict_demo.gin", "--gin_bindings=NUM_STEPS = 80",
        "--gin_bindings=BATCH_SIZE = 16", "--gin_bindings=ict.run_ict.checkpoint_every = 20",
        "--gin_bindings=ict.run_ict.block_len = 32",
        "--gin_bindings=ict.run_ict.follow_index = True", "--gin_bindings=ict.run_ict.index_poll_seconds = 0.2",
@@ -136,7 +136,7 @@ def test_trainer_and_refresher_processes_run_concurrently_and_the_trainer_hot_sw
   staleness = [float(x) for x in re.findall(r"index_staleness=([\d.]+)", train_log)]
   assert staleness and max(staleness) <= 30  # bounded: the trainer waited for the refresher when it lagged
   assert "refresher published index steps" in refresh_out
-  assert (workdir / "index" / "commits" / "160.json").is_file()  # the final checkpoint is indexed
+  assert (workdir / "index" / "commits" / "80.json").is_file()  # the final checkpoint is indexed
   # A refresher told to embed differently from the trainer's retriever.json is refused, both values named.
   result = run_launcher("refresh_index.py", f"--block_store={demo_store.path}", "--once", f"--workdir={workdir}",
                         "--gin_file=gin/runs/refresh.gin", "--gin_bindings=refresher.RefreshJob.block_len = 64")

@@ -27,7 +27,7 @@ from realm_jax.data.blocks import BlockStore
 from realm_jax.eval.realm_mlm import load_eval
 
 STEPS = 6
-PASSAGES = 1000  # a slice of the demo corpus: every refresh re-embeds all its blocks
+PASSAGES = 500  # a slice of the demo corpus: every refresh re-embeds all its blocks
 
 
 def realm_args(store, workdir):
