@@ -70,8 +70,9 @@ def uses_retrieval(files: list[str], bindings: list[str]) -> bool:
 def run_local(name: str, files: list[str], bindings: list[str]) -> dict:
   workdir = storage.as_path(_ROOT.value) / name
   env = {"JAX_NUM_CPU_DEVICES": str(_DEVICES.value), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
-  env.update({k: v for k, v in os.environ.items() if k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
-                                                           "GOOGLE_APPLICATION_CREDENTIALS")})
+  # What gs:// workdirs need: credentials (application default ones live under HOME) or an emulator.
+  env.update({k: v for k, v in os.environ.items() if k in ("HOME", "GOOGLE_APPLICATION_CREDENTIALS",
+                                                           "STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")})
   common = gin_args(_GIN_FILES.value, [*_GIN_BINDINGS.value])
   trainer_args = common + gin_args([*_RUN_GIN.value, *files], bindings) + [f"--workdir={workdir}"]
   storage.check_writable(workdir)

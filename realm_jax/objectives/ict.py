@@ -117,7 +117,6 @@ def run_ict(
   """
   settings = {k: v for k, v in locals().items()
               if k not in ("follow_index", "index_poll_seconds", "max_index_staleness", "index_max_failures")}
-  storage.check_writable(workdir)
   trainer, data, pretrained = make_ict_trainer(**settings)
   store = BlockStore(block_store)
   tower = DualEncoder(encoder)

@@ -177,7 +177,7 @@ def run_finetune(
   weights) and `reader_init` (BERT weights, or 'hf_realm:<dir>': a released REALM encoder, or an ORQA
   reader with its span scorer).  Otherwise the span scorer starts fresh."""
   data, retriever, reader = spec.data, spec.retriever, spec.reader
-  workdir_path = storage.check_writable(workdir)
+  workdir_path = storage.as_path(workdir)
   store = spec.store()
   featurizer = OpenQaFeaturizer(store, spec.tokenizer(), data)
   questions = read_questions(train_questions, skip_unanswerable=True)

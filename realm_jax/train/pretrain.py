@@ -262,7 +262,6 @@ def run_pretrain(
   data = data or RealmDataConfig()
   if eval_every and not data.eval_blocks:
     raise ValueError(f"eval_every={eval_every} needs held-out blocks: set RealmDataConfig.eval_blocks > 0")
-  storage.check_writable(workdir)
   store = BlockStore(block_store)
   model = RealmModel(retriever, reader, projection_size, share_towers, retriever_layer_norm_eps, projection_init,
                      retrieval_score_scale)
