@@ -41,6 +41,8 @@ _MODE = flags.DEFINE_enum("mode", "local", ["local", "tpu"], "Run locally in seq
 _BASELINE = flags.DEFINE_string("baseline", None, "Variant whose final held-out evaluation the others are compared "
                                  "with, query by query (local mode).")
 _DEVICES = flags.DEFINE_integer("local_devices", 1, "JAX_NUM_CPU_DEVICES for each local process.")
+_POD_BLOCK_STORE = flags.DEFINE_string("block_store", None, "--mode=tpu: the gs:// block store that each pod "
+                                       "stages on every host (launch/tpu/pod.py --block_store).")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,7 +129,8 @@ def main(argv):
       command = ["python", "launch/tpu/pod.py", f"--name=realm-{name.replace('_', '-')}",
                  f"--workdir={_ROOT.value}/{name}", *gin_args(_GIN_FILES.value, _GIN_BINDINGS.value),
                  *[f"--run_gin={f}" for f in [*_RUN_GIN.value, *files]],
-                 *[f"--run_bindings={b}" for b in bindings], "--dry_run"]
+                 *[f"--run_bindings={b}" for b in bindings],
+                 *([f"--block_store={_POD_BLOCK_STORE.value}"] if _POD_BLOCK_STORE.value else []), "--dry_run"]
       print(shlex.join(command))
     else:
       results.append(run_local(name, files, bindings))
