@@ -53,16 +53,21 @@ def test_publish_killed_after_each_object_never_exposes_a_partial_index(demo_sto
     with pytest.raises(OSError):
       _publish_through(proxy, gcs_server, index_dir, demo_store, 20, 20)
     proxy.clear()
-    reader = index_lib.IndexReader(index_dir, demo_store, lambda commit, rows: None)
+    installed = []
+    reader = index_lib.IndexReader(index_dir, demo_store, lambda c, rows, out=installed: out.append((c, rows)))
     assert reader.load_newest()  # whatever is committed verifies in full
-    commit, rows = reader._ready
+    reader.maybe_swap(None)
+    commit, rows = installed[-1]
     np.testing.assert_array_equal(rows, _rows(demo_store, commit["train_step"]))
     committed = 20 in index_lib.committed_steps(index_dir)
-    assert commit["train_step"] == (20 if committed else 10) and (committed or killed_after < writes - 1)
+    assert commit["train_step"] == (20 if committed else 10)
+    assert committed or killed_after < writes - 1  # the keep-N removal comes after the commit
     # The restarted writer removes its own half-written data; the next publish succeeds and is read.
     index_lib.remove_uncommitted(index_dir)
     index_lib.publish_index(index_dir, 30, _rows(demo_store, 30), demo_store, keep=1)
-    assert reader.load_newest() and reader._ready[0]["train_step"] == 30 and not reader.rejected
+    assert reader.load_newest() and not reader.rejected
+    reader.maybe_swap(None)
+    assert installed[-1][0]["train_step"] == 30 and reader.index_step == 30
     assert index_lib.committed_steps(index_dir) == [30]
     index_lib.remove_uncommitted(index_dir)  # also what a keep-N removal killed mid-way left of the other writer's
     data = {p.name for p in epath.Path(f"{index_dir}/data").iterdir()}
