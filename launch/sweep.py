@@ -79,7 +79,7 @@ def run_local(name: str, files: list[str], bindings: list[str]) -> dict:
   trainer_args = common + gin_args([*_RUN_GIN.value, *files], bindings) + [f"--workdir={workdir}"]
   storage.check_writable(workdir)
   # Process output goes to local files (a pipe left undrained would block its writer), copied into a gs:// workdir.
-  log_dir = Path(tempfile.mkdtemp(prefix=f"sweep-{name}-")) if storage.is_remote(workdir) else Path(workdir)
+  log_dir = storage.as_path(tempfile.mkdtemp(prefix=f"sweep-{name}-")) if storage.is_remote(workdir) else workdir
   trainer_log, refresher_log = log_dir / "trainer.log", log_dir / "refresher.log"
   with_refresher = uses_retrieval(files, bindings)
   print(f"variant {name}: logs in {trainer_log}" + (f" and {refresher_log}" if with_refresher else ""), flush=True)
