@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 import gin
-from absl import app, flags
+from absl import flags
 
+from launch import cli
 from realm_jax.train import aot
 
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files: model gin, then gin/aot/paper.gin.")
@@ -54,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -11,7 +11,7 @@ import json
 import gin
 from absl import app, flags
 
-from launch import common
+from launch import cli, common
 from realm_jax import partitioning
 from realm_jax.eval.predict import load_predictor
 from realm_jax.train.finetune import OpenQaSpec
@@ -42,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -17,8 +17,9 @@ import json
 import os
 import tempfile
 
-from absl import app, flags
+from absl import flags
 
+from launch import cli
 from realm_jax import storage
 from realm_jax.data import staging
 from realm_jax.data.blocks import build_block_store
@@ -76,4 +77,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

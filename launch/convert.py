@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax
 from absl import app, flags
 
+from launch import cli
 from realm_jax.checkpoints import hf_realm
 from realm_jax.train.trainer import latest_checkpoint_step, restore_params_subtree
 
@@ -78,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import gin
 import jax
-from absl import app, flags
+from absl import flags
 
-from launch import common
+from launch import cli, common
 from realm_jax.eval import openqa_eval
 
 _LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N questions of each dataset.")
@@ -32,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -7,9 +7,8 @@ r"""Open-QA fine-tuning (ORQA/REALM): frozen index, query tower + span reader tr
 from __future__ import annotations
 
 import gin
-from absl import app
 
-from launch import common
+from launch import cli, common
 from realm_jax.train import finetune
 
 
@@ -28,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

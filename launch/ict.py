@@ -7,9 +7,8 @@ r"""ICT warm start of the retriever.
 from __future__ import annotations
 
 import gin
-from absl import app
 
-from launch import common
+from launch import cli, common
 from realm_jax.objectives import ict
 
 
@@ -27,4 +26,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from launch import cli
+
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "Processes (hosts) to start.")
 _DEVICES = flags.DEFINE_integer("devices_per_process", 4, "CPU devices of each process (JAX_NUM_CPU_DEVICES).")
 _PORT = flags.DEFINE_integer("port", 0, "Coordinator port on 127.0.0.1 (0: a free one).")
@@ -81,4 +83,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

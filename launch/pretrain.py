@@ -7,9 +7,8 @@ r"""REALM pre-training with the live index (run launch/refresh_index.py beside i
 from __future__ import annotations
 
 import gin
-from absl import app
 
-from launch import common
+from launch import cli, common
 from realm_jax.train import pretrain
 
 
@@ -31,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -11,9 +11,8 @@ import json
 
 import gin
 import jax
-from absl import app
 
-from launch import common
+from launch import cli, common
 from realm_jax import storage
 from realm_jax.eval import reader_copy
 
@@ -29,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -13,9 +13,9 @@ trainer writes <workdir>/TRAINING_DONE and its last checkpoint is indexed.
 from __future__ import annotations
 
 import gin
-from absl import app, flags
+from absl import flags
 
-from launch import common
+from launch import cli, common
 from realm_jax.refresh import refresher
 
 flags.FLAGS.set_default("gin_file", ["gin/runs/refresh.gin"])  # without --gin_file: the job's defaults
@@ -36,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

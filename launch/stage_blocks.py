@@ -9,8 +9,9 @@ holding anything else is refused, never overwritten.  launch/tpu/pod.py's `stage
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
+from launch import cli
 from realm_jax.data.staging import stage_block_store
 
 _SOURCE = flags.DEFINE_string("source", None, "Block store to copy (gs://BUCKET/blocks, or a local path).",
@@ -25,4 +26,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

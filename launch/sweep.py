@@ -29,6 +29,7 @@ from pathlib import Path
 
 from absl import app, flags
 
+from launch import cli
 from realm_jax import storage
 
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Model gin files (trainer and refresher).")
@@ -162,4 +163,4 @@ def print_paired_differences(names: list[str], baseline: str) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

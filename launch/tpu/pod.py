@@ -20,6 +20,8 @@ import subprocess
 
 from absl import app, flags
 
+from launch import cli
+
 _NAME = flags.DEFINE_string("name", "realm", "TPU VM name prefix (trainer: NAME, refresher: NAME-refresh).")
 _ZONE = flags.DEFINE_string("zone", "europe-west4-a", "GCE zone.")
 _PROJECT = flags.DEFINE_string("project", None, "GCP project (default: gcloud's).")
@@ -115,4 +117,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

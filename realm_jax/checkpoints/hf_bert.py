@@ -19,6 +19,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file
 
+from realm_jax.errors import InputError
 from realm_jax.models.bert import BertConfig, BertEncoder
 
 
@@ -79,7 +80,7 @@ def hf_to_flax_names(config: BertConfig, prefix: str = "") -> NameTable:
   return {prefix + k: v for k, v in table.items()}
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(InputError):
   """A checkpoint whose tensors do not match the model: names what is missing, extra or mis-shaped."""
 
 

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from realm_jax import storage
 from realm_jax.data.corpus import Document
 from realm_jax.data.tokenization import Tokenizer
+from realm_jax.errors import InputError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -61,7 +62,7 @@ def date_spans(text: str) -> tuple[tuple[int, int, str], ...]:
   return tuple((m.start(), m.end(), DATE_REGEX_LABEL) for m in DATE_PATTERN.finditer(text))
 
 
-class BlockStoreError(ValueError):
+class BlockStoreError(InputError):
   """A block store that is missing, incomplete, corrupt or made for another vocabulary."""
 
 

@@ -13,8 +13,10 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from realm_jax.errors import InputError
 
-class CorpusError(ValueError):
+
+class CorpusError(InputError):
   """Malformed corpus input; the message names the file, line and field."""
 
 

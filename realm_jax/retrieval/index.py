@@ -33,6 +33,7 @@ from etils import epath
 
 from realm_jax import partitioning, storage
 from realm_jax.data.blocks import BlockStore
+from realm_jax.errors import InputError
 from realm_jax.retrieval.mips import ExactSearcher, ScannSearcher
 
 COMMITS = "commits"
@@ -44,7 +45,7 @@ _CHUNK = 1 << 24
 _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
-class PublishedIndexError(ValueError):
+class PublishedIndexError(InputError):
   """A committed index whose content is wrong (hash, size, shape) or that does not match the block store."""
 
 
