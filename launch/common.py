@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import gin
@@ -10,6 +9,7 @@ import jax
 from absl import flags, logging
 from etils import epath
 
+from launch import cli
 from realm_jax import partitioning, storage
 
 GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin config files (model gin, then run gin).")
@@ -23,23 +23,22 @@ COORDINATOR = flags.DEFINE_string(
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a multi-host job.")
 PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in a multi-host job.")
 
-REPO_GIN_DIR = epath.Path(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) / "gin"
 
 
 def parse_gin(extra_bindings: Sequence[str] = ()) -> None:
-  """Parses --gin_file/--gin_bindings, then `extra_bindings` (a launcher's own flags); a misspelt binding fails
-  here, naming it."""
-  gin.add_config_file_search_path(str(REPO_GIN_DIR.parent))
-  gin.parse_config_files_and_bindings(GIN_FILES.value, [*GIN_BINDINGS.value, *extra_bindings])
+  """Parses --gin_file/--gin_bindings, then `extra_bindings` (a launcher's own flags); a misspelt binding or
+  macro fails here, naming it."""
+  cli.parse_gin(GIN_FILES.value, [*GIN_BINDINGS.value, *extra_bindings])
 
 
 def setup(job: str, extra_bindings: Sequence[str] = ()) -> tuple[epath.Path, jax.sharding.Mesh]:
-  """Joins the multi-host job, parses gin, checks that the workdir (local or gs://) can be written, builds the
-  mesh and records `<job>.config.gin` in the workdir."""
+  """Joins the multi-host job, parses gin, checks that the workdir (local or gs://) is new, empty or a realm-jax
+  run directory and can be written, builds the mesh and records `<job>.config.gin` in the workdir."""
   partitioning.initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
   parse_gin(extra_bindings)
   workdir = storage.as_path(WORKDIR.value)
   if jax.process_index() == 0:
+    cli.check_workdir(workdir)
     storage.check_writable(workdir)
   mesh = partitioning.make_mesh(MESH_DATA.value, MESH_MODEL.value)
   if jax.process_index() == 0:

@@ -9,7 +9,8 @@ the trainer's params: 'retriever' or 'reader,mlm_head' of a REALM pre-training r
   python launch/convert.py --to=hf --workdir=$W/realm --subtree=retriever --kind=scorer \
     --like=$CKPT/realm-cc-news-pretrained-scorer --hf_dir=$OUT/scorer
 
-`--like` names the HF directory whose config.json (and unused tensors) the export carries over.
+`--like` names the HF directory whose config.json (and unused tensors) the export carries over.  Outputs must be
+new (an empty --hf_dir is fine); `--overwrite` replaces only an earlier output of this tool.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ WORKDIR = flags.DEFINE_string("workdir", None, "--to=hf: export the latest check
 STEP = flags.DEFINE_integer("step", None, "--workdir: checkpoint step (default: latest).")
 SUBTREE = flags.DEFINE_list("subtree", [], "--workdir: keys of the model inside the trainer's params.")
 LIKE = flags.DEFINE_string("like", None, "--workdir: HF directory giving config.json and unused HF tensors.")
+OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an earlier output (a realm-jax parameter file, or an HF "
+                              "directory holding only config.json and model.safetensors); anything else is refused.")
 
 
 def from_workdir() -> hf_realm.HfRealmCheckpoint:
@@ -64,9 +67,12 @@ def main(argv):
   if TO.value == "jax":
     if not PARAMS.value:
       raise app.UsageError("--to=jax needs --params (the file to write)")
+    hf_realm.check_params_destination(PARAMS.value, OVERWRITE.value)  # before loading anything
     checkpoint = hf_realm.load_hf_realm(HF_DIR.value, KIND.value, with_block_emb=True)
-    print(f"{HF_DIR.value} ({checkpoint.kind}) -> {hf_realm.save_params_file(PARAMS.value, checkpoint)}")
+    out = hf_realm.save_params_file(PARAMS.value, checkpoint, OVERWRITE.value)
+    print(f"{HF_DIR.value} ({checkpoint.kind}) -> {out}")
     return
+  hf_realm.check_hf_destination(HF_DIR.value, OVERWRITE.value)
   if WORKDIR.value:
     checkpoint = from_workdir()
   elif PARAMS.value:
@@ -74,7 +80,7 @@ def main(argv):
   else:
     raise app.UsageError("--to=hf needs --params or --workdir")
   out = hf_realm.save_hf_realm(HF_DIR.value, checkpoint.kind, checkpoint.architecture, checkpoint.params,
-                               checkpoint.passthrough, checkpoint.hf_config)
+                               checkpoint.passthrough, checkpoint.hf_config, OVERWRITE.value)
   print(f"{checkpoint.kind} -> {out}")
 
 

@@ -31,6 +31,7 @@ from absl import app, flags
 
 from launch import cli
 from realm_jax import storage
+from realm_jax.errors import InputError
 
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Model gin files (trainer and refresher).")
 _RUN_GIN = flags.DEFINE_multi_string("run_gin", [], "Trainer run gin files.")
@@ -52,7 +53,7 @@ def parse_variant(spec: str) -> tuple[str, list[str], list[str]]:
   """'NAME=a.gin;x.y = 1' -> (NAME, gin files, bindings)."""
   name, sep, body = spec.partition("=")
   if not sep or not name.isidentifier():
-    raise ValueError(f"--variant {spec!r}: expected NAME=ITEM;ITEM;... with NAME a plain identifier")
+    raise InputError(f"--variant {spec!r}: expected NAME=ITEM;ITEM;... with NAME a plain identifier")
   items = [item.strip() for item in body.split(";") if item.strip()]
   files = [item for item in items if item.endswith(".gin")]
   for file in files:
@@ -68,6 +69,24 @@ def gin_args(files: list[str], bindings: list[str]) -> list[str]:
 def uses_retrieval(files: list[str], bindings: list[str]) -> bool:
   text = "\n".join([*(Path(REPO / f).read_text() for f in files), *bindings])
   return "retrieval = False" not in text
+
+
+def check_variant(name: str, files: list[str], bindings: list[str]) -> None:
+  """Parses the variant's trainer and refresher configs (a bad one fails before any variant runs) and checks its
+  workdir (new, empty or a realm-jax run directory)."""
+  import gin  # the configurables are registered by the gin files themselves (dynamic registration)
+
+  try:
+    cli.parse_gin([*_GIN_FILES.value, *_RUN_GIN.value, *files], [*_GIN_BINDINGS.value, *bindings])
+    if uses_retrieval(files, bindings):
+      gin.clear_config()
+      cli.parse_gin([*_GIN_FILES.value, "gin/runs/refresh.gin"], _GIN_BINDINGS.value)
+  except InputError as e:
+    raise InputError(f"--variant {name}: {e}") from e
+  finally:
+    gin.clear_config()
+  if _MODE.value == "local":
+    cli.check_workdir(storage.as_path(_ROOT.value) / name)
 
 
 def run_local(name: str, files: list[str], bindings: list[str]) -> dict:
@@ -124,6 +143,8 @@ def main(argv):
   names = [name for name, _, _ in variants]
   if _BASELINE.value and (_MODE.value != "local" or _BASELINE.value not in names):
     raise app.UsageError(f"--baseline={_BASELINE.value} needs --mode=local and one of the variants {names}")
+  for variant in variants:
+    check_variant(*variant)
   results = []
   for name, files, bindings in variants:
     if _MODE.value == "tpu":

@@ -18,6 +18,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from realm_jax.errors import InputError
+
 MESH_AXES = ("data", "model")
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
@@ -45,10 +47,10 @@ def make_mesh(data: int = -1, model: int = 1, devices: Sequence[Any] | None = No
   devices = list(devices if devices is not None else jax.devices())
   if data == -1:
     if len(devices) % model:
-      raise ValueError(f"{len(devices)} devices do not split into model={model} groups")
+      raise InputError(f"{len(devices)} devices do not split into model={model} groups")
     data = len(devices) // model
   if data * model != len(devices):
-    raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices, have {len(devices)}")
+    raise InputError(f"mesh data={data} x model={model} needs {data * model} devices, have {len(devices)}")
   return jax.make_mesh(
       (data, model), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices
   )
@@ -65,7 +67,7 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int, 
   if num_processes <= 1:
     return
   if not coordinator_address:
-    raise ValueError("multi-host runs need --coordinator_address host:port")
+    raise InputError("multi-host runs need --coordinator_address host:port")
   # CPU processes need gloo for cross-process collectives (no effect on TPU/GPU backends).  Backends
   # must not be initialised before `jax.distributed.initialize`, so this is set unconditionally.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")

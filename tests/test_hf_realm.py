@@ -234,6 +234,30 @@ def test_convert_launcher_round_trip_is_bit_identical(tmp_path):
   assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (DATA / "scorer" / "model.safetensors").read_bytes()
 
 
+def test_exports_never_replace_what_the_tool_did_not_write(ckpt, tmp_path):
+  from realm_jax.checkpoints.hf_realm import save_params_file
+  from realm_jax.errors import InputError
+
+  c = ckpt["scorer"]
+  foreign = tmp_path / "mine"
+  foreign.mkdir()
+  (foreign / "notes.txt").write_text("mine")
+  with pytest.raises(InputError, match="is not an HF REALM export"):
+    save_hf_realm(foreign, "scorer", c.architecture, c.params, c.passthrough, c.hf_config, overwrite=True)
+  assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+  export = save_hf_realm(tmp_path / "hf", "scorer", c.architecture, c.params, c.passthrough, c.hf_config)
+  with pytest.raises(InputError, match="pass --overwrite"):
+    save_hf_realm(export, "scorer", c.architecture, c.params, c.passthrough, c.hf_config)
+  save_hf_realm(export, "scorer", c.architecture, c.params, c.passthrough, c.hf_config, overwrite=True)
+  assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors"]  # no temporary left
+  (tmp_path / "other.safetensors").write_bytes((DATA / "scorer" / "model.safetensors").read_bytes())
+  with pytest.raises(InputError, match="pass --overwrite"):
+    save_params_file(tmp_path / "other.safetensors", c)
+  with pytest.raises(InputError, match="not a realm-jax REALM parameter file"):
+    save_params_file(tmp_path / "other.safetensors", c, overwrite=True)  # an HF file is not ours to replace
+  assert (tmp_path / "other.safetensors").read_bytes() == (DATA / "scorer" / "model.safetensors").read_bytes()
+
+
 def _same(a, b):
   fa, fb = _flatten(a), _flatten(b)
   return fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)

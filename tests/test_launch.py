@@ -6,7 +6,6 @@ import re
 import subprocess
 import sys
 
-import gin
 import pytest
 from conftest import REPO, subprocess_env
 from etils import epath
@@ -16,31 +15,6 @@ def run_launcher(script, *args, timeout=600):
   env = subprocess_env(JAX_NUM_CPU_DEVICES="2")
   return subprocess.run([sys.executable, str(REPO / "launch" / script), *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
-
-
-def test_gin_typo_names_the_offending_binding():
-  from launch import common  # noqa: F401  (registers nothing; gin files import what they bind)
-
-  gin.clear_config()
-  gin.add_config_file_search_path(str(REPO))
-  with pytest.raises(ValueError, match="hiden_size"):
-    gin.parse_config_files_and_bindings(["gin/models/tiny.gin"], ["bert.BertConfig.hiden_size = 3"])
-  gin.clear_config()
-
-
-REALM_RUN_GINS = sorted(str(p.relative_to(REPO)) for pattern in ("experiments/*.gin", "runs/realm_pretrain*.gin",
-                                                                 "runs/reader_copy*.gin")
-                        for p in (REPO / "gin").glob(pattern))
-
-
-@pytest.mark.parametrize("run_gin", REALM_RUN_GINS)
-def test_every_realm_run_and_experiment_gin_parses_with_a_model(run_gin):
-  gin.clear_config()
-  gin.add_config_file_search_path(str(REPO))
-  try:
-    gin.parse_config_files_and_bindings(["gin/models/minilm.gin", run_gin], ["BLOCK_STORE = 'blocks'"])
-  finally:
-    gin.clear_config()
 
 
 def test_reader_copy_launcher_writes_each_evaluation(demo_store, tmp_path):
@@ -87,16 +61,16 @@ def test_unusable_gcs_workdir_fails_before_training_naming_it(gcs_server, gcs_bu
                            "--gin_file=gin/runs/ict_demo.gin", "--gin_bindings=BLOCK_STORE = 'unused'",
                            f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   proxy.stop()
-  assert result.returncode != 0
-  assert f"StorageError: {workdir}: cannot write the run directory" in result.stderr
+  assert result.returncode == 2
+  assert f"error: {workdir}: cannot write the run directory" in result.stderr
   assert "ICT finished" not in result.stdout and "step 1:" not in result.stderr  # before any training step
 
 
 def test_ict_launcher_rejects_a_typo_before_training(tmp_path):
   result = run_launcher("ict.py", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/ict_demo.gin",
                         "--gin_bindings=ict.run_ict.lerning_rate = 0.1", f"--workdir={tmp_path}")
-  assert result.returncode != 0
-  assert "lerning_rate" in result.stderr
+  assert result.returncode == 2
+  assert "lerning_rate" in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
   assert not (tmp_path / "train").exists()
 
 

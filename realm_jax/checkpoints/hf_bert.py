@@ -149,7 +149,7 @@ def load_hf_bert(model_dir: str | Path, **config_overrides) -> tuple[BertConfig,
   try:
     tensors = load_file(str(weights))
   except Exception as e:  # safetensors raises its own error types for corrupt headers
-    raise ValueError(f"{weights}: unreadable safetensors file: {e}") from e
+    raise InputError(f"{weights}: unreadable safetensors file: {e}") from e
   return config, convert_hf_tensors(tensors, config, encoder_param_shapes(config), str(weights))
 
 

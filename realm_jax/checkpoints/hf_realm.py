@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+import os
+import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import flax.linen as nn
@@ -32,15 +34,16 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from realm_jax.checkpoints.hf_bert import (
-    IDENTITY,
-    IGNORED_HF_TENSORS,
-    CheckpointMismatchError,
-    NameTable,
-    dense_names,
-    hf_to_flax_names,
-    map_tensors,
-    norm_names,
+  IDENTITY,
+  IGNORED_HF_TENSORS,
+  CheckpointMismatchError,
+  NameTable,
+  dense_names,
+  hf_to_flax_names,
+  map_tensors,
+  norm_names,
 )
+from realm_jax.errors import InputError
 from realm_jax.models.bert import BertConfig, BertEncoder, MlmHead
 from realm_jax.models.reader import SpanReader
 from realm_jax.models.retriever import DualEncoder
@@ -180,7 +183,7 @@ def realm_names(kind: str, arch: RealmArchitecture, share_towers: bool = True) -
   if kind == "openqa":
     return _merge(_embedder(arch, "embedder.", ("retriever", "query_tower")), _reader(arch, "reader.", ("reader",)),
                   unused=("block_emb",))
-  raise ValueError(f"unknown REALM checkpoint kind {kind!r}; one of {sorted(HF_CLASSES)}")
+  raise InputError(f"unknown REALM checkpoint kind {kind!r}; one of {sorted(HF_CLASSES)}")
 
 
 def _shapes(module: nn.Module, *args) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -208,7 +211,7 @@ def expected_shapes(kind: str, arch: RealmArchitecture, share_towers: bool = Tru
     return reader()
   if kind == "openqa":
     return prefixed("retriever", dual(True)) | prefixed("reader", reader())
-  raise ValueError(f"unknown REALM checkpoint kind {kind!r}; one of {sorted(HF_CLASSES)}")
+  raise InputError(f"unknown REALM checkpoint kind {kind!r}; one of {sorted(HF_CLASSES)}")
 
 
 def _scorer_shares_towers(tensors: Mapping[str, np.ndarray]) -> bool:
@@ -267,7 +270,7 @@ def read_hf_config(path: str | Path) -> dict:
   try:
     return json.loads(path.read_text())
   except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path}: cannot read REALM config: {e}") from e
+    raise InputError(f"{path}: cannot read REALM config: {e}") from e
 
 
 def checkpoint_kind(model_dir: str | Path) -> str:
@@ -276,7 +279,7 @@ def checkpoint_kind(model_dir: str | Path) -> str:
   for kind, cls in HF_CLASSES.items():
     if cls in hf.get("architectures", ()):
       return kind
-  raise ValueError(f"{model_dir}/{CONFIG_FILE}: architectures={hf.get('architectures')!r} names no REALM class "
+  raise InputError(f"{model_dir}/{CONFIG_FILE}: architectures={hf.get('architectures')!r} names no REALM class "
                    f"{sorted(HF_CLASSES.values())}; pass the kind explicitly")
 
 
@@ -301,7 +304,7 @@ def read_safetensors(path: Path, skip: tuple[str, ...] = ()) -> dict[str, np.nda
     with safe_open(str(path), framework="numpy") as f:
       return {n: f.get_tensor(n) for n in f.keys() if n not in skip}
   except Exception as e:  # safetensors raises its own error types for corrupt headers
-    raise ValueError(f"{path}: unreadable safetensors file: {e}") from e
+    raise InputError(f"{path}: unreadable safetensors file: {e}") from e
 
 
 def load_hf_realm(
@@ -328,28 +331,67 @@ def save_hf_realm(
     params: Mapping,
     passthrough: Mapping[str, np.ndarray] | None = None,
     hf_config: Mapping | None = None,
+    overwrite: bool = False,
 ) -> Path:
-  """Writes realm-jax params as a HF REALM directory; `hf_config` (e.g. the imported one) is updated, not replaced."""
+  """Writes realm-jax params as a HF REALM directory; `hf_config` (e.g. the imported one) is updated, not replaced.
+
+  `model_dir` must be absent or empty, or (with `overwrite`) hold only an earlier export's two files; each file is
+  written to a temporary name and renamed into place, so a failed export leaves what was there."""
+  model_dir = check_hf_destination(model_dir, overwrite)
   tensors = export_tensors(params, kind, arch, passthrough)
-  model_dir = Path(model_dir)
   model_dir.mkdir(parents=True, exist_ok=True)
-  save_file(tensors, str(model_dir / WEIGHTS_FILE), metadata={"format": "pt"})
   config = {**(hf_config or {}), **arch.to_hf_config(kind)}
-  (model_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+  _replace(model_dir / WEIGHTS_FILE, lambda temp: save_file(tensors, str(temp), metadata={"format": "pt"}))
+  _replace(model_dir / CONFIG_FILE, lambda temp: temp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
   return model_dir
 
 
-def save_params_file(path: str | Path, checkpoint: HfRealmCheckpoint) -> Path:
+def check_hf_destination(model_dir: str | Path, overwrite: bool = False) -> Path:
+  """`model_dir` when an HF export may be written there: absent, empty, or (`overwrite`) an earlier export."""
+  model_dir = Path(model_dir)
+  if model_dir.exists():
+    entries = sorted(p.name for p in model_dir.iterdir()) if model_dir.is_dir() else None
+    if entries is None or set(entries) - {WEIGHTS_FILE, CONFIG_FILE}:
+      raise InputError(f"{model_dir}: exists and is not an HF REALM export ({entries or 'not a directory'}); "
+                       "nothing is written over what realm-jax did not make: choose a new directory")
+    if entries and not overwrite:
+      raise InputError(f"{model_dir}: holds an HF checkpoint ({', '.join(entries)}); pass --overwrite to replace it")
+  return model_dir
+
+
+def check_params_destination(path: str | Path, overwrite: bool = False) -> Path:
+  """`path` when a parameter file may be written there: absent, or (`overwrite`) a realm-jax parameter file."""
+  path = Path(path)
+  if path.exists():
+    if not overwrite:
+      raise InputError(f"{path}: exists; pass --overwrite to replace it (only a realm-jax parameter file is replaced)")
+    load_params_file(path)  # refuses anything that is not a realm-jax parameter file
+  return path
+
+
+def _replace(path: Path, write: Callable[[Path], object]) -> None:
+  """`write(temp)` to a hidden sibling of `path`, then renames it to `path`; the sibling is removed on failure."""
+  temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+  try:
+    write(temp)
+    os.replace(temp, path)
+  finally:
+    temp.unlink(missing_ok=True)
+
+
+def save_params_file(path: str | Path, checkpoint: HfRealmCheckpoint, overwrite: bool = False) -> Path:
   """realm-jax parameters ("params/<flax path>"), HF passthrough ("hf/<name>"), kind and HF config, in one file.
 
-  What `launch/convert.py --to=jax` writes and `--to=hf` reads.
+  What `launch/convert.py --to=jax` writes and `--to=hf` reads.  An existing `path` is replaced only with
+  `overwrite` and only when it is such a file.
   """
+  path = check_params_destination(path, overwrite)
   flat = traverse_util.flatten_dict(nn.meta.unbox(checkpoint.params), sep="/")
   tensors = {f"params/{k}": np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flat.items()}
   tensors |= {f"hf/{k}": np.ascontiguousarray(v) for k, v in checkpoint.passthrough.items()}
-  path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  save_file(tensors, str(path), metadata={"kind": checkpoint.kind, "hf_config": json.dumps(checkpoint.hf_config)})
+  metadata = {"kind": checkpoint.kind, "hf_config": json.dumps(checkpoint.hf_config)}
+  _replace(path, lambda temp: save_file(tensors, str(temp), metadata=metadata))
   return path
 
 
@@ -361,9 +403,9 @@ def load_params_file(path: str | Path) -> HfRealmCheckpoint:
       meta = f.metadata() or {}
       tensors = {n: f.get_tensor(n) for n in f.keys()}
   except Exception as e:  # safetensors raises its own error types for corrupt headers
-    raise ValueError(f"{path}: unreadable safetensors file: {e}") from e
+    raise InputError(f"{path}: unreadable safetensors file: {e}") from e
   if "kind" not in meta or "hf_config" not in meta:
-    raise ValueError(f"{path}: not a realm-jax REALM parameter file (no kind / hf_config metadata)")
+    raise InputError(f"{path}: not a realm-jax REALM parameter file (no kind / hf_config metadata)")
   hf_config = json.loads(meta["hf_config"])
   arch = RealmArchitecture.from_hf_config(hf_config, str(path))
   params = traverse_util.unflatten_dict({k[len("params/"):]: v for k, v in tensors.items()
@@ -382,14 +424,14 @@ def _load_for(path: str | Path, encoder: BertConfig, kinds: tuple[str, ...], rol
   path = Path(str(path).removeprefix(SPEC_PREFIX))
   kind = checkpoint_kind(path)
   if kind not in kinds:
-    raise ValueError(f"{path}: a {HF_CLASSES[kind]} checkpoint cannot initialise the {role} "
+    raise InputError(f"{path}: a {HF_CLASSES[kind]} checkpoint cannot initialise the {role} "
                      f"(needs one of {[HF_CLASSES[k] for k in kinds]})")
   checkpoint = load_hf_realm(path, kind, **{k: getattr(encoder, k) for k in _RUNTIME_FIELDS})
   if checkpoint.architecture.bert != encoder:
     ckpt = checkpoint.architecture.bert
     diffs = {k: (getattr(encoder, k), getattr(ckpt, k)) for k in ckpt.__dataclass_fields__
              if getattr(encoder, k) != getattr(ckpt, k)}
-    raise ValueError(f"{path}: architecture differs from the gin encoder (gin value, checkpoint value): {diffs}")
+    raise InputError(f"{path}: architecture differs from the gin encoder (gin value, checkpoint value): {diffs}")
   return checkpoint
 
 
@@ -397,7 +439,7 @@ def load_hf_realm_retriever(path: str | Path, encoder: BertConfig, projection_si
   """DualEncoder params from a RealmEmbedder, RealmScorer or RealmForOpenQA (its embedder) directory."""
   checkpoint = _load_for(path, encoder, ("embedder", "scorer", "openqa"), "retriever")
   if checkpoint.architecture.projection_size != projection_size:
-    raise ValueError(f"{path}: retriever_proj_size {checkpoint.architecture.projection_size} != {projection_size}")
+    raise InputError(f"{path}: retriever_proj_size {checkpoint.architecture.projection_size} != {projection_size}")
   return checkpoint.params["retriever"] if checkpoint.kind == "openqa" else checkpoint.params
 
 
@@ -415,7 +457,7 @@ def load_hf_realm_reader(path: str | Path, encoder: BertConfig, span_hidden_size
     return {"encoder": checkpoint.params["reader"]}
   arch = checkpoint.architecture
   if (arch.span_hidden_size, arch.max_span_width) != (span_hidden_size, max_span_width):
-    raise ValueError(f"{path}: span_hidden_size/max_span_width {arch.span_hidden_size}/{arch.max_span_width} "
+    raise InputError(f"{path}: span_hidden_size/max_span_width {arch.span_hidden_size}/{arch.max_span_width} "
                      f"!= {span_hidden_size}/{max_span_width}")
   return checkpoint.params["reader"] if checkpoint.kind == "openqa" else checkpoint.params
 

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from realm_jax.data.blocks import BlockStore
+from realm_jax.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,7 @@ class IctExamples:
     sentence_counts = np.diff(store.arrays["sentence_offsets"])
     self.block_ids = np.flatnonzero(sentence_counts >= 2)
     if len(self.block_ids) < config.batch_size:
-      raise ValueError(
+      raise InputError(
           f"{store.path}: only {len(self.block_ids)} blocks have >= 2 sentences; "
           f"ICT batch_size={config.batch_size} needs at least that many"
       )
@@ -86,7 +87,7 @@ def block_batches(block_ids: np.ndarray, make_example, batch_size: int, seed: in
   """
   processes = jax.process_count()
   if batch_size % processes:
-    raise ValueError(f"batch_size {batch_size} does not split over {processes} processes")
+    raise InputError(f"batch_size {batch_size} does not split over {processes} processes")
   batches = (
       grain.MapDataset.source(block_ids)
       .shuffle(seed=seed)

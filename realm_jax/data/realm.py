@@ -27,6 +27,7 @@ import numpy as np
 
 from realm_jax.data.blocks import BlockStore
 from realm_jax.data.ict import block_batches, pack
+from realm_jax.errors import InputError
 
 NULL_BLOCK = -1  # candidate id of the null document
 FEATURES = ("input_ids", "input_mask", "segment_ids")
@@ -52,7 +53,7 @@ class MaskedQueries:
 
   def __init__(self, store: BlockStore, config: RealmDataConfig):
     if config.masking not in ("salient_spans", "random_tokens"):
-      raise ValueError(f"masking must be 'salient_spans' or 'random_tokens', got {config.masking!r}")
+      raise InputError(f"masking must be 'salient_spans' or 'random_tokens', got {config.masking!r}")
     self.store, self.config = store, config
     special = store.manifest["special_ids"]
     self.cls, self.sep, self.mask = special["cls"], special["sep"], special["mask"]
@@ -63,7 +64,7 @@ class MaskedQueries:
     else:
       self.block_ids = np.arange(store.num_blocks)
     if not len(self.block_ids):
-      raise ValueError(f"{store.path}: no block has a salient span usable for masking")
+      raise InputError(f"{store.path}: no block has a salient span usable for masking")
     self.train_block_ids, self.eval_block_ids = self._hold_out(config.eval_blocks)
 
   def _hold_out(self, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,7 +72,7 @@ class MaskedQueries:
     if count == 0:
       return self.block_ids, self.block_ids[:0]
     if not 0 < count < len(self.block_ids):
-      raise ValueError(f"eval_blocks={count}: {self.store.path} has {len(self.block_ids)} maskable blocks; "
+      raise InputError(f"eval_blocks={count}: {self.store.path} has {len(self.block_ids)} maskable blocks; "
                        "hold out fewer so some are left to train on")
     uids = self.store.arrays["uids"]
     order = np.lexsort(uids[self.block_ids].T[::-1])  # by uid bytes; stable, so ties keep block order

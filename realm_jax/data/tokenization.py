@@ -18,6 +18,8 @@ import numpy as np
 import sentencepiece as spm
 from tokenizers import BertWordPieceTokenizer
 
+from realm_jax.errors import InputError
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
@@ -57,7 +59,7 @@ class WordPieceTokenizer:
     entries = set(vocab.decode("utf-8").splitlines())
     missing = [t for t in SPECIAL_TOKENS if t not in entries]
     if missing:
-      raise ValueError(f"{vocab_file}: vocabulary lacks special tokens {missing}")
+      raise InputError(f"{vocab_file}: vocabulary lacks special tokens {missing}")
     self._tok = BertWordPieceTokenizer(str(vocab_file), lowercase=lowercase)
     self.vocab_file = vocab_file
     self.vocab_size = self._tok.get_vocab_size()
@@ -96,7 +98,7 @@ class SentencePieceTokenizer:
     self._sp = spm.SentencePieceProcessor(model_proto=proto)
     ids = [self._sp.piece_to_id(t) for t in SPECIAL_TOKENS]
     if any(self._sp.id_to_piece(i) != t for i, t in zip(ids, SPECIAL_TOKENS, strict=True)):
-      raise ValueError(f"{model_file}: model lacks the special pieces {SPECIAL_TOKENS}")
+      raise InputError(f"{model_file}: model lacks the special pieces {SPECIAL_TOKENS}")
     self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = ids
     self.vocab_size = self._sp.get_piece_size()
     self.fingerprint = f"sentencepiece:{_sha256(proto)[:16]}"

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from realm_jax import storage
 from realm_jax.data.blocks import BlockStore
 from realm_jax.data.questions import Question, read_questions
+from realm_jax.errors import InputError
 from realm_jax.eval.answers import exact_match, has_answer
 from realm_jax.eval.baselines import Bm25Retriever, MeanPoolRetriever
 from realm_jax.eval.predict import Predictor, load_predictor
@@ -138,19 +139,20 @@ def run_evaluation(
 ) -> list[dict]:
   """Evaluates `workdir`'s fine-tuned model (and the baselines) on `datasets` {name: .jsonl file in
   `questions_dir`}; writes `<workdir>/eval/{<name>.json,results.json,results.md}` (`read=False`: recall only,
-  into `<workdir>/eval_retrieval/`)."""
+  into `<workdir>/eval_retrieval/`).  The question files are read first: a bad one fails before any loading."""
+  questions = {name: read_questions(Path(questions_dir) / file, limit) for name, file in datasets.items()}
+  unknown = sorted(set(baselines) - {"bm25", "minilm"})
+  if unknown:
+    raise InputError(f"run_evaluation.baselines: unknown baseline {unknown[0]!r}; known: bm25, minilm")
   store = spec.store()
   predictor = load_predictor(workdir, spec, mesh)
   systems: dict[str, Retriever] = {}
   for name in baselines:
     if name == "bm25":
       systems["BM25"] = Bm25Retriever(store)
-    elif name == "minilm":
+    else:
       encoder = BertConfig.from_hf_json(resolve_checkpoint(minilm_checkpoint) / "config.json")
       systems["MiniLM zero-shot"] = MeanPoolRetriever(encoder, load_pretrained_encoder(minilm_checkpoint, encoder),
                                                       store, spec.tokenizer(), mesh, spec.block_len)
-    else:
-      raise ValueError(f"unknown baseline {name!r}; known: bm25, minilm")
-  questions = {name: read_questions(Path(questions_dir) / file, limit) for name, file in datasets.items()}
   out = storage.as_path(workdir) / ("eval" if read else "eval_retrieval")
   return evaluate(predictor, systems, questions, store, out, batch_size=batch_size, read=read)

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from realm_jax import partitioning, storage
+from realm_jax.errors import InputError
 from realm_jax.objectives.realm import RealmModel, per_example_scores
 
 EVAL_DIR = "eval"
@@ -107,17 +108,17 @@ def load_eval(workdir: storage.PathLike, step: int | None = None) -> dict[str, A
   try:
     value = json.loads(storage.read_bytes(path))
   except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path}: unreadable held-out evaluation: {e}") from e
+    raise InputError(f"{path}: unreadable held-out evaluation: {e}") from e
   missing = [k for k in ("step", *PER_QUERY) if k not in value]
   if missing:
-    raise ValueError(f"{path}: missing field(s) {missing}")
+    raise InputError(f"{path}: missing field(s) {missing}")
   lengths = {len(value[k]) for k in PER_QUERY}
   if len(lengths) != 1:
-    raise ValueError(f"{path}: per-query fields have different lengths {sorted(lengths)}")
+    raise InputError(f"{path}: per-query fields have different lengths {sorted(lengths)}")
   try:
     return {"step": int(value["step"]), **{k: np.asarray(value[k], np.float64) for k in PER_QUERY}}
   except (TypeError, ValueError) as e:
-    raise ValueError(f"{path}: malformed per-query values: {e}") from e
+    raise InputError(f"{path}: malformed per-query values: {e}") from e
 
 
 def paired_difference(run: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
@@ -126,7 +127,7 @@ def paired_difference(run: dict[str, Any], baseline: dict[str, Any]) -> dict[str
   for one query).  It measures how much the held-out queries could move the figure, not seed-to-seed noise."""
   same = all(np.array_equal(run[k], baseline[k]) for k in ("block_id", "mlm_ids", "num_masks"))
   if not same:
-    raise ValueError("the two evaluations scored different masked tokens (block store, eval_blocks or the "
+    raise InputError("the two evaluations scored different masked tokens (block store, eval_blocks or the "
                      "query settings differ)")
   gain = run["log_likelihood"] - baseline["log_likelihood"]  # per query, summed over its masks
   masks, count = float(np.sum(run["num_masks"])), len(gain)

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from realm_jax.errors import InputError
+
 Array = jax.Array
 
 # BertConfig.hidden_act -> whether GELU uses the tanh approximation.
@@ -51,13 +53,13 @@ class BertConfig:
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+      raise InputError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
     if self.dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+      raise InputError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
     if self.pooling not in ("cls", "mean"):
-      raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
+      raise InputError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
     if self.hidden_act not in GELU_APPROXIMATE:
-      raise ValueError(f"hidden_act must be one of {sorted(GELU_APPROXIMATE)}, got {self.hidden_act!r}")
+      raise InputError(f"hidden_act must be one of {sorted(GELU_APPROXIMATE)}, got {self.hidden_act!r}")
 
   @property
   def head_dim(self) -> int:
@@ -78,7 +80,7 @@ class BertConfig:
     try:
       hf = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-      raise ValueError(f"{path}: cannot read BERT config: {e}") from e
+      raise InputError(f"{path}: cannot read BERT config: {e}") from e
     return cls.from_hf_dict(hf, str(path), **overrides)
 
   @classmethod
@@ -86,12 +88,12 @@ class BertConfig:
     """A Hugging Face BERT config (as read from `source`, named in errors)."""
     hidden_act = HF_ACTIVATIONS.get(hf.get("hidden_act", "gelu"))
     if hidden_act is None:
-      raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r} unsupported (one of {sorted(HF_ACTIVATIONS)})")
+      raise InputError(f"{source}: hidden_act={hf['hidden_act']!r} unsupported (one of {sorted(HF_ACTIVATIONS)})")
     if hf.get("position_embedding_type", "absolute") != "absolute":
-      raise ValueError(f"{source}: only absolute position embeddings are supported")
+      raise InputError(f"{source}: only absolute position embeddings are supported")
     missing = [k for k in REQUIRED_HF_FIELDS if k not in hf]
     if missing:
-      raise ValueError(f"{source}: config lacks {missing}")
+      raise InputError(f"{source}: config lacks {missing}")
     fields = dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],

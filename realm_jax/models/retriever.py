@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from realm_jax.errors import InputError
 from realm_jax.models.bert import BertConfig, BertEncoder, normal_init, ones_init, zeros_init
 
 Array = jax.Array
@@ -29,7 +30,7 @@ def identity_init(names: tuple[str, ...]) -> nn.initializers.Initializer:
   def init(key, shape, dtype=jnp.float32):
     del key
     if shape[0] != shape[1]:
-      raise ValueError(f"projection_init='identity' needs projection_size == hidden_size, got kernel {shape}")
+      raise InputError(f"projection_init='identity' needs projection_size == hidden_size, got kernel {shape}")
     return jnp.eye(shape[0], dtype=dtype)
 
   return nn.with_logical_partitioning(init, names)
@@ -45,7 +46,7 @@ class RetrieverTower(nn.Module):
   @nn.compact
   def __call__(self, input_ids: Array, input_mask: Array, segment_ids: Array, deterministic: bool) -> Array:
     if self.projection_init not in PROJECTION_INITS:
-      raise ValueError(f"projection_init {self.projection_init!r}: expected one of {PROJECTION_INITS}")
+      raise InputError(f"projection_init {self.projection_init!r}: expected one of {PROJECTION_INITS}")
     _, pooled = BertEncoder(self.config, name="encoder")(input_ids, input_mask, segment_ids, deterministic)
     kernel_init = (identity_init(("embed", "proj")) if self.projection_init == "identity"
                    else normal_init(self.config, ("embed", "proj")))

@@ -22,6 +22,7 @@ from realm_jax.checkpoints.hf_bert import load_hf_bert
 from realm_jax.data.blocks import BlockStore
 from realm_jax.data.ict import IctDataConfig, ict_iterator
 from realm_jax.data.tokenization import minilm_dir
+from realm_jax.errors import InputError
 from realm_jax.models.bert import BertConfig
 from realm_jax.models.retriever import DualEncoder
 from realm_jax.refresh.refresher import RetrieverDescription
@@ -72,7 +73,7 @@ def load_pretrained_encoder(path: str, encoder: BertConfig) -> dict:
   if config != encoder:
     diffs = {k: (getattr(encoder, k), getattr(config, k)) for k in config.__dataclass_fields__
              if getattr(encoder, k) != getattr(config, k)}
-    raise ValueError(f"{path}: architecture differs from the gin encoder (gin value, checkpoint value): {diffs}")
+    raise InputError(f"{path}: architecture differs from the gin encoder (gin value, checkpoint value): {diffs}")
   return params
 
 

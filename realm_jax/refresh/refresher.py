@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from realm_jax import partitioning, storage
 from realm_jax.data.blocks import BlockStore
+from realm_jax.errors import InputError
 from realm_jax.models.bert import BertConfig
 from realm_jax.models.retriever import RetrieverTower
 from realm_jax.retrieval import index as index_lib
@@ -76,7 +77,7 @@ class RetrieverDescription:
       fields = {**value, "encoder": BertConfig(**value["encoder"]), "tower_path": tuple(value["tower_path"])}
       return cls(**fields)
     except (KeyError, TypeError, ValueError) as e:
-      raise ValueError(f"{where}: not a retriever description ({type(e).__name__}: {e})") from e
+      raise InputError(f"{where}: not a retriever description ({type(e).__name__}: {e})") from e
 
   def write(self, workdir: storage.PathLike) -> None:
     """Process 0 records it once; a workdir whose trainer was started with another retriever is refused."""
@@ -86,7 +87,7 @@ class RetrieverDescription:
       differ = {k: (v, getattr(self, k)) for k, v in dataclasses.asdict(written).items()
                 if v != dataclasses.asdict(self)[k]}
       if differ:
-        raise ValueError(f"{path}: this workdir's run was started with " + "; ".join(
+        raise InputError(f"{path}: this workdir's run was started with " + "; ".join(
             f"{k}={old!r}, now {k}={new!r}" for k, (old, new) in differ.items()) + ": use a new workdir")
     elif jax.process_index() == 0:
       storage.write_json_once(path, self.to_json())
@@ -132,7 +133,7 @@ class RefreshJob:
     for field in ("encoder", "projection_size", "layer_norm_eps", "tower_path", "block_len"):
       mine, theirs = getattr(self, field), getattr(run, field)
       if mine is not None and (tuple(mine) if field == "tower_path" else mine) != theirs:
-        raise ValueError(f"refresher.RefreshJob.{field} = {mine!r}, but the trainer of this run wrote "
+        raise InputError(f"refresher.RefreshJob.{field} = {mine!r}, but the trainer of this run wrote "
                          f"{field} = {theirs!r} in {where}; drop the binding or use that value")
     return RefreshConfig(run.encoder, run.projection_size, run.layer_norm_eps, run.tower_path, run.block_len,
                          self.batch_size, self.length_bucket, self.backend, self.scann, self.keep)
@@ -184,7 +185,7 @@ def embed_all_blocks(
   batch = config.batch_size
   data_size = mesh.shape["data"]
   if batch % data_size:
-    raise ValueError(f"refresh batch_size {batch} must be a multiple of the data axis ({data_size})")
+    raise InputError(f"refresh batch_size {batch} must be a multiple of the data axis ({data_size})")
   embed = embed_step(config, mesh)
   rows = partitioning.process_rows(mesh, batch)
   out = np.zeros((store.num_blocks, config.projection_size), np.float32)
@@ -212,7 +213,7 @@ class Refresher:
                config: RefreshConfig):
     self.train_workdir, self.index_dir = storage.as_path(train_workdir), storage.as_path(index_dir)
     if config.backend not in ("exact", "scann"):
-      raise ValueError(f"unknown index backend {config.backend!r} (use 'exact' or 'scann')")
+      raise InputError(f"unknown index backend {config.backend!r} (use 'exact' or 'scann')")
     self.store, self.mesh, self.config = store, mesh, config
     self.checkpoints = read_only_checkpoints(self.train_workdir / "train")
     stale = index_lib.remove_uncommitted(index_dir) if jax.process_index() == 0 else []
@@ -320,7 +321,7 @@ def run_refresh(
   store = BlockStore(block_store)
   run = RetrieverDescription.read(workdir, description_wait_seconds)
   if run.vocab != store.manifest["tokenizer"]:
-    raise ValueError(f"block store {store.path} was built with tokenizer {store.manifest['tokenizer']}, but the "
+    raise InputError(f"block store {store.path} was built with tokenizer {store.manifest['tokenizer']}, but the "
                      f"trainer of {workdir} reads blocks of tokenizer {run.vocab}")
   config = (job or RefreshJob()).config(run, storage.as_path(workdir) / RETRIEVER_DESCRIPTION)
   refresher = Refresher(workdir, storage.as_path(workdir) / "index", store, mesh, config)

@@ -22,6 +22,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from realm_jax.errors import InputError
+
 
 class Searcher(Protocol):
   num_blocks: int
@@ -154,7 +156,7 @@ class ScannSearcher:
 
     pickles = sorted(p.name for p in Path(directory).glob("*.pkl"))
     if pickles:
-      raise ValueError(f"{directory}: refusing ScaNN assets containing pickle files {pickles}")
+      raise InputError(f"{directory}: refusing ScaNN assets containing pickle files {pickles}")
     return cls(scann_ops_pybind.load_searcher(str(directory)), num_blocks)
 
   def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:

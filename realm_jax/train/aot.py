@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from realm_jax import partitioning
 from realm_jax.data.realm import RealmDataConfig
+from realm_jax.errors import InputError
 from realm_jax.models.bert import BertConfig
 from realm_jax.models.retriever import DualEncoder
 from realm_jax.objectives import ict
@@ -66,7 +67,7 @@ def topology_mesh(topology: str, mesh_data: int = -1, mesh_model: int = 1) -> tu
 
   generation = topology.split(":", 1)[0]
   if generation not in CHIPS:
-    raise ValueError(f"topology {topology!r}: unknown TPU generation {generation!r} (known: {sorted(CHIPS)})")
+    raise InputError(f"topology {topology!r}: unknown TPU generation {generation!r} (known: {sorted(CHIPS)})")
   chip = CHIPS[generation]
   # libtpu looks for a Cloud TPU VM's environment; describe a single host so it stays quiet.
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{generation}-8")

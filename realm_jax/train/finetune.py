@@ -23,6 +23,7 @@ from realm_jax.data.openqa import OpenQaDataConfig, OpenQaFeaturizer, question_d
 from realm_jax.data.questions import Question, read_questions
 from realm_jax.data.realm import FEATURES
 from realm_jax.data.tokenization import load_tokenizer, minilm_dir
+from realm_jax.errors import InputError
 from realm_jax.models.bert import BertConfig
 from realm_jax.models.reader import INVALID_SPAN_LOGIT
 from realm_jax.objectives.ict import load_pretrained_encoder
@@ -185,7 +186,7 @@ def run_finetune(
 
   if init is not None:
     if not init.startswith(REALM_SPEC_PREFIX):
-      raise ValueError(f"init={init!r}: expected '{REALM_SPEC_PREFIX}<REALM pre-training workdir>'")
+      raise InputError(f"init={init!r}: expected '{REALM_SPEC_PREFIX}<REALM pre-training workdir>'")
     realm_dir = storage.as_path(init[len(REALM_SPEC_PREFIX):])
     realm_model = RealmModel(retriever, reader, spec.projection_size, spec.share_towers)
     realm, realm_step = load_realm_checkpoint(realm_dir, realm_model, ("retriever", "reader"), mesh)

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from realm_jax.errors import InputError
+
 
 def bert_warmup_steps(num_steps: int) -> int:
   """The released code's warmup: min(10000, max(100, num_train_steps // 10))."""
@@ -72,7 +74,7 @@ def subtree_multipliers(learning_rate: float, **peak_rates: float | None) -> dic
   if not rates:
     return None
   if learning_rate <= 0:
-    raise ValueError(f"subtree learning rates {rates} need learning_rate > 0, got {learning_rate}")
+    raise InputError(f"subtree learning rates {rates} need learning_rate > 0, got {learning_rate}")
   return {name: rate / learning_rate for name, rate in rates.items()}
 
 
@@ -82,7 +84,7 @@ def scale_subtrees(multipliers: Mapping[str, float]) -> optax.GradientTransforma
   def init(params):
     unknown = sorted(set(multipliers) - set(params))
     if unknown:
-      raise ValueError(f"learning-rate multipliers for {unknown}: the model's parameters are {sorted(params)}")
+      raise InputError(f"learning-rate multipliers for {unknown}: the model's parameters are {sorted(params)}")
     return optax.EmptyState()
 
   def update(updates, state, params=None):

@@ -35,6 +35,7 @@ from realm_jax.data.realm import (
   select_candidates,
   span_in_candidates,
 )
+from realm_jax.errors import InputError
 from realm_jax.eval.realm_mlm import HeldOutMlm
 from realm_jax.models.bert import BertConfig
 from realm_jax.objectives.ict import load_pretrained_encoder, with_pretrained_towers
@@ -76,7 +77,7 @@ def with_retriever_init(retriever: dict[str, Any], loaded: dict[str, Any], spec:
     return {t: loaded["tower"] for t in retriever}
   if "towers" in loaded:
     if set(loaded["towers"]) != set(retriever):
-      raise ValueError(f"retriever_init {spec}: towers {sorted(loaded['towers'])}, the model has "
+      raise InputError(f"retriever_init {spec}: towers {sorted(loaded['towers'])}, the model has "
                        f"{sorted(retriever)} (check share_towers)")
     return loaded["towers"]
   if "encoder" in loaded:
@@ -261,7 +262,7 @@ def run_pretrain(
   """
   data = data or RealmDataConfig()
   if eval_every and not data.eval_blocks:
-    raise ValueError(f"eval_every={eval_every} needs held-out blocks: set RealmDataConfig.eval_blocks > 0")
+    raise InputError(f"eval_every={eval_every} needs held-out blocks: set RealmDataConfig.eval_blocks > 0")
   store = BlockStore(block_store)
   model = RealmModel(retriever, reader, projection_size, share_towers, retriever_layer_norm_eps, projection_init,
                      retrieval_score_scale)
