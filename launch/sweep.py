@@ -76,11 +76,12 @@ def check_variant(name: str, files: list[str], bindings: list[str]) -> None:
   workdir (new, empty or a realm-jax run directory)."""
   import gin  # the configurables are registered by the gin files themselves (dynamic registration)
 
+  staged = [f"BLOCK_STORE = {'/staged/by/pod.py'!r}"] if _POD_BLOCK_STORE.value else []  # pod.py binds it
   try:
-    cli.parse_gin([*_GIN_FILES.value, *_RUN_GIN.value, *files], [*_GIN_BINDINGS.value, *bindings])
+    cli.parse_gin([*_GIN_FILES.value, *_RUN_GIN.value, *files], [*_GIN_BINDINGS.value, *bindings, *staged])
     if uses_retrieval(files, bindings):
       gin.clear_config()
-      cli.parse_gin([*_GIN_FILES.value, "gin/runs/refresh.gin"], _GIN_BINDINGS.value)
+      cli.parse_gin([*_GIN_FILES.value, "gin/runs/refresh.gin"], [*_GIN_BINDINGS.value, *staged])
   except InputError as e:
     raise InputError(f"--variant {name}: {e}") from e
   finally:

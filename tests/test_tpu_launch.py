@@ -81,3 +81,14 @@ def test_sweep_refuses_a_missing_gin_file():
   result = subprocess.run([sys.executable, "launch/sweep.py", "--variant=x=gin/ablations/nope.gin", "--mode=tpu"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0 and "gin/ablations/nope.gin not found" in result.stderr
+
+
+def test_sweep_checks_every_variant_config_before_running_any():
+  result = subprocess.run([sys.executable, "launch/sweep.py", "--gin_file=gin/models/bert_base.gin",
+                           "--run_gin=gin/runs/realm_pretrain.gin", "--variant=good=",
+                           "--variant=typo=NUM_STEP = 3", "--workdir_root=gs://b/sweep", "--mode=tpu",
+                           "--block_store=gs://b/blocks"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "error: --variant typo: --gin_bindings: gin macro NUM_STEP is bound but never used" in result.stderr
+  assert not result.stdout.strip()  # not even the good variant's command
