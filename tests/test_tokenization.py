@@ -64,3 +64,14 @@ def test_missing_vocabulary_files_are_named(tmp_path):
   (tmp_path / "tiny.txt").write_text("[PAD]\n[UNK]\nhello\n")
   with pytest.raises(ValueError, match=r"lacks special tokens \['\[CLS\]'"):
     WordPieceTokenizer(tmp_path / "tiny.txt")
+
+
+def test_a_vocabulary_that_is_not_text_or_a_model_that_is_not_sentencepiece_is_named(tmp_path):
+  from realm_jax.errors import InputError
+
+  (tmp_path / "vocab.txt").write_bytes(b"[PAD]\n[UNK]\n\xff\xfe\n")
+  with pytest.raises(InputError, match=r"vocab.txt:3: not UTF-8 text"):
+    load_tokenizer(tmp_path / "vocab.txt")
+  (tmp_path / "junk.model").write_bytes(b"\x00not a model" * 10)
+  with pytest.raises(InputError, match=r"junk.model: not a SentencePiece model"):
+    load_tokenizer(tmp_path / "junk.model")

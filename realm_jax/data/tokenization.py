@@ -56,7 +56,12 @@ class WordPieceTokenizer:
     if not vocab_file.is_file():
       raise FileNotFoundError(f"{vocab_file}: vocabulary file not found")
     vocab = vocab_file.read_bytes()
-    entries = set(vocab.decode("utf-8").splitlines())
+    try:
+      entries = set(vocab.decode("utf-8").splitlines())
+    except UnicodeDecodeError as e:
+      line = vocab.count(b"\n", 0, e.start) + 1
+      raise InputError(f"{vocab_file}:{line}: not UTF-8 text (byte {vocab[e.start]:#04x}); a WordPiece vocabulary "
+                       "is one token per line (a SentencePiece model ends in .model)") from e
     missing = [t for t in SPECIAL_TOKENS if t not in entries]
     if missing:
       raise InputError(f"{vocab_file}: vocabulary lacks special tokens {missing}")
@@ -95,7 +100,10 @@ class SentencePieceTokenizer:
     if not model_file.is_file():
       raise FileNotFoundError(f"{model_file}: SentencePiece model not found")
     proto = model_file.read_bytes()
-    self._sp = spm.SentencePieceProcessor(model_proto=proto)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=proto)
+    except RuntimeError as e:
+      raise InputError(f"{model_file}: not a SentencePiece model ({' '.join(str(e).split())})") from e
     ids = [self._sp.piece_to_id(t) for t in SPECIAL_TOKENS]
     if any(self._sp.id_to_piece(i) != t for i, t in zip(ids, SPECIAL_TOKENS, strict=True)):
       raise InputError(f"{model_file}: model lacks the special pieces {SPECIAL_TOKENS}")
