@@ -118,3 +118,13 @@ def test_a_scann_index_published_to_gcs_is_verified_and_served_by_the_live_index
   queries = rows[:4] + 0.01
   ids, _ = live.searcher.search(queries, 5)
   assert (ids[:, 0] == exact_top_k_numpy(rows, queries, 1)[0][:, 0]).mean() >= 0.75
+
+
+def test_a_commit_whose_embeddings_object_is_missing_on_gcs_is_reported_as_missing(demo_store, gcs_bucket):
+  index_dir = f"{gcs_bucket}/missing"
+  index_lib.publish_index(index_dir, 10, _rows(demo_store, 10), demo_store)
+  data = index_lib.read_commit(index_dir, 10, demo_store)["data"]
+  (epath.Path(index_dir) / data / "embeddings.npy").unlink()  # the data prefix's only object: the folder is gone
+  missing = rf"{index_dir}/{data}/embeddings\.npy: missing, but the commit {index_dir}/commits/10\.json exists"
+  with pytest.raises(index_lib.PublishedIndexError, match=missing):
+    index_lib.load_index(index_dir, 10, demo_store)

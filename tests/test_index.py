@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import threading
 import time
 
@@ -14,6 +15,7 @@ from conftest import DEMO
 from realm_jax import partitioning
 from realm_jax.data.blocks import BlockStore, build_block_store
 from realm_jax.data.corpus import Document
+from realm_jax.errors import InputError
 from realm_jax.models.bert import BertConfig
 from realm_jax.objectives.ict import make_ict_trainer
 from realm_jax.refresh.refresher import RefreshConfig, Refresher, embed_all_blocks
@@ -155,6 +157,64 @@ def test_corrupt_embedding_file_is_refused_and_the_reader_uses_the_newest_good_i
   assert reader.load_newest()
   reader.maybe_swap(31)
   assert installed == [10, 30]
+
+
+def test_an_index_with_non_finite_embeddings_is_refused_at_publish_and_at_read(demo_store, tmp_path, monkeypatch):
+  monkeypatch.setattr(index_lib, "_CHUNK", 3 * 8 * 4)  # 3 rows a chunk: the count spans chunk boundaries
+  rows = _publish(tmp_path, demo_store, 10)
+  bad = rows.copy()
+  bad[[3, 4, 7], 1] = np.nan
+  bad[11, 0], bad[-1, 7] = np.inf, -np.inf
+  with pytest.raises(InputError, match=rf"index step 20: 5 of {len(bad)} embedding rows are not finite"):
+    index_lib.publish_index(tmp_path, 20, bad, demo_store)
+  assert index_lib.committed_steps(tmp_path) == [10] and len(list((tmp_path / "data").iterdir())) == 1
+  # Committed with a matching sha256 through the real publish path, its publish-time check bypassed:
+  with monkeypatch.context() as patch:
+    patch.setattr(index_lib, "_non_finite_rows", lambda embeddings: 0)
+    index_lib.publish_index(tmp_path, 20, bad, demo_store)
+  with pytest.raises(index_lib.PublishedIndexError,
+                     match=rf"commits/20\.json: 5 of {len(bad)} rows of .*/embeddings\.npy are not finite"):
+    index_lib.load_index(tmp_path, 20, demo_store)
+  installed = []
+  reader = index_lib.IndexReader(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]))
+  assert not reader.load_newest() and reader.load_newest()  # 20 is rejected, then 10 is read
+  reader.maybe_swap(21)
+  assert installed == [10] and reader.rejected == {20} and reader.read_failures == 0
+
+
+def test_a_commit_whose_embeddings_file_is_missing_is_reported_as_missing(demo_store, tmp_path):
+  def data(step):
+    return tmp_path / json.loads((tmp_path / "commits" / f"{step}.json").read_text())["data"]
+
+  _publish(tmp_path, demo_store, 10)
+  (data(10) / "embeddings.npy").unlink()
+  missing = rf"{re.escape(str(data(10)))}/embeddings\.npy: missing, but the commit .*/commits/10\.json exists"
+  with pytest.raises(index_lib.PublishedIndexError, match=missing):
+    index_lib.load_index(tmp_path, 10, demo_store)
+  installed = []
+  reader = index_lib.IndexReader(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]),
+                                 poll_seconds=0.05, max_staleness=5, wait_seconds=0.3)  # not started: waits read
+  # Not "no index was published": the commit exists, and why it could not be loaded is said.
+  with pytest.raises(TimeoutError, match=r"commits of step >= 0 exist in .* \(steps \[10\]\) but none could be "
+                                         rf"loaded within 0\.3 s: rejected index 10: {missing}"):
+    reader.wait_for_first(timeout=0.3)
+  assert reader.rejected == {10} and reader.read_failures == 0
+  # Any listed file: a ScaNN asset missing rejects the index for every reader, exact ones too.
+  index_lib.publish_index(tmp_path, 20, np.zeros((demo_store.num_blocks, 8), np.float32), demo_store,
+                          write_scann=lambda d: (d / "assets.pb").write_bytes(b"asset"))
+  (data(20) / "scann" / "assets.pb").unlink()
+  with pytest.raises(index_lib.PublishedIndexError, match=r"scann/assets\.pb: missing, but the commit"):
+    index_lib.load_index(tmp_path, 20, demo_store)
+  assert not reader.load_newest() and reader.rejected == {10, 20}
+  _publish(tmp_path, demo_store, 30)
+  reader.wait_for_first(timeout=30)
+  assert installed == [30] and reader.rejected == {10, 20}
+  _publish(tmp_path, demo_store, 40)
+  (data(40) / "embeddings.npy").unlink()
+  with pytest.raises(TimeoutError, match=r"step 44: commits of step >= 39 exist .* \(steps \[40\]\) but none could "
+                                         r"be loaded within 0\.3 s \(max staleness 5\): .*embeddings\.npy: missing"):
+    reader.maybe_swap(44)
+  assert installed == [30] and reader.rejected == {10, 20, 40}
 
 
 def test_trainer_started_before_any_index_waits_then_gets_the_first(demo_store, tmp_path):

@@ -9,10 +9,11 @@ reader.
 
 An index exists only once its commit object does (a single-object write is atomic on GCS; a rename on local
 disk), so no step needs a directory rename or a consistent listing of a half-written prefix.  Readers trust
-only commit objects and verify every byte they load against them.  The publisher keeps the newest `keep`
-commits and removes older ones commit first, then data; a writer that restarts removes the data folders no
-commit names that are its own (a publish it was killed in) or older than the oldest commit (a removal killed
-between commit and data).  Paths go through etils.epath (local disk or GCS).
+only commit objects and verify every byte they load against them; embeddings holding NaN or inf are never
+published and refused when read, and a file a commit lists but that is missing is an error, not a silent skip.
+The publisher keeps the newest `keep` commits and removes older ones commit first, then data; a writer that
+restarts removes the data folders no commit names that are its own (a publish it was killed in) or older than
+the oldest commit (a removal killed between commit and data).  Paths go through etils.epath (local disk or GCS).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.form
 
 
 class PublishedIndexError(InputError):
-  """A committed index whose content is wrong (hash, size, shape) or that does not match the block store."""
+  """A committed index whose content is wrong (hash, size, shape, NaN or inf embeddings, a listed file missing)
+  or that does not match the block store."""
 
 
 class IndexReadError(RuntimeError):
@@ -78,11 +80,14 @@ def publish_index(
   """Writes index `train_step`'s data under a fresh name, then its commit object; keeps the newest `keep`.
 
   `writer` names the job (the refresher, or a trainer bootstrapping index 0) in the data folder's name, which
-  tells `remove_uncommitted` whose a half-written folder is.  A committed step is never rewritten.  Returns the
-  commit object's path.
+  tells `remove_uncommitted` whose a half-written folder is.  A committed step is never rewritten, and
+  embeddings with a NaN or inf are refused before anything is written.  Returns the commit object's path.
   """
   if embeddings.ndim != 2 or len(embeddings) != store.num_blocks:
     raise ValueError(f"embeddings {embeddings.shape} do not have one row per block ({store.num_blocks})")
+  if bad := _non_finite_rows(embeddings):
+    raise InputError(f"index step {train_step}: {bad} of {len(embeddings)} embedding rows are not finite (NaN or "
+                     "inf); not published (the retriever that embedded them has diverged or was loaded wrong)")
   root = storage.as_path(index_dir)
   commit = commit_path(root, train_step)
   if commit.exists():
@@ -161,6 +166,15 @@ def remove_uncommitted(index_dir: storage.PathLike, writer: str = "refresher") -
   return [p.name for p in stale]
 
 
+def _non_finite_rows(embeddings: np.ndarray) -> int:
+  """How many rows hold a NaN or inf, checked a chunk of rows at a time (no full-size temporary)."""
+  if embeddings.dtype.kind in "biu":
+    return 0
+  rows = max(1, _CHUNK // max(1, embeddings.shape[1] * embeddings.dtype.itemsize))
+  return sum(int(np.count_nonzero(~np.isfinite(embeddings[start : start + rows]).all(axis=1)))
+             for start in range(0, len(embeddings), rows))
+
+
 def _data_name(commit: dict, where: epath.Path) -> str:
   name = commit.get("data") if isinstance(commit, dict) else None
   if not isinstance(name, str) or not re.fullmatch(rf"{DATA}/[\w.-]+", name):
@@ -177,8 +191,12 @@ def read_commit(index_dir: storage.PathLike, step: int, store: BlockStore, attem
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise PublishedIndexError(f"{path}: unreadable commit object ({e})") from e
   _data_name(commit, path)
-  if not isinstance(commit.get("files"), dict) or EMBEDDINGS not in commit["files"]:
+  files = commit.get("files")
+  if not isinstance(files, dict) or EMBEDDINGS not in files:
     raise PublishedIndexError(f"{path}: field 'files' does not list {EMBEDDINGS}")
+  for name, entry in files.items():
+    if not re.fullmatch(rf"{re.escape(EMBEDDINGS)}|{SCANN_DIR}/\w[\w.-]*", name) or not isinstance(entry, dict):
+      raise PublishedIndexError(f"{path}: field 'files' lists {name!r}: {entry!r}, not a file of an index")
   expected = {
       "train_step": step,
       "num_blocks": store.num_blocks,
@@ -224,20 +242,36 @@ def _read_verified_npy(path: epath.Path, entry: dict) -> np.ndarray:
   return out
 
 
+def _missing(root: epath.Path, step: int, path: epath.Path) -> Exception:
+  """The error for `path`, listed by commit `step`, not found: superseded (FileNotFoundError) if the commit is
+  gone too (the publisher's keep-N removes the commit first), else wrong content (PublishedIndexError)."""
+  commit = commit_path(root, step)
+  if not commit.exists():
+    return FileNotFoundError(f"{commit}: removed while {path} was read (superseded)")
+  return PublishedIndexError(f"{path}: missing, but the commit {commit} exists and lists it")
+
+
 def load_index(index_dir: storage.PathLike, step: int, store: BlockStore,
                attempts: int = 4) -> tuple[dict[str, Any], np.ndarray]:
-  """Reads and verifies committed index `step` (transient I/O errors retried): (commit, embeddings)."""
+  """Reads and verifies committed index `step` (transient I/O errors retried): (commit, embeddings).
+
+  Every file the commit lists must exist; embeddings with a NaN or inf row are refused (PublishedIndexError)."""
   root = storage.as_path(index_dir)
   commit = read_commit(root, step, store, attempts)
+  for name in sorted(set(commit["files"]) - {EMBEDDINGS}):  # ScaNN assets: read later, only by a ScaNN reader
+    asset = root / commit["data"] / name
+    if not storage.retrying(asset.exists, str(asset), attempts):
+      raise _missing(root, step, asset)
   path = root / commit["data"] / EMBEDDINGS
   try:
     embeddings = storage.retrying(lambda: _read_verified_npy(path, commit["files"][EMBEDDINGS]), str(path), attempts)
   except FileNotFoundError as e:
-    if not commit_path(root, step).exists():
-      raise  # removed by the publisher's keep-N meanwhile: superseded, not wrong
-    raise PublishedIndexError(f"{path}: listed by {commit_path(root, step)} but missing") from e
+    raise _missing(root, step, path) from e
   if embeddings.shape != (commit["num_blocks"], commit["dim"]):
     raise PublishedIndexError(f"{path}: shape {embeddings.shape} != commit ({commit['num_blocks']}, {commit['dim']})")
+  if bad := _non_finite_rows(embeddings):
+    raise PublishedIndexError(f"{commit_path(root, step)}: {bad} of {len(embeddings)} rows of {path} are not finite "
+                              "(NaN or inf)")
   return commit, embeddings
 
 
@@ -265,12 +299,14 @@ class IndexReader:
   prepared object to `install(commit, prepared)`: a reference swap, same shapes, no recompilation.  It returns
   `index_step`, `index_staleness` and `index_read_failures` for the step's metrics.
 
-  An index whose committed content is wrong is rejected (logged; the next one is read).  Any other error in
-  the thread is logged and counted; after `max_failures` consecutive ones every process stops with an
-  `IndexReadError` naming the index.  All processes swap together, at a step where each has the same index.
+  An index whose committed content is wrong (hash, size, shape, corpus, NaN or inf embeddings, a listed file
+  missing) is rejected (logged; the next one is read).  Any other error in the thread is logged and counted;
+  after `max_failures` consecutive ones every process stops with an `IndexReadError` naming the index.  All
+  processes swap together, at a step where each has the same index.
 
   `max_staleness` bounds the staleness: a step more than that many steps past the installed index
-  (past step 0 while none is installed) waits for a newer one, for at most `wait_seconds`.
+  (past step 0 while none is installed) waits for a newer one, for at most `wait_seconds`.  A wait that times
+  out says whether no index was committed or commits exist but none could be loaded (and the last reason).
   """
 
   def __init__(
@@ -300,6 +336,8 @@ class IndexReader:
     self._failures = 0  # consecutive
     self._error: str | None = None
     self._reading = self.index_dir / COMMITS  # what the thread reads now (named when it gives up)
+    self._listed: list[int] = []  # the committed steps last listed
+    self._problem: str | None = None  # why the last index could not be loaded (named when a wait times out)
     self._ready: tuple[dict, Any] | None = None
     self._lock = threading.Lock()
     self._stop = threading.Event()
@@ -319,7 +357,8 @@ class IndexReader:
 
     Wrong content rejects that index (logged); an I/O error propagates (the poll loop counts it)."""
     self._reading = self.index_dir / COMMITS
-    steps = [s for s in committed_steps(self.index_dir) if s not in self.rejected]
+    self._listed = committed_steps(self.index_dir)
+    steps = [s for s in self._listed if s not in self.rejected]
     if not steps or steps[-1] <= self._loaded_step:
       return False
     step = steps[-1]
@@ -330,7 +369,9 @@ class IndexReader:
     except FileNotFoundError:  # removed by the publisher's keep-N meanwhile: a newer one exists
       return False
     except PublishedIndexError as e:
-      logging.error("rejected index %s: %s", commit_path(self.index_dir, step), e)
+      where = str(commit_path(self.index_dir, step))
+      self._problem = f"rejected index {step}: {e if where in str(e) else f'{where}: {e}'}"
+      logging.error("%s", self._problem)
       self.rejected.add(step)
       return False
     with self._lock:
@@ -346,6 +387,7 @@ class IndexReader:
       except Exception as e:  # noqa: BLE001 - surfaced: logged, counted, fatal after max_failures in a row
         self._failures += 1
         self.read_failures += 1
+        self._problem = f"reading {self._reading} failed: {type(e).__name__}: {e}"
         logging.exception("index reader: reading %s/%s failed (%d in a row)", self.index_dir, COMMITS, self._failures)
         if self._failures >= self.max_failures:
           self._error = f"{self._reading}: {self._failures} consecutive failed reads; last: {type(e).__name__}: {e}"
@@ -366,8 +408,17 @@ class IndexReader:
         logging.info("waiting for a published index in %s/%s ...", self.index_dir, COMMITS)
         logged = True
       if timeout is not None and time.monotonic() - start > timeout:
-        raise TimeoutError(f"no index was published in {self.index_dir}/{COMMITS} within {timeout} s")
+        raise TimeoutError(self._none_loaded(0, f"no index was published in {self.index_dir}/{COMMITS} within "
+                                                f"{timeout} s", f"within {timeout} s"))
       time.sleep(min(self.poll_seconds, 0.5))
+
+  def _none_loaded(self, needed: int, unpublished: str, within: str) -> str:
+    """Why no index of step >= `needed` is installed: `unpublished` if none was committed, else the last reason."""
+    steps = [s for s in self._listed if s >= needed]
+    if not steps:
+      return unpublished + (f" (last error: {self._problem})" if self._problem else "")
+    return (f"commits of step >= {needed} exist in {self.index_dir}/{COMMITS} (steps {steps}) but none could be "
+            f"loaded {within}: {self._problem or 'no error recorded (still reading?)'}")
 
   def maybe_swap(self, train_step: int | None) -> dict[str, float]:
     """Installs the prepared index; with several processes only once every process has prepared the same one.
@@ -394,9 +445,10 @@ class IndexReader:
         logged = True
       timed_out = self.wait_seconds is not None and time.monotonic() - start > self.wait_seconds
       if partitioning.agree(int(timed_out)):  # process 0's clock decides for all
-        raise TimeoutError(f"step {train_step}: no index of step >= {needed} was published in "
-                           f"{self.index_dir}/{COMMITS} within {self.wait_seconds} s (max staleness "
-                           f"{self.max_staleness}); is the refresh job running?")
+        within = f"within {self.wait_seconds} s (max staleness {self.max_staleness})"
+        raise TimeoutError(f"step {train_step}: " + self._none_loaded(
+            needed, f"no index of step >= {needed} was published in {self.index_dir}/{COMMITS} {within}; is the "
+            "refresh job running?", within))
       if not self._thread.is_alive() and self._error is None:
         self.load_newest()
       time.sleep(min(self.poll_seconds, 0.5))
