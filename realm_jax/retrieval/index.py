@@ -322,9 +322,9 @@ class IndexReader:
       read_attempts: int = 4,
   ):
     if max_staleness is not None and max_staleness < 0:
-      raise ValueError(f"max_staleness must be >= 0 or None, got {max_staleness}")
+      raise InputError(f"max_staleness must be >= 0 or None, got {max_staleness}")
     if max_failures < 1:
-      raise ValueError(f"max_failures must be >= 1, got {max_failures}")
+      raise InputError(f"max_failures must be >= 1, got {max_failures}")
     self.index_dir = storage.as_path(index_dir)
     self.store, self.install, self.prepare, self.poll_seconds = store, install, prepare, poll_seconds
     self.max_staleness, self.wait_seconds, self.max_failures = max_staleness, wait_seconds, max_failures
@@ -485,7 +485,7 @@ class LiveIndex:
 
   def __init__(self, mesh, backend: str = "exact", approximate: bool = False):
     if backend not in ("exact", "scann"):
-      raise ValueError(f"unknown index backend {backend!r} (use 'exact' or 'scann')")
+      raise InputError(f"unknown index backend {backend!r} (use 'exact' or 'scann')")
     self.mesh, self.backend, self.approximate = mesh, backend, approximate
     self.searcher = None
 
