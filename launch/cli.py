@@ -28,9 +28,9 @@ _MACRO_REFERENCE = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)")
 
 # Top-level names realm-jax jobs write in a run directory (WORKSPACE.md); hidden ones are in-flight writes.
 WORKDIR_ENTRIES = (
-    "blocks", ".blocks.staging-*", "*.config.gin", "*.operative_config.gin", "retriever.json", "TRAINING_DONE",
-    "train", "tensorboard", "trainer.log", "refresher.log", "index", "eval", "eval_retrieval", "reader_copy.json",
-    ".write_probe-*", ".*.partial",
+    "blocks", ".blocks.staging-*", ".blocks.replaced-*", "*.config.gin", "*.operative_config.gin", "retriever.json",
+    "TRAINING_DONE", "train", "tensorboard", "trainer.log", "refresher.log", "index", "eval", "eval_retrieval",
+    "reader_copy.json", ".write_probe-*", ".*.partial",
 )
 
 

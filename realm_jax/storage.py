@@ -15,7 +15,7 @@ import logging as std_logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, TypeVar
 
 import aiohttp
@@ -147,6 +147,33 @@ def retrying(fn: Callable[[], T], what: str, attempts: int = 4, backoff_seconds:
 def read_bytes(path: PathLike, attempts: int = 4, backoff_seconds: float = 0.5) -> bytes:
   path = as_path(path)
   return retrying(path.read_bytes, str(path), attempts, backoff_seconds)
+
+
+def read_chunks(path: PathLike, chunk_bytes: int = 64 << 20) -> Iterator[bytes]:
+  """The bytes of `path` in chunks; a transient error reopens it at the current offset (with backoff)."""
+  path = as_path(path)
+  offset, handle = 0, None
+
+  def next_chunk() -> bytes:
+    nonlocal handle
+    try:
+      if handle is None:
+        handle = path.open("rb")
+        handle.seek(offset)
+      return handle.read(chunk_bytes)
+    except Exception:
+      if handle is not None:
+        handle.close()
+        handle = None
+      raise
+
+  try:
+    while chunk := retrying(next_chunk, f"{path} (at byte {offset})"):
+      offset += len(chunk)
+      yield chunk
+  finally:
+    if handle is not None:
+      handle.close()
 
 
 def check_writable(workdir: PathLike) -> epath.Path:

@@ -21,8 +21,12 @@ STORE="--gin_bindings=BLOCK_STORE = '$W/blocks'"
 start=$(date +%s)
 
 echo "== 1/4 block store from $SRC"
-$PY launch/build_blocks.py --passages=$SRC/passages.jsonl \
-  --entities=$SRC/entities_spacy_en_core_web_sm_3.8.0.jsonl --out=$W/blocks
+if [ -f "$W/blocks/manifest.json" ]; then
+  echo "reusing $W/blocks (launch/build_blocks.py --overwrite rebuilds it)"
+else
+  $PY launch/build_blocks.py --passages=$SRC/passages.jsonl \
+    --entities=$SRC/entities_spacy_en_core_web_sm_3.8.0.jsonl --out=$W/blocks
+fi
 
 INIT=()
 if [ "${PRETRAIN:-1}" != 0 ]; then

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ import pytest
 from conftest import DEMO_ENTITIES, DEMO_PASSAGES, REPO, SHARED_CORPUS, subprocess_env
 from etils import epath
 from gcs import local_gs_entries
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from realm_jax import storage
 from realm_jax.data.blocks import (
@@ -25,10 +28,13 @@ from realm_jax.data.blocks import (
   BlockStoreError,
   block_uid,
   build_block_store,
+  check_block_store_destination,
   split_sentences,
 )
 from realm_jax.data.corpus import CorpusError, Document, fingerprint_files, read_documents
 from realm_jax.data.staging import STAMP, stage_block_store, upload_block_store
+from realm_jax.data.verify import verify_block_store
+from realm_jax.errors import InputError
 
 
 def test_every_block_fits_cls_title_sep_body_sep(demo_store):
@@ -119,7 +125,6 @@ def test_sentence_splitter():
         ('{"id": "a", "title": "T"', "bad.jsonl:2: not valid JSON"),
         ('{"id": "a", "title": "T"}', "bad.jsonl:2: missing field 'text'"),
         ('{"id": "a", "title": "T", "text": 5}', "bad.jsonl:2: field 'text' must be str"),
-        ('{"id": "a", "title": "T", "text": "   "}', "bad.jsonl:2: field 'text': empty document"),
         ('{"id": "p0", "title": "T", "text": "x"}', "bad.jsonl:2: field 'id': duplicate"),
     ],
 )
@@ -149,7 +154,7 @@ def test_truncated_or_unfinished_stores_are_refused(demo_store, tmp_path):
   shutil.copytree(demo_store.path, copy)
   with (copy / "body_ids.bin").open("r+b") as f:
     f.truncate(100)
-  with pytest.raises(BlockStoreError, match=r"body_ids.bin: expected \d+ bytes .* found 100 bytes"):
+  with pytest.raises(BlockStoreError, match=r"body_ids.bin: 100 bytes, the manifest says \d+ bytes \(truncated"):
     BlockStore(copy)
   (copy / "manifest.json").unlink()
   with pytest.raises(BlockStoreError, match="no manifest.json"):
@@ -184,9 +189,11 @@ def test_full_small_corpus_builds(tmp_path, wordpiece):
 SLICE_LINES = 200  # passages (and their entity lines) of the demo corpus in the gs:// tests
 
 
-def _build_blocks(passages, entities, out) -> subprocess.CompletedProcess:
+def _build_blocks(passages, entities, out, *flags: str) -> subprocess.CompletedProcess:
+  """launch/build_blocks.py as a subprocess (no --entities when `entities` is None)."""
+  entity_flags = [f"--entities={entities}"] if entities else []
   return subprocess.run(
-      [sys.executable, "launch/build_blocks.py", f"--passages={passages}", f"--entities={entities}", f"--out={out}"],
+      [sys.executable, "launch/build_blocks.py", f"--passages={passages}", *entity_flags, f"--out={out}", *flags],
       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
 
 
@@ -323,14 +330,16 @@ def test_a_dest_holding_something_else_is_refused_and_left_alone(gs_slice_store,
   assert os.path.getsize(staged / "texts.jsonl") == 10
 
 
-def test_a_store_without_a_files_table_opens_but_cannot_be_staged(local_slice_store, tmp_path):
+def test_a_store_without_a_files_table_is_refused_on_open_and_by_staging(local_slice_store, tmp_path):
   old = tmp_path / "old"
   shutil.copytree(local_slice_store, old)
   manifest = json.loads((old / MANIFEST).read_text())
   del manifest["files"]
   (old / MANIFEST).write_text(json.dumps(manifest))
-  assert len(BlockStore(old)) == manifest["num_blocks"]
-  with pytest.raises(BlockStoreError, match="no 'files' table .* rebuild it with launch/build_blocks.py"):
+  message = rf"^{old / MANIFEST}: no 'files' table .* built by an older realm-jax; rebuild it with launch/build_blocks"
+  with pytest.raises(BlockStoreError, match=message):
+    BlockStore(old)
+  with pytest.raises(BlockStoreError, match=message):
     stage_block_store(old, tmp_path / "staged")
   assert sorted(os.listdir(tmp_path)) == ["old"]
 
@@ -343,3 +352,315 @@ def test_building_into_a_non_empty_gs_prefix_is_refused_and_overwrites_nothing(g
   assert f"{gcs_bucket}/blocks: already exists" in result.stderr
   assert [p.name for p in existing.parent.iterdir()] == [MANIFEST]
   assert existing.read_bytes() == b"not built by this run"
+
+
+# Bad input and data safety: what a build may replace, empty input, store checks on open, the full verify.
+
+def _docs(*texts: str) -> list[Document]:
+  return [Document(f"d{i}", f"Title {i}", text, source=f"mem:{i + 1}") for i, text in enumerate(texts)]
+
+
+def _build(tokenizer, out, documents=None, **kwargs) -> dict:
+  documents = _docs("Alpha is first. Beta follows.", "Gamma is third.") if documents is None else documents
+  return build_block_store(documents, out, tokenizer, "f00", **kwargs)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+  """Every file under `root` (relative path -> bytes): what a refused build must leave as it was."""
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _rewrite(store: Path, name: str, change) -> None:
+  """Changes the store file `name` in place (`change(bytearray)`) and records its new size and sha256 in the manifest,
+  so that the damage is in the content only."""
+  data = bytearray((store / name).read_bytes())
+  change(data)
+  (store / name).write_bytes(bytes(data))
+  manifest = json.loads((store / MANIFEST).read_text())
+  manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+  (store / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_out_holding_unrelated_files_is_refused_and_left_untouched(wordpiece, tmp_path):
+  out = tmp_path / "out"
+  (out / "sub").mkdir(parents=True)
+  (out / "notes.txt").write_text("mine")
+  (out / "sub" / "data.bin").write_bytes(b"\0" * 10)
+  for overwrite in (False, True):
+    with pytest.raises(BlockStoreError, match=rf"^{out}: --out holds 'notes.txt' and no manifest.json, so it is not "
+                                              "a block store; .* choose another --out, or remove it yourself"):
+      _build(wordpiece, out, overwrite=overwrite)
+  assert _tree(tmp_path) == {"out/notes.txt": b"mine", "out/sub/data.bin": b"\0" * 10}
+  assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging sibling
+
+
+def test_a_block_store_with_an_unknown_file_is_not_replaced_even_with_overwrite(wordpiece, local_slice_store, tmp_path):
+  out = tmp_path / "blocks"
+  shutil.copytree(local_slice_store, out)
+  (out / "my_notes.txt").write_text("mine")
+  before = _tree(tmp_path)
+  with pytest.raises(BlockStoreError, match=rf"^{out}: --out holds 'my_notes.txt', which is not part of the block "
+                                            "store there, so it is not replaced, even with --overwrite"):
+    _build(wordpiece, out, overwrite=True)
+  assert _tree(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["blocks"]
+
+
+def test_an_existing_block_store_is_replaced_only_with_overwrite(wordpiece, local_slice_store, tmp_path):
+  out = stage_block_store(local_slice_store, tmp_path / "blocks")  # a staged copy: it has a .staged.json stamp too
+  before = _tree(tmp_path)
+  with pytest.raises(BlockStoreError, match=rf"^{out}: --out already holds a block store \(\d+ blocks\); pass "
+                                            "--overwrite to replace it, or choose another --out"):
+    _build(wordpiece, out)
+  assert _tree(tmp_path) == before
+  manifest = _build(wordpiece, out, overwrite=True)
+  assert sorted(os.listdir(tmp_path)) == ["blocks"]  # the old store renamed aside, then deleted; no staging left
+  assert sorted(os.listdir(out)) == sorted([MANIFEST, *manifest["files"]])
+  assert len(BlockStore(out)) == manifest["num_blocks"] == 2
+
+
+def test_an_absent_or_empty_out_is_built_into(wordpiece, tmp_path):
+  (tmp_path / "empty").mkdir()
+  for out in (tmp_path / "empty", tmp_path / "new" / "blocks"):
+    assert check_block_store_destination(out) is False
+    assert _build(wordpiece, out)["num_blocks"] == len(BlockStore(out)) == 2
+  assert sorted(os.listdir(tmp_path)) == ["empty", "new"] and os.listdir(tmp_path / "new") == ["blocks"]
+
+
+def test_a_failed_build_keeps_the_old_store_and_leaves_no_staging_sibling(wordpiece, local_slice_store, tmp_path):
+  out = tmp_path / "blocks"
+  shutil.copytree(local_slice_store, out)
+  before = _tree(tmp_path)
+  with pytest.raises(CorpusError, match=r"^mem:2: field 'text': document 'd1' is empty"):
+    _build(wordpiece, out, _docs("Alpha is first.", "   ", "Gamma."), overwrite=True)
+  assert _tree(tmp_path) == before
+
+
+def test_the_build_launcher_checks_out_before_reading_the_tokenizer_or_passages(tmp_path):
+  (tmp_path / "notes.txt").write_text("mine")
+  result = _build_blocks(tmp_path / "missing.jsonl", None, tmp_path, f"--vocab={tmp_path / 'missing_vocab.txt'}")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert f"error: {tmp_path}: --out holds 'notes.txt' and no manifest.json" in result.stderr
+  assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_an_empty_corpus_is_an_error_naming_the_input_and_leaves_nothing(wordpiece, tmp_path):
+  passages = tmp_path / "passages.jsonl"
+  passages.write_text("\n  \n")
+  (tmp_path / "out").mkdir()
+  with pytest.raises(CorpusError, match=rf"^{passages}: no blocks to write: no document has word pieces"):
+    _build(wordpiece, tmp_path / "out" / "blocks", read_documents(passages), source=str(passages))
+  assert os.listdir(tmp_path / "out") == []
+
+
+def test_an_empty_document_is_an_error_naming_its_line_unless_skipped(wordpiece, tmp_path):
+  passages = tmp_path / "bad.jsonl"
+  lines = [{"id": "p0", "title": "T", "text": "Fine text."}, {"id": "a", "title": "T", "text": "   "},
+           {"id": "b", "title": "T", "text": "\u200b"}, {"id": "c", "title": "T", "text": "More text."}]
+  passages.write_text("".join(json.dumps(line) + "\n" for line in lines))
+  with pytest.raises(CorpusError, match=rf"^{passages}:2: field 'text': document 'a' is empty \(has no word pieces\); "
+                                        "pass --skip_empty_documents to skip and count such documents"):
+    _build(wordpiece, tmp_path / "blocks", read_documents(passages))
+  assert os.listdir(tmp_path) == ["bad.jsonl"]
+  manifest = _build(wordpiece, tmp_path / "blocks", read_documents(passages), skip_empty_documents=True)
+  assert manifest["stats"]["documents_skipped_empty"] == 2 and manifest["stats"]["documents"] == 4
+  assert [t["doc_id"] for t in BlockStore(tmp_path / "blocks").iter_texts()] == ["p0", "c"]
+
+
+def test_the_build_launcher_skips_empty_documents_and_notes_that_there_are_no_entities(demo_slice, tmp_path):
+  passages = tmp_path / "passages.jsonl"
+  passages.write_text(demo_slice[0].read_text() + json.dumps({"id": "empty", "title": "T", "text": " "}) + "\n")
+  result = _build_blocks(passages, None, tmp_path / "blocks", "--skip_empty_documents")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "note: no --entities, so the blocks have no entity spans: salient-span masking has only the date-regex" \
+      in result.stderr
+  summary = json.loads(result.stdout)
+  assert summary["documents_skipped_empty"] == 1 and summary["documents"] == SLICE_LINES + 1
+  assert set(BlockStore(tmp_path / "blocks").manifest["span_labels"]) <= {DATE_REGEX_LABEL}
+
+
+def test_the_build_launcher_on_a_bad_passages_line_prints_one_error_line_and_exits_2(tmp_path):
+  passages = tmp_path / "passages.jsonl"
+  passages.write_text('{"id": "p0", "title": "T", "text": "Fine."}\n{"id": "p1", "title": "T"\n')
+  (tmp_path / "out").mkdir()
+  result = _build_blocks(passages, None, tmp_path / "out" / "blocks")
+  assert result.returncode == 2, result.stderr[-2000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and errors[0].startswith(f"error: {passages}:2: not valid JSON"), result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert os.listdir(tmp_path / "out") == []
+
+
+_PASSAGE_LINE = st.builds(lambda doc_id, title, text: json.dumps({"id": doc_id, "title": title, "text": text}).encode(),
+                          st.text(max_size=3), st.text(max_size=8), st.text(max_size=40))
+_PASSAGES_BYTES = st.one_of(st.binary(max_size=200),
+                            st.lists(st.one_of(_PASSAGE_LINE, _PASSAGE_LINE, st.binary(max_size=30)), max_size=5)
+                            .map(b"\n".join))
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=_PASSAGES_BYTES)
+def test_any_bytes_as_passages_build_a_complete_store_or_fail_naming_the_file_and_leave_nothing(wordpiece, data):
+  with tempfile.TemporaryDirectory() as tmp:
+    passages, out = Path(tmp) / "passages.jsonl", Path(tmp) / "out" / "blocks"
+    passages.write_bytes(data)
+    out.parent.mkdir()
+    try:
+      manifest = build_block_store(read_documents(passages), out, wordpiece, fingerprint_files(passages),
+                                   source=str(passages))
+    except InputError as e:
+      assert str(e).startswith(str(passages)), e
+      assert os.listdir(out.parent) == []
+    else:
+      assert os.listdir(out.parent) == ["blocks"]
+      assert verify_block_store(out)["num_blocks"] == manifest["num_blocks"] == len(BlockStore(out))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.pop("num_blocks"), "key 'num_blocks': missing"),
+    (lambda m: m.update(num_blocks="12"), "key 'num_blocks': must be an integer >= 1, got '12'"),
+    (lambda m: m.update(vocab_size=True), "key 'vocab_size': must be an integer >= 1, got True"),
+    (lambda m: m["special_ids"].pop("cls"), "key 'special_ids.cls': missing"),
+    (lambda m: m["arrays"]["body_ids"].update(dtype="int64"), "key 'arrays.body_ids.dtype': 'int64', this code reads"),
+    (lambda m: m.update(num_blocks=m["num_blocks"] + 1), r"key 'arrays.title_offsets.shape': \[\d+\], expected"),
+    (lambda m: m["files"].pop("spans.bin"), r"key 'files': lacks \['spans.bin'\]"),
+    (lambda m: m["files"]["uids.bin"].update(size=3), r"key 'files.uids.bin.size': 3, but arrays.uids"),
+])
+def test_a_manifest_key_missing_or_of_the_wrong_type_is_refused_on_open_naming_it(local_slice_store, tmp_path, change,
+                                                                                   message):
+  store = tmp_path / "blocks"
+  shutil.copytree(local_slice_store, store)
+  manifest = json.loads((store / MANIFEST).read_text())
+  change(manifest)
+  (store / MANIFEST).write_text(json.dumps(manifest))
+  with pytest.raises(BlockStoreError, match=rf"^{store / MANIFEST}: {message}"):
+    BlockStore(store)
+
+
+def test_a_truncated_texts_file_is_refused_on_open_naming_it(local_slice_store, tmp_path):
+  store = tmp_path / "blocks"
+  shutil.copytree(local_slice_store, store)
+  size = os.path.getsize(store / "texts.jsonl")
+  with open(store / "texts.jsonl", "r+b") as f:
+    f.truncate(size - 100)
+  with pytest.raises(BlockStoreError, match=rf"^{store / 'texts.jsonl'}: {size - 100} bytes, the manifest says {size}"):
+    BlockStore(store)
+  _rewrite(store, "texts.jsonl", lambda data: None)  # a manifest that agrees with the truncated file
+  with pytest.raises(BlockStoreError, match=rf"^{store / 'text_offsets.bin'}: offsets run from 0 to {size}, expected "
+                                            rf"0 to {size - 100} \(the size of texts.jsonl\)"):
+    BlockStore(store)
+
+
+def test_offsets_that_disagree_with_their_data_are_refused_on_open(local_slice_store, tmp_path):
+  store = tmp_path / "blocks"
+  shutil.copytree(local_slice_store, store)
+  rows = BlockStore(store).arrays["body_ids"].shape[0]
+  _rewrite(store, "body_offsets.bin", lambda data: data.__setitem__(slice(-8, None), np.int64(rows - 1).tobytes()))
+  with pytest.raises(BlockStoreError, match=rf"^{store / 'body_offsets.bin'}: offsets run from 0 to {rows - 1}, "
+                                            rf"expected 0 to {rows} \(the rows of body_ids.bin\)"):
+    BlockStore(store)
+
+
+def test_verify_accepts_a_built_store_and_the_launcher_prints_one_ok_line(local_slice_store):
+  summary = verify_block_store(local_slice_store)
+  assert summary["num_blocks"] == len(BlockStore(local_slice_store)) and summary["files"] == 12
+  result = subprocess.run([sys.executable, "launch/verify_blocks.py", f"--store={local_slice_store}"], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.splitlines() == [
+      f"OK {local_slice_store}: {summary['num_blocks']} blocks, 12 files, {summary['bytes']} bytes checked (sha256s, "
+      "offsets, word-piece ids, spans, sentence starts, texts)"]
+
+
+def test_verify_finds_a_changed_byte_that_opening_does_not_and_the_launcher_exits_2(local_slice_store, tmp_path):
+  store = tmp_path / "blocks"
+  shutil.copytree(local_slice_store, store)
+  with open(store / "body_ids.bin", "r+b") as f:
+    f.seek(40)
+    f.write(b"\x01")
+  assert len(BlockStore(store))  # sizes agree: opening does not hash
+  with pytest.raises(BlockStoreError, match=rf"^{store / 'body_ids.bin'}: sha256 \w+, the manifest says \w+"):
+    verify_block_store(store)
+  result = subprocess.run([sys.executable, "launch/verify_blocks.py", f"--store={store}"], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2 and f"error: {store / 'body_ids.bin'}: sha256" in result.stderr
+
+
+def _bad_word_piece(store: BlockStore, data: bytearray) -> str:
+  np.frombuffer(data, np.int32)[7] = store.manifest["vocab_size"]
+  return rf"body_ids.bin: block 0: word piece id {store.manifest['vocab_size']} \(row 7\) is not below vocab_size"
+
+
+def _decreasing_offsets(store: BlockStore, data: bytearray) -> str:
+  offsets = np.frombuffer(data, np.int64)
+  offsets[3] = offsets[4] + 1
+  return rf"body_offsets.bin: block 3: offsets {offsets[3]} then {offsets[4]} \(offsets must not decrease\)"
+
+
+def _span_outside_its_body(store: BlockStore, data: bytearray) -> str:
+  block = int(np.flatnonzero(np.diff(store.arrays["span_offsets"]))[0])
+  row = int(store.arrays["span_offsets"][block])
+  np.frombuffer(data, np.int32).reshape(-1, 3)[row, 1] = len(store.body_ids(block)) + 1
+  return rf"spans.bin: block {block}: span \[\d+, {len(store.body_ids(block)) + 1}, \d+\] \(row {row}\) is not"
+
+
+def _sentence_start_outside_its_body(store: BlockStore, data: bytearray) -> str:
+  np.frombuffer(data, np.int32)[0] = len(store.body_ids(0))
+  return rf"sentence_starts.bin: block 0: sentence start {len(store.body_ids(0))} \(row 0\) is outside its body"
+
+
+def _texts_line_with_another_uid(store: BlockStore, data: bytearray) -> str:
+  start = data.index(b'"uid": "', int(store.arrays["text_offsets"][1])) + len(b'"uid": "')
+  data[start] = ord("0") if data[start] != ord("0") else ord("1")
+  return r"texts.jsonl:2: block 1: uid \w+, but uids.bin says \w+"
+
+
+@pytest.mark.parametrize("name, damage", [
+    ("body_ids.bin", _bad_word_piece), ("body_offsets.bin", _decreasing_offsets), ("spans.bin", _span_outside_its_body),
+    ("sentence_starts.bin", _sentence_start_outside_its_body), ("texts.jsonl", _texts_line_with_another_uid),
+])
+def test_verify_names_the_file_and_block_of_content_damage_behind_matching_sha256s(local_slice_store, tmp_path, name,
+                                                                                     damage):
+  store = tmp_path / "blocks"
+  shutil.copytree(local_slice_store, store)
+  message = []
+  _rewrite(store, name, lambda data: message.append(damage(BlockStore(local_slice_store), data)))
+  with pytest.raises(BlockStoreError, match=rf"^{store}/{message[0]}"):
+    verify_block_store(store)
+
+
+def test_verify_streams_a_gs_store_and_names_a_corrupted_object(gs_slice_store, gcs_bucket):
+  assert verify_block_store(gs_slice_store)["num_blocks"] == json.loads(
+      epath.Path(f"{gs_slice_store}/{MANIFEST}").read_text())["num_blocks"]
+  _copy_objects(gs_slice_store, f"{gcs_bucket}/blocks")
+  texts = epath.Path(f"{gcs_bucket}/blocks/texts.jsonl")
+  texts.write_bytes(texts.read_bytes()[:-10])
+  with pytest.raises(BlockStoreError, match=rf"^{gcs_bucket}/blocks/texts.jsonl: \d+ bytes, the manifest says \d+"):
+    verify_block_store(f"{gcs_bucket}/blocks")
+
+
+def test_a_failed_upload_deletes_the_objects_it_wrote(local_slice_store, gcs_bucket, tmp_path):
+  local = tmp_path / "blocks"
+  shutil.copytree(local_slice_store, local)
+  (local / "texts.jsonl").unlink()  # the last file of the `files` table: every other file is uploaded first
+  with pytest.raises(FileNotFoundError, match="texts.jsonl"):
+    upload_block_store(local, f"{gcs_bucket}/blocks")
+  assert list(epath.Path(gcs_bucket).iterdir()) == []
+
+
+def test_a_tfds_data_dir_prepared_from_another_corpus_is_refused_and_kept(demo_slice, tmp_path):
+  from realm_jax.data.tfds_corpus import prepare_corpus, read_tfds_documents
+
+  passages, entities = demo_slice
+  data_dir = tmp_path / "tfds"
+  builder = prepare_corpus(data_dir, passages, entities)
+  assert len(list(read_tfds_documents(builder))) == SLICE_LINES
+  before = _tree(data_dir)
+  other = tmp_path / "other.jsonl"
+  other.write_text("".join(passages.read_text().splitlines(keepends=True)[:10]))
+  ours, theirs = fingerprint_files(other), fingerprint_files(passages, entities)
+  with pytest.raises(InputError, match=rf"--tfds_data_dir={data_dir} holds a corpus prepared from other files \(corpus "
+                                       rf"fingerprint {theirs}\), not from --passages={other} --entities=None "
+                                       rf"\(fingerprint {ours}\); it is neither reused nor deleted"):
+    prepare_corpus(data_dir, other)
+  assert _tree(data_dir) == before
+  assert len(list(read_tfds_documents(prepare_corpus(data_dir, passages, entities)))) == SLICE_LINES  # reused

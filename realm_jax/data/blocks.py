@@ -6,7 +6,8 @@ than the body budget is cut at word-piece boundaries.  Entity spans are mapped
 to the word pieces that lie fully inside them (REALM's rule); spans that cross a
 block boundary or cover no word piece are dropped and counted.
 
-Store layout (one local directory, written to a staging name and renamed when complete):
+Store layout (one local directory; a build writes the unique hidden sibling `.<name>.staging-<id>`, removed on any
+failure, and renames it into place when complete, so a store is complete or absent):
   manifest.json                    counts, tokenizer fingerprint, corpus fingerprint, arrays, and
                                    `files` {file name: {size, sha256}} of every other file of the store
   <array>.bin                      raw little-endian arrays described in the manifest
@@ -15,34 +16,49 @@ Arrays are CSR: `title_ids`/`title_offsets`, `body_ids`/`body_offsets`,
 `sentence_starts`/`sentence_offsets` (body-relative), `spans` [S, 3] (start, end, label id,
 body-relative, end exclusive)/`span_offsets`; `uids` [N, 20] uint8 (SHA1 of "title <sep> body").
 
-A store is memory-mapped from local disk.  One on GCS (`launch/build_blocks.py --out=gs://...`) is staged to
-each host first (`realm_jax.data.staging`, `launch/stage_blocks.py`), checked against `files`.
+A build's destination must be absent, an empty directory, or a block store (its manifest, the files of its
+`files` table and maybe `.staged.json`, nothing else); a block store is replaced only with `overwrite=True`
+(`--overwrite`): it is renamed aside, the new store renamed into place, then the old one deleted (only the files
+its manifest names).  Anything else is refused and left untouched.
+
+A store is memory-mapped from local disk.  Opening it checks the manifest (every key, with its JSON type), every
+file's size against `files`, and that the arrays agree with `num_blocks` (stat and a few elements, no hashing);
+`realm_jax.data.verify` (`launch/verify_blocks.py`) checks every sha256 and every block's contents too.  One on
+GCS (`launch/build_blocks.py --out=gs://...`) is staged to each host first (`realm_jax.data.staging`,
+`launch/stage_blocks.py`), checked against `files`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import re
+import reprlib
 import shutil
+import stat
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
+from absl import logging
+from etils import epath
 from tqdm.auto import tqdm
 
 from realm_jax import storage
-from realm_jax.data.corpus import Document
+from realm_jax.data.corpus import CorpusError, Document
 from realm_jax.data.tokenization import Tokenizer
 from realm_jax.errors import InputError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TEXTS = "texts.jsonl"
+STAMP = ".staged.json"  # staging's {manifest_sha256, files: {name: {size, sha256, mtime_ns}}} of a verified copy
 
 # Sentence ends: . ! ? (plus closing quotes/brackets) followed by space and an upper-case/digit/quote start.
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9])")
@@ -103,16 +119,21 @@ class Block:
 
 
 class BlockPacker:
-  """Packs documents into blocks of <= max_block_len word pieces."""
+  """Packs documents into blocks of <= max_block_len word pieces.
+
+  A document without word pieces (empty or whitespace-only text, ...) is a `CorpusError`, or, with
+  `skip_empty_documents`, skipped and counted in `stats["documents_skipped_empty"]`.
+  """
 
   def __init__(self, tokenizer: Tokenizer, max_block_len: int = 288, max_title_len: int = 64,
-               find_dates: bool = True):
+               find_dates: bool = True, skip_empty_documents: bool = False):
     if max_block_len < max_title_len + 3 + 8:
       raise ValueError(f"max_block_len={max_block_len} is too short for {max_title_len}-token titles")
     self.tokenizer = tokenizer
     self.max_block_len = max_block_len
     self.max_title_len = max_title_len
     self.find_dates = find_dates
+    self.skip_empty_documents = skip_empty_documents
     self.labels: dict[str, int] = {}
     self.stats: Counter = Counter()
 
@@ -120,14 +141,19 @@ class BlockPacker:
     return self.labels.setdefault(label, len(self.labels))
 
   def pack(self, doc: Document) -> list[Block]:
-    """Greedy packing of one document's sentences."""
+    """Greedy packing of one document's sentences (no blocks for a skipped empty document)."""
+    ids, offsets = self.tokenizer.encode(doc.text)
+    if not len(ids):
+      if self.skip_empty_documents:
+        self.stats["documents_skipped_empty"] += 1
+        return []
+      where = f"{doc.source}: " if doc.source else ""
+      raise CorpusError(f"{where}field 'text': document {doc.doc_id!r} is empty (has no word pieces); pass "
+                        "--skip_empty_documents to skip and count such documents")
     title_ids, _ = self.tokenizer.encode(doc.title)
     if len(title_ids) > self.max_title_len:
       self.stats["titles_truncated"] += 1
       title_ids = title_ids[: self.max_title_len]
-    ids, offsets = self.tokenizer.encode(doc.text)
-    if not len(ids):
-      raise ValueError(f"{doc.source}: field 'text': document {doc.doc_id!r} has no word pieces")
     budget = self.max_block_len - 3 - len(title_ids)
     # Token ranges of sentences (a token belongs to the sentence holding its first character).
     sentence_bounds = split_sentences(doc.text)
@@ -178,7 +204,7 @@ class BlockPacker:
 
 
 # name -> (dtype, trailing shape)
-_ARRAYS: dict[str, tuple[str, tuple[int, ...]]] = {
+ARRAYS: dict[str, tuple[str, tuple[int, ...]]] = {
     "title_ids": ("int32", ()),
     "title_offsets": ("int64", ()),
     "body_ids": ("int32", ()),
@@ -190,11 +216,150 @@ _ARRAYS: dict[str, tuple[str, tuple[int, ...]]] = {
     "uids": ("uint8", (20,)),
     "text_offsets": ("int64", ()),
 }
+# offsets array -> what it indexes (the rows of an array, or the bytes of texts.jsonl)
+OFFSETS = {"title_offsets": "title_ids", "body_offsets": "body_ids", "sentence_offsets": "sentence_starts",
+            "span_offsets": "spans", "text_offsets": TEXTS}
+_JSON_TYPES = {int: "an integer", str: "a string", dict: "a JSON object", list: "a JSON list"}
+_REBUILD = "corrupt manifest; rebuild the store with launch/build_blocks.py"
 
 
 def data_file_names(manifest: dict) -> list[str]:
   """The files of a store besides its manifest: one `<array>.bin` per array, and the texts."""
   return [f"{name}.bin" for name in manifest["arrays"]] + [TEXTS]
+
+
+def _value(container: dict, key: str, kind: type, where: storage.PathLike, name: str, minimum: int | None = None):
+  """`container[key]` (`name` in the manifest at `where`), refused unless it has the JSON type `kind`."""
+  if key not in container:
+    raise BlockStoreError(f"{where}: key {name!r}: missing ({_REBUILD})")
+  value = container[key]
+  if not isinstance(value, kind) or isinstance(value, bool) or (minimum is not None and value < minimum):
+    bound = "" if minimum is None else f" >= {minimum}"
+    raise BlockStoreError(f"{where}: key {name!r}: must be {_JSON_TYPES[kind]}{bound}, got {reprlib.repr(value)} "
+                          f"({_REBUILD})")
+  return value
+
+
+def parse_manifest(data: bytes, where: storage.PathLike) -> dict[str, Any]:
+  """The manifest in `data` (read from `where`), checked without touching the store's other files.
+
+  This format_version; every key with its JSON type; a `files` entry {size, sha256} for exactly the store's data
+  files; array shapes that agree with `num_blocks`, and byte sizes that agree with `files`.
+  """
+  try:
+    manifest = json.loads(data)
+  except ValueError as e:  # not JSON, or not UTF-8
+    raise BlockStoreError(f"{where}: corrupt manifest ({e}); rebuild the store with launch/build_blocks.py") from e
+  if not isinstance(manifest, dict):
+    raise BlockStoreError(f"{where}: corrupt manifest (a JSON {type(manifest).__name__}, not an object); rebuild "
+                          "the store with launch/build_blocks.py")
+  version = manifest.get("format_version")
+  if version != FORMAT_VERSION or isinstance(version, bool):
+    raise BlockStoreError(f"{where}: format_version {reprlib.repr(version)}, this code reads {FORMAT_VERSION}; "
+                          "rebuild the store with launch/build_blocks.py")
+  if "files" not in manifest:
+    raise BlockStoreError(f"{where}: no 'files' table (the size and sha256 of every file): built by an older "
+                          "realm-jax; rebuild it with launch/build_blocks.py")
+  n = _value(manifest, "num_blocks", int, where, "num_blocks", minimum=1)
+  _value(manifest, "max_block_len", int, where, "max_block_len", minimum=1)
+  _value(manifest, "tokenizer", str, where, "tokenizer")
+  _value(manifest, "vocab_size", int, where, "vocab_size", minimum=1)
+  _value(manifest, "corpus_fingerprint", str, where, "corpus_fingerprint")
+  special = _value(manifest, "special_ids", dict, where, "special_ids")
+  for key in ("pad", "cls", "sep", "mask"):
+    _value(special, key, int, where, f"special_ids.{key}", minimum=0)
+  for key in ("span_labels", "stats"):  # added by build_block_store
+    if key in manifest:
+      _value(manifest, key, dict, where, key)
+  arrays = _value(manifest, "arrays", dict, where, "arrays")
+  unknown = sorted(set(arrays) - set(ARRAYS))
+  if unknown:
+    raise BlockStoreError(f"{where}: key 'arrays': unknown arrays {unknown} ({_REBUILD})")
+  for name, (dtype, tail) in ARRAYS.items():
+    spec = _value(arrays, name, dict, where, f"arrays.{name}")
+    if _value(spec, "dtype", str, where, f"arrays.{name}.dtype") != dtype:
+      raise BlockStoreError(f"{where}: key 'arrays.{name}.dtype': {spec['dtype']!r}, this code reads {dtype!r} "
+                            f"({_REBUILD})")
+    shape = _value(spec, "shape", list, where, f"arrays.{name}.shape")
+    rows = n if name == "uids" else n + 1 if name in OFFSETS else None
+    if not (len(shape) == 1 + len(tail) and all(type(v) is int and v >= 0 for v in shape)
+            and tuple(shape[1:]) == tail and rows in (None, shape[0])):
+      expected = [rows if rows is not None else "rows", *tail]
+      raise BlockStoreError(f"{where}: key 'arrays.{name}.shape': {reprlib.repr(shape)}, expected "
+                            f"[{', '.join(map(str, expected))}] for num_blocks {n} ({_REBUILD})")
+  files = _value(manifest, "files", dict, where, "files")
+  names = data_file_names(manifest)
+  missing, extra = sorted(set(names) - set(files)), sorted(set(files) - set(names))
+  if missing or extra:
+    raise BlockStoreError(f"{where}: key 'files': lacks {missing} or names files that are not part of a block store "
+                          f"{[reprlib.repr(e) for e in extra]} ({_REBUILD})")
+  for name in names:
+    entry = _value(files, name, dict, where, f"files.{name}")
+    _value(entry, "size", int, where, f"files.{name}.size", minimum=0)
+    if not re.fullmatch(r"[0-9a-f]{64}", _value(entry, "sha256", str, where, f"files.{name}.sha256")):
+      raise BlockStoreError(f"{where}: key 'files.{name}.sha256': not a sha256 hex digest ({_REBUILD})")
+  for name, spec in arrays.items():
+    nbytes = int(np.prod(spec["shape"])) * np.dtype(spec["dtype"]).itemsize
+    if nbytes != files[f"{name}.bin"]["size"]:
+      raise BlockStoreError(f"{where}: key 'files.{name}.bin.size': {files[f'{name}.bin']['size']}, but "
+                            f"arrays.{name} ({spec['dtype']}{spec['shape']}) is {nbytes} bytes ({_REBUILD})")
+  return manifest
+
+
+def offsets_problem(offsets: np.ndarray, end: int, indexed: str) -> str | None:
+  """What is wrong with the ends of a CSR offsets array (it must run from 0 to `end`), if anything."""
+  if offsets[0] != 0 or offsets[-1] != end:
+    what = f"the size of {TEXTS}" if indexed == TEXTS else f"the rows of {indexed}.bin"
+    return f"offsets run from {offsets[0]} to {offsets[-1]}, expected 0 to {end} ({what})"
+  return None
+
+
+def _local_out(out_dir: storage.PathLike) -> epath.Path:
+  return storage.local_path(out_dir, "a block store being written",
+                            "build it locally, or run launch/build_blocks.py --out=gs://... (builds locally, then "
+                            "uploads)")
+
+
+def check_block_store_destination(out_dir: storage.PathLike, overwrite: bool = False) -> bool:
+  """Whether a build into the local `out_dir` replaces a block store there; changes nothing.
+
+  `out_dir` must be absent, an empty directory, or a block store (its manifest, the files its `files` table names,
+  maybe `.staged.json`, and nothing else), which is replaced only with `overwrite`; anything else is refused.
+  """
+  out_dir = _local_out(out_dir)
+  keep = "a build never deletes what it did not write: choose another --out, or remove it yourself"
+  if os.path.islink(out_dir):
+    raise BlockStoreError(f"{out_dir}: --out is a symbolic link; {keep}")
+  if not out_dir.exists():
+    return False
+  if not out_dir.is_dir():
+    raise BlockStoreError(f"{out_dir}: --out exists and is not a directory; {keep}")
+  names = sorted(os.listdir(out_dir))
+  if not names:
+    return False
+  if MANIFEST not in names:
+    raise BlockStoreError(f"{out_dir}: --out holds {names[0]!r} and no {MANIFEST}, so it is not a block store; "
+                          f"{keep}")
+  try:
+    manifest = parse_manifest((out_dir / MANIFEST).read_bytes(), out_dir / MANIFEST)
+  except BlockStoreError as e:
+    raise BlockStoreError(f"{out_dir}: --out is not a block store that this version can replace ({e}); "
+                          f"{keep}") from e
+  for name in names:
+    if name not in {MANIFEST, STAMP, *manifest["files"]}:
+      raise BlockStoreError(f"{out_dir}: --out holds {name!r}, which is not part of the block store there, so it is "
+                            f"not replaced, even with --overwrite; {keep}")
+    if not stat.S_ISREG(os.lstat(out_dir / name).st_mode):
+      raise BlockStoreError(f"{out_dir / name}: not a regular file, so {out_dir} is not replaced, even with "
+                            f"--overwrite; {keep}")
+  missing = sorted(set(manifest["files"]) - set(names))
+  if missing:
+    raise BlockStoreError(f"{out_dir}: --out holds an incomplete block store (no {missing[0]!r}), so it is not "
+                          f"replaced, even with --overwrite; {keep}")
+  if not overwrite:
+    raise BlockStoreError(f"{out_dir}: --out already holds a block store ({manifest['num_blocks']} blocks); pass "
+                          "--overwrite to replace it, or choose another --out")
+  return True
 
 
 def write_block_store(
@@ -204,61 +369,79 @@ def write_block_store(
     max_block_len: int,
     corpus_fingerprint: str,
     manifest_extras: Callable[[], dict[str, Any]] = dict,
+    *,
+    source: str = "the documents",
+    overwrite: bool = False,
 ) -> dict:
-  """Streams blocks to `<out_dir>.staging` (local disk) and renames it to `out_dir` when complete.
+  """Streams blocks into a unique hidden sibling of `out_dir` (local disk), renamed to `out_dir` when complete.
 
-  `manifest_extras` is called once all blocks are written (e.g. to add packing statistics).  The manifest's
-  `files` table gets the size and sha256 of every file, hashed while it is written.
+  `out_dir` must be absent, an empty directory, or a block store, replaced only with `overwrite`
+  (`check_block_store_destination`).  The sibling is removed on any failure, so a failed build leaves nothing; no
+  blocks at all (an empty corpus) is a `CorpusError` naming `source`.  `manifest_extras` is called once all blocks
+  are written (e.g. to add packing statistics).  The manifest's `files` table gets the size and sha256 of every
+  file, hashed while it is written.
   """
-  out_dir = storage.local_path(out_dir, "a block store being written",
-                               "build it locally, or run launch/build_blocks.py --out=gs://... (builds locally, "
-                               "then uploads)")
-  staging = out_dir.with_name(out_dir.name + ".staging")
-  if staging.exists():
-    shutil.rmtree(staging)
-  staging.mkdir(parents=True)
-  files = {name: storage.HashingFile(open(os.fspath(staging / f"{name}.bin"), "wb")) for name in _ARRAYS}
-  texts = storage.HashingFile(open(os.fspath(staging / TEXTS), "wb"))
+  out_dir = _local_out(out_dir)
+  check_block_store_destination(out_dir, overwrite)
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  staging = out_dir.parent / f".{out_dir.name}.staging-{uuid.uuid4().hex}"
+  staging.mkdir()
+  try:
+    manifest = _write_store_files(blocks, staging, tokenizer, max_block_len, corpus_fingerprint, source)
+    manifest.update(manifest_extras())
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    _publish(staging, out_dir, overwrite)
+  finally:
+    if staging.exists():
+      shutil.rmtree(staging)
+  return manifest
+
+
+def _write_store_files(blocks: Iterable[Block], directory: epath.Path, tokenizer: Tokenizer, max_block_len: int,
+                       corpus_fingerprint: str, source: str) -> dict[str, Any]:
+  """Writes every file of a store but its manifest into `directory`; returns the manifest (without extras)."""
   counts = Counter()
   offsets = {"title": 0, "body": 0, "sentence": 0, "span": 0, "text": 0}
-  for name in ("title_offsets", "body_offsets", "sentence_offsets", "span_offsets", "text_offsets"):
-    files[name].write(np.int64(0).tobytes())
-  for block in blocks:
-    line = (json.dumps(
-        {"doc_id": block.doc_id, "title": block.title, "text": block.text, "uid": block.uid.hex()},
-        ensure_ascii=False,
-    ) + "\n").encode()
-    texts.write(line)
-    for key, name, arr in (
-        ("title", "title_ids", block.title_ids),
-        ("body", "body_ids", block.body_ids),
-        ("sentence", "sentence_starts", block.sentence_starts),
-        ("span", "spans", block.spans),
-    ):
-      files[name].write(np.ascontiguousarray(arr, _ARRAYS[name][0]).tobytes())
-      offsets[key] += len(arr)
-      files[f"{key}_offsets"].write(np.int64(offsets[key]).tobytes())
-    offsets["text"] += len(line)
-    files["text_offsets"].write(np.int64(offsets["text"]).tobytes())
-    files["uids"].write(block.uid)
-    counts["blocks"] += 1
-  for f in (*files.values(), texts):
-    f.file.close()
-  file_table = {f"{name}.bin": f.entry() for name, f in files.items()}
-  file_table[TEXTS] = texts.entry()
+  with contextlib.ExitStack() as stack:
+    files = {name: storage.HashingFile(stack.enter_context(open(os.fspath(directory / f"{name}.bin"), "wb")))
+             for name in ARRAYS}
+    texts = storage.HashingFile(stack.enter_context(open(os.fspath(directory / TEXTS), "wb")))
+    for name in ("title_offsets", "body_offsets", "sentence_offsets", "span_offsets", "text_offsets"):
+      files[name].write(np.int64(0).tobytes())
+    for block in blocks:
+      line = (json.dumps(
+          {"doc_id": block.doc_id, "title": block.title, "text": block.text, "uid": block.uid.hex()},
+          ensure_ascii=False,
+      ) + "\n").encode()
+      texts.write(line)
+      for key, name, arr in (
+          ("title", "title_ids", block.title_ids),
+          ("body", "body_ids", block.body_ids),
+          ("sentence", "sentence_starts", block.sentence_starts),
+          ("span", "spans", block.spans),
+      ):
+        files[name].write(np.ascontiguousarray(arr, ARRAYS[name][0]).tobytes())
+        offsets[key] += len(arr)
+        files[f"{key}_offsets"].write(np.int64(offsets[key]).tobytes())
+      offsets["text"] += len(line)
+      files["text_offsets"].write(np.int64(offsets["text"]).tobytes())
+      files["uids"].write(block.uid)
+      counts["blocks"] += 1
   n = counts["blocks"]
   if not n:
-    shutil.rmtree(staging)
-    raise ValueError("no blocks to write: the corpus is empty")
+    raise CorpusError(f"{source}: no blocks to write: no document has word pieces (the corpus is empty); give a "
+                      "passages file with at least one non-empty document")
+  file_table = {f"{name}.bin": f.entry() for name, f in files.items()}
+  file_table[TEXTS] = texts.entry()
   lengths = {
       "title_ids": offsets["title"], "body_ids": offsets["body"],
       "sentence_starts": offsets["sentence"], "spans": offsets["span"], "uids": n,
   }
   arrays = {}
-  for name, (dtype, tail) in _ARRAYS.items():
+  for name, (dtype, tail) in ARRAYS.items():
     rows = lengths.get(name, n + 1)
     arrays[name] = {"dtype": dtype, "shape": [rows, *tail]}
-  manifest = {
+  return {
       "format_version": FORMAT_VERSION,
       "num_blocks": n,
       "max_block_len": max_block_len,
@@ -272,47 +455,72 @@ def write_block_store(
       "arrays": arrays,
       "files": file_table,
       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-      **manifest_extras(),
   }
-  (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-  if out_dir.exists():
-    shutil.rmtree(out_dir)
-  os.replace(staging, out_dir)
-  return manifest
+
+
+def _publish(staging: epath.Path, out_dir: epath.Path, overwrite: bool) -> None:
+  """Renames the finished store `staging` to `out_dir`.
+
+  `out_dir` is checked again (a build takes long).  A block store there (with `overwrite`) is renamed aside to a
+  unique hidden name first and deleted once the new store is in place: a crash leaves one of them, never neither.
+  """
+  if not check_block_store_destination(out_dir, overwrite):
+    os.rename(staging, out_dir)  # replaces nothing but an empty directory
+    return
+  old = out_dir.parent / f".{out_dir.name}.replaced-{uuid.uuid4().hex}"
+  os.rename(out_dir, old)
+  try:
+    os.rename(staging, out_dir)
+  except OSError:
+    os.rename(old, out_dir)
+    raise
+  _delete_replaced_store(old)
+
+
+def _delete_replaced_store(directory: epath.Path) -> None:
+  """Deletes a block store renamed aside: the files its manifest names, its stamp and manifest, then the directory."""
+  manifest = json.loads((directory / MANIFEST).read_bytes())
+  for name in [*manifest["files"], STAMP, MANIFEST]:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(directory / name)
+  try:
+    os.rmdir(directory)
+  except OSError as e:  # something was put there while it was being replaced: not ours to delete
+    logging.warning("%s: the replaced block store's directory is not empty (%s); left as it is", directory, e)
 
 
 class BlockStore:
-  """Read-only, memory-mapped view of a block store directory on local disk (a gs:// store is refused)."""
+  """Read-only, memory-mapped view of a block store directory on local disk (a gs:// store is refused).
+
+  Opening checks the manifest, every file's size against `files`, and that the offsets arrays run from 0 to the
+  rows (or bytes) they index: stat and a few memory-mapped elements, no hashing (`verify_block_store` hashes).
+  """
 
   def __init__(self, path: storage.PathLike):
     self.path = storage.local_path(path, "a block store (it is memory-mapped)", _staging_advice(path))
     manifest_file = self.path / MANIFEST
     if not manifest_file.is_file():
       raise BlockStoreError(f"{self.path}: not a block store (no {MANIFEST}; unfinished build?)")
-    try:
-      self.manifest = json.loads(manifest_file.read_text())
-    except json.JSONDecodeError as e:
-      raise BlockStoreError(f"{manifest_file}: corrupt manifest ({e})") from e
-    if self.manifest.get("format_version") != FORMAT_VERSION:
-      version = self.manifest.get("format_version")
-      raise BlockStoreError(f"{manifest_file}: format_version {version}, this code reads {FORMAT_VERSION}")
+    self.manifest = parse_manifest(manifest_file.read_bytes(), manifest_file)
+    for name, entry in self.manifest["files"].items():
+      file = self.path / name
+      actual = os.path.getsize(file) if file.is_file() else None
+      if actual != entry["size"]:
+        raise BlockStoreError(f"{file}: {'missing' if actual is None else f'{actual} bytes'}, the manifest says "
+                              f"{entry['size']} bytes (truncated or corrupt store; rebuild it, or stage it again)")
     self.num_blocks: int = self.manifest["num_blocks"]
     self.max_block_len: int = self.manifest["max_block_len"]
     self.arrays: dict[str, np.ndarray] = {}
     for name, spec in self.manifest["arrays"].items():
-      file = self.path / f"{name}.bin"
       shape = tuple(spec["shape"])
-      expected = int(np.prod(shape)) * np.dtype(spec["dtype"]).itemsize
-      actual = os.path.getsize(file) if file.is_file() else None
-      if actual != expected:
-        raise BlockStoreError(
-            f"{file}: expected {expected} bytes for {spec['dtype']}{list(shape)}, found "
-            f"{'no file' if actual is None else f'{actual} bytes'} (corrupt or truncated store)"
-        )
       self.arrays[name] = (
-          np.memmap(os.fspath(file), dtype=spec["dtype"], mode="r", shape=shape) if expected
-          else np.zeros(shape, spec["dtype"])
+          np.memmap(os.fspath(self.path / f"{name}.bin"), dtype=spec["dtype"], mode="r", shape=shape)
+          if int(np.prod(shape)) else np.zeros(shape, spec["dtype"])
       )
+    for offsets, indexed in OFFSETS.items():
+      end = self.manifest["files"][TEXTS]["size"] if indexed == TEXTS else self.arrays[indexed].shape[0]
+      if problem := offsets_problem(self.arrays[offsets], end, indexed):
+        raise BlockStoreError(f"{self.path / f'{offsets}.bin'}: {problem} (corrupt store; rebuild it)")
     self._texts = open(os.fspath(self.path / TEXTS), "rb")
 
   def check_tokenizer(self, tokenizer: Tokenizer) -> None:
@@ -386,9 +594,17 @@ def build_block_store(
     max_block_len: int = 288,
     max_title_len: int = 64,
     total: int | None = None,
+    *,
+    source: str = "the documents",
+    skip_empty_documents: bool = False,
+    overwrite: bool = False,
 ) -> dict:
-  """Packs documents into blocks and writes the store; returns the manifest (with stats)."""
-  packer = BlockPacker(tokenizer, max_block_len, max_title_len)
+  """Packs documents into blocks and writes the store; returns the manifest (with stats).
+
+  `source` names the input in errors (e.g. the passages file); `skip_empty_documents` is `BlockPacker`'s,
+  `overwrite` is `write_block_store`'s.
+  """
+  packer = BlockPacker(tokenizer, max_block_len, max_title_len, skip_empty_documents=skip_empty_documents)
 
   def blocks() -> Iterator[Block]:
     for doc in tqdm(documents, total=total, desc="blocks", unit="doc", mininterval=2.0):
@@ -400,4 +616,5 @@ def build_block_store(
   return write_block_store(
       blocks(), out_dir, tokenizer, max_block_len, corpus_fingerprint,
       manifest_extras=lambda: {"span_labels": packer.labels, "stats": dict(packer.stats)},
+      source=source, overwrite=overwrite,
   )

@@ -1,15 +1,22 @@
 """Reading the document corpus: passages JSONL (+ pre-computed entity spans), validated line by line.
 
 Passages: `{"id": str, "title": str, "text": str, ...}` one per line.
-Entities: `{"id": str, "ents": [[start_char, end_char, LABEL], ...]}`, line i for passage i.
+Entities: `{"id": str, "ents": [[start_char, end_char, LABEL], ...]}`, line i for passage i, with
+`0 <= start_char < end_char <= len(text)`.
+Files (these and the question files) are UTF-8 text, optionally starting with a byte-order mark, with LF or CRLF
+line ends; blank lines are skipped.  A gzip-compressed file is read as such whatever its name.
 Every problem is reported as `file:line: field: what is wrong`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import json
+import re
+import reprlib
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,14 +36,44 @@ class Document:
   source: str = ""  # "file:line" the document came from, for error messages
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+_UTF8_BOM = b"\xef\xbb\xbf"
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def _parse_json_line(path: Path, lineno: int, line: str) -> dict:
   try:
     record = json.loads(line)
   except json.JSONDecodeError as e:
     raise CorpusError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
+  except ValueError as e:  # an integer of more than 4300 digits
+    raise CorpusError(f"{path}:{lineno}: not valid JSON ({e})") from e
+  except RecursionError as e:
+    raise CorpusError(f"{path}:{lineno}: not valid JSON (nested too deeply)") from e
   if not isinstance(record, dict):
     raise CorpusError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+  if _SURROGATE_ESCAPE.search(line) and (surrogate := _unpaired_surrogate(record)):
+    raise CorpusError(f"{path}:{lineno}: a string holds an unpaired UTF-16 surrogate ({surrogate!r}), "
+                      "not Unicode text")
   return record
+
+
+def _unpaired_surrogate(record: dict) -> str | None:
+  """The first half of a UTF-16 pair that a `\\ud800`-style escape left alone in a string of `record`, if any."""
+  stack: list = [record]
+  while stack:  # no recursion: JSON nested hundreds deep is valid
+    value = stack.pop()
+    if isinstance(value, str):
+      try:
+        value.encode("utf-8")
+      except UnicodeEncodeError as e:
+        return value[e.start]
+    elif isinstance(value, dict):
+      stack.extend(value)
+      stack.extend(value.values())
+    elif isinstance(value, list):
+      stack.extend(value)
+  return None
 
 
 def _field(record: dict, name: str, kind: type, where: str):
@@ -49,10 +86,30 @@ def _field(record: dict, name: str, kind: type, where: str):
 
 
 def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
+  """(line number, text) of the non-blank lines, line ends removed: UTF-8 (optional BOM), LF or CRLF, maybe gzip."""
   if not path.is_file():
     raise FileNotFoundError(f"{path}: file not found")
-  with path.open(encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
+  with path.open("rb") as f:
+    gzipped = f.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC
+  with gzip.open(path, "rb") if gzipped else path.open("rb") as f:
+    lineno = 0
+    while True:
+      try:
+        raw = f.readline()
+      except (OSError, EOFError, zlib.error) as e:
+        if not gzipped:
+          raise
+        raise CorpusError(f"{path}:{lineno + 1}: corrupt or truncated gzip data ({e})") from e
+      if not raw:
+        return
+      lineno += 1
+      if lineno == 1 and raw.startswith(_UTF8_BOM):
+        raw = raw[len(_UTF8_BOM):]
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise CorpusError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start + 1} of the line)") from e
+      line = line.rstrip("\r\n")
       if line.strip():
         yield lineno, line
 
@@ -64,16 +121,18 @@ def validate_spans(ents: object, text: str, where: str) -> tuple[tuple[int, int,
   spans = []
   for k, ent in enumerate(ents):
     ok = (
-        isinstance(ent, list) and len(ent) == 3 and all(isinstance(v, int) for v in ent[:2])
-        and isinstance(ent[2], str)
+        isinstance(ent, list) and len(ent) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in ent[:2]) and isinstance(ent[2], str)
     )
     if not ok:
-      raise CorpusError(f"{where}: ents[{k}] must be [start_char, end_char, label], got {ent!r}")
+      raise CorpusError(f"{where}: ents[{k}] must be [start_char, end_char, label], got {reprlib.repr(ent)}")
     start, end, label = ent
-    if not 0 <= start < end <= len(text):
-      raise CorpusError(
-          f"{where}: ents[{k}] = {ent!r} is outside the passage text (length {len(text)})"
-      )
+    if start > end:
+      raise CorpusError(f"{where}: ents[{k}] = {reprlib.repr(ent)}: start > end")
+    if start == end:
+      raise CorpusError(f"{where}: ents[{k}] = {reprlib.repr(ent)}: empty span (start == end)")
+    if start < 0 or end > len(text):
+      raise CorpusError(f"{where}: ents[{k}] = {reprlib.repr(ent)} is outside the passage text (length {len(text)})")
     spans.append((start, end, label))
   return tuple(spans)
 
@@ -92,8 +151,6 @@ def read_documents(passages: str | Path, entities: str | Path | None = None) -> 
     if doc_id in seen_ids:
       raise CorpusError(f"{where}: field 'id': duplicate document id {doc_id!r}")
     seen_ids.add(doc_id)
-    if not text.strip():
-      raise CorpusError(f"{where}: field 'text': empty document {doc_id!r}")
     spans: tuple[tuple[int, int, str], ...] = ()
     if entity_lines is not None:
       try:

@@ -1,7 +1,9 @@
 """Open-QA question sets: JSONL files, a TFDS builder for them, and the TFDS catalog datasets.
 
 JSONL (the small corpus's `questions/*.jsonl`): `{"question": str, "answers": [str, ...]}` plus optional
-`answer_is_regex` (CuratedTrec), `gold_passage_ids`, `answer_in_corpus` and an id field.  Problems are
+`answer_is_regex` (true/false; CuratedTrec, whose answers must then compile as regexes), `gold_passage_ids`
+([str, ...]), `answer_in_corpus` (true/false/null) and an id field (str or int).  The file is read as the corpus
+files are (`realm_jax.data.corpus`: UTF-8, optional BOM, LF or CRLF, maybe gzip-compressed).  Problems are
 reported as `file:line: field: what is wrong`.
 
 TFDS: `RealmQuestions(path=...)` prepares any such file as array_record (no TensorFlow needed);
@@ -12,6 +14,8 @@ once the user has prepared them (`tfds build ... --file_format=array_record`).
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +23,14 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from realm_jax.data.corpus import CorpusError, _field, _parse_json_line, _read_lines
+from realm_jax.eval.answers import compile_answer_regex
 
 ID_FIELDS = ("id", "nq_example_id", "wq_id", "trec_id", "squad_id")
 
 
 class UnanswerableQuestion(CorpusError):
-  """A question whose answers are all empty strings (e.g. 20 lines of the QED NQ-train subset)."""
+  """A question without one usable answer: all empty strings (e.g. 20 lines of the QED NQ-train subset) or,
+  for regex answers, none that compiles (line 701 of the small corpus's `curatedtrec_train.jsonl`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,27 +43,73 @@ class Question:
   qid: str = ""
 
 
+def _shown(value: object) -> str:
+  """A JSON scalar as written in the file (cut short), or the type of anything else, for error messages."""
+  if value is None or isinstance(value, str | int | float):
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+  return type(value).__name__
+
+
+def _flag(record: dict, name: str, where: str, absent: bool | None) -> bool | None:
+  """A JSON boolean field (`absent` when missing); null is accepted only where `absent` is None."""
+  if name not in record:
+    return absent
+  value = record[name]
+  if isinstance(value, bool) or (value is None and absent is None):
+    return value
+  allowed = "true, false or null" if absent is None else "true or false"
+  raise CorpusError(f"{where}: field {name!r} must be {allowed}, got {_shown(value)}")
+
+
+def _qid(record: dict, where: str, index: int) -> str:
+  for name in ID_FIELDS:
+    if name in record:
+      value = record[name]
+      if not isinstance(value, str | int) or isinstance(value, bool):
+        raise CorpusError(f"{where}: field {name!r} must be a string or an integer, got {_shown(value)}")
+      return str(value)
+  return str(index)
+
+
 def parse_question(record: dict, where: str, index: int) -> Question:
+  """One question record, validated; `index` is its qid when the record has no id field."""
   question = _field(record, "question", str, where)
   if not question.strip():
     raise CorpusError(f"{where}: field 'question' is empty")
   answers = _field(record, "answers", list, where)
   if not answers or not all(isinstance(a, str) for a in answers):
     raise CorpusError(f"{where}: field 'answers' must be a non-empty list of strings")
-  answers = [a for a in answers if a.strip()]
-  if not answers:
-    raise UnanswerableQuestion(f"{where}: field 'answers' holds only empty strings")
+  is_regex = _flag(record, "answer_is_regex", where, False)
+  invalid = _invalid_regexes(answers, where) if is_regex else {}
   gold = record.get("gold_passage_ids", [])
   if not isinstance(gold, list) or not all(isinstance(g, str) for g in gold):
     raise CorpusError(f"{where}: field 'gold_passage_ids' must be a list of strings")
-  qid = next((str(record[f]) for f in ID_FIELDS if f in record), str(index))
-  return Question(question, tuple(answers), bool(record.get("answer_is_regex", False)), tuple(gold),
-                  record.get("answer_in_corpus"), qid)
+  in_corpus = _flag(record, "answer_in_corpus", where, None)
+  qid = _qid(record, where, index)
+  usable = [a for k, a in enumerate(answers) if a.strip() and k not in invalid]
+  if not usable:
+    raise UnanswerableQuestion(next(iter(invalid.values()), f"{where}: field 'answers' holds only empty strings"))
+  if invalid:
+    raise CorpusError(next(iter(invalid.values())))
+  return Question(question, tuple(usable), is_regex, tuple(gold), in_corpus, qid)
+
+
+def _invalid_regexes(patterns: list[str], where: str) -> dict[int, str]:
+  """answers[k] -> the error message, for the patterns that do not compile as `regex_match` compiles them."""
+  invalid = {}
+  for k, pattern in enumerate(patterns):
+    try:
+      compile_answer_regex(pattern)
+    except re.error as e:
+      invalid[k] = f"{where}: field 'answers': answers[{k}] is not a valid regular expression ({e})"
+  return invalid
 
 
 def read_questions(path: str | Path, limit: int | None = None, skip_unanswerable: bool = False) -> list[Question]:
   """Questions of a JSONL file.  `skip_unanswerable` (for training sets) skips, and logs by line, questions
-  whose answers are all empty; otherwise they are an error like any other malformed line."""
+  without a usable answer (all empty, or no regex that compiles); otherwise they are an error like any other
+  malformed line."""
   path = Path(path)
   out, skipped = [], []
   for lineno, line in _read_lines(path):
@@ -70,7 +122,7 @@ def read_questions(path: str | Path, limit: int | None = None, skip_unanswerable
         raise
       skipped.append(lineno)
   if skipped:
-    logging.warning("%s: skipped %d questions with only empty answers (lines %s)", path, len(skipped), skipped)
+    logging.warning("%s: skipped %d questions without a usable answer (lines %s)", path, len(skipped), skipped)
   if not out:
     raise CorpusError(f"{path}: no questions")
   return out
@@ -107,22 +159,37 @@ class RealmQuestions(tfds.core.GeneratorBasedBuilder):
                 "answer_is_regex": q.is_regex, "gold_passage_ids": list(q.gold_passage_ids)}
 
 
-def _text(value) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+def _text(value: object, where: str, name: str) -> str:
+  if not isinstance(value, bytes):
+    return str(value)
+  try:
+    return value.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise CorpusError(f"{where}: field {name!r}: not UTF-8 text ({e.reason} at byte {e.start + 1})") from e
+
+
+def _scalar(value: object) -> object:
+  """A numpy scalar (TFDS's `np.bool_` feature) as the Python value JSON would give; anything else unchanged."""
+  return value.item() if isinstance(value, np.generic | np.ndarray) and np.ndim(value) == 0 else value
 
 
 def question_from_record(record: dict, where: str, index: int) -> Question:
-  """A TFDS record (ours or the catalog's `natural_questions_open` / `web_questions`) -> Question."""
+  """A TFDS record (ours or the catalog's `natural_questions_open` / `web_questions`) -> Question, validated as
+  a JSONL line is."""
   answers = record.get("answers", record.get("answer"))
   if answers is None:
     raise CorpusError(f"{where}: record has neither 'answers' nor 'answer'")
-  return parse_question({
-      "question": _text(record["question"]),
-      "answers": [_text(a) for a in answers],
-      "answer_is_regex": bool(record.get("answer_is_regex", False)),
-      "gold_passage_ids": [_text(g) for g in record.get("gold_passage_ids", [])],
-      **({"id": _text(record["qid"])} if "qid" in record else {}),
-  }, where, index)
+  fields = {
+      "answers": [_text(a, where, "answers") for a in answers],
+      "gold_passage_ids": [_text(g, where, "gold_passage_ids") for g in record.get("gold_passage_ids", [])],
+  }
+  if "question" in record:
+    fields["question"] = _text(record["question"], where, "question")
+  if "answer_is_regex" in record:
+    fields["answer_is_regex"] = _scalar(record["answer_is_regex"])
+  if "qid" in record:
+    fields["id"] = _text(record["qid"], where, "qid")
+  return parse_question(fields, where, index)
 
 
 def read_tfds_questions(builder: tfds.core.DatasetBuilder, split: str) -> list[Question]:

@@ -6,12 +6,14 @@
   python launch/stage_blocks.py --source=gs://BUCKET/blocks --dest=/tmp/realm-jax-blocks  # on every host
 
 The manifest is the store's commit object: an upload writes it last, so staging reads it first and refuses a
-store without one (an unfinished upload).  Each file of its `files` table {name: {size, sha256}} is streamed
-into a unique temporary sibling of the destination (`.<dest>.staging-<id>`, removed on failure) and checked;
-the manifest is written last and the directory renamed into place, so a destination is complete or absent.
-Two processes staging one store into one destination both end with the same verified copy.  A destination
-that already holds the store (same manifest bytes and file sizes, and the sha256s recorded in its
-`.staged.json` stamp) is used as it is, without re-hashing; anything else there is refused, never deleted.
+store without one (an unfinished upload).  An upload that fails deletes the objects it wrote (best effort: the
+prefix was empty when it started, so they are its own) and re-raises.  Each file of its `files` table
+{name: {size, sha256}} is streamed into a unique temporary sibling of the destination (`.<dest>.staging-<id>`,
+removed on failure) and checked; the manifest is written last and the directory renamed into place, so a
+destination is complete or absent.  Two processes staging one store into one destination both end with the same
+verified copy.  A destination that already holds the store (same manifest bytes and file sizes, and the sha256s
+recorded in its `.staged.json` stamp) is used as it is, without re-hashing; anything else there is refused, never
+deleted.
 """
 
 from __future__ import annotations
@@ -21,16 +23,16 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable
 from typing import Any
 
+from absl import logging
 from etils import epath
 from tqdm.auto import tqdm
 
 from realm_jax import storage
-from realm_jax.data.blocks import FORMAT_VERSION, MANIFEST, BlockStoreError, data_file_names
+from realm_jax.data.blocks import MANIFEST, STAMP, BlockStoreError, parse_manifest
 
-STAMP = ".staged.json"  # {manifest_sha256, files: {name: {size, sha256, mtime_ns}}} of a verified local copy
 CHUNK_BYTES = 64 << 20
 
 
@@ -44,18 +46,39 @@ def check_new_remote_store(dest: storage.PathLike) -> epath.Path:
 
 
 def upload_block_store(local_dir: storage.PathLike, dest: storage.PathLike) -> epath.Path:
-  """Uploads the local store at `local_dir` to the new prefix `dest`: every file, then the manifest last."""
+  """Uploads the local store at `local_dir` to the new prefix `dest`: every file, then the manifest last.
+
+  On a failure the objects this upload wrote are deleted (best effort), then the error is re-raised.
+  """
   local_dir = storage.local_path(local_dir, "the block store to upload", "build it locally first")
   manifest_bytes = (local_dir / MANIFEST).read_bytes()
-  files = _parse_manifest(manifest_bytes, local_dir / MANIFEST)["files"]
+  files = parse_manifest(manifest_bytes, local_dir / MANIFEST)["files"]
   dest = check_new_remote_store(dest)
-  with tqdm(total=sum(e["size"] for e in files.values()), desc="upload blocks", unit="B", unit_scale=True,
-            mininterval=2.0) as progress:
-    for name, entry in files.items():
-      storage.retrying(lambda name=name: _upload_file(local_dir / name, dest / name), f"upload {dest / name}")
-      progress.update(entry["size"])
-  storage.write_once(dest / MANIFEST, manifest_bytes)
+  written = []  # objects this upload may have created, in upload order
+  try:
+    with tqdm(total=sum(e["size"] for e in files.values()), desc="upload blocks", unit="B", unit_scale=True,
+              mininterval=2.0) as progress:
+      for name, entry in files.items():
+        written.append(dest / name)
+        storage.retrying(lambda name=name: _upload_file(local_dir / name, dest / name), f"upload {dest / name}")
+        progress.update(entry["size"])
+    written.append(dest / MANIFEST)
+    storage.write_once(dest / MANIFEST, manifest_bytes)
+  except Exception:
+    _delete_objects(reversed(written))  # the manifest first: the store stops looking finished at once
+    raise
   return dest
+
+
+def _delete_objects(paths: Iterable[epath.Path]) -> None:
+  """Deletes what a failed upload wrote; a delete that fails is logged, not raised (the upload error is)."""
+  for path in paths:
+    try:
+      storage.retrying(path.unlink, f"delete {path}")
+    except FileNotFoundError:
+      pass
+    except Exception as e:  # noqa: BLE001 - best effort: the upload's own error is the one to report
+      logging.warning("%s: left behind by a failed upload, cannot be deleted (%s: %s)", path, type(e).__name__, e)
 
 
 def stage_block_store(source: storage.PathLike, dest: storage.PathLike) -> epath.Path:
@@ -67,7 +90,7 @@ def stage_block_store(source: storage.PathLike, dest: storage.PathLike) -> epath
   except FileNotFoundError:
     raise BlockStoreError(f"{source}: no {MANIFEST}, so not a finished block store (an upload writes it last); "
                           "upload it again with launch/build_blocks.py --out=...") from None
-  files = _parse_manifest(manifest_bytes, source / MANIFEST)["files"]
+  files = parse_manifest(manifest_bytes, source / MANIFEST)["files"]
   if _holds_store(dest, source, manifest_bytes, files):
     return dest
   storage.make_dirs(dest.parent)
@@ -91,26 +114,6 @@ def stage_block_store(source: storage.PathLike, dest: storage.PathLike) -> epath
     if temp.exists():
       shutil.rmtree(temp)
   return dest
-
-
-def _parse_manifest(data: bytes, where: epath.Path) -> dict[str, Any]:
-  """The manifest, checked to be stageable: this format, and a `files` entry for every file of the store."""
-  try:
-    manifest = json.loads(data)
-  except json.JSONDecodeError as e:
-    raise BlockStoreError(f"{where}: corrupt manifest ({e})") from e
-  if manifest.get("format_version") != FORMAT_VERSION:
-    raise BlockStoreError(f"{where}: format_version {manifest.get('format_version')}, this code reads "
-                          f"{FORMAT_VERSION}")
-  files = manifest.get("files")
-  if not isinstance(files, dict):
-    raise BlockStoreError(f"{where}: no 'files' table (sizes and sha256s), so this store cannot be staged or "
-                          "uploaded; rebuild it with launch/build_blocks.py")
-  missing = sorted(set(data_file_names(manifest)) - set(files))
-  unsafe = sorted(n for n in files if n in (MANIFEST, STAMP) or n.startswith(".") or "/" in n or "\\" in n)
-  if missing or unsafe:
-    raise BlockStoreError(f"{where}: 'files' table lacks {missing} or names files outside the store {unsafe}")
-  return manifest
 
 
 def _holds_store(dest: epath.Path, source: epath.Path, manifest_bytes: bytes, files: dict[str, dict]) -> bool:
@@ -172,7 +175,7 @@ def _copy_checked(source: epath.Path, target: epath.Path, entry: dict[str, Any],
   try:
     with open(os.fspath(target), "wb") as raw:
       out = storage.HashingFile(raw)
-      for chunk in _read_chunks(source):
+      for chunk in storage.read_chunks(source, CHUNK_BYTES):
         out.write(chunk)
         progress.update(len(chunk))
         if out.size > entry["size"]:
@@ -186,32 +189,6 @@ def _copy_checked(source: epath.Path, target: epath.Path, entry: dict[str, Any],
   if got["sha256"] != entry["sha256"]:
     raise BlockStoreError(f"{source}: sha256 {got['sha256']}, the manifest says {entry['sha256']} "
                           "(corrupt or replaced object); nothing was staged")
-
-
-def _read_chunks(path: epath.Path) -> Iterator[bytes]:
-  """The bytes of `path` in chunks; a transient error reopens it at the current offset (with backoff)."""
-  offset, handle = 0, None
-
-  def next_chunk() -> bytes:
-    nonlocal handle
-    try:
-      if handle is None:
-        handle = path.open("rb")
-        handle.seek(offset)
-      return handle.read(CHUNK_BYTES)
-    except Exception:
-      if handle is not None:
-        handle.close()
-        handle = None
-      raise
-
-  try:
-    while chunk := storage.retrying(next_chunk, f"{path} (at byte {offset})"):
-      offset += len(chunk)
-      yield chunk
-  finally:
-    if handle is not None:
-      handle.close()
 
 
 def _upload_file(local: epath.Path, remote: epath.Path) -> None:

@@ -1,11 +1,12 @@
 """TFDS builder for a passages JSONL corpus (+ entity spans), readable without TensorFlow.
 
-    builder = RealmCorpus(data_dir=..., passages=..., entities=...)
-    builder.download_and_prepare(file_format="array_record")
+    builder = prepare_corpus(data_dir, passages, entities)  # RealmCorpus, prepared as array_record
     documents = read_tfds_documents(builder)
 
 Records are validated by `realm_jax.data.corpus.read_documents`, so the TFDS path and the
-JSONL path yield the same documents.
+JSONL path yield the same documents.  The prepared dataset records the corpus fingerprint (sha256 of the
+passages and entity files) in its metadata (`metadata.json`); `prepare_corpus` refuses a data_dir whose dataset
+was prepared from another corpus (it is never rebuilt or deleted).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from realm_jax.data.corpus import Document, read_documents
+from realm_jax.data.corpus import Document, fingerprint_files, read_documents
+from realm_jax.errors import InputError
+
+FINGERPRINT_KEY = "corpus_fingerprint"
 
 
 class RealmCorpus(tfds.core.GeneratorBasedBuilder):
@@ -25,9 +29,11 @@ class RealmCorpus(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Passages JSONL + spaCy entity spans."}
 
-  def __init__(self, *, passages: str | Path | None = None, entities: str | Path | None = None, **kwargs):
+  def __init__(self, *, passages: str | Path | None = None, entities: str | Path | None = None,
+               corpus_fingerprint: str | None = None, **kwargs):
     self._passages = passages
     self._entities = entities
+    self._fingerprint = corpus_fingerprint
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -39,11 +45,13 @@ class RealmCorpus(tfds.core.GeneratorBasedBuilder):
         "span_ends": tfds.features.Tensor(shape=(None,), dtype=np.int32),
         "span_labels": tfds.features.Sequence(tfds.features.Text()),
     })
-    return self.dataset_info_from_configs(features=features, supervised_keys=None, disable_shuffling=True)
+    return self.dataset_info_from_configs(features=features, supervised_keys=None, disable_shuffling=True,
+                                          metadata=tfds.core.MetadataDict())
 
   def _split_generators(self, dl_manager):
     if self._passages is None:
       raise ValueError("RealmCorpus needs passages=<path to passages.jsonl> to prepare")
+    self.info.metadata[FINGERPRINT_KEY] = self._fingerprint or fingerprint_files(self._passages, self._entities)
     return {"train": self._generate_examples(self._passages, self._entities)}
 
   def _generate_examples(self, passages, entities):
@@ -56,6 +64,26 @@ class RealmCorpus(tfds.core.GeneratorBasedBuilder):
           "span_ends": [e for _, e, _ in doc.spans],
           "span_labels": [label for _, _, label in doc.spans],
       }
+
+
+def prepare_corpus(data_dir: str | Path, passages: str | Path, entities: str | Path | None = None,
+                   corpus_fingerprint: str | None = None) -> RealmCorpus:
+  """The RealmCorpus of `passages` (+ `entities`) in `data_dir`, prepared (array_record) unless it already is.
+
+  A dataset already prepared there from another corpus (another fingerprint, or none recorded) is refused.
+  """
+  fingerprint = corpus_fingerprint or fingerprint_files(passages, entities)
+  builder = RealmCorpus(data_dir=str(data_dir), passages=passages, entities=entities, corpus_fingerprint=fingerprint)
+  if builder.is_prepared():
+    recorded = dict(builder.info.metadata.items()).get(FINGERPRINT_KEY)  # items() loads metadata.json
+    if recorded != fingerprint:
+      raise InputError(
+          f"{builder.data_dir}: --tfds_data_dir={data_dir} holds a corpus prepared from other files (corpus "
+          f"fingerprint {recorded or 'not recorded'}), not from --passages={passages} --entities={entities} "
+          f"(fingerprint {fingerprint}); it is neither reused nor deleted: give another --tfds_data_dir, or remove "
+          f"{builder.data_dir} yourself to prepare it again")
+  builder.download_and_prepare(file_format="array_record")
+  return builder
 
 
 def _text(value) -> str:

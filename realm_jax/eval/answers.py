@@ -3,7 +3,7 @@
 - `normalize_answer`: Unicode NFD, lowercase, ASCII punctuation dropped, articles a/an/the dropped,
   whitespace collapsed (SQuAD normalisation + NFD, `orqa/utils/eval_utils.py`).
 - `regex_match`: `re.match` (anchored at the start only) with IGNORECASE|UNICODE|MULTILINE; an invalid
-  regex counts as wrong.
+  regex counts as wrong (question files are checked with `compile_answer_regex` when read, so none is).
 - `has_answer`: the retriever's supervision, a raw case-sensitive substring search of any answer in the
   block text (released `HasAnswer` op); for regex answers (CuratedTrec, not in the released code) a
   case-insensitive `re.search`.
@@ -29,9 +29,17 @@ def normalize_answer(text: str) -> str:
   return " ".join(_ARTICLES.sub(" ", text).split())
 
 
-def _compile(pattern: str) -> re.Pattern | None:
+def compile_answer_regex(pattern: str) -> re.Pattern:
+  """A CuratedTrec answer pattern with the matching flags; `re.error` for any invalid pattern."""
   try:
     return re.compile(pattern, _REGEX_FLAGS)
+  except (OverflowError, RecursionError) as e:  # `a{99999999999}`, thousands of nested groups
+    raise re.error(str(e) or type(e).__name__, pattern) from e
+
+
+def _compile(pattern: str) -> re.Pattern | None:
+  try:
+    return compile_answer_regex(pattern)
   except re.error:
     return None
 
