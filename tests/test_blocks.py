@@ -497,7 +497,7 @@ _PASSAGES_BYTES = st.one_of(st.binary(max_size=200),
                             .map(b"\n".join))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, database=None)
 @given(data=_PASSAGES_BYTES)
 def test_any_bytes_as_passages_build_a_complete_store_or_fail_naming_the_file_and_leave_nothing(wordpiece, data):
   with tempfile.TemporaryDirectory() as tmp:
