@@ -15,6 +15,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 def test_tiny_steps_compile_for_a_v3_64_pod_and_report_memory_and_flops():
   result = subprocess.run(
       [sys.executable, "launch/aot_compile.py", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/aot/tiny.gin",

@@ -148,6 +148,7 @@ def test_checkpoint_of_another_architecture_is_refused(demo_store, tmp_path, min
     make_ict_trainer(**ict_settings(demo_store, tmp_path, init_checkpoint="minilm"))
 
 
+@pytest.mark.slow
 def test_ict_from_minilm_raises_held_out_in_batch_accuracy_well_above_chance(demo_store, tmp_path, minilm_path):
   from realm_jax.checkpoints.hf_bert import load_hf_bert
 

@@ -76,6 +76,7 @@ def minilm_embeddings(demo_store, minilm_path):
   return blocks, queries
 
 
+@pytest.mark.slow
 def test_scann_recall_against_exact_search_on_real_embeddings(minilm_embeddings):
   blocks, queries = minilm_embeddings
   scann = ScannSearcher.build(blocks, ScannConfig(num_leaves=64, num_leaves_to_search=32, reorder=200))

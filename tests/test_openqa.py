@@ -238,6 +238,7 @@ def test_minilm_zero_shot_baseline_retrieves_answer_blocks(small_qa_setup, minil
   assert sum(bool(set(q.gold_passage_ids) & in_store) for q in questions) >= 3
 
 
+@pytest.mark.slow
 def test_finetuning_from_minilm_learns_to_answer_its_training_questions(small_qa_setup, minilm_path):
   from realm_jax import partitioning
   from realm_jax.eval.answers import exact_match
