@@ -294,3 +294,13 @@ def test_finetune_evaluate_and_ask_launchers_end_to_end_on_a_gcs_workdir(small_q
   answer = json.loads(result.stdout.strip().splitlines()[-1])
   assert answer["answer"] and len(answer["blocks"]) == 5 and answer["blocks"][0]["snippet"]
   assert (REPO / "gin" / "runs" / "openqa.gin").is_file()
+
+
+def test_evaluation_reads_its_question_files_before_loading_anything(tmp_path):
+  from realm_jax.data.corpus import CorpusError
+  from realm_jax.eval.openqa_eval import run_evaluation
+
+  (tmp_path / "bad.jsonl").write_text('{"question": "who?", "answers": ["x"], "answer_is_regex": "false"}\n')
+  with pytest.raises(CorpusError, match=r"bad.jsonl:1: field 'answer_is_regex' must be true or false"):
+    run_evaluation(str(tmp_path / "no_run"), spec=None, mesh=None, datasets={"bad": "bad.jsonl"},
+                   questions_dir=str(tmp_path))  # spec and mesh are not touched: nothing is loaded first
