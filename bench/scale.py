@@ -1,0 +1,320 @@
+r"""Paper scale on this machine: synthetic 13,353,718-block stores and indexes, every host stage timed at 3 sizes.
+
+  .venv/bin/python bench/scale.py --root=/tmp/realm-jax-scale                      # ~1 h on 2 cores, ~40 GB disk
+  .venv/bin/python bench/scale.py --root=/tmp/realm-jax-scale --sizes=100000 --out=  # a quick look, no report
+
+For each size it writes, once, a block store in the real on-disk format (`realm_jax.data.blocks`: manifest with
+its `files` table, CSR arrays, texts.jsonl) with Wikipedia-like shapes (90% of blocks full at 288 word pieces,
+about 10 sentences and 28 salient spans per block; texts are short stand-ins) and an N x 128 float32 index
+published through `realm_jax.retrieval.index.publish_index` (commit object, sha256s).  Generation is vectorised
+(numpy per chunk of blocks).  Each stage then runs in its own process, so its peak RSS is its own:
+
+  open_store     BlockStore(...) (manifest checks, sizes, offsets ends)
+  load_index     load_index: read, hash and materialise the committed index (a trainer host's swap)
+  search_64      ExactSearcher on this host's CPU devices: place the index, then search 64 queries for k = 8
+  host_step_64   one trainer host's per-step work at 64 queries x 8 candidates: select_candidates,
+  host_step_512  candidate_inputs, span_in_candidates (the same at 512 x 8: one host holding the whole batch)
+
+Results land in `<root>/results.jsonl` as each stage finishes (a rerun skips what is there); the
+"Paper scale on this machine" section of BENCHMARKS.md is rendered from it.  No embedding tower runs here: what
+is measured is the host pipeline around it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchlib import write_section  # noqa: E402
+
+from realm_jax import storage  # noqa: E402
+from realm_jax.data import blocks as blocks_lib  # noqa: E402
+
+_ROOT = flags.DEFINE_string("root", "/tmp/realm-jax-scale", "Where the synthetic stores and indexes go.")
+_SIZES = flags.DEFINE_list("sizes", ["1000000", "4000000", "13353718"], "Block counts.")
+_STAGES = flags.DEFINE_list("stages", ["open_store", "load_index", "search_64", "host_step_64", "host_step_512"],
+                            "Stages to time at every size.")
+_OUT = flags.DEFINE_string("out", "BENCHMARKS.md", "Markdown file whose section is rewritten ('' for none).")
+_STAGE = flags.DEFINE_string("stage", None, "(internal) run one stage in this process and print its JSON.")
+_SIZE = flags.DEFINE_integer("size", None, "(internal) the block count of --stage.")
+
+SECTION = "## Paper scale on this machine (bench/scale.py)"
+PAPER_BLOCKS = 13_353_718
+DIM = 128
+CHUNK_BLOCKS = 250_000
+MAX_BLOCK_LEN = 288
+LABELS = ("PERSON", "ORG", "GPE", "DATE", "NORP", "LOC", "WORK_OF_ART", "EVENT", "FAC", "PRODUCT", "LAW",
+          "LANGUAGE", "TIME", "CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY", blocks_lib.DATE_REGEX_LABEL)
+
+
+def store_dir(size: int) -> Path:
+  return Path(_ROOT.value) / f"blocks_{size}"
+
+
+def index_dir(size: int) -> Path:
+  return Path(_ROOT.value) / f"index_{size}"
+
+
+def peak_rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _synthetic_chunk(rng: np.random.Generator, count: int, vocab_size: int) -> dict[str, np.ndarray]:
+  """`count` blocks: per-block lengths and the flat title/body/sentence/span rows (body-relative)."""
+  title_len = rng.integers(3, 9, count)
+  full = MAX_BLOCK_LEN - 3 - title_len
+  body_len = np.where(rng.random(count) < 0.9, full, rng.integers(32, full + 1))
+  num_sentences = np.minimum(np.clip(np.rint(rng.normal(10, 2, count)), 1, 20).astype(np.int64), body_len)
+  block_of_sentence = np.repeat(np.arange(count), num_sentences)
+  first_sentence = np.cumsum(num_sentences) - num_sentences
+  k = np.arange(len(block_of_sentence)) - first_sentence[block_of_sentence]
+  sentence_starts = k * body_len[block_of_sentence] // num_sentences[block_of_sentence]
+  sentence_ends = np.append(sentence_starts[1:], 0)
+  last = first_sentence + num_sentences - 1
+  sentence_ends[last] = body_len
+  num_spans = np.clip(np.rint(rng.normal(28, 5, count)), 0, 48).astype(np.int64)
+  block_of_span = np.repeat(np.arange(count), num_spans)
+  sentence = first_sentence[block_of_span] + (rng.random(len(block_of_span)) * num_sentences[block_of_span]).astype(
+      np.int64)
+  room = sentence_ends[sentence] - sentence_starts[sentence]
+  length = np.minimum(rng.integers(1, 5, len(sentence)), room)
+  start = sentence_starts[sentence] + (rng.random(len(sentence)) * (room - length + 1)).astype(np.int64)
+  spans = np.stack([start, start + length, rng.integers(0, len(LABELS), len(start))], axis=1)
+  return {
+      "title_len": title_len, "body_len": body_len, "num_sentences": num_sentences, "num_spans": num_spans,
+      "title_ids": rng.integers(1000, vocab_size, int(title_len.sum())),
+      "body_ids": rng.integers(1000, vocab_size, int(body_len.sum())),
+      "sentence_starts": sentence_starts, "spans": spans,
+  }
+
+
+def make_store(size: int) -> dict:
+  """Writes the synthetic store of `size` blocks (the real format, every file hashed while written)."""
+  from realm_jax.data.tokenization import load_tokenizer, minilm_dir
+
+  tokenizer = load_tokenizer(minilm_dir() / "vocab.txt")
+  out = store_dir(size)
+  staging = out.with_name(f".{out.name}.staging")
+  staging.mkdir(parents=True, exist_ok=True)
+  files = {name: storage.HashingFile(open(staging / f"{name}.bin", "wb")) for name in blocks_lib.ARRAYS}
+  texts = storage.HashingFile(open(staging / blocks_lib.TEXTS, "wb"))
+  rows = {"title": 0, "body": 0, "sentence": 0, "span": 0, "text": 0}
+  for name in ("title_offsets", "body_offsets", "sentence_offsets", "span_offsets", "text_offsets"):
+    files[name].write(np.int64(0).tobytes())
+  rng = np.random.default_rng(size)
+  for first in range(0, size, CHUNK_BLOCKS):
+    count = min(CHUNK_BLOCKS, size - first)
+    chunk = _synthetic_chunk(rng, count, tokenizer.vocab_size)
+    for key, data, lengths in (("title", "title_ids", "title_len"), ("body", "body_ids", "body_len"),
+                               ("sentence", "sentence_starts", "num_sentences"), ("span", "spans", "num_spans")):
+      files[data].write(np.ascontiguousarray(chunk[data], np.int32).tobytes())
+      files[f"{key}_offsets"].write((rows[key] + np.cumsum(chunk[lengths])).astype(np.int64).tobytes())
+      rows[key] += int(chunk[lengths].sum())
+    lines, uids = [], []
+    for i in range(first, first + count):
+      title, text = f"Article {i // 3}", f"synthetic block {i}"
+      uid = blocks_lib.block_uid(title, text)
+      uids.append(uid)
+      lines.append(json.dumps({"doc_id": f"d{i // 3}", "title": title, "text": text, "uid": uid.hex()}) + "\n")
+    encoded = [line.encode() for line in lines]
+    texts.write(b"".join(encoded))
+    files["text_offsets"].write((rows["text"] + np.cumsum([len(e) for e in encoded])).astype(np.int64).tobytes())
+    rows["text"] += sum(len(e) for e in encoded)
+    files["uids"].write(b"".join(uids))
+  for f in (*files.values(), texts):
+    f.file.close()
+  lengths = {"title_ids": rows["title"], "body_ids": rows["body"], "sentence_starts": rows["sentence"],
+             "spans": rows["span"], "uids": size}
+  manifest = {
+      "format_version": blocks_lib.FORMAT_VERSION, "num_blocks": size, "max_block_len": MAX_BLOCK_LEN,
+      "tokenizer": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+      "special_ids": {"pad": tokenizer.pad_id, "cls": tokenizer.cls_id, "sep": tokenizer.sep_id,
+                      "mask": tokenizer.mask_id},
+      "corpus_fingerprint": f"synthetic-{size}",
+      "arrays": {name: {"dtype": dtype, "shape": [lengths.get(name, size + 1), *tail]}
+                 for name, (dtype, tail) in blocks_lib.ARRAYS.items()},
+      "files": {**{f"{name}.bin": f.entry() for name, f in files.items()}, blocks_lib.TEXTS: texts.entry()},
+      "span_labels": {label: i for i, label in enumerate(LABELS)},
+      "stats": {"synthetic": 1},
+  }
+  (staging / blocks_lib.MANIFEST).write_text(json.dumps(manifest, indent=2))
+  os.replace(staging, out)
+  return {"bytes": sum(e["size"] for e in manifest["files"].values())}
+
+
+def make_index(size: int) -> dict:
+  """Publishes an N x 128 float32 index of unit rows for the store of `size` blocks (index step 0)."""
+  from realm_jax.retrieval import index as index_lib
+
+  store = blocks_lib.BlockStore(store_dir(size))
+  scratch = Path(_ROOT.value) / f".embeddings_{size}.npy"
+  embeddings = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float32, shape=(size, DIM))
+  rng = np.random.default_rng(size + 1)
+  for first in range(0, size, CHUNK_BLOCKS * 4):
+    rows = rng.standard_normal((min(CHUNK_BLOCKS * 4, size - first), DIM), np.float32)
+    embeddings[first : first + len(rows)] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+  embeddings.flush()
+  try:
+    index_lib.publish_index(index_dir(size), 0, embeddings, store, writer="scale-bench")
+  finally:
+    del embeddings
+    scratch.unlink()
+  return {"bytes": size * DIM * 4}
+
+
+def synthetic_queries(store: blocks_lib.BlockStore, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """A batch of masked queries shaped like `MaskedQueries`' (a sentence of a random block, one span masked)."""
+  from realm_jax.data.realm import RealmDataConfig
+
+  c = RealmDataConfig()
+  special = store.manifest["special_ids"]
+  source = rng.integers(0, store.num_blocks, batch)
+  query_ids = np.zeros((batch, c.query_len), np.int32)
+  mlm_ids, mlm_weights = np.zeros((batch, c.max_masks), np.int32), np.zeros((batch, c.max_masks), np.float32)
+  for row, block in enumerate(source):
+    sentence = store.body_ids(int(block))[:40]
+    query_ids[row, : len(sentence) + 2] = [special["cls"], *sentence, special["sep"]]
+    mlm_ids[row, :3], mlm_weights[row, :3] = sentence[5:8], 1.0
+  return {"block_id": source.astype(np.int32), "query_input_ids": query_ids, "mlm_ids": mlm_ids,
+          "mlm_weights": mlm_weights}
+
+
+def run_stage(stage: str, size: int) -> dict:
+  """Runs one stage in this process: {seconds, ...}; peak RSS is added by the caller."""
+  baseline = peak_rss_gb()
+  start = time.perf_counter()
+  if stage == "make_store":
+    extra = make_store(size)
+  elif stage == "make_index":
+    extra = make_index(size)
+  elif stage == "open_store":
+    store = blocks_lib.BlockStore(store_dir(size))
+    extra = {"num_blocks": store.num_blocks}
+  elif stage == "load_index":
+    from realm_jax.retrieval import index as index_lib
+
+    store = blocks_lib.BlockStore(store_dir(size))
+    start = time.perf_counter()
+    _, embeddings = index_lib.load_index(index_dir(size), 0, store)
+    extra = {"index_gb": embeddings.nbytes / 2**30}
+  elif stage.startswith("search_"):
+    extra = _search(size, int(stage.split("_")[1]))
+    start = time.perf_counter() - extra.pop("seconds")
+  elif stage.startswith("host_step_"):
+    extra = _host_step(size, int(stage.split("_")[2]))
+    start = time.perf_counter() - extra.pop("seconds")
+  else:
+    raise app.UsageError(f"unknown stage {stage!r}")
+  return {"seconds": time.perf_counter() - start, "baseline_rss_gb": baseline, **extra}
+
+
+def _search(size: int, batch: int) -> dict:
+  """Places the index on this host's devices and times one search of `batch` queries for k = 8 (compiled)."""
+  import jax
+
+  from realm_jax import partitioning
+  from realm_jax.retrieval import index as index_lib
+  from realm_jax.retrieval.mips import ExactSearcher
+
+  store = blocks_lib.BlockStore(store_dir(size))
+  _, embeddings = index_lib.load_index(index_dir(size), 0, store)
+  mesh = partitioning.make_mesh(-1, 1)
+  place_start = time.perf_counter()
+  searcher = ExactSearcher(embeddings, mesh)
+  jax.block_until_ready(searcher.embeddings)
+  place = time.perf_counter() - place_start
+  queries = np.random.default_rng(0).standard_normal((batch, DIM), np.float32)
+  searcher.search(queries, 8)  # compile
+  start = time.perf_counter()
+  searcher.search(queries, 8)
+  return {"seconds": time.perf_counter() - start, "place_seconds": place, "devices": mesh.size}
+
+
+def _host_step(size: int, batch: int, repeats: int = 5) -> dict:
+  """Median time of one step's host work for `batch` queries x 8 candidates retrieved uniformly at random."""
+  from realm_jax.data.realm import RealmDataConfig, candidate_inputs, select_candidates, span_in_candidates
+
+  store = blocks_lib.BlockStore(store_dir(size))
+  config = RealmDataConfig(batch_size=batch)
+  rng = np.random.default_rng(batch)
+  times = []
+  for _ in range(repeats + 1):
+    queries = synthetic_queries(store, batch, rng)
+    retrieved = rng.integers(0, size, (batch, config.num_candidates))
+    start = time.perf_counter()
+    candidates, _ = select_candidates(retrieved, queries["block_id"], store.arrays["uids"], config.num_candidates)
+    _, joint = candidate_inputs(store, candidates, queries["query_input_ids"], config)
+    span_in_candidates(joint, queries["mlm_ids"], queries["mlm_weights"])
+    times.append(time.perf_counter() - start)
+  return {"seconds": float(np.median(times[1:])), "ms": 1e3 * float(np.median(times[1:]))}
+
+
+def run_in_subprocess(stage: str, size: int) -> dict:
+  command = [sys.executable, __file__, f"--stage={stage}", f"--size={size}", f"--root={_ROOT.value}"]
+  done = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  if done.returncode:
+    raise RuntimeError(f"{stage} at {size}: exit {done.returncode}\n{done.stderr[-3000:]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report(results: list[dict]) -> str:
+  sizes = sorted({r["size"] for r in results})
+  stages = list(dict.fromkeys(r["stage"] for r in results))
+  cell = {(r["stage"], r["size"]): r for r in results}
+  head = ["stage", *[f"{s:,} blocks: s / peak RSS GB" for s in sizes]]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for stage in stages:
+    row = [stage]
+    for size in sizes:
+      r = cell.get((stage, size))
+      row.append("–" if r is None else f"{r['seconds']:.2f} / {r['peak_rss_gb']:.2f}"
+                 + (f" ({r['ms']:.1f} ms)" if "ms" in r else ""))
+    lines.append("| " + " | ".join(row) + " |")
+  return (f"{SECTION}\n\n`.venv/bin/python bench/scale.py --root=/tmp/realm-jax-scale` (2-core CPU, "
+          f"{time.strftime('%Y-%m-%d')}).  Synthetic stores in the real format (Wikipedia-like shapes), N x 128 "
+          "float32 indexes published through the commit protocol; each stage in its own process (peak RSS is "
+          "that process's, including its ~0.3-0.5 GB of imports).  No embedding tower runs: the host pipeline "
+          "is what is measured.\n\n" + "\n".join(lines) + "\n")
+
+
+def main(argv):
+  del argv
+  if _STAGE.value:
+    result = run_stage(_STAGE.value, _SIZE.value)
+    print(json.dumps({"stage": _STAGE.value, "size": _SIZE.value, **result, "peak_rss_gb": peak_rss_gb()}))
+    return
+  root = Path(_ROOT.value)
+  root.mkdir(parents=True, exist_ok=True)
+  log = root / "results.jsonl"
+  results = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+  done = {(r["stage"], r["size"]) for r in results}
+  for size in map(int, _SIZES.value):
+    stages = [*(["make_store"] if not (store_dir(size) / blocks_lib.MANIFEST).exists() else []),
+              *(["make_index"] if not (index_dir(size) / "commits" / "0.json").exists() else []), *_STAGES.value]
+    for stage in stages:
+      if (stage, size) in done and stage not in ("make_store", "make_index"):
+        continue
+      result = run_in_subprocess(stage, size)
+      print(json.dumps(result), flush=True)
+      results = [r for r in results if (r["stage"], r["size"]) != (stage, size)] + [result]
+      with log.open("a") as f:
+        f.write(json.dumps(result) + "\n")
+  if _OUT.value:
+    wanted = {int(s) for s in _SIZES.value}
+    write_section(REPO / _OUT.value, SECTION, report([r for r in results if r["size"] in wanted]))
+
+
+if __name__ == "__main__":
+  app.run(main)
