@@ -53,3 +53,23 @@ def test_unknown_generations_are_refused():
 
   with pytest.raises(ValueError, match="unknown TPU generation 'v9'"):
     aot.topology_mesh("v9:2x2")
+
+
+def test_chunked_search_holds_one_chunk_of_scores_and_approx_max_k_none_for_a_v3_pod():
+  from realm_jax.retrieval.mips import SearchConfig, shard_layout
+  from realm_jax.train import aot
+
+  mesh, chip = aot.topology_mesh("v3:4x8")
+  shape = {"num_blocks": 2_000_003, "dim": 128, "batch_size": 512, "k": 8}
+  configs = {"whole shard": SearchConfig(chunk_rows=1 << 20), "chunked": SearchConfig(chunk_rows=8192),
+             "approx": SearchConfig(approximate=True)}
+  reports = {name: aot.compile_step(aot.search_step(mesh, **shape, search=search), "v3:4x8", mesh, chip)
+             for name, search in configs.items()}
+  assert reports["chunked"].step == "search of 2000003 blocks (exact, 4 chunk(s) of 7816 rows)"
+  for name, report in reports.items():
+    rows, _ = shard_layout(2_000_003, 64, configs[name].chunk_rows)
+    assert report.argument_bytes == rows * 128 * 4 + 512 * 128 * 4  # the device's rows and the queries
+  scores = 512 * 31_256 * 4  # [batch, rows per device] f32
+  assert scores <= reports["whole shard"].temp_bytes < 1.1 * scores
+  assert reports["chunked"].temp_bytes < 0.5 * scores  # a chunk's scores (+ a bf16 copy of the shard on TPU)
+  assert reports["approx"].temp_bytes < 0.05 * scores  # the TPU fuses approx_max_k's reduction into the matmul

@@ -35,7 +35,7 @@ from etils import epath
 from realm_jax import partitioning, storage
 from realm_jax.data.blocks import BlockStore
 from realm_jax.errors import InputError
-from realm_jax.retrieval.mips import ExactSearcher, ScannSearcher
+from realm_jax.retrieval.mips import ExactSearcher, ScannSearcher, SearchConfig
 
 COMMITS = "commits"
 DATA = "data"
@@ -478,15 +478,15 @@ class IndexReader:
 class LiveIndex:
   """The searcher a trainer queries, replaced between steps by an `IndexReader`.
 
-  backend "exact": the first index builds an `ExactSearcher`; later ones are placed on the mesh in
-  the reader's thread and swapped in by reference (compiled search reused).  backend "scann":
-  the published ScaNN assets are loaded in the reader's thread.
+  backend "exact": the first index builds an `ExactSearcher` searching as `search` says (None: exact, chunked);
+  later ones are placed on the mesh in the reader's thread and swapped in by reference
+  (compiled search reused).  backend "scann": the published ScaNN assets are loaded in the reader's thread.
   """
 
-  def __init__(self, mesh, backend: str = "exact", approximate: bool = False):
+  def __init__(self, mesh, backend: str = "exact", search: SearchConfig | None = None):
     if backend not in ("exact", "scann"):
       raise InputError(f"unknown index backend {backend!r} (use 'exact' or 'scann')")
-    self.mesh, self.backend, self.approximate = mesh, backend, approximate
+    self.mesh, self.backend, self.search_config = mesh, backend, search or SearchConfig()
     self.searcher = None
 
   def prepare(self, commit: dict, embeddings: np.ndarray, index_dir: epath.Path):
@@ -500,7 +500,7 @@ class LiveIndex:
       finally:
         shutil.rmtree(local)
     if self.searcher is None:
-      return ExactSearcher(embeddings, self.mesh, self.approximate)
+      return ExactSearcher(embeddings, self.mesh, self.search_config)
     return self.searcher.place(embeddings)
 
   def install(self, commit: dict, prepared) -> None:

@@ -3,10 +3,13 @@
 `search(queries [B, D]) -> (ids [B, k] int32, scores [B, k] float32)`, best first.
 
 ExactSearcher keeps the block embeddings sharded row-wise over every mesh device ("docs" in the
-rules table); each device scores its rows and keeps its own top-k inside `jax.shard_map`
-(`lax.approx_max_k` on TPU when `approximate=True`, exact `lax.top_k` otherwise), then the
-per-device candidates are merged.  `swap()` replaces the embeddings with a new array of the same
-shape and sharding, so the compiled search is reused (no recompilation).
+rules table); each device finds its own top-k inside `jax.shard_map`, then the per-device candidates
+are merged.  How a device finds its top-k is a `SearchConfig`: exact, as a running top-k over chunks
+of `chunk_rows` rows (peak memory batch x chunk scores, not batch x rows per device), or
+`lax.approx_max_k` over the device's whole shard (`approximate=True`: TPU's approximate top-k, whose
+partial reduction the TPU compiler fuses into the score matmul).  Among equal scores the lower block
+id comes first.  `swap()` replaces the embeddings with a new array of the same shape and sharding, so
+the compiled search is reused (no recompilation).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from jax.sharding import PartitionSpec as P
 
 from realm_jax.errors import InputError
 
+_ROW_ALIGN = 8  # chunk sizes are multiples of a TPU tile's 8 sublanes
+
 
 class Searcher(Protocol):
   num_blocks: int
@@ -31,25 +36,111 @@ class Searcher(Protocol):
   def search(self, queries: np.ndarray | jax.Array, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SearchConfig:
+  """How each device finds its top-k of the index.
+
+  Exact (default): a running top-k over chunks of at most `chunk_rows` rows of the device's shard, so a
+  search holds [batch, chunk] scores at a time; the result is the exact top-k.  `approximate=True`:
+  `lax.approx_max_k` over the whole shard with `recall_target` (exact `top_k` on CPU and GPU).
+  """
+
+  approximate: bool = False
+  recall_target: float = 0.95
+  chunk_rows: int = 65536
+
+  def __post_init__(self):
+    if self.chunk_rows < _ROW_ALIGN or self.chunk_rows % _ROW_ALIGN:
+      raise InputError(f"SearchConfig.chunk_rows: {self.chunk_rows} is not a positive multiple of {_ROW_ALIGN}")
+    if not 0 < self.recall_target <= 1:
+      raise InputError(f"SearchConfig.recall_target: {self.recall_target} is not in (0, 1]")
+
+
+def shard_layout(num_blocks: int, devices: int, chunk_rows: int) -> tuple[int, int]:
+  """(rows per device, rows per chunk): the fewest chunks of at most `chunk_rows` rows that cover an even
+  share of `num_blocks`, each a multiple of 8 rows; the shard is padded to a whole number of chunks."""
+  share = -(-num_blocks // devices)
+  chunks = -(-share // chunk_rows)
+  chunk = -(-share // chunks)
+  chunk = -(-chunk // _ROW_ALIGN) * _ROW_ALIGN
+  return chunks * chunk, chunk
+
+
 def _all_axes(mesh: Mesh) -> tuple[str, ...]:
   return tuple(mesh.axis_names)
 
 
-class ExactSearcher:
-  """Brute-force inner products over row-sharded embeddings, per-shard top-k, global merge."""
+def sharded_search(mesh: Mesh, num_blocks: int, rows_per_shard: int, chunk: int, k: int,
+                   config: SearchConfig) -> jax.stages.Wrapped:
+  """The jitted `(embeddings [devices x rows_per_shard, D], queries [B, D]) -> (ids, scores)` of the top `k`.
 
-  def __init__(self, embeddings: np.ndarray, mesh: Mesh, approximate: bool = False, recall_target: float = 0.95):
-    self.mesh = mesh
+  Rows at or past `num_blocks` are padding and score -inf.  Exact: each chunk's top-k is merged into the
+  running top-k (which comes first, and holds lower ids), so equal scores keep the lower id as `lax.top_k`
+  does over a whole shard; a device with fewer than `k` real rows fills its candidates with -inf (id num_blocks),
+  which the global top-k passes over.
+  """
+  axes = _all_axes(mesh)
+  local_k = min(k, rows_per_shard)
+  chunk_k = min(local_k, chunk)
+  num_chunks = rows_per_shard // chunk
+
+  def scores_of(queries, rows, first_id):
+    scores = jnp.einsum("bd,nd->bn", queries, rows, preferred_element_type=jnp.float32)
+    ids = first_id + jnp.arange(rows.shape[0], dtype=jnp.int32)
+    return jnp.where(ids[None, :] < num_blocks, scores, -jnp.inf)
+
+  def approximate_top_k(shard, queries):
+    first = jax.lax.axis_index(axes) * rows_per_shard
+    top_scores, top = jax.lax.approx_max_k(scores_of(queries, shard, first), local_k,
+                                           recall_target=config.recall_target)
+    return top_scores, first + top
+
+  def chunked_top_k(shard, queries):
+    first = jax.lax.axis_index(axes) * rows_per_shard
+
+    def merge(best, index):
+      best_scores, best_ids = best
+      start = first + index * chunk
+      rows = jax.lax.dynamic_slice_in_dim(shard, index * chunk, chunk)
+      chunk_scores, top = jax.lax.top_k(scores_of(queries, rows, start), chunk_k)
+      merged_scores = jnp.concatenate([best_scores, chunk_scores], axis=1)
+      merged_ids = jnp.concatenate([best_ids, start + top], axis=1)
+      top_scores, position = jax.lax.top_k(merged_scores, local_k)
+      return (top_scores, jnp.take_along_axis(merged_ids, position, axis=1)), None
+
+    batch = queries.shape[0]
+    empty = (jnp.full((batch, local_k), -jnp.inf, jnp.float32), jnp.full((batch, local_k), num_blocks, jnp.int32))
+    best, _ = jax.lax.scan(merge, empty, jnp.arange(num_chunks))
+    return best
+
+  sharding = NamedSharding(mesh, P(axes, None))
+  replicated = NamedSharding(mesh, P())
+
+  @functools.partial(jax.jit, in_shardings=(sharding, replicated), out_shardings=replicated)
+  def search(embeddings, queries):
+    scores, ids = jax.shard_map(
+        approximate_top_k if config.approximate else chunked_top_k, mesh=mesh, in_specs=(P(axes, None), P()),
+        out_specs=(P(None, axes), P(None, axes)), check_vma=False,
+    )(embeddings, queries.astype(jnp.float32))
+    best, position = jax.lax.top_k(scores, k)
+    return jnp.take_along_axis(ids, position, axis=1), best
+
+  return search
+
+
+class ExactSearcher:
+  """Brute-force inner products over row-sharded embeddings, per-device top-k (`SearchConfig`), global merge."""
+
+  def __init__(self, embeddings: np.ndarray, mesh: Mesh, config: SearchConfig = SearchConfig()):
+    self.mesh, self.config = mesh, config
     self.num_blocks, self.dim = embeddings.shape
-    shards = mesh.size
-    self.rows_per_shard = -(-self.num_blocks // shards)
+    self.rows_per_shard, self.chunk = shard_layout(self.num_blocks, mesh.size, config.chunk_rows)
     self.sharding = NamedSharding(mesh, P(_all_axes(mesh), None))
-    self.approximate, self.recall_target = approximate, recall_target
     self.embeddings = self.place(embeddings)
     self._compiled: dict[int, jax.stages.Wrapped] = {}
 
   def place(self, embeddings: np.ndarray) -> jax.Array:
-    """Pads rows to a multiple of the device count and shards them over the whole mesh."""
+    """Pads rows to whole chunks on every device and shards them over the whole mesh."""
     if embeddings.shape != (self.num_blocks, self.dim):
       raise ValueError(f"index shape {embeddings.shape} != {(self.num_blocks, self.dim)}; cannot hot-swap")
     padded_rows = self.rows_per_shard * self.mesh.size
@@ -65,34 +156,9 @@ class ExactSearcher:
     self.embeddings = self.place(embeddings)
 
   def _search_fn(self, k: int):
-    if k in self._compiled:
-      return self._compiled[k]
-    axes, rows, n = _all_axes(self.mesh), self.rows_per_shard, self.num_blocks
-    local_k = min(k, rows)
-    approximate, recall = self.approximate, self.recall_target
-
-    def local_top_k(shard, queries):
-      scores = jnp.einsum("bd,nd->bn", queries, shard, preferred_element_type=jnp.float32)
-      ids = jax.lax.axis_index(axes) * rows + jnp.arange(rows)
-      scores = jnp.where(ids[None, :] < n, scores, -jnp.inf)
-      if approximate:
-        top_scores, top = jax.lax.approx_max_k(scores, local_k, recall_target=recall)
-      else:
-        top_scores, top = jax.lax.top_k(scores, local_k)
-      return top_scores, ids[top].astype(jnp.int32)
-
-    @functools.partial(jax.jit, in_shardings=(self.sharding, NamedSharding(self.mesh, P())),
-                       out_shardings=NamedSharding(self.mesh, P()))
-    def search(embeddings, queries):
-      scores, ids = jax.shard_map(
-          local_top_k, mesh=self.mesh, in_specs=(P(axes, None), P()),
-          out_specs=(P(None, axes), P(None, axes)), check_vma=False,
-      )(embeddings, queries.astype(jnp.float32))
-      best, position = jax.lax.top_k(scores, k)
-      return jnp.take_along_axis(ids, position, axis=1), best
-
-    self._compiled[k] = search
-    return search
+    if k not in self._compiled:
+      self._compiled[k] = sharded_search(self.mesh, self.num_blocks, self.rows_per_shard, self.chunk, k, self.config)
+    return self._compiled[k]
 
   def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
     if k > self.num_blocks:
@@ -166,9 +232,11 @@ class ScannSearcher:
 
 
 def exact_top_k_numpy(embeddings: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-  """Reference brute force on host (for tests and recall measurements)."""
+  """Reference brute force on host (for tests and recall measurements); equal scores: the lower id first."""
   scores = queries @ embeddings.T
-  top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-  order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable")
-  ids = np.take_along_axis(top, order, 1)
+  kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1]
+  ids = np.empty((len(scores), k), np.int64)
+  for row, (row_scores, threshold) in enumerate(zip(scores, kth, strict=True)):
+    candidates = np.flatnonzero(row_scores >= threshold)
+    ids[row] = candidates[np.lexsort((candidates, -row_scores[candidates]))[:k]]
   return ids.astype(np.int32), np.take_along_axis(scores, ids, 1)

@@ -29,6 +29,7 @@ from realm_jax.models.retriever import DualEncoder
 from realm_jax.objectives import ict
 from realm_jax.objectives.realm import RealmModel
 from realm_jax.refresh.refresher import RefreshConfig, abstract_tower_params, embed_step
+from realm_jax.retrieval.mips import SearchConfig, shard_layout, sharded_search
 from realm_jax.train import finetune, pretrain
 
 GiB = 1 << 30
@@ -170,8 +171,25 @@ def openqa_step(mesh: Mesh, spec: finetune.OpenQaSpec = gin.REQUIRED, questions_
                   "questions")
 
 
+@gin.configurable
+def search_step(mesh: Mesh, num_blocks: int = 13_353_718, dim: int = 128, batch_size: int = 512, k: int = 8,
+                search: SearchConfig | None = None) -> StepPlan:
+  """The trainer's search of the live index (`ExactSearcher`): `batch_size` queries (REALM's whole batch, on
+  every device) against `num_blocks` rows sharded over all devices, top `k` (REALM: 8 candidates)."""
+  search = search or SearchConfig()
+  rows, chunk = shard_layout(num_blocks, mesh.size, search.chunk_rows)
+  fn = sharded_search(mesh, num_blocks, rows, chunk, k, search)
+  embeddings = jax.ShapeDtypeStruct((rows * mesh.size, dim), jnp.float32,
+                                    sharding=NamedSharding(mesh, P(tuple(mesh.axis_names), None)))
+  queries = jax.ShapeDtypeStruct((batch_size, dim), jnp.float32, sharding=NamedSharding(mesh, P()))
+  how = (f"approx_max_k, recall target {search.recall_target}" if search.approximate else
+         f"exact, {rows // chunk} chunk(s) of {chunk} rows")
+  return StepPlan(f"search of {num_blocks} blocks ({how})", lambda: fn.lower(embeddings, queries),
+                  2 * batch_size * num_blocks * dim, batch_size, "queries")
+
+
 STEPS: dict[str, Callable[[Mesh], StepPlan]] = {"ict": ict_step, "realm": realm_step, "embed": embedding_step,
-                                                "openqa": openqa_step}
+                                                "openqa": openqa_step, "search": search_step}
 
 
 @dataclasses.dataclass
@@ -220,9 +238,9 @@ class Report:
     return "\n".join([
         f"{self.step} on {self.topology}: {self.devices} x {c.name} ({c.hbm_bytes / GiB:.0f} GiB HBM, "
         f"{c.peak_flops / 1e12:.1f} TFLOP/s bf16 each; {c.source}); mesh {mesh}",
-        f"  per device: arguments {self.argument_bytes / GiB:.2f} GiB, temporaries {self.temp_bytes / GiB:.2f} GiB, "
-        f"outputs {self.output_bytes / GiB:.2f} GiB (aliased to donated arguments {self.alias_bytes / GiB:.2f} GiB)"
-        f" -> {self.peak_bytes / GiB:.2f} of {c.hbm_bytes / GiB:.0f} GiB: {verdict}",
+        f"  per device: arguments {self.argument_bytes / GiB:.3f} GiB, temporaries {self.temp_bytes / GiB:.3f} GiB, "
+        f"outputs {self.output_bytes / GiB:.3f} GiB (aliased to donated arguments {self.alias_bytes / GiB:.3f} GiB)"
+        f" -> {self.peak_bytes / GiB:.3f} of {c.hbm_bytes / GiB:.0f} GiB: {verdict}",
         f"  FLOPs per step: XLA {self.xla_flops:.3e} ({self.xla_flops_per_device:.3e} per device, incl. "
         f"rematerialisation), model matmuls by formula {self.model_flops:.3e}",
         f"  step time at peak: {model_t:.4g} s (formula) / {xla_t:.4g} s (XLA); at 50% of peak: "
