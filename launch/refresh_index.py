@@ -7,7 +7,8 @@ r"""The index refresh job: watches the trainer's checkpoints, re-embeds all bloc
 What to embed with (tower, block length, projection, LayerNorm eps) is read from the trainer's
 <workdir>/retriever.json; gin (--gin_file=gin/runs/refresh.gin, refresher.RefreshJob) sets only the job's
 batching and backend, and a retriever setting that disagrees with the trainer's is refused.  Runs until the
-trainer writes <workdir>/TRAINING_DONE and its last checkpoint is indexed.
+trainer writes <workdir>/TRAINING_DONE and its last checkpoint is indexed.  Compiled steps persist across restarts
+in JAX's compilation cache, refresher.run_refresh.compilation_cache_dir (refresh.gin: ~/.cache/realm_jax/jax).
 """
 
 from __future__ import annotations

@@ -48,6 +48,32 @@ def test_every_block_fits_cls_title_sep_body_sep(demo_store):
   assert np.all(inputs["input_mask"].sum(1) == lengths)
 
 
+def _retriever_inputs_one_by_one(store, ids, max_len):
+  """`BlockStore.retriever_inputs` block by block: the specification the vectorised one must equal."""
+  special = store.manifest["special_ids"]
+  out = {k: np.zeros((len(ids), max_len), np.int32) for k in ("input_ids", "input_mask", "segment_ids")}
+  for row, i in enumerate(ids):
+    head = np.concatenate([[special["cls"]], store.title_ids(i), [special["sep"]]])
+    tokens = np.concatenate([head, store.body_ids(i)[: max(0, max_len - len(head) - 1)], [special["sep"]]])[:max_len]
+    out["input_ids"][row, : len(tokens)] = tokens
+    out["input_mask"][row, : len(tokens)] = 1
+    out["segment_ids"][row, len(head) : len(tokens)] = 1
+  return out
+
+
+@pytest.mark.parametrize("max_len", [1, 3, 6, 40, 128, 288])
+def test_vectorised_retriever_inputs_equal_block_by_block_ones(demo_store, wordpiece, tmp_path, max_len):
+  ids = np.random.default_rng(max_len).integers(0, len(demo_store), 700)  # repeats, any order
+  got, want = demo_store.retriever_inputs(ids, max_len), _retriever_inputs_one_by_one(demo_store, ids, max_len)
+  assert all(got[k].dtype == np.int32 and np.array_equal(got[k], want[k]) for k in want)
+  build_block_store([Document("a", "", "one two three."), Document("b", "", "four.")], tmp_path / "untitled",
+                    wordpiece, "test")
+  untitled = BlockStore(tmp_path / "untitled")
+  assert untitled.arrays["title_ids"].size == 0
+  got = untitled.retriever_inputs(range(2), max_len)
+  assert all(np.array_equal(got[k], v) for k, v in _retriever_inputs_one_by_one(untitled, [0, 1], max_len).items())
+
+
 def test_blocks_keep_document_text_and_sha1_identity(demo_store):
   first = json.loads(DEMO_PASSAGES.open(encoding="utf-8").readline())
   meta = demo_store.text(0)

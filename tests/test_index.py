@@ -300,17 +300,112 @@ def test_embedding_batches_cover_every_block_once_at_a_length_that_holds_it():
   assert [length for length, _ in embedding_batches(lengths, 1000, 288, 0)] == [288]
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_length_bucketed_embeddings_equal_padded_ones(demo_store, pooling):
+def _tower_params(config, projection_size=16, seed=0):
   from realm_jax.models.retriever import RetrieverTower
 
-  config = dataclasses.replace(TINY, pooling=pooling)
   x = np.zeros((1, 8), np.int32)
-  params = jax.device_get(nn.meta.unbox(RetrieverTower(config, 16).init(jax.random.key(0), x, x, x, True)["params"]))
+  tower = RetrieverTower(config, projection_size)
+  return jax.device_get(nn.meta.unbox(tower.init(jax.random.key(seed), x, x, x, True)["params"]))
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_length_bucketed_embeddings_equal_padded_ones(demo_store, pooling):
+  config = dataclasses.replace(TINY, pooling=pooling)
+  params = _tower_params(config)
   mesh = partitioning.make_mesh()
   padded = embed_all_blocks(params, RefreshConfig(config, 16, block_len=128, length_bucket=0), demo_store, mesh)
   bucketed = embed_all_blocks(params, RefreshConfig(config, 16, block_len=128, length_bucket=32), demo_store, mesh)
   np.testing.assert_allclose(bucketed, padded, atol=2e-5)
+
+
+def test_a_pipelined_pass_equals_the_serial_loop_bit_for_bit_and_passes_compile_once(demo_store):
+  from realm_jax.refresh.refresher import BlockEmbedder, embed_step, embedding_batches
+
+  config = RefreshConfig(TINY, 16, block_len=128, batch_size=64, abandon_check_seconds=3600.0)
+  mesh = partitioning.make_mesh()
+  batches = embedding_batches(demo_store.retriever_lengths(128), 64, 128, config.length_bucket)
+  serial_step, embedder, asked = embed_step(config, mesh), BlockEmbedder(config, mesh), []
+  for seed in (0, 1):  # two passes (two checkpoints) of one embedder
+    params = _tower_params(TINY, seed=seed)
+    serial = np.zeros((demo_store.num_blocks, 16), np.float32)
+    with jax.set_mesh(mesh):  # the refresher's loop before the pipeline: build, place, embed, fetch, in turn
+      for length, ids in batches:
+        inputs = demo_store.retriever_inputs(np.pad(ids, (0, 64 - len(ids)), mode="edge"), length)
+        serial[ids] = np.asarray(serial_step(params, partitioning.shard_batch(inputs, mesh)))[: len(ids)]
+    np.testing.assert_array_equal(embedder(params, demo_store, abandon=lambda: asked.append(1) or False), serial)
+  assert len(asked) == 2  # once per pass (at its first batch): the pass is far shorter than an hour
+  assert embedder.step._cache_size() == len({length for length, _ in batches}) > 1  # per length group, not pass
+
+
+@pytest.mark.parametrize("power, late", [(1.0, 0.3), (2.0, 30.0)])  # batch seconds ~ its length, or its square
+def test_superseded_checks_follow_elapsed_time_not_batches(monkeypatch, power, late):
+  from realm_jax.refresh.refresher import AbandonCheck
+
+  collectives, clock, asked = [], [0.0], []
+  monkeypatch.setattr(partitioning, "agree", lambda value: collectives.append(value) or value)
+  lengths = np.repeat([32, 64, 128, 288], [3000, 2000, 1000, 500])  # embedding_batches: short groups first
+  check = AbandonCheck(lambda: asked.append(clock[0]) or clock[0] > 300, lengths, 30.0, clock=lambda: clock[0])
+  for i, length in enumerate(lengths):
+    if check(i):
+      break
+    clock[0] += 1e-3 * length**power / 32 ** (power - 1)
+  assert 300 < asked[-1] <= 330 + late and check.next_check == -1  # abandoned within a check of being told
+  assert len(asked) <= 1 + asked[-1] / 29.5 and np.diff(asked).max() <= 30 + late
+  assert len(collectives) <= len(asked) + 3  # ~one collective per check, not one per batch (i + 1 of them)
+  assert i + 1 > 50 * len(collectives)
+
+
+def test_processes_run_the_check_collective_at_the_same_batches_whatever_their_clocks(monkeypatch):
+  from realm_jax.refresh.refresher import AbandonCheck
+
+  rank, sent, batch = [0], {}, [0]
+
+  def agree(value):  # process 0's value reaches every process; a collective where process 0 ran none would hang
+    if rank[0] == 0:
+      sent[batch[0]] = value
+    assert batch[0] in sent, f"process {rank[0]} ran a collective at batch {batch[0]}, process 0 did not"
+    return sent[batch[0]]
+
+  monkeypatch.setattr(partitioning, "agree", agree)
+  monkeypatch.setattr(jax, "process_index", lambda: rank[0])
+  lengths, clock = np.repeat([32, 288], [500, 500]), [0.0]
+  first = AbandonCheck(lambda: clock[0] > 20, lengths, 1.0, clock=lambda: clock[0])
+  other = AbandonCheck(lambda: pytest.fail("only process 0 asks"), lengths, 1.0, clock=lambda: pytest.fail("clock"))
+  for batch[0] in range(len(lengths)):
+    rank[0] = 0
+    stop = first(batch[0])
+    rank[0] = 1
+    assert other(batch[0]) == stop
+    if stop:
+      break
+    clock[0] += 1e-3 * lengths[batch[0]]
+  assert stop and 5 < len(sent) < 40
+
+
+def test_prefetched_raises_the_producers_error_and_stops_its_thread_when_closed():
+  from realm_jax.refresh.refresher import prefetched
+
+  def failing():
+    yield from range(3)
+    raise ValueError("block 3 is unreadable")
+
+  got = []
+  with pytest.raises(ValueError, match="block 3 is unreadable"):
+    got.extend(prefetched(failing(), 2))
+  assert got == [0, 1, 2]
+  made = []
+
+  def endless():
+    while True:
+      made.append(len(made))
+      yield made[-1]
+
+  items = prefetched(endless(), 2)
+  assert next(items) == 0
+  time.sleep(0.2)
+  assert len(made) <= 4  # 1 taken, 2 queued, 1 waiting to be queued
+  items.close()
+  assert not [t for t in threading.enumerate() if t.name == "refresh-inputs"]
 
 
 def test_a_trainer_restarted_with_another_retriever_is_refused_naming_both_values(tmp_path):

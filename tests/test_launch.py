@@ -93,8 +93,9 @@ def test_trainer_and_refresher_processes_run_concurrently_and_the_trainer_hot_sw
          f"--block_store={demo_store.path}",
          "--gin_bindings=refresher.RefreshJob.block_len = 32",  # agrees with the trainer's retriever.json
          "--gin_bindings=refresher.RefreshJob.batch_size = 512",
+         f"--gin_bindings=refresher.run_refresh.compilation_cache_dir = '{tmp_path / 'jax_cache'}'",
          "--poll_seconds=0.2", f"--workdir={workdir}"],
-        cwd=REPO, env=env, stdout=out, stderr=log,
+        cwd=REPO, env={**env, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}, stdout=out, stderr=log,
     )
     try:
       _, train_log = trainer.communicate(timeout=600)
@@ -111,6 +112,7 @@ def test_trainer_and_refresher_processes_run_concurrently_and_the_trainer_hot_sw
   assert staleness and max(staleness) <= 30  # bounded: the trainer waited for the refresher when it lagged
   assert "refresher published index steps" in refresh_out
   assert (workdir / "index" / "commits" / "80.json").is_file()  # the final checkpoint is indexed
+  assert list((tmp_path / "jax_cache").iterdir())  # a restarted refresher would load its compiled steps
   # A refresher told to embed differently from the trainer's retriever.json is refused, both values named.
   result = run_launcher("refresh_index.py", f"--block_store={demo_store.path}", "--once", f"--workdir={workdir}",
                         "--gin_file=gin/runs/refresh.gin", "--gin_bindings=refresher.RefreshJob.block_len = 64")

@@ -43,7 +43,8 @@ def realm_args(store, workdir):
 
 def refresher_args(store, workdir, *extra):
   return ["launch/refresh_index.py", "--gin_file=gin/runs/refresh.gin", f"--block_store={store}",
-          "--gin_bindings=refresher.RefreshJob.batch_size = 64", "--poll_seconds=0.2", f"--workdir={workdir}", *extra]
+          "--gin_bindings=refresher.RefreshJob.batch_size = 64", "--poll_seconds=0.2", f"--workdir={workdir}",
+          "--gin_bindings=refresher.run_refresh.compilation_cache_dir = None", *extra]
 
 
 def two_processes(args, **kwargs):
@@ -188,3 +189,57 @@ def test_two_process_refresher_publishes_what_one_process_embeds(gcs_store, one_
                                  abstract_tower_params(tiny, 128), partitioning.replicated(mesh))
   expected = embed_all_blocks(tower, RefreshConfig(tiny, block_len=128, batch_size=64), store, mesh)
   np.testing.assert_allclose(published, expected, rtol=1e-5, atol=1e-5)
+
+
+
+TWO_PROCESS_PASSES = """
+import sys
+import numpy as np
+args = dict(a.removeprefix("--").split("=", 1) for a in sys.argv[1:])
+from realm_jax import partitioning
+partitioning.initialize_distributed(args["coordinator_address"], int(args["num_processes"]), int(args["process_id"]))
+import jax
+from realm_jax.data.blocks import BlockStore
+from realm_jax.refresh.refresher import BlockEmbedder, RefreshConfig
+sys.path.insert(0, "tests")
+from test_multihost import pass_setup
+params, config = pass_setup()
+embedder, store = BlockEmbedder(config, partitioning.make_mesh()), BlockStore(args["store"])
+asked, later = [], []
+full = embedder(params, store, abandon=lambda: asked.append(1) or False)  # checked before every batch
+abandoned = embedder(params, store, abandon=lambda: later.append(1) or len(later) == 5) is None  # at batch 4
+print(f"asked {len(asked)} abandoned {abandoned}")
+if jax.process_index() == 0:
+  np.save(args["out"], full)
+"""
+
+
+def pass_setup():
+  """Tower params and an embedding config that asks whether to abandon before every batch."""
+  import flax.linen as nn
+
+  from realm_jax.models.bert import BertConfig
+  from realm_jax.models.retriever import RetrieverTower
+  from realm_jax.refresh.refresher import RefreshConfig
+
+  tiny = BertConfig(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128)
+  x = np.zeros((1, 8), np.int32)
+  params = jax.device_get(nn.meta.unbox(RetrieverTower(tiny, 16).init(jax.random.key(0), x, x, x, True)["params"]))
+  return params, RefreshConfig(tiny, 16, block_len=64, batch_size=64, abandon_check_seconds=0.0)
+
+
+def test_two_processes_decide_abandonment_together_and_embed_what_one_process_embeds(demo_store, tmp_path):
+  from realm_jax import partitioning
+  from realm_jax.refresh.refresher import embed_all_blocks
+
+  script = tmp_path / "two_process_passes.py"
+  script.write_text(TWO_PROCESS_PASSES)
+  run = two_processes([str(script), f"--store={demo_store.path}", f"--out={tmp_path / 'full.npy'}"])
+  out, err = run.communicate(timeout=600)
+  assert run.returncode == 0, err[-3000:]
+  asked = {int(p): (int(n), a) for p, n, a in re.findall(r"\[process (\d)\] asked (\d+) abandoned (\w+)", out)}
+  # Process 0 asked before every batch, process 1 never (it takes process 0's answer); both dropped pass 2.
+  assert asked[0][0] >= demo_store.num_blocks / 64 and asked[1][0] == 0 and asked[0][1] == asked[1][1] == "True"
+  params, config = pass_setup()
+  expected = embed_all_blocks(params, config, demo_store, partitioning.make_mesh())
+  np.testing.assert_allclose(np.load(tmp_path / "full.npy"), expected, rtol=1e-5, atol=1e-5)

@@ -7,14 +7,25 @@ restores only the block tower's parameters from the trainer's orbax checkpoints 
 blocks with a jit step sharded over the mesh, builds the chosen MIPS backend and publishes the index with a
 commit object (see `realm_jax.retrieval.index`).  Restarting resumes: checkpoints already indexed are skipped
 and the data of a publish it was killed in is removed.
+
+A pass is a pipeline: a background thread builds and places the input batches (`BlockStore.retriever_inputs`,
+`RefreshConfig.prefetch` ahead) while the device embeds and the previous batch's embeddings are fetched.  Its
+compiled steps (one per length group) are kept across passes (`BlockEmbedder`) and across restarts (JAX's
+persistent compilation cache, `run_refresh(compilation_cache_dir=...)`).  Whether the pass is superseded is
+asked about every `abandon_check_seconds`, not every batch (`AbandonCheck`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import queue
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import flax.linen as nn
 import jax
@@ -52,6 +63,8 @@ class RefreshConfig:
   backend: str = "exact"  # "exact" (on-device search) or "scann"
   scann: ScannConfig = dataclasses.field(default_factory=ScannConfig)
   keep: int = 3
+  abandon_check_seconds: float = 30.0  # how often a pass asks whether it is superseded (`AbandonCheck`)
+  prefetch: int = 2  # input batches a background thread builds ahead of the device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +135,8 @@ class RefreshJob:
   backend: str = "exact"
   scann: ScannConfig = dataclasses.field(default_factory=ScannConfig)
   keep: int = 3
+  abandon_check_seconds: float = 30.0
+  prefetch: int = 2
   encoder: BertConfig | None = None
   projection_size: int | None = None
   layer_norm_eps: float | None = None
@@ -136,7 +151,8 @@ class RefreshJob:
         raise InputError(f"refresher.RefreshJob.{field} = {mine!r}, but the trainer of this run wrote "
                          f"{field} = {theirs!r} in {where}; drop the binding or use that value")
     return RefreshConfig(run.encoder, run.projection_size, run.layer_norm_eps, run.tower_path, run.block_len,
-                         self.batch_size, self.length_bucket, self.backend, self.scann, self.keep)
+                         self.batch_size, self.length_bucket, self.backend, self.scann, self.keep,
+                         self.abandon_check_seconds, self.prefetch)
 
 
 def abstract_tower_params(encoder: BertConfig, projection_size: int) -> dict:
@@ -172,38 +188,158 @@ def embedding_batches(lengths: np.ndarray, batch_size: int, block_len: int,
   return batches
 
 
+class AbandonCheck:
+  """Asks `abandon` about every `every_seconds` of a pass; all processes take its answer at the same batch.
+
+  Every process calls it before every batch, and only at scheduled batches does it do anything: one collective
+  (`partitioning.agree`) carrying process 0's decision, -1 (abandon now) or the batch of the next check.  The
+  schedule is made of agreed values only, so the processes run that collective at the same batches whatever
+  their clocks say (no clock is ever compared across processes).  Process 0 calls `abandon` (file-system reads)
+  only when its clock says `every_seconds` have passed since its last call (less half a batch, so a check that
+  lands a little early still asks), so a pass of T seconds asks at most about 1 + T / every_seconds times.  It
+  schedules the next check at the first batch it expects to start after that time: a batch's cost is taken as
+  proportional to its input length, at the seconds per input position measured since the previous check, so
+  moving on to a group of longer blocks does not delay a check much.  A check that lands early just schedules
+  another.  Batch 0 is always checked (a pass started after training finished is dropped at once); batch 1
+  measures the first rate.
+  """
+
+  def __init__(self, abandon: Callable[[], bool], lengths: Sequence[int], every_seconds: float,
+               clock: Callable[[], float] = time.monotonic):
+    self.abandon, self.every_seconds, self.clock = abandon, every_seconds, clock
+    self.cost = np.concatenate([[0], np.cumsum(lengths, dtype=np.float64)])  # input positions before batch i
+    self.next_check = 0
+    self.asked_at: float | None = None  # process 0: when `abandon` was last called
+    self.seconds_per_position: float | None = None
+    self.measured: tuple[int, float] | None = None  # process 0: (batch, time) of the previous check
+
+  def __call__(self, batch: int) -> bool:
+    """Whether to abandon the pass before `batch` (every process, every batch, in order)."""
+    if batch != self.next_check:
+      return False
+    self.next_check = partitioning.agree(self._decide(batch) if jax.process_index() == 0 else 0)
+    return self.next_check < 0
+
+  def _decide(self, batch: int) -> int:
+    now = self.clock()
+    if self.measured is not None:
+      before, then = self.measured
+      self.seconds_per_position = (now - then) / (self.cost[batch] - self.cost[before])
+    self.measured = (batch, now)
+    half_batch = 0.5 * (self.seconds_per_position or 0.0) * (self.cost[batch + 1] - self.cost[batch])
+    if self.asked_at is None or now - self.asked_at >= self.every_seconds - half_batch:
+      if self.abandon():
+        return -1
+      self.asked_at = now
+    if self.seconds_per_position is None:
+      return batch + 1
+    due = self.cost[batch] + (self.asked_at + self.every_seconds - now) / max(self.seconds_per_position, 1e-12)
+    return max(batch + 1, int(np.searchsorted(self.cost, due)))
+
+
+T = TypeVar("T")
+
+
+def prefetched(items: Iterator[T], depth: int) -> Iterator[T]:
+  """`items`, made by a background thread at most `depth` ahead of the consumer; an exception making them is
+  raised here.  Closing the generator stops the thread."""
+  ready: queue.Queue = queue.Queue(max(1, depth))
+  stop, end = threading.Event(), object()
+
+  def produce():
+    try:
+      for item in items:
+        ready.put((item, None))
+        if stop.is_set():
+          return
+      ready.put((end, None))
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer
+      ready.put((end, e))
+
+  thread = threading.Thread(target=produce, name="refresh-inputs", daemon=True)
+  thread.start()
+  try:
+    while True:
+      item, error = ready.get()
+      if error is not None:
+        raise error
+      if item is end:
+        return
+      yield item
+  finally:
+    stop.set()
+    while thread.is_alive():  # unblock a producer waiting to put
+      with contextlib.suppress(queue.Empty):
+        ready.get(timeout=0.05)
+
+
+class BlockEmbedder:
+  """Embeds whole block stores with one tower config on one mesh, batches sharded over the "data" axis.
+
+  Its jit step (`embed_step`, or a stand-in `step` with the same contract) compiles once per input length and is
+  reused by every pass.  Each process reads and feeds only its rows of every batch (`partitioning.process_rows`).
+  """
+
+  def __init__(self, config: RefreshConfig, mesh: Mesh,
+               step: Callable[[dict, dict[str, jax.Array]], jax.Array] | None = None):
+    data_size = mesh.shape["data"]
+    if config.batch_size % data_size:
+      raise InputError(f"index batch_size {config.batch_size} must be a multiple of the mesh's data axis "
+                       f"({data_size})")
+    self.config, self.mesh = config, mesh
+    self.step = step or embed_step(config, mesh)
+    self.rows = partitioning.process_rows(mesh, config.batch_size)
+
+  def __call__(self, params: dict, store: BlockStore, desc: str = "embed",
+               abandon: Callable[[], bool] | None = None) -> np.ndarray | None:
+    """[num_blocks, projection_size] float32 embeddings on every process; None when `abandon` (asked about
+    every `abandon_check_seconds`, see `AbandonCheck`) said yes."""
+    config = self.config
+    batches = embedding_batches(store.retriever_lengths(config.block_len), config.batch_size, config.block_len,
+                                config.length_bucket)
+    check = AbandonCheck(abandon, [n for n, _ in batches], config.abandon_check_seconds) if abandon else None
+    out = np.zeros((store.num_blocks, config.projection_size), np.float32)
+
+    def fetch(ids: np.ndarray, embedded: jax.Array) -> None:
+      out[ids] = np.asarray(embedded)[: len(ids)]
+
+    start = time.perf_counter()
+    inputs = prefetched(self._inputs(store, batches), config.prefetch)
+    with contextlib.closing(inputs), jax.set_mesh(self.mesh):
+      params = jax.device_put(params, NamedSharding(self.mesh, P()))
+      pending = None
+      for i, (_, ids) in enumerate(tqdm(batches, desc=desc, unit="batch", mininterval=2.0,
+                                        disable=jax.process_index() != 0)):
+        if check is not None and check(i):
+          return None
+        # Dispatched: runs while the previous batch is fetched (two steps in flight at most; XLA:CPU's collectives
+        # can deadlock with dozens).
+        embedded = self.step(params, next(inputs))
+        if pending is not None:
+          fetch(*pending)
+        pending = ids, embedded
+      if pending is not None:
+        fetch(*pending)
+    seconds = time.perf_counter() - start
+    logging.info("embedded %d blocks in %.1f s (%.1f blocks/s)", store.num_blocks, seconds,
+                 store.num_blocks / seconds)
+    return out
+
+  def _inputs(self, store: BlockStore, batches: list[tuple[int, np.ndarray]]) -> Iterator[dict[str, jax.Array]]:
+    """This process's rows of every batch (a short batch padded with its last block), placed on the mesh."""
+    for length, ids in batches:
+      local = np.pad(ids, (0, self.config.batch_size - len(ids)), mode="edge")[self.rows]
+      yield partitioning.shard_batch(store.retriever_inputs(local, length), self.mesh)
+
+
 def embed_all_blocks(
     params: dict, config: RefreshConfig, store: BlockStore, mesh: Mesh, desc: str = "embed",
     abandon: Callable[[], bool] | None = None,
 ) -> np.ndarray | None:
-  """[num_blocks, projection_size] float32 embeddings on every process, batches sharded over the "data" axis.
+  """One pass of a new `BlockEmbedder` (a job embedding once: the bootstrap and fine-tuning indexes).
 
-  Blocks of similar length are embedded together at that length (`RefreshConfig.length_bucket`).  Each
-  process reads and feeds only its rows of every batch (`partitioning.process_rows`).  `abandon` is asked
-  before every batch (process 0 decides for all); when it says yes, the pass stops and None is returned.
-  """
-  batch = config.batch_size
-  data_size = mesh.shape["data"]
-  if batch % data_size:
-    raise InputError(f"refresh batch_size {batch} must be a multiple of the data axis ({data_size})")
-  embed = embed_step(config, mesh)
-  rows = partitioning.process_rows(mesh, batch)
-  out = np.zeros((store.num_blocks, config.projection_size), np.float32)
-  batches = embedding_batches(store.retriever_lengths(config.block_len), batch, config.block_len,
-                              config.length_bucket)
-  start = time.perf_counter()
-  with jax.set_mesh(mesh):
-    params = jax.device_put(params, NamedSharding(mesh, P()))
-    for length, ids in tqdm(batches, desc=desc, unit="batch", mininterval=2.0, disable=jax.process_index() != 0):
-      if abandon is not None and partitioning.agree(int(abandon())):
-        return None
-      local = np.pad(ids, (0, batch - len(ids)), mode="edge")[rows]
-      inputs = store.retriever_inputs(local, length)
-      out[ids] = np.asarray(embed(params, partitioning.shard_batch(inputs, mesh)))[: len(ids)]
-  seconds = time.perf_counter() - start
-  logging.info("embedded %d blocks in %.1f s (%.1f blocks/s)", store.num_blocks, seconds,
-               store.num_blocks / seconds)
-  return out
+  Blocks of similar length are embedded together at that length (`RefreshConfig.length_bucket`)."""
+  return BlockEmbedder(config, mesh)(params, store, desc, abandon)
 
 
 class Refresher:
@@ -215,6 +351,7 @@ class Refresher:
     if config.backend not in ("exact", "scann"):
       raise InputError(f"unknown index backend {config.backend!r} (use 'exact' or 'scann')")
     self.store, self.mesh, self.config = store, mesh, config
+    self.embedder = BlockEmbedder(config, mesh)  # its compiled steps serve every pass
     self.checkpoints = read_only_checkpoints(self.train_workdir / "train")
     stale = index_lib.remove_uncommitted(index_dir) if jax.process_index() == 0 else []
     if stale:
@@ -235,7 +372,7 @@ class Refresher:
     """
     params = self.restore_block_tower(step)
     abandon = (lambda: self.superseded(step)) if abandon_if_superseded else None
-    embeddings = embed_all_blocks(params, self.config, self.store, self.mesh, desc=f"embed@{step}", abandon=abandon)
+    embeddings = self.embedder(params, self.store, desc=f"embed@{step}", abandon=abandon)
     if embeddings is None:
       logging.info("abandoned index %d: training is done and its final checkpoint is newer", step)
       return None
@@ -315,9 +452,19 @@ def run_refresh(
     step: int | None = None,
     poll_seconds: float = 10.0,
     description_wait_seconds: float | None = 3600.0,
+    compilation_cache_dir: str | None = None,
 ) -> list[int]:
   """Refresh job for the trainer in `workdir` (its `retriever.json` says what to embed with); indexes go to
-  `<workdir>/index`."""
+  `<workdir>/index`.
+
+  `compilation_cache_dir` (None: off; gin/runs/refresh.gin: ~/.cache/realm_jax/jax) turns on JAX's persistent
+  compilation cache there: a restarted refresher loads its compiled embedding steps instead of compiling them
+  again (steps compiling in under `jax_persistent_cache_min_compile_time_secs`, 1 s, are not kept).  JAX writes
+  entries from process 0 only, so on a pod a directory local to each host serves process 0's host and the other
+  hosts compile as before; a shared one (gs://...) serves every host.
+  """
+  if compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(compilation_cache_dir))
   store = BlockStore(block_store)
   run = RetrieverDescription.read(workdir, description_wait_seconds)
   if run.vocab != store.manifest["tokenizer"]:

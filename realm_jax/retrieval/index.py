@@ -18,7 +18,9 @@ the oldest commit (a removal killed between commit and data).  Paths go through 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -212,9 +214,16 @@ def read_commit(index_dir: storage.PathLike, step: int, store: BlockStore, attem
   return commit
 
 
-def _read_verified_npy(path: epath.Path, entry: dict) -> np.ndarray:
-  """A plain numeric .npy file streamed into memory, its size and sha256 checked against the commit."""
-  with path.open("rb") as raw:
+def _read_verified_npy(path: epath.Path, entry: dict) -> tuple[np.ndarray, int]:
+  """A plain numeric .npy file checked against its commit entry in one streaming pass: (a read-only memory map of
+  its array, how many rows hold a NaN or inf).
+
+  The size and sha256 are checked, and non-finite rows counted, chunk by chunk, so nothing is materialised: a local
+  file is then mapped where it is (written once, never replaced); a remote one is streamed into an unnamed local
+  temporary file, which is freed with the map.  Readers touch only the rows they use (`ExactSearcher.place`)."""
+  remote = storage.is_remote(path)
+  with (path.open("rb") if remote else open(os.fspath(path), "rb")) as raw, \
+      (tempfile.TemporaryFile() if remote else contextlib.nullcontext()) as copy:
     f = storage.HashingFile(raw)
     try:
       version = np.lib.format.read_magic(f)
@@ -226,20 +235,36 @@ def _read_verified_npy(path: epath.Path, entry: dict) -> np.ndarray:
       raise PublishedIndexError(f"{path}: not a .npy file ({e})") from e
     if dtype.hasobject or fortran or dtype.kind not in "fiu":
       raise PublishedIndexError(f"{path}: dtype {dtype} (fortran order {fortran}) is not a plain numeric array")
-    out = np.empty(shape, dtype)
-    view = memoryview(out.reshape(-1).view(np.uint8))
-    for start in range(0, len(view), _CHUNK):
-      chunk = f.read(min(_CHUNK, len(view) - start))
+    offset, total = f.size, int(np.prod(shape)) * dtype.itemsize
+    row_bytes = max(1, int(np.prod(shape[1:])) * dtype.itemsize)
+    non_finite, pending, read = 0, b"", 0
+    while read < total:
+      chunk = f.read(min(max(row_bytes, _CHUNK // row_bytes * row_bytes), total - read))
       if not chunk:
         break
-      view[start : start + len(chunk)] = chunk
+      read += len(chunk)
+      if copy is not None:
+        copy.write(chunk)
+      if dtype.kind == "f":
+        data = pending + chunk
+        usable = len(data) - len(data) % row_bytes
+        rows = np.frombuffer(data[:usable], dtype).reshape(-1, *shape[1:]) if len(shape) > 1 else np.frombuffer(
+            data[:usable], dtype)[:, None]
+        non_finite += int(np.count_nonzero(~np.isfinite(rows).reshape(len(rows), -1).all(axis=1)))
+        pending = data[usable:]
     extra = f.read(1)
-  got = f.entry()
-  if got["size"] != entry.get("size") or extra:
-    raise PublishedIndexError(f"{path}: {got['size']}{'+' if extra else ''} bytes, the commit says {entry.get('size')}")
-  if got["sha256"] != entry.get("sha256"):
-    raise PublishedIndexError(f"{path}: sha256 does not match the commit (corrupt embedding file)")
-  return out
+    got = f.entry()
+    if got["size"] != entry.get("size") or extra:
+      raise PublishedIndexError(f"{path}: {got['size']}{'+' if extra else ''} bytes, the commit says "
+                                f"{entry.get('size')}")
+    if got["sha256"] != entry.get("sha256"):
+      raise PublishedIndexError(f"{path}: sha256 does not match the commit (corrupt embedding file)")
+    if not total:
+      return np.zeros(shape, dtype), 0
+    if copy is not None:
+      copy.flush()
+      return np.memmap(copy, dtype, "r", offset=0, shape=shape), non_finite
+    return np.memmap(os.fspath(path), dtype, "r", offset=offset, shape=shape), non_finite
 
 
 def _missing(root: epath.Path, step: int, path: epath.Path) -> Exception:
@@ -253,7 +278,8 @@ def _missing(root: epath.Path, step: int, path: epath.Path) -> Exception:
 
 def load_index(index_dir: storage.PathLike, step: int, store: BlockStore,
                attempts: int = 4) -> tuple[dict[str, Any], np.ndarray]:
-  """Reads and verifies committed index `step` (transient I/O errors retried): (commit, embeddings).
+  """Reads and verifies committed index `step` (transient I/O errors retried): (commit, embeddings), the embeddings
+  a read-only memory map (`_read_verified_npy`: streamed once, never materialised).
 
   Every file the commit lists must exist; embeddings with a NaN or inf row are refused (PublishedIndexError)."""
   root = storage.as_path(index_dir)
@@ -264,14 +290,15 @@ def load_index(index_dir: storage.PathLike, step: int, store: BlockStore,
       raise _missing(root, step, asset)
   path = root / commit["data"] / EMBEDDINGS
   try:
-    embeddings = storage.retrying(lambda: _read_verified_npy(path, commit["files"][EMBEDDINGS]), str(path), attempts)
+    embeddings, non_finite = storage.retrying(lambda: _read_verified_npy(path, commit["files"][EMBEDDINGS]), str(path),
+                                              attempts)
   except FileNotFoundError as e:
     raise _missing(root, step, path) from e
   if embeddings.shape != (commit["num_blocks"], commit["dim"]):
     raise PublishedIndexError(f"{path}: shape {embeddings.shape} != commit ({commit['num_blocks']}, {commit['dim']})")
-  if bad := _non_finite_rows(embeddings):
-    raise PublishedIndexError(f"{commit_path(root, step)}: {bad} of {len(embeddings)} rows of {path} are not finite "
-                              "(NaN or inf)")
+  if non_finite:
+    raise PublishedIndexError(f"{commit_path(root, step)}: {non_finite} of {len(embeddings)} rows of {path} are not "
+                              "finite (NaN or inf)")
   return commit, embeddings
 
 

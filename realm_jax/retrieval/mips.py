@@ -140,16 +140,25 @@ class ExactSearcher:
     self._compiled: dict[int, jax.stages.Wrapped] = {}
 
   def place(self, embeddings: np.ndarray) -> jax.Array:
-    """Pads rows to whole chunks on every device and shards them over the whole mesh."""
+    """Shards the rows over the whole mesh, padded to whole chunks on every device.
+
+    Only this process's devices' rows are read (a memory-mapped index is never read whole), one device's
+    slice at a time, so a swap holds at most one device's rows beyond the placed array."""
     if embeddings.shape != (self.num_blocks, self.dim):
       raise ValueError(f"index shape {embeddings.shape} != {(self.num_blocks, self.dim)}; cannot hot-swap")
     padded_rows = self.rows_per_shard * self.mesh.size
-    padded = np.zeros((padded_rows, self.dim), np.float32)
-    padded[: len(embeddings)] = embeddings
+
+    def device_rows(index: tuple[slice, ...]) -> np.ndarray:
+      start, stop, _ = index[0].indices(padded_rows)
+      rows = np.zeros((stop - start, self.dim), np.float32)
+      real = embeddings[start : min(stop, self.num_blocks)]
+      rows[: len(real)] = real
+      return rows[(slice(None), *index[1:])]
+
     # Every process holds the same verified index, so each fills its own shards.  Not `device_put`: across
     # processes it runs an equality collective, which raced the trainer's collectives when the index
     # reader's thread loaded an index (gloo "collective mismatch" abort).
-    return jax.make_array_from_callback(padded.shape, self.sharding, lambda index: padded[index])
+    return jax.make_array_from_callback((padded_rows, self.dim), self.sharding, device_rows)
 
   def swap(self, embeddings: np.ndarray) -> None:
     """New embeddings of the same shape: the compiled search is reused."""

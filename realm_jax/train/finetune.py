@@ -172,11 +172,13 @@ def run_finetune(
     checkpoint_every: int = 1000,
     log_every: int = 100,
     seed: int = 0,
+    index_batch_size: int = 256,
 ) -> list[dict[str, float]]:
   """ORQA fine-tuning (lr 1e-5, one question per step).  `init='realm:<pretrain workdir>'` starts retriever
   and reader from REALM pre-training; otherwise `retriever_init` ('ict:<dir>', 'hf_realm:<dir>' or BERT
   weights) and `reader_init` (BERT weights, or 'hf_realm:<dir>': a released REALM encoder, or an ORQA
-  reader with its span scorer).  Otherwise the span scorer starts fresh."""
+  reader with its span scorer).  Otherwise the span scorer starts fresh.  `index_batch_size` (gin:
+  INDEX_BATCH_SIZE, the refresh job's too) is the frozen index's embedding batch."""
   data, retriever, reader = spec.data, spec.retriever, spec.reader
   workdir_path = storage.as_path(workdir)
   store = spec.store()
@@ -221,7 +223,7 @@ def run_finetune(
   else:
     tower = None  # the published index is reused
   refresh = RefreshConfig(retriever, spec.projection_size, spec.retriever_layer_norm_eps, block_len=spec.block_len,
-                          batch_size=max(64, mesh.shape["data"]))
+                          batch_size=index_batch_size)
   embeddings = frozen_index(workdir_path, tower, refresh, store, mesh, pretrained_index)
   run = OpenQaRun(model, featurizer, questions, embeddings, mesh)
   batches = iter(question_dataset(questions, featurizer, data).to_iter_dataset())

@@ -42,6 +42,7 @@ from realm_jax.objectives.ict import load_pretrained_encoder, with_pretrained_to
 from realm_jax.objectives.realm import RealmModel, realm_loss
 from realm_jax.refresh.refresher import RefreshConfig, RetrieverDescription, abstract_tower_params, embed_all_blocks
 from realm_jax.retrieval import index as index_lib
+from realm_jax.retrieval.mips import SearchConfig
 from realm_jax.train.optimizer import bert_adamw, subtree_multipliers
 from realm_jax.train.trainer import (
   Trainer,
@@ -131,11 +132,12 @@ class RealmRun:
   null_document: bool
   mesh: Any
   exclude_trivial: bool = True
+  search: SearchConfig = SearchConfig()
 
   def __post_init__(self):
     self._embed_queries = jax.jit(lambda p, q: self.model.apply(
         {"params": p}, q, True, method=RealmModel.embed_queries), out_shardings=NamedSharding(self.mesh, P()))
-    self.live = index_lib.LiveIndex(self.mesh)
+    self.live = index_lib.LiveIndex(self.mesh, search=self.search)
 
   def prepare_batch(self, state: TrainState, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Completes this process's part of the batch; all processes search the whole batch's queries."""
@@ -211,6 +213,7 @@ def run_pretrain(
     reader: BertConfig,
     mesh: jax.sharding.Mesh,
     data: RealmDataConfig | None = None,
+    search: SearchConfig | None = None,
     retriever_init: str | None = None,
     reader_init: str | None = None,
     projection_size: int = 128,
@@ -223,6 +226,7 @@ def run_pretrain(
     exclude_trivial: bool = True,
     per_example_marginal: bool = False,
     bootstrap_index: bool = True,
+    index_batch_size: int = 256,
     index_wait_seconds: float | None = 3600.0,
     index_poll_seconds: float = 5.0,
     index_max_failures: int = 5,
@@ -259,6 +263,10 @@ def run_pretrain(
   `max_index_staleness` (None: unbounded, as the paper) makes a step wait for the refresh job when the
   installed index is more than that many steps old, for at most `index_wait_seconds`.  `index_max_failures`
   consecutive failed index reads (after retries) stop the run with an error naming the index.
+  `index_batch_size` (gin: INDEX_BATCH_SIZE, the refresh job's too) is the bootstrap index's embedding batch.
+
+  `search` (None: exact) is how the live index is searched: exact as a running top-k over row chunks, or
+  `lax.approx_max_k` with a recall target (`SearchConfig.approximate`).
   """
   data = data or RealmDataConfig()
   if eval_every and not data.eval_blocks:
@@ -271,7 +279,7 @@ def run_pretrain(
                                      retriever_layer_norm_eps, share_towers, retrieval_score_scale,
                                      store.manifest["tokenizer"])
   description.write(workdir)
-  run = RealmRun(model, store, data, retrieval, null_document, mesh, exclude_trivial)
+  run = RealmRun(model, store, data, retrieval, null_document, mesh, exclude_trivial, search or SearchConfig())
   retriever_params = load_retriever_init(retriever_init, retriever, projection_size, mesh) if retriever_init else {}
   reader_params = load_reader_init(reader_init, model, mesh) if reader_init else {}
 
@@ -299,7 +307,7 @@ def run_pretrain(
       tower = jax.device_get(state.params["retriever"][tower_path[1]])
       embeddings = embed_all_blocks(tower, RefreshConfig(retriever, projection_size, retriever_layer_norm_eps,
                                                          tower_path, data.block_len,
-                                                         batch_size=max(64, mesh.shape["data"])), store, mesh,
+                                                         batch_size=index_batch_size), store, mesh,
                                     desc="bootstrap index")
       if jax.process_index() == 0:  # one writer; every process then loads it
         index_lib.remove_uncommitted(index_dir, writer="bootstrap")  # a bootstrap killed mid-publish
