@@ -1,7 +1,7 @@
 r"""Paper scale on this machine: synthetic 13,353,718-block stores and indexes, every host stage timed at 3 sizes.
 
   .venv/bin/python bench/scale.py --root=/tmp/realm-jax-scale                      # ~1 h on 2 cores, ~40 GB disk
-  .venv/bin/python bench/scale.py --root=/tmp/realm-jax-scale --sizes=100000 --out=  # a quick look, no report
+  .venv/bin/python bench/scale.py --root=/tmp/realm-jax-scale --sizes=100000 --report_to=  # a quick look
 
 For each size it writes, once, a block store in the real on-disk format (`realm_jax.data.blocks`: manifest with
 its `files` table, CSR arrays, texts.jsonl) with Wikipedia-like shapes (90% of blocks full at 288 word pieces,
@@ -10,10 +10,15 @@ published through `realm_jax.retrieval.index.publish_index` (commit object, sha2
 (numpy per chunk of blocks).  Each stage then runs in its own process, so its peak RSS is its own:
 
   open_store     BlockStore(...) (manifest checks, sizes, offsets ends)
-  load_index     load_index: read, hash and materialise the committed index (a trainer host's swap)
-  search_64      ExactSearcher on this host's CPU devices: place the index, then search 64 queries for k = 8
+  load_index     load_index: stream, hash and check the committed index into a memory map (peak RSS: none of it)
+  swap_8         load_index + ExactSearcher.place over 8 CPU devices (a trainer host's swap); reported: the
+                 extra peak RSS beyond the placed array (CPU device memory is host RSS here, a TPU's is not) over
+                 the index bytes
+  search_64      the same on 1 CPU device, then one chunked exact search of 64 queries for k = 8 (compiled)
   host_step_64   one trainer host's per-step work at 64 queries x 8 candidates: select_candidates,
   host_step_512  candidate_inputs, span_in_candidates (the same at 512 x 8: one host holding the whole batch)
+  refresh        one refresher pass's host pipeline (bench/refresh_pipeline.py: input building, background
+                 queue, a stand-in embedding step on 1 CPU device), blocks/s
 
 Results land in `<root>/results.jsonl` as each stage finishes (a rerun skips what is there); the
 "Paper scale on this machine" section of BENCHMARKS.md is rendered from it.  No embedding tower runs here: what
@@ -43,9 +48,9 @@ from realm_jax.data import blocks as blocks_lib  # noqa: E402
 
 _ROOT = flags.DEFINE_string("root", "/tmp/realm-jax-scale", "Where the synthetic stores and indexes go.")
 _SIZES = flags.DEFINE_list("sizes", ["1000000", "4000000", "13353718"], "Block counts.")
-_STAGES = flags.DEFINE_list("stages", ["open_store", "load_index", "search_64", "host_step_64", "host_step_512"],
-                            "Stages to time at every size.")
-_OUT = flags.DEFINE_string("out", "BENCHMARKS.md", "Markdown file whose section is rewritten ('' for none).")
+_STAGES = flags.DEFINE_list("stages", ["open_store", "load_index", "swap_8", "search_64", "host_step_64",
+                                       "host_step_512", "refresh"], "Stages to time at every size.")
+_OUT = flags.DEFINE_string("report_to", "BENCHMARKS.md", "Markdown file whose section is rewritten ('' for none).")
 _STAGE = flags.DEFINE_string("stage", None, "(internal) run one stage in this process and print its JSON.")
 _SIZE = flags.DEFINE_integer("size", None, "(internal) the block count of --stage.")
 
@@ -68,6 +73,10 @@ def index_dir(size: int) -> Path:
 
 def peak_rss_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def current_rss_bytes() -> int:
+  return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _synthetic_chunk(rng: np.random.Generator, count: int, vocab_size: int) -> dict[str, np.ndarray]:
@@ -211,6 +220,15 @@ def run_stage(stage: str, size: int) -> dict:
   elif stage.startswith("search_"):
     extra = _search(size, int(stage.split("_")[1]))
     start = time.perf_counter() - extra.pop("seconds")
+  elif stage.startswith("swap_"):
+    extra = _swap(size)
+    start = time.perf_counter() - extra.pop("seconds")
+  elif stage == "refresh":
+    from refresh_pipeline import measure_host_pipeline
+
+    result = measure_host_pipeline(blocks_lib.BlockStore(store_dir(size)))
+    extra = {"blocks_per_s": result["blocks_per_s"]}
+    start = time.perf_counter() - result["seconds"]
   elif stage.startswith("host_step_"):
     extra = _host_step(size, int(stage.split("_")[2]))
     start = time.perf_counter() - extra.pop("seconds")
@@ -241,6 +259,27 @@ def _search(size: int, batch: int) -> dict:
   return {"seconds": time.perf_counter() - start, "place_seconds": place, "devices": mesh.size}
 
 
+def _swap(size: int) -> dict:
+  """load_index + place over this process's devices (JAX_NUM_CPU_DEVICES=8): seconds and peak RSS / index bytes."""
+  import jax
+
+  from realm_jax import partitioning
+  from realm_jax.retrieval import index as index_lib
+  from realm_jax.retrieval.mips import ExactSearcher
+
+  store = blocks_lib.BlockStore(store_dir(size))
+  mesh = partitioning.make_mesh(-1, 1)
+  before = current_rss_bytes()
+  start = time.perf_counter()
+  _, embeddings = index_lib.load_index(index_dir(size), 0, store)
+  searcher = ExactSearcher(embeddings, mesh)
+  jax.block_until_ready(searcher.embeddings)
+  seconds = time.perf_counter() - start
+  placed = searcher.embeddings.nbytes  # CPU "device" memory is host RSS; on a TPU host it is not
+  return {"seconds": seconds, "devices": mesh.size,
+          "rss_over_index": (peak_rss_gb() * 2**30 - before - placed) / embeddings.nbytes}
+
+
 def _host_step(size: int, batch: int, repeats: int = 5) -> dict:
   """Median time of one step's host work for `batch` queries x 8 candidates retrieved uniformly at random."""
   from realm_jax.data.realm import RealmDataConfig, candidate_inputs, select_candidates, span_in_candidates
@@ -262,11 +301,24 @@ def _host_step(size: int, batch: int, repeats: int = 5) -> dict:
 
 def run_in_subprocess(stage: str, size: int) -> dict:
   command = [sys.executable, __file__, f"--stage={stage}", f"--size={size}", f"--root={_ROOT.value}"]
+  devices = "8" if stage.startswith("swap_") else "1"
   done = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                        env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": devices})
   if done.returncode:
     raise RuntimeError(f"{stage} at {size}: exit {done.returncode}\n{done.stderr[-3000:]}")
   return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _notes(result: dict) -> str:
+  """A stage's own figure beside its time: ms per step, RSS over the index bytes, or blocks/s."""
+  notes = []
+  if "ms" in result:
+    notes.append(f"{result['ms']:.1f} ms")
+  if "rss_over_index" in result:
+    notes.append(f"{result['rss_over_index']:.2f}x index")
+  if "blocks_per_s" in result:
+    notes.append(f"{result['blocks_per_s']:,.0f} blocks/s")
+  return ", ".join(notes)
 
 
 def report(results: list[dict]) -> str:
@@ -279,8 +331,8 @@ def report(results: list[dict]) -> str:
     row = [stage]
     for size in sizes:
       r = cell.get((stage, size))
-      row.append("–" if r is None else f"{r['seconds']:.2f} / {r['peak_rss_gb']:.2f}"
-                 + (f" ({r['ms']:.1f} ms)" if "ms" in r else ""))
+      notes = _notes(r) if r else ""
+      row.append("–" if r is None else f"{r['seconds']:.2f} / {r['peak_rss_gb']:.2f}" + (f" ({notes})" if notes else ""))
     lines.append("| " + " | ".join(row) + " |")
   return (f"{SECTION}\n\n`.venv/bin/python bench/scale.py --root=/tmp/realm-jax-scale` (2-core CPU, "
           f"{time.strftime('%Y-%m-%d')}).  Synthetic stores in the real format (Wikipedia-like shapes), N x 128 "

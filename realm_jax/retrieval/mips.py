@@ -155,10 +155,14 @@ class ExactSearcher:
       rows[: len(real)] = real
       return rows[(slice(None), *index[1:])]
 
-    # Every process holds the same verified index, so each fills its own shards.  Not `device_put`: across
-    # processes it runs an equality collective, which raced the trainer's collectives when the index
-    # reader's thread loaded an index (gloo "collective mismatch" abort).
-    return jax.make_array_from_callback((padded_rows, self.dim), self.sharding, device_rows)
+    # Every process holds the same verified index, so each fills its own shards, one device at a time (a
+    # callback for all devices at once would hold every slice until the last is read).  Not a global
+    # `device_put`: across processes it runs an equality collective, which raced the trainer's collectives when
+    # the index reader's thread loaded an index (gloo "collective mismatch" abort).
+    shape = (padded_rows, self.dim)
+    shards = [jax.device_put(device_rows(index), device)
+              for device, index in self.sharding.addressable_devices_indices_map(shape).items()]
+    return jax.make_array_from_single_device_arrays(shape, self.sharding, shards)
 
   def swap(self, embeddings: np.ndarray) -> None:
     """New embeddings of the same shape: the compiled search is reused."""
