@@ -338,7 +338,13 @@ def report(results: list[dict]) -> str:
           f"{time.strftime('%Y-%m-%d')}).  Synthetic stores in the real format (Wikipedia-like shapes), N x 128 "
           "float32 indexes published through the commit protocol; each stage in its own process (peak RSS is "
           "that process's, including its ~0.3-0.5 GB of imports).  No embedding tower runs: the host pipeline "
-          "is what is measured.\n\n" + "\n".join(lines) + "\n")
+          "is what is measured.\n\n" + "\n".join(lines) + "\n\n"
+          "Reading it: `host_step_*` reads randomly chosen blocks, so it measures the page cache: above 4M blocks the "
+          "store (22 GB at 13.35M) no longer fits in this machine's 23 GB beside the index, and the first stage to "
+          "touch it (`host_step_64`) pays disk latency per block; a TPU host (v3: 340 GB) keeps the store cached, "
+          "where the 1M row is the one that applies.  `swap_8`'s figure counts the index file's mapped pages (read "
+          "once while placing, reclaimable page cache) beside one device's slice.  `refresh` holds the replicated "
+          "[N, 128] output on every process (per-host rows are not written yet).\n")
 
 
 def main(argv):
