@@ -15,6 +15,7 @@ published through `realm_jax.retrieval.index.publish_index` (commit object, sha2
                  extra peak RSS beyond the placed array (CPU device memory is host RSS here, a TPU's is not) over
                  the index bytes
   search_64      the same on 1 CPU device, then one chunked exact search of 64 queries for k = 8 (compiled)
+  bf16_recall    recall@10 of a bfloat16 index against float32 (SearchConfig.storage_dtype), 256 queries
   host_step_64   one trainer host's per-step work at 64 queries x 8 candidates: select_candidates,
   host_step_512  candidate_inputs, span_in_candidates (the same at 512 x 8: one host holding the whole batch)
   refresh        one refresher pass's host pipeline (bench/refresh_pipeline.py: input building, background
@@ -48,8 +49,8 @@ from realm_jax.data import blocks as blocks_lib  # noqa: E402
 
 _ROOT = flags.DEFINE_string("root", "/tmp/realm-jax-scale", "Where the synthetic stores and indexes go.")
 _SIZES = flags.DEFINE_list("sizes", ["1000000", "4000000", "13353718"], "Block counts.")
-_STAGES = flags.DEFINE_list("stages", ["open_store", "load_index", "swap_8", "search_64", "host_step_64",
-                                       "host_step_512", "refresh"], "Stages to time at every size.")
+_STAGES = flags.DEFINE_list("stages", ["open_store", "load_index", "swap_8", "search_64", "bf16_recall",
+                                       "host_step_64", "host_step_512", "refresh"], "Stages to time at every size.")
 _OUT = flags.DEFINE_string("report_to", "BENCHMARKS.md", "Markdown file whose section is rewritten ('' for none).")
 _STAGE = flags.DEFINE_string("stage", None, "(internal) run one stage in this process and print its JSON.")
 _SIZE = flags.DEFINE_integer("size", None, "(internal) the block count of --stage.")
@@ -223,6 +224,9 @@ def run_stage(stage: str, size: int) -> dict:
   elif stage.startswith("swap_"):
     extra = _swap(size)
     start = time.perf_counter() - extra.pop("seconds")
+  elif stage == "bf16_recall":
+    extra = _bf16_recall(size)
+    start = time.perf_counter() - extra.pop("seconds")
   elif stage == "refresh":
     from refresh_pipeline import measure_host_pipeline
 
@@ -280,6 +284,35 @@ def _swap(size: int) -> dict:
           "rss_over_index": (peak_rss_gb() * 2**30 - before - placed) / embeddings.nbytes}
 
 
+def _bf16_recall(size: int, queries: int = 256, k: int = 10) -> dict:
+  """recall@k of a bfloat16 index against float32 for random directions and for noisy copies of index rows (the
+  query is near its own row, as a retrieval query is near its best blocks); seconds: the bfloat16 search."""
+  import dataclasses
+
+  from realm_jax import partitioning
+  from realm_jax.retrieval import index as index_lib
+  from realm_jax.retrieval.mips import ExactSearcher, SearchConfig
+
+  store = blocks_lib.BlockStore(store_dir(size))
+  _, embeddings = index_lib.load_index(index_dir(size), 0, store)
+  rng = np.random.default_rng(7)
+  near = embeddings[rng.integers(0, size, queries)] + rng.standard_normal((queries, DIM), np.float32) / np.sqrt(DIM)
+  batches = {"random": rng.standard_normal((queries, DIM), np.float32), "near_a_row": near}
+  mesh, config = partitioning.make_mesh(-1, 1), SearchConfig()
+  full = ExactSearcher(embeddings, mesh, config)
+  exact = {name: full.search(q, k)[0] for name, q in batches.items()}
+  del full  # one placed index at a time
+  half = ExactSearcher(embeddings, mesh, dataclasses.replace(config, storage_dtype="bfloat16"))
+  del embeddings
+  out = {}
+  for name, q in batches.items():
+    start = time.perf_counter()
+    ids, _ = half.search(q, k)
+    out["seconds"] = time.perf_counter() - start
+    out[f"recall_{name}"] = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ids, exact[name], strict=True)]))
+  return out
+
+
 def _host_step(size: int, batch: int, repeats: int = 5) -> dict:
   """Median time of one step's host work for `batch` queries x 8 candidates retrieved uniformly at random."""
   from realm_jax.data.realm import RealmDataConfig, candidate_inputs, select_candidates, span_in_candidates
@@ -318,6 +351,8 @@ def _notes(result: dict) -> str:
     notes.append(f"{result['rss_over_index']:.2f}x index")
   if "blocks_per_s" in result:
     notes.append(f"{result['blocks_per_s']:,.0f} blocks/s")
+  if "recall_random" in result:
+    notes.append(f"recall@10 {result['recall_random']:.3f} random, {result['recall_near_a_row']:.3f} near a row")
   return ", ".join(notes)
 
 

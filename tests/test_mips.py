@@ -1,6 +1,7 @@
 """Exact sharded search as a running top-k over row chunks, approx_max_k, and how the trainer picks one from gin."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO
@@ -118,7 +119,7 @@ def test_bad_search_configs_are_refused(bad, message):
     SearchConfig(**bad)
 
 
-def test_the_trainer_searches_with_approx_max_k_when_gin_selects_it(demo_store, tmp_path, monkeypatch):
+def test_the_trainer_searches_a_bfloat16_index_with_approx_max_k_from_gin(demo_store, tmp_path, monkeypatch):
   import gin
 
   from realm_jax.train import pretrain
@@ -140,11 +141,30 @@ def test_the_trainer_searches_with_approx_max_k_when_gin_selects_it(demo_store, 
         "realm_data.RealmDataConfig.query_len = 16", "realm_data.RealmDataConfig.joint_len = 48",
         "realm_data.RealmDataConfig.num_candidates = 3", "pretrain.run_pretrain.log_every = 1",
         "pretrain.run_pretrain.checkpoint_every = 2", "mips.SearchConfig.approximate = True",
-        "mips.SearchConfig.recall_target = 0.9",
+        "mips.SearchConfig.recall_target = 0.9", "mips.SearchConfig.storage_dtype = 'bfloat16'",
     ])
     history = gin.get_configurable(pretrain.run_pretrain)(workdir=str(tmp_path), mesh=partitioning.make_mesh())
   finally:
     gin.clear_config()
   assert [h["step"] for h in history] == [1, 2] and all(np.isfinite(h["loss"]) for h in history)
-  assert len(built) == 1 and built[0].config == SearchConfig(approximate=True, recall_target=0.9)
+  assert len(built) == 1 and built[0].config == SearchConfig(approximate=True, recall_target=0.9,
+                                                             storage_dtype="bfloat16")
+  assert built[0].embeddings.dtype == jnp.bfloat16
   assert list(built[0]._compiled) == [3]  # the trainer's searches went through it
+
+
+def test_a_bfloat16_index_finds_nearly_the_float32_neighbours_and_swaps_without_recompiling():
+  mesh = partitioning.make_mesh()
+  rng = np.random.default_rng(3)
+  embeddings = rng.standard_normal((5000, 32)).astype(np.float32)
+  queries = rng.standard_normal((16, 32)).astype(np.float32)
+  searcher = ExactSearcher(embeddings, mesh, SearchConfig(storage_dtype="bfloat16", chunk_rows=256))
+  assert searcher.embeddings.dtype == jnp.bfloat16
+  assert searcher.embeddings.nbytes == 2 * searcher.rows_per_shard * mesh.size * 32
+  ids, _ = searcher.search(queries, 10)
+  exact, _ = exact_top_k_numpy(embeddings, queries, 10)
+  recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact, strict=True)])
+  assert recall >= 0.9, recall
+  compiled = searcher._search_fn(10)
+  searcher.swap(embeddings[::-1].copy())
+  assert searcher._search_fn(10) is compiled and searcher.embeddings.dtype == jnp.bfloat16

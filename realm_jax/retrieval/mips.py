@@ -43,13 +43,18 @@ class SearchConfig:
   Exact (default): a running top-k over chunks of at most `chunk_rows` rows of the device's shard, so a
   search holds [batch, chunk] scores at a time; the result is the exact top-k.  `approximate=True`:
   `lax.approx_max_k` over the whole shard with `recall_target` (exact `top_k` on CPU and GPU).
+  `storage_dtype="bfloat16"` holds the index in bfloat16 (half the device memory; queries are cast to it and
+  scores accumulate in float32); its recall against float32 is measured by bench/scale.py (`bf16_recall`).
   """
 
   approximate: bool = False
   recall_target: float = 0.95
   chunk_rows: int = 65536
+  storage_dtype: str = "float32"
 
   def __post_init__(self):
+    if self.storage_dtype not in ("float32", "bfloat16"):
+      raise InputError(f"SearchConfig.storage_dtype: {self.storage_dtype!r}, expected 'float32' or 'bfloat16'")
     if self.chunk_rows < _ROW_ALIGN or self.chunk_rows % _ROW_ALIGN:
       raise InputError(f"SearchConfig.chunk_rows: {self.chunk_rows} is not a positive multiple of {_ROW_ALIGN}")
     if not 0 < self.recall_target <= 1:
@@ -121,7 +126,7 @@ def sharded_search(mesh: Mesh, num_blocks: int, rows_per_shard: int, chunk: int,
     scores, ids = jax.shard_map(
         approximate_top_k if config.approximate else chunked_top_k, mesh=mesh, in_specs=(P(axes, None), P()),
         out_specs=(P(None, axes), P(None, axes)), check_vma=False,
-    )(embeddings, queries.astype(jnp.float32))
+    )(embeddings, queries.astype(embeddings.dtype))
     best, position = jax.lax.top_k(scores, k)
     return jnp.take_along_axis(ids, position, axis=1), best
 
@@ -153,7 +158,7 @@ class ExactSearcher:
       rows = np.zeros((stop - start, self.dim), np.float32)
       real = embeddings[start : min(stop, self.num_blocks)]
       rows[: len(real)] = real
-      return rows[(slice(None), *index[1:])]
+      return rows[(slice(None), *index[1:])].astype(self.config.storage_dtype)
 
     # Every process holds the same verified index, so each fills its own shards, one device at a time (a
     # callback for all devices at once would hold every slice until the last is read).  Not a global
