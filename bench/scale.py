@@ -1,6 +1,6 @@
 r"""Paper scale on this machine: synthetic 13,353,718-block stores and indexes, every host stage timed at 3 sizes.
 
-  .venv/bin/python bench/scale.py --root=/tmp/realm-jax-scale                      # ~1 h on 2 cores, ~40 GB disk
+  .venv/bin/python bench/scale.py --root=/tmp/realm-jax-scale   # ~25 min on 2 cores (10 of them generating), 40 GB
   .venv/bin/python bench/scale.py --root=/tmp/realm-jax-scale --sizes=100000 --report_to=  # a quick look
 
 For each size it writes, once, a block store in the real on-disk format (`realm_jax.data.blocks`: manifest with
