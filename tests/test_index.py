@@ -37,20 +37,6 @@ def test_exact_sharded_search_equals_brute_force(data, model):
   np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
 
 
-def test_swapping_embeddings_reuses_the_compiled_search():
-  rng = np.random.default_rng(1)
-  searcher = ExactSearcher(rng.normal(size=(500, 16)).astype(np.float32), partitioning.make_mesh())
-  queries = rng.normal(size=(3, 16)).astype(np.float32)
-  searcher.search(queries, 5)
-  new = rng.normal(size=(500, 16)).astype(np.float32)
-  searcher.swap(new)
-  ids, _ = searcher.search(queries, 5)
-  np.testing.assert_array_equal(ids, exact_top_k_numpy(new, queries, 5)[0])
-  assert searcher._search_fn(5)._cache_size() == 1
-  with pytest.raises(ValueError, match="cannot hot-swap"):
-    searcher.swap(new[:10])
-
-
 @pytest.fixture(scope="module")
 def minilm_embeddings(demo_store, minilm_path):
   """Real MiniLM retriever-tower embeddings of the demo blocks and of NQ dev questions."""

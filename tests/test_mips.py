@@ -97,6 +97,8 @@ def test_swapping_embeddings_reuses_the_compiled_search(config):
   ids, _ = searcher.search(queries, 5)
   np.testing.assert_array_equal(ids, exact_top_k_numpy(new, queries, 5)[0])
   assert searcher._search_fn(5)._cache_size() == 1
+  with pytest.raises(ValueError, match="cannot hot-swap"):
+    searcher.swap(new[:10])
 
 
 def test_each_device_is_padded_to_whole_chunks_of_at_most_chunk_rows():
