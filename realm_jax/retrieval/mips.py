@@ -158,7 +158,7 @@ class ExactSearcher:
       rows = np.zeros((stop - start, self.dim), np.float32)
       real = embeddings[start : min(stop, self.num_blocks)]
       rows[: len(real)] = real
-      return rows[(slice(None), *index[1:])].astype(self.config.storage_dtype)
+      return rows[(slice(None), *index[1:])].astype(self.config.storage_dtype, copy=False)
 
     # Every process holds the same verified index, so each fills its own shards, one device at a time (a
     # callback for all devices at once would hold every slice until the last is read).  Not a global
