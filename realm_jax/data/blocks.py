@@ -578,29 +578,43 @@ class BlockStore:
     ids = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), np.int64)
     title_offsets, body_offsets = self.arrays["title_offsets"], self.arrays["body_offsets"]
     title_start, body_start = title_offsets[ids], body_offsets[ids]
-    title_len = (title_offsets[ids + 1] - title_start).astype(np.int32)
-    body_len = np.minimum(body_offsets[ids + 1] - body_start, np.maximum(0, max_len - title_len - 3)).astype(np.int32)
-    body_begin = title_len + 2  # after [CLS] title [SEP]
-    body_end = body_begin + body_len  # the last [SEP]
-    pos = np.arange(max_len, dtype=np.int32)
-    in_title = (pos >= 1) & (pos <= title_len[:, None])
-    in_body = (pos >= body_begin[:, None]) & (pos < body_end[:, None])
-    tokens = _take(self.arrays["body_ids"], body_start[:, None] + (pos - body_begin[:, None]))
-    tokens = np.where(in_title, _take(self.arrays["title_ids"], title_start[:, None] + (pos - 1)), tokens)
-    tokens[~(in_title | in_body)] = 0
-    tokens[:, 0] = special["cls"]
-    rows = np.arange(len(ids))
-    for sep in (title_len + 1, body_end):
-      fits = sep < max_len
-      tokens[rows[fits], sep[fits]] = special["sep"]
-    mask = pos < np.minimum(max_len, body_end + 1)[:, None]
-    return {"input_ids": tokens.astype(np.int32, copy=False), "input_mask": mask.astype(np.int32),
-            "segment_ids": (mask & (pos >= body_begin[:, None])).astype(np.int32)}
+    title_len = title_offsets[ids + 1] - title_start
+    body_len = np.minimum(body_offsets[ids + 1] - body_start, np.maximum(0, max_len - title_len - 3))
+    return pack_rows(max_len, special["cls"], special["sep"], self.arrays["title_ids"], title_start, title_len,
+                     self.arrays["body_ids"], body_start, body_len)
 
 
-def _take(values: np.ndarray, index: np.ndarray) -> np.ndarray:
-  """`values[index]`, an out-of-range index clipped (its element is masked by the caller)."""
-  return np.take(values, index, mode="clip") if len(values) else np.zeros(index.shape, values.dtype)
+def _windows(array: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+  """[R, length] `array[start : start + length]` of each row's start, positions outside `array` clipped to its
+  ends: a row copy out of a sliding-window view, an element gather only for rows that cross an end."""
+  n = len(array)
+  if n >= length:
+    out = np.lib.stride_tricks.sliding_window_view(array, length)[np.clip(starts, 0, n - length)]
+  else:
+    out = np.zeros((len(starts), length), array.dtype)
+  edge = (starts < 0) | (starts > n - length)
+  if n and edge.any():
+    out[edge] = array[np.clip(starts[edge, None] + np.arange(length), 0, n - 1)]
+  return out
+
+
+def pack_rows(length: int, cls: int, sep: int, head: np.ndarray, head_start: np.ndarray, head_len: np.ndarray,
+               body: np.ndarray, body_start: np.ndarray, body_len: np.ndarray) -> dict[str, np.ndarray]:
+  """[R, length] `pack([CLS, head, SEP, body, SEP], length, segment_break=3)` of rows whose head and (already
+  truncated) body are the ranges at `*_start` of `*_len` of the flat arrays `head` and `body`."""
+  positions = np.arange(length)
+  ids = _windows(body, np.where(body_len > 0, body_start - head_len - 2, 0), length).astype(np.int32, copy=False)
+  width = min(int(head_len.max(initial=0)) + 1, length)  # head piece i goes to position 1 + i
+  heads = _windows(head, np.where(head_len > 0, head_start - 1, 0), width)
+  np.copyto(ids[:, :width], heads, casting="unsafe", where=positions[:width] <= head_len[:, None])
+  mask = positions < np.minimum(head_len + 3 + body_len, length)[:, None]
+  ids *= mask
+  flat, row_start = ids.reshape(-1), np.arange(len(ids), dtype=np.int64) * length
+  for position, token in ((np.zeros_like(head_len), cls), (head_len + 1, sep), (head_len + 2 + body_len, sep)):
+    inside = position < length
+    flat[row_start[inside] + position[inside]] = token
+  segments = mask & (positions >= head_len[:, None] + 2)
+  return {"input_ids": ids, "input_mask": mask.astype(np.int32), "segment_ids": segments.astype(np.int32)}
 
 
 def build_block_store(

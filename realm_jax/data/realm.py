@@ -25,7 +25,7 @@ import dataclasses
 import grain
 import numpy as np
 
-from realm_jax.data.blocks import BlockStore
+from realm_jax.data.blocks import BlockStore, pack_rows
 from realm_jax.data.ict import block_batches, pack
 from realm_jax.errors import InputError
 
@@ -212,39 +212,6 @@ def span_in_candidates(joint: dict[str, np.ndarray], mlm_ids: np.ndarray, mlm_we
   return found
 
 
-def _windows(array: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
-  """[R, length] `array[start : start + length]` of each row's start, positions outside `array` clipped to its
-  ends: a row copy out of a sliding-window view, an element gather only for rows that cross an end."""
-  n = len(array)
-  if n >= length:
-    out = np.lib.stride_tricks.sliding_window_view(array, length)[np.clip(starts, 0, n - length)]
-  else:
-    out = np.zeros((len(starts), length), array.dtype)
-  edge = (starts < 0) | (starts > n - length)
-  if n and edge.any():
-    out[edge] = array[np.clip(starts[edge, None] + np.arange(length), 0, n - 1)]
-  return out
-
-
-def _pack_rows(length: int, cls: int, sep: int, head: np.ndarray, head_start: np.ndarray, head_len: np.ndarray,
-               body: np.ndarray, body_start: np.ndarray, body_len: np.ndarray) -> dict[str, np.ndarray]:
-  """[R, length] `pack([CLS, head, SEP, body, SEP], length, segment_break=3)` of rows whose head and (already
-  truncated) body are the ranges at `*_start` of `*_len` of the flat arrays `head` and `body`."""
-  positions = np.arange(length)
-  ids = _windows(body, np.where(body_len > 0, body_start - head_len - 2, 0), length).astype(np.int32, copy=False)
-  width = min(int(head_len.max(initial=0)) + 1, length)  # head piece i goes to position 1 + i
-  heads = _windows(head, np.where(head_len > 0, head_start - 1, 0), width)
-  np.copyto(ids[:, :width], heads, casting="unsafe", where=positions[:width] <= head_len[:, None])
-  mask = positions < np.minimum(head_len + 3 + body_len, length)[:, None]
-  ids *= mask
-  flat, row_start = ids.reshape(-1), np.arange(len(ids), dtype=np.int64) * length
-  for position, token in ((np.zeros_like(head_len), cls), (head_len + 1, sep), (head_len + 2 + body_len, sep)):
-    inside = position < length
-    flat[row_start[inside] + position[inside]] = token
-  segments = mask & (positions >= head_len[:, None] + 2)
-  return {"input_ids": ids, "input_mask": mask.astype(np.int32), "segment_ids": segments.astype(np.int32)}
-
-
 def candidate_inputs(store: BlockStore, candidates: np.ndarray, query_ids: np.ndarray,
                      config: RealmDataConfig) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """Block inputs [B, K, block_len] (`[CLS] title [SEP] body [SEP]`, null = `[CLS] [SEP] [SEP]`) and joint
@@ -272,9 +239,9 @@ def candidate_inputs(store: BlockStore, candidates: np.ndarray, query_ids: np.nd
   body_len = np.where(real, arrays["body_offsets"][safe + 1] - body_start, 0)
   block_body = np.minimum(body_len, np.maximum(0, config.block_len - title_len - 3))
   joint_body = np.minimum(body_len, np.maximum(0, config.joint_len - query_len - 3))
-  blocks = _pack_rows(config.block_len, cls, sep, arrays["title_ids"], title_start, title_len,
+  blocks = pack_rows(config.block_len, cls, sep, arrays["title_ids"], title_start, title_len,
                       arrays["body_ids"], body_start, block_body)
-  joint = _pack_rows(config.joint_len, cls, sep, query_ids.reshape(-1), query_start, query_len,
+  joint = pack_rows(config.joint_len, cls, sep, query_ids.reshape(-1), query_start, query_len,
                      arrays["body_ids"], body_start, joint_body)
   return ({n: x.reshape(batch, k, config.block_len) for n, x in blocks.items()},
           {n: x.reshape(batch, k, config.joint_len) for n, x in joint.items()})
