@@ -250,7 +250,7 @@ def _read_verified_npy(path: epath.Path, entry: dict) -> tuple[np.ndarray, int]:
         usable = len(data) - len(data) % row_bytes
         rows = np.frombuffer(data[:usable], dtype).reshape(-1, *shape[1:]) if len(shape) > 1 else np.frombuffer(
             data[:usable], dtype)[:, None]
-        non_finite += int(np.count_nonzero(~np.isfinite(rows).reshape(len(rows), -1).all(axis=1)))
+        non_finite += _non_finite_rows(rows.reshape(len(rows), -1))
         pending = data[usable:]
     extra = f.read(1)
     got = f.entry()
