@@ -192,7 +192,8 @@ def main(argv):
       "model_flops_per_s": padded_rate * flops_per_block,
       "fraction_of_matmul_peak": padded_rate * flops_per_block / peak,
   }
-  demo_blocks = embed_all_blocks(params, RefreshConfig(config, block_len=128, batch_size=128), store, mesh)
+  demo_blocks = embed_all_blocks(params, RefreshConfig(config, block_len=128, batch_size=128), store,
+                               mesh).embeddings
   questions = [json.loads(x)["question"] for x in (corpus / "questions/nq_open_dev.jsonl").open()][:1000]
   feats = [pack([np.array([tok.cls_id]), tok.encode(q)[0][:30], np.array([tok.sep_id])], 32) for q in questions]
   batch = {k: np.stack([f[k] for f in feats]) for k in feats[0]}

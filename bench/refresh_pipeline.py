@@ -41,13 +41,13 @@ def v3_16_embed_rate(utilisation: float = 0.5, block_len: int = 288) -> float:
 
 
 def stand_in_step(mesh, projection_size: int = 128):
-  """(params, jit step) with the embedding step's contract and next to no device work: per block, the masked sum
-  of its token ids and its body length, projected to `projection_size`."""
+  """(params, jit step) with the embedding step's contract (output sharded as the inputs) and next to no device
+  work: per block, the masked sum of its token ids and its body length, projected to `projection_size`."""
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
+
+  from realm_jax import partitioning
 
   params = {"proj": np.random.default_rng(0).normal(size=(2, projection_size)).astype(np.float32)}
 
@@ -55,13 +55,15 @@ def stand_in_step(mesh, projection_size: int = 128):
     features = jnp.stack([(b["input_ids"] * b["input_mask"]).sum(1), b["segment_ids"].sum(1)], axis=1)
     return features.astype(jnp.float32) @ p["proj"]
 
-  return params, jax.jit(embed, out_shardings=NamedSharding(mesh, P()))
+  return params, jax.jit(embed, out_shardings=partitioning.data_sharding(mesh, 2))
 
 
 def measure_host_pipeline(store, batch_size: int = 256, block_len: int = 288, length_bucket: int = 32,
-                          prefetch: int = 2, mesh=None, projection_size: int = 128) -> dict:
+                          prefetch: int = 2, mesh=None, projection_size: int = 128, keep_rows: bool = False) -> dict:
   """One refresher pass over `store` with the stand-in step (compiled beforehand, as a refresher's are after its
-  first pass): {blocks, batches, devices, seconds, blocks_per_s, peak_rss_mib (the process's, so far)}."""
+  first pass): {blocks, batches, devices, seconds, blocks_per_s, peak_rss_mib (the process's, so far)}; the
+  rows this process embedded (`EmbeddedRows`) under "rows" if `keep_rows`.  With several processes, blocks/s
+  counts the whole index (every process's rows)."""
   import jax
   import numpy as np
 
@@ -74,19 +76,20 @@ def measure_host_pipeline(store, batch_size: int = 256, block_len: int = 288, le
                          length_bucket=length_bucket, prefetch=prefetch)
   params, step = stand_in_step(mesh, projection_size)
   embedder = BlockEmbedder(config, mesh, step)
-  batches = embedding_batches(store.retriever_lengths(block_len), batch_size, block_len, length_bucket)
-  local = embedder.rows.stop - embedder.rows.start
+  batches = embedding_batches(store.retriever_lengths(block_len), batch_size, block_len, length_bucket,
+                              jax.process_index(), jax.process_count())
   params = jax.device_put(params, partitioning.replicated(mesh))  # as the pass places them: the same compiled step
   with jax.set_mesh(mesh):
     for length in sorted({n for n, _ in batches}):
-      ones = {k: np.ones((local, length), np.int32) for k in ("input_ids", "input_mask", "segment_ids")}
+      ones = {k: np.ones((embedder.local_batch, length), np.int32) for k in ("input_ids", "input_mask", "segment_ids")}
       step(params, partitioning.shard_batch(ones, mesh)).block_until_ready()
   start = time.perf_counter()
-  embedder(params, store, desc="host pipeline", abandon=lambda: False)
+  rows = embedder(params, store, desc="host pipeline", abandon=lambda: False)
   seconds = time.perf_counter() - start
   return {"blocks": store.num_blocks, "batches": len(batches), "devices": mesh.size, "seconds": seconds,
           "blocks_per_s": store.num_blocks / seconds,
-          "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+          "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **({"rows": rows} if keep_rows
+                                                                                        else {})}
 
 
 def measure_input_building(store, batch_size: int = 256, block_len: int = 288, length_bucket: int = 32) -> float:

@@ -18,8 +18,12 @@ published through `realm_jax.retrieval.index.publish_index` (commit object, sha2
   bf16_recall    recall@10 of a bfloat16 index against float32 (SearchConfig.storage_dtype), 256 queries
   host_step_64   one trainer host's per-step work at 64 queries x 8 candidates: select_candidates,
   host_step_512  candidate_inputs, span_in_candidates (the same at 512 x 8: one host holding the whole batch)
-  refresh        one refresher pass's host pipeline (bench/refresh_pipeline.py: input building, background
-                 queue, a stand-in embedding step on 1 CPU device), blocks/s
+  startup        a trainer host's start-up over the store: MaskedQueries (maskable blocks, held-out split of
+                 1000 blocks), as at every start and preemption restart
+  refresh_1      one refresher pass's host pipeline (bench/refresh_pipeline.py: input building, background
+                 queue, a stand-in embedding step on 1 CPU device), blocks/s, then its publish (publish_index)
+  refresh_2      the same as 2 processes (gloo, 1 CPU device each; a 2-host refresher): each embeds, holds and
+                 writes only its half of the rows, process 0 commits; peak RSS is the larger process's
 
 Results land in `<root>/results.jsonl` as each stage finishes (a rerun skips what is there); the
 "Paper scale on this machine" section of BENCHMARKS.md is rendered from it.  No embedding tower runs here: what
@@ -50,10 +54,15 @@ from realm_jax.data import blocks as blocks_lib  # noqa: E402
 _ROOT = flags.DEFINE_string("root", "/tmp/realm-jax-scale", "Where the synthetic stores and indexes go.")
 _SIZES = flags.DEFINE_list("sizes", ["1000000", "4000000", "13353718"], "Block counts.")
 _STAGES = flags.DEFINE_list("stages", ["open_store", "load_index", "swap_8", "search_64", "bf16_recall",
-                                       "host_step_64", "host_step_512", "refresh"], "Stages to time at every size.")
+                                       "host_step_64", "host_step_512", "startup", "refresh_1",
+                                       "refresh_2"],
+                            "Stages to time at every size.")
 _OUT = flags.DEFINE_string("report_to", "BENCHMARKS.md", "Markdown file whose section is rewritten ('' for none).")
 _STAGE = flags.DEFINE_string("stage", None, "(internal) run one stage in this process and print its JSON.")
 _SIZE = flags.DEFINE_integer("size", None, "(internal) the block count of --stage.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "(internal) a multi-process stage's coordinator.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "(internal) a multi-process stage's process count.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "(internal) this process of a multi-process stage.")
 
 SECTION = "## Paper scale on this machine (bench/scale.py)"
 PAPER_BLOCKS = 13_353_718
@@ -227,18 +236,48 @@ def run_stage(stage: str, size: int) -> dict:
   elif stage == "bf16_recall":
     extra = _bf16_recall(size)
     start = time.perf_counter() - extra.pop("seconds")
-  elif stage == "refresh":
-    from refresh_pipeline import measure_host_pipeline
+  elif stage == "startup":
+    from realm_jax.data.realm import MaskedQueries, RealmDataConfig
 
-    result = measure_host_pipeline(blocks_lib.BlockStore(store_dir(size)))
-    extra = {"blocks_per_s": result["blocks_per_s"]}
-    start = time.perf_counter() - result["seconds"]
+    store = blocks_lib.BlockStore(store_dir(size))
+    start = time.perf_counter()
+    queries = MaskedQueries(store, RealmDataConfig(eval_blocks=1000))
+    extra = {"maskable": len(queries.block_ids), "us_per_block": 1e6 * (time.perf_counter() - start) / size}
+  elif stage.startswith("refresh_"):
+    extra = _refresh(size)
+    start = time.perf_counter() - extra.pop("seconds")
   elif stage.startswith("host_step_"):
     extra = _host_step(size, int(stage.split("_")[2]))
     start = time.perf_counter() - extra.pop("seconds")
   else:
     raise app.UsageError(f"unknown stage {stage!r}")
   return {"seconds": time.perf_counter() - start, "baseline_rss_gb": baseline, **extra}
+
+
+def _refresh(size: int) -> dict:
+  """A refresher pass (stand-in tower) and its publish, by this process of the stage's processes."""
+  import shutil
+
+  import jax
+  from refresh_pipeline import measure_host_pipeline
+
+  from realm_jax import partitioning
+  from realm_jax.retrieval import index as index_lib
+
+  store = blocks_lib.BlockStore(store_dir(size))
+  result = measure_host_pipeline(store, keep_rows=True)
+  rows = result.pop("rows")
+  scratch = Path(_ROOT.value) / f"scratch_index_{size}"  # this stage's own, removed after it
+  if jax.process_index() == 0 and scratch.exists():
+    shutil.rmtree(scratch)
+  partitioning.barrier("scratch index removed")
+  start = time.perf_counter()
+  index_lib.publish_index(scratch, 1, rows, store, writer="scale-bench")
+  publish = time.perf_counter() - start
+  if jax.process_index() == 0:
+    shutil.rmtree(scratch)
+  return {"seconds": result["seconds"] + publish, "blocks_per_s": result["blocks_per_s"], "publish_seconds": publish,
+          "processes": jax.process_count(), "rows_gb": rows.embeddings.nbytes / 2**30}
 
 
 def _search(size: int, batch: int) -> dict:
@@ -333,13 +372,23 @@ def _host_step(size: int, batch: int, repeats: int = 5) -> dict:
 
 
 def run_in_subprocess(stage: str, size: int) -> dict:
-  command = [sys.executable, __file__, f"--stage={stage}", f"--size={size}", f"--root={_ROOT.value}"]
+  """The stage's result from its own process, or from each of its processes (`refresh_2`): the slowest one's
+  time and the largest peak RSS."""
+  command = [__file__, f"--stage={stage}", f"--size={size}", f"--root={_ROOT.value}"]
+  processes = int(stage.split("_")[1]) if stage.startswith("refresh_") else 1
+  if processes > 1:
+    command = ["launch/local_multihost.py", f"--num_processes={processes}", "--devices_per_process=1", "--",
+               *command]
   devices = "8" if stage.startswith("swap_") else "1"
-  done = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": devices})
+  done = subprocess.run([sys.executable, *command], capture_output=True, text=True, cwd=REPO,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": devices,
+                             "PYTHONPATH": str(REPO)})
   if done.returncode:
     raise RuntimeError(f"{stage} at {size}: exit {done.returncode}\n{done.stderr[-3000:]}")
-  return json.loads(done.stdout.strip().splitlines()[-1])
+  results = [json.loads(line.split("] ", 1)[-1]) for line in done.stdout.splitlines()
+             if line.split("] ", 1)[-1].startswith('{"stage"')]
+  worst = max(results, key=lambda r: r["peak_rss_gb"])
+  return {**worst, "seconds": max(r["seconds"] for r in results)}
 
 
 def _notes(result: dict) -> str:
@@ -351,6 +400,10 @@ def _notes(result: dict) -> str:
     notes.append(f"{result['rss_over_index']:.2f}x index")
   if "blocks_per_s" in result:
     notes.append(f"{result['blocks_per_s']:,.0f} blocks/s")
+  if "us_per_block" in result:
+    notes.append(f"{result['us_per_block']:.2f} µs/block")
+  if "rows_gb" in result:
+    notes.append(f"{result['rows_gb']:.2f} GB of rows per process, publish {result['publish_seconds']:.1f} s")
   if "recall_random" in result:
     notes.append(f"recall@10 {result['recall_random']:.3f} random, {result['recall_near_a_row']:.3f} near a row")
   return ", ".join(notes)
@@ -378,13 +431,17 @@ def report(results: list[dict]) -> str:
           "store (22 GB at 13.35M) no longer fits in this machine's 23 GB beside the index, and the first stage to "
           "touch it (`host_step_64`) pays disk latency per block; a TPU host (v3: 340 GB) keeps the store cached, "
           "where the 1M row is the one that applies.  `swap_8`'s figure counts the index file's mapped pages (read "
-          "once while placing, reclaimable page cache) beside one device's slice.  `refresh` holds the replicated "
-          "[N, 128] output on every process (per-host rows are not written yet).\n")
+          "once while placing, reclaimable page cache, now released after each device's slice) beside one device's "
+          "slice.  `refresh_2`'s peak RSS is the larger of its 2 processes': each holds and writes only its half of "
+          "the rows (on a pod each host's share is 1 / hosts).\n")
 
 
 def main(argv):
   del argv
   if _STAGE.value:
+    from realm_jax import partitioning
+
+    partitioning.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     result = run_stage(_STAGE.value, _SIZE.value)
     print(json.dumps({"stage": _STAGE.value, "size": _SIZE.value, **result, "peak_rss_gb": peak_rss_gb()}))
     return

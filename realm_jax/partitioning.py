@@ -117,6 +117,21 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
   return jax.tree.map(put, batch)
 
 
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows (`process_rows`) of a batch-sharded global array, in order: the inverse of `shard_batch`
+  (a row held by several devices, e.g. along "model", is read once)."""
+  shards = {s.index[0].indices(x.shape[0])[:2]: s for s in x.addressable_shards}
+  return np.concatenate([np.asarray(shards[rows].data) for rows in sorted(shards)])
+
+
+def process_block_range(num_blocks: int, process: int | None = None, processes: int | None = None) -> tuple[int, int]:
+  """Blocks [start, stop) that process `process` (default: this one) of `processes` embeds and writes: equal
+  contiguous parts of the index, in process order (their sizes differ by at most one)."""
+  process = jax.process_index() if process is None else process
+  processes = jax.process_count() if processes is None else processes
+  return process * num_blocks // processes, (process + 1) * num_blocks // processes
+
+
 def to_host(x: jax.Array) -> np.ndarray:
   """The whole value of a global array on every process (gathered across processes when needed)."""
   if x.is_fully_addressable or x.is_fully_replicated:
@@ -125,18 +140,23 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 
 def agree(value: int) -> int:
-  """Process 0's `value` on every process (decisions that read shared files, e.g. which step to index)."""
+  """Process 0's `value` (any int64) on every process (decisions that read shared files, e.g. which step to
+  index)."""
   if jax.process_count() == 1:
     return value
-  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+  # As int32 halves: without jax_enable_x64 the collective would truncate an int64 to 32 bits.
+  halves = np.asarray(multihost_utils.broadcast_one_to_all(np.array([value], np.int64).view(np.int32)), np.int32)
+  return int(halves.view(np.int64)[0])
 
 
 def gather_ints(values: Sequence[int]) -> np.ndarray:
-  """[processes, len(values)]: every process's `values` (one collective; [1, n] on one process)."""
+  """[processes, len(values)]: every process's `values` (int64, e.g. byte sizes; one collective; [1, n] on one
+  process)."""
   local = np.asarray(values, np.int64)
   if jax.process_count() == 1:
     return local[None]
-  return np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), len(local))
+  halves = np.asarray(multihost_utils.process_allgather(local.view(np.int32)), np.int32)  # as in `agree`
+  return halves.reshape(jax.process_count(), 2 * len(local)).view(np.int64)
 
 
 def barrier(name: str) -> None:

@@ -16,7 +16,7 @@ def _rows(store, seed):
   return np.random.default_rng(seed).normal(size=(store.num_blocks, 8)).astype(np.float32)
 
 
-def _two_scann_files(directory):
+def _two_scann_files(embeddings, directory):
   (directory / "a.npy").write_bytes(b"asset a")
   (directory / "b.txt").write_bytes(b"asset b")
 
@@ -80,8 +80,8 @@ def test_reader_retries_transient_faults_and_stops_on_persistent_ones(demo_store
   index_lib.publish_index(broken, 20, _rows(demo_store, 20), demo_store)
   # flaky: the embeddings answer 503 seven times, then drop the connection twice (more than gcsfs's own 6 tries);
   # broken: index 20's commit object can never be read.
-  proxy.fail(r"/flaky/data/.*embeddings\.npy", mode="503", times=7)
-  proxy.fail(r"/flaky/data/.*embeddings\.npy", mode="drop", times=2)
+  proxy.fail(r"/flaky/data/.*embeddings-00000-of-00001\.npy", mode="503", times=7)
+  proxy.fail(r"/flaky/data/.*embeddings-00000-of-00001\.npy", mode="drop", times=2)
   proxy.fail(r"/broken/commits/20\.json", mode="503")
   use_endpoint(proxy.url)
   installed = []
@@ -108,7 +108,7 @@ def test_a_scann_index_published_to_gcs_is_verified_and_served_by_the_live_index
   rows = _rows(demo_store, 3)
   built = ScannSearcher.build(rows, ScannConfig(num_leaves=16, num_leaves_to_search=16, reorder=100))
   index_dir = f"{gcs_bucket}/scann"
-  index_lib.publish_index(index_dir, 5, rows, demo_store, backend="scann", write_scann=built.serialize)
+  index_lib.publish_index(index_dir, 5, rows, demo_store, backend="scann", write_scann=lambda _, d: built.serialize(d))
   commit = index_lib.read_commit(index_dir, 5, demo_store)
   assert any(name.startswith("scann/") for name in commit["files"])
   live = index_lib.LiveIndex(partitioning.make_mesh(), backend="scann")
@@ -124,7 +124,8 @@ def test_a_commit_whose_embeddings_object_is_missing_on_gcs_is_reported_as_missi
   index_dir = f"{gcs_bucket}/missing"
   index_lib.publish_index(index_dir, 10, _rows(demo_store, 10), demo_store)
   data = index_lib.read_commit(index_dir, 10, demo_store)["data"]
-  (epath.Path(index_dir) / data / "embeddings.npy").unlink()  # the data prefix's only object: the folder is gone
-  missing = rf"{index_dir}/{data}/embeddings\.npy: missing, but the commit {index_dir}/commits/10\.json exists"
+  (epath.Path(index_dir) / data / index_lib.part_name(0, 1)).unlink()  # the data prefix's only object: folder gone
+  missing = (rf"{index_dir}/{data}/embeddings-00000-of-00001\.npy: missing, but the commit "
+             rf"{index_dir}/commits/10\.json exists")
   with pytest.raises(index_lib.PublishedIndexError, match=missing):
     index_lib.load_index(index_dir, 10, demo_store)

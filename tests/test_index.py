@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import DEMO
 
-from realm_jax import partitioning
+from realm_jax import partitioning, storage
 from realm_jax.data.blocks import BlockStore, build_block_store
 from realm_jax.data.corpus import Document
 from realm_jax.errors import InputError
@@ -50,7 +50,7 @@ def minilm_embeddings(demo_store, minilm_path):
   params = jax.device_get(nn.meta.unbox(tower.init(jax.random.key(0), x, x, x, True)["params"]))
   params["encoder"] = encoder
   refresh = RefreshConfig(config, block_len=64, batch_size=128)
-  blocks = embed_all_blocks(params, refresh, demo_store, partitioning.make_mesh())
+  blocks = embed_all_blocks(params, refresh, demo_store, partitioning.make_mesh()).embeddings
   from realm_jax.data.tokenization import WordPieceTokenizer
 
   tok = WordPieceTokenizer(minilm_path / "vocab.txt")
@@ -79,6 +79,48 @@ def _publish(index_dir, store, step, seed=0):
   return rows
 
 
+def _rewrite_as_parts(index_dir, step, bounds, format=2, names=None):
+  """Index `step`'s rows re-written as the parts processes with `bounds` (row ranges) would write, and its commit."""
+  path = index_lib.commit_path(index_dir, step)
+  commit = json.loads(path.read_text())
+  data = index_dir / commit["data"]
+  (part,) = commit["files"]
+  rows = np.load(data / part)
+  (data / part).unlink()
+  commit["files"], commit["format"] = {}, format
+  for i, (start, stop) in enumerate(bounds):
+    name = (names or [index_lib.part_name(i, len(bounds)) for i in range(len(bounds))])[i]
+    np.save(data / name, rows[start:stop], allow_pickle=False)
+    raw = (data / name).read_bytes()
+    commit["files"][name] = {"size": len(raw), "sha256": storage.sha256(raw), "rows": [start, stop]}
+  path.write_text(json.dumps(commit))
+  return rows
+
+
+def test_an_index_written_in_parts_reads_as_one_array_and_bad_part_tables_are_refused(demo_store, tmp_path):
+  n = demo_store.num_blocks
+  _publish(tmp_path, demo_store, 10)
+  thirds = [partitioning.process_block_range(n, p, 3) for p in range(3)]
+  rows = _rewrite_as_parts(tmp_path, 10, thirds)
+  commit, read = index_lib.load_index(tmp_path, 10, demo_store)
+  np.testing.assert_array_equal(read, rows)
+  assert isinstance(read, np.memmap) and sorted(commit["files"]) == [index_lib.part_name(p, 3) for p in range(3)]
+  for step, bounds, names, why in [
+      (20, [(0, 100), (101, n)], None, r"\['rows'\] is \[101, \d+\]; the parts must cover rows 0:\d+ in order, "
+       "the next one starting at 100"),
+      (30, [(0, 100), (100, n - 1)], None, rf"the embedding parts cover rows 0:{n - 1}, not the {n} blocks"),
+      (40, [(0, 100), (100, n)], [index_lib.part_name(0, 3), index_lib.part_name(1, 3)],
+       "not a format-1 index's embeddings.npy nor format 2's complete set of parts")]:
+    _publish(tmp_path, demo_store, step)
+    _rewrite_as_parts(tmp_path, step, bounds, names=names)
+    with pytest.raises(index_lib.PublishedIndexError, match=why):
+      index_lib.load_index(tmp_path, step, demo_store)
+  # Format 1 (one embeddings.npy, written by earlier versions) still reads.
+  _publish(tmp_path, demo_store, 50)
+  rows = _rewrite_as_parts(tmp_path, 50, [(0, n)], format=1, names=[index_lib.EMBEDDINGS])
+  np.testing.assert_array_equal(index_lib.load_index(tmp_path, 50, demo_store)[1], rows)
+
+
 def test_publication_is_atomic_and_keeps_the_newest_three(demo_store, tmp_path):
   for step in (10, 20, 30, 40):
     _publish(tmp_path, demo_store, step, seed=step)
@@ -96,7 +138,7 @@ def test_publication_is_atomic_and_keeps_the_newest_three(demo_store, tmp_path):
 def test_refresher_killed_mid_publish_leaves_readers_on_the_previous_index(demo_store, tmp_path):
   _publish(tmp_path, demo_store, 10)
 
-  def die(_):
+  def die(_, __):
     raise KeyboardInterrupt("killed while writing ScaNN assets")
 
   with pytest.raises(KeyboardInterrupt):
@@ -126,11 +168,11 @@ def test_index_for_another_corpus_is_refused(demo_store, tmp_path, wordpiece):
 def test_corrupt_embedding_file_is_refused_and_the_reader_uses_the_newest_good_index(demo_store, tmp_path):
   _publish(tmp_path, demo_store, 10)
   _publish(tmp_path, demo_store, 20)
-  path = tmp_path / json.loads((tmp_path / "commits" / "20.json").read_text())["data"] / "embeddings.npy"
+  path = tmp_path / json.loads((tmp_path / "commits" / "20.json").read_text())["data"] / index_lib.part_name(0, 1)
   data = bytearray(path.read_bytes())
   data[-5] ^= 0xFF
   path.write_bytes(bytes(data))
-  with pytest.raises(index_lib.PublishedIndexError, match="embeddings.npy: sha256 does not match"):
+  with pytest.raises(index_lib.PublishedIndexError, match="embeddings-00000-of-00001.npy: sha256 does not match"):
     index_lib.load_index(tmp_path, 20, demo_store)
   installed = []
   reader = index_lib.IndexReader(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]),
@@ -160,7 +202,7 @@ def test_an_index_with_non_finite_embeddings_is_refused_at_publish_and_at_read(d
     patch.setattr(index_lib, "_non_finite_rows", lambda embeddings: 0)
     index_lib.publish_index(tmp_path, 20, bad, demo_store)
   with pytest.raises(index_lib.PublishedIndexError,
-                     match=rf"commits/20\.json: 5 of {len(bad)} rows of .*/embeddings\.npy are not finite"):
+                     match=rf"commits/20\.json: 5 of {len(bad)} rows of .*/data/20-refresher-[0-9a-f]+ are not finite"):
     index_lib.load_index(tmp_path, 20, demo_store)
   installed = []
   reader = index_lib.IndexReader(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]))
@@ -174,8 +216,9 @@ def test_a_commit_whose_embeddings_file_is_missing_is_reported_as_missing(demo_s
     return tmp_path / json.loads((tmp_path / "commits" / f"{step}.json").read_text())["data"]
 
   _publish(tmp_path, demo_store, 10)
-  (data(10) / "embeddings.npy").unlink()
-  missing = rf"{re.escape(str(data(10)))}/embeddings\.npy: missing, but the commit .*/commits/10\.json exists"
+  (data(10) / index_lib.part_name(0, 1)).unlink()
+  missing = (rf"{re.escape(str(data(10)))}/embeddings-00000-of-00001\.npy: missing, but the commit .*/commits/10\.json "
+             "exists")
   with pytest.raises(index_lib.PublishedIndexError, match=missing):
     index_lib.load_index(tmp_path, 10, demo_store)
   installed = []
@@ -188,7 +231,7 @@ def test_a_commit_whose_embeddings_file_is_missing_is_reported_as_missing(demo_s
   assert reader.rejected == {10} and reader.read_failures == 0
   # Any listed file: a ScaNN asset missing rejects the index for every reader, exact ones too.
   index_lib.publish_index(tmp_path, 20, np.zeros((demo_store.num_blocks, 8), np.float32), demo_store,
-                          write_scann=lambda d: (d / "assets.pb").write_bytes(b"asset"))
+                          write_scann=lambda _, d: (d / "assets.pb").write_bytes(b"asset"))
   (data(20) / "scann" / "assets.pb").unlink()
   with pytest.raises(index_lib.PublishedIndexError, match=r"scann/assets\.pb: missing, but the commit"):
     index_lib.load_index(tmp_path, 20, demo_store)
@@ -197,9 +240,10 @@ def test_a_commit_whose_embeddings_file_is_missing_is_reported_as_missing(demo_s
   reader.wait_for_first(timeout=30)
   assert installed == [30] and reader.rejected == {10, 20}
   _publish(tmp_path, demo_store, 40)
-  (data(40) / "embeddings.npy").unlink()
+  (data(40) / index_lib.part_name(0, 1)).unlink()
   with pytest.raises(TimeoutError, match=r"step 44: commits of step >= 39 exist .* \(steps \[40\]\) but none could "
-                                         r"be loaded within 0\.3 s \(max staleness 5\): .*embeddings\.npy: missing"):
+                                         r"be loaded within 0\.3 s \(max staleness 5\): .*embeddings-00000-of-00001"
+                                         r"\.npy: missing"):
     reader.maybe_swap(44)
   assert installed == [30] and reader.rejected == {10, 20, 40}
 
@@ -264,7 +308,7 @@ def test_refresher_indexes_checkpoints_and_resumes_after_a_restart(demo_store, t
   _, rows = index_lib.load_index(tmp_path / "index", 4, demo_store)
   # The published rows are the trained tower's embeddings of the blocks.
   params = jax.device_get(state.params["query_tower"])
-  np.testing.assert_allclose(rows, embed_all_blocks(params, config, demo_store, mesh), atol=1e-5)
+  np.testing.assert_allclose(rows, embed_all_blocks(params, config, demo_store, mesh).embeddings, atol=1e-5)
 
 
 def test_retriever_lengths_are_the_unpadded_input_lengths(demo_store):
@@ -286,6 +330,19 @@ def test_embedding_batches_cover_every_block_once_at_a_length_that_holds_it():
   assert [length for length, _ in embedding_batches(lengths, 1000, 288, 0)] == [288]
 
 
+def test_each_process_batches_only_its_own_block_range_at_the_lengths_every_process_runs():
+  from realm_jax.refresh.refresher import embedding_batches
+
+  lengths = np.random.default_rng(1).integers(5, 289, size=1003)
+  parts = [embedding_batches(lengths, 64, 288, 32, part, 4) for part in range(4)]
+  assert len({tuple(length for length, _ in batches) for batches in parts}) == 1  # one global step per batch
+  for part, batches in enumerate(parts):
+    start, stop = partitioning.process_block_range(1003, part, 4)
+    ids = np.concatenate([b for _, b in batches])
+    assert sorted(ids.tolist()) == list(range(start, stop))
+    assert all(len(b) <= 16 and (lengths[b] <= length).all() for length, b in batches)
+
+
 def _tower_params(config, projection_size=16, seed=0):
   from realm_jax.models.retriever import RetrieverTower
 
@@ -299,8 +356,8 @@ def test_length_bucketed_embeddings_equal_padded_ones(demo_store, pooling):
   config = dataclasses.replace(TINY, pooling=pooling)
   params = _tower_params(config)
   mesh = partitioning.make_mesh()
-  padded = embed_all_blocks(params, RefreshConfig(config, 16, block_len=128, length_bucket=0), demo_store, mesh)
-  bucketed = embed_all_blocks(params, RefreshConfig(config, 16, block_len=128, length_bucket=32), demo_store, mesh)
+  padded, bucketed = (embed_all_blocks(params, RefreshConfig(config, 16, block_len=128, length_bucket=bucket),
+                                       demo_store, mesh).embeddings for bucket in (0, 32))
   np.testing.assert_allclose(bucketed, padded, atol=2e-5)
 
 
@@ -318,7 +375,8 @@ def test_a_pipelined_pass_equals_the_serial_loop_bit_for_bit_and_passes_compile_
       for length, ids in batches:
         inputs = demo_store.retriever_inputs(np.pad(ids, (0, 64 - len(ids)), mode="edge"), length)
         serial[ids] = np.asarray(serial_step(params, partitioning.shard_batch(inputs, mesh)))[: len(ids)]
-    np.testing.assert_array_equal(embedder(params, demo_store, abandon=lambda: asked.append(1) or False), serial)
+    np.testing.assert_array_equal(embedder(params, demo_store, abandon=lambda: asked.append(1) or False).embeddings,
+                                  serial)
   assert len(asked) == 2  # once per pass (at its first batch): the pass is far shorter than an hour
   assert embedder.step._cache_size() == len({length for length, _ in batches}) > 1  # per length group, not pass
 

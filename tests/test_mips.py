@@ -9,7 +9,7 @@ from conftest import REPO
 from realm_jax import partitioning
 from realm_jax.errors import InputError
 from realm_jax.retrieval import index as index_lib
-from realm_jax.retrieval.mips import ExactSearcher, SearchConfig, exact_top_k_numpy, shard_layout
+from realm_jax.retrieval.mips import ExactSearcher, SearchConfig, exact_top_k_numpy, release_mapped_rows, shard_layout
 
 UNCHUNKED = SearchConfig(chunk_rows=1 << 20)  # one chunk per device: the whole shard's scores at once
 
@@ -170,3 +170,25 @@ def test_a_bfloat16_index_finds_nearly_the_float32_neighbours_and_swaps_without_
   compiled = searcher._search_fn(10)
   searcher.swap(embeddings[::-1].copy())
   assert searcher._search_fn(10) is compiled and searcher.embeddings.dtype == jnp.bfloat16
+
+
+def _resident_file_bytes() -> int:
+  """This process's resident file-backed pages (RssFile of /proc/self/status), in bytes."""
+  for line in open("/proc/self/status"):
+    if line.startswith("RssFile:"):
+      return int(line.split()[1]) * 1024
+  raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_placing_a_memory_mapped_index_releases_each_slice_it_has_read(tmp_path):
+  rows = np.random.default_rng(0).standard_normal((65536, 128), np.float32)  # 32 MiB
+  np.save(tmp_path / "rows.npy", rows)
+  mapped = np.load(tmp_path / "rows.npy", mmap_mode="r")
+  before = _resident_file_bytes()
+  np.asarray(mapped[:32768]).sum()  # read half: its pages become this process's resident memory
+  assert _resident_file_bytes() - before > 12 << 20
+  release_mapped_rows(mapped, 0, 32768)
+  assert _resident_file_bytes() - before < 2 << 20
+  searcher = ExactSearcher(mapped, partitioning.make_mesh(8, 1))
+  assert _resident_file_bytes() - before < 6 << 20  # at most about one device's slice (4 MiB) stays mapped
+  np.testing.assert_array_equal(np.asarray(searcher.embeddings)[: len(rows)], rows)

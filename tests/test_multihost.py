@@ -181,13 +181,16 @@ def test_two_process_refresher_publishes_what_one_process_embeds(gcs_store, one_
   assert index_lib.committed_steps(workdir / "index") == [STEPS]
   commit, published = index_lib.load_index(workdir / "index", STEPS, store)
   assert commit["train_step"] == STEPS and commit["writer"] == "refresher"
+  half = store.num_blocks // 2  # each process wrote only the rows it embedded; the commit lists both parts
+  assert {name: entry["rows"] for name, entry in commit["files"].items()} == {
+      index_lib.part_name(0, 2): [0, half], index_lib.part_name(1, 2): [half, store.num_blocks]}
   assert json.loads((workdir / "retriever.json").read_text())["block_len"] == 128
 
   tiny = BertConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512)
   mesh = partitioning.make_mesh()
   tower = restore_params_subtree(workdir / "train", STEPS, ("retriever", "query_tower"),
                                  abstract_tower_params(tiny, 128), partitioning.replicated(mesh))
-  expected = embed_all_blocks(tower, RefreshConfig(tiny, block_len=128, batch_size=64), store, mesh)
+  expected = embed_all_blocks(tower, RefreshConfig(tiny, block_len=128, batch_size=64), store, mesh).embeddings
   np.testing.assert_allclose(published, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -203,14 +206,16 @@ from realm_jax.data.blocks import BlockStore
 from realm_jax.refresh.refresher import BlockEmbedder, RefreshConfig
 sys.path.insert(0, "tests")
 from test_multihost import pass_setup
+big = 2**40 + 3  # collectives carry int64 values whole (byte sizes, sha256 words), not truncated to 32 bits
+assert partitioning.agree(big if jax.process_index() == 0 else 0) == big
+assert partitioning.gather_ints([big + jax.process_index(), -big]).tolist() == [[big, -big], [big + 1, -big]]
 params, config = pass_setup()
 embedder, store = BlockEmbedder(config, partitioning.make_mesh()), BlockStore(args["store"])
 asked, later = [], []
-full = embedder(params, store, abandon=lambda: asked.append(1) or False)  # checked before every batch
+mine = embedder(params, store, abandon=lambda: asked.append(1) or False)  # checked before every batch
 abandoned = embedder(params, store, abandon=lambda: later.append(1) or len(later) == 5) is None  # at batch 4
-print(f"asked {len(asked)} abandoned {abandoned}")
-if jax.process_index() == 0:
-  np.save(args["out"], full)
+print(f"asked {len(asked)} abandoned {abandoned} rows {mine.start}:{mine.start + len(mine.embeddings)}")
+np.save(f"{args['out']}.{jax.process_index()}.npy", mine.embeddings)  # each process holds only its own rows
 """
 
 
@@ -228,18 +233,23 @@ def pass_setup():
   return params, RefreshConfig(tiny, 16, block_len=64, batch_size=64, abandon_check_seconds=0.0)
 
 
-def test_two_processes_decide_abandonment_together_and_embed_what_one_process_embeds(demo_store, tmp_path):
+def test_two_processes_decide_abandonment_together_and_each_embeds_its_half_as_one_process_does(demo_store,
+                                                                                                  tmp_path):
   from realm_jax import partitioning
   from realm_jax.refresh.refresher import embed_all_blocks
 
   script = tmp_path / "two_process_passes.py"
   script.write_text(TWO_PROCESS_PASSES)
-  run = two_processes([str(script), f"--store={demo_store.path}", f"--out={tmp_path / 'full.npy'}"])
+  run = two_processes([str(script), f"--store={demo_store.path}", f"--out={tmp_path / 'rows'}"])
   out, err = run.communicate(timeout=600)
   assert run.returncode == 0, err[-3000:]
-  asked = {int(p): (int(n), a) for p, n, a in re.findall(r"\[process (\d)\] asked (\d+) abandoned (\w+)", out)}
+  seen = re.findall(r"\[process (\d)\] asked (\d+) abandoned (\w+) rows (\d+):(\d+)", out)
+  asked = {int(p): (int(n), a, (int(start), int(stop))) for p, n, a, start, stop in seen}
   # Process 0 asked before every batch, process 1 never (it takes process 0's answer); both dropped pass 2.
   assert asked[0][0] >= demo_store.num_blocks / 64 and asked[1][0] == 0 and asked[0][1] == asked[1][1] == "True"
+  half = demo_store.num_blocks // 2
+  assert asked[0][2] == (0, half) and asked[1][2] == (half, demo_store.num_blocks)
   params, config = pass_setup()
-  expected = embed_all_blocks(params, config, demo_store, partitioning.make_mesh())
-  np.testing.assert_allclose(np.load(tmp_path / "full.npy"), expected, rtol=1e-5, atol=1e-5)
+  expected = embed_all_blocks(params, config, demo_store, partitioning.make_mesh()).embeddings
+  for process, (_, _, (start, stop)) in asked.items():
+    np.testing.assert_allclose(np.load(tmp_path / f"rows.{process}.npy"), expected[start:stop], rtol=1e-5, atol=1e-5)

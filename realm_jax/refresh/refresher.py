@@ -163,28 +163,39 @@ def abstract_tower_params(encoder: BertConfig, projection_size: int) -> dict:
 
 
 def embed_step(config: RefreshConfig, mesh: Mesh) -> Callable[[dict, dict[str, jax.Array]], jax.Array]:
-  """The jit embedding step: (tower params, block inputs [B, block_len]) -> [B, projection_size], replicated."""
+  """The jit embedding step: (tower params, block inputs [B, block_len]) -> [B, projection_size], sharded as the
+  inputs (each process fetches the rows it fed, `partitioning.local_rows`)."""
   tower = RetrieverTower(config.encoder, config.projection_size, config.layer_norm_eps)
 
   def embed(p, b):
     with nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
       return tower.apply({"params": p}, b["input_ids"], b["input_mask"], b["segment_ids"], True)
 
-  return jax.jit(embed, out_shardings=NamedSharding(mesh, P()))
+  return jax.jit(embed, out_shardings=partitioning.data_sharding(mesh, 2))
 
 
-def embedding_batches(lengths: np.ndarray, batch_size: int, block_len: int,
-                      length_bucket: int) -> list[tuple[int, np.ndarray]]:
+def embedding_batches(lengths: np.ndarray, batch_size: int, block_len: int, length_bucket: int,
+                      part: int = 0, parts: int = 1) -> list[tuple[int, np.ndarray]]:
   """(input length, block ids) batches covering every block once: blocks grouped by their length rounded up
-  to a multiple of `length_bucket` (capped at `block_len`); `length_bucket=0` pads every block to `block_len`."""
+  to a multiple of `length_bucket` (capped at `block_len`); `length_bucket=0` pads every block to `block_len`.
+
+  With `parts` processes, process `part`'s share of each global batch of `batch_size`: at most
+  batch_size / parts of its own blocks (`partitioning.process_block_range`, so it keeps and writes one
+  contiguous range of the index).  Every part gets the same lengths in the same order (each batch is one global
+  step); where a part has fewer blocks of a length than another, its last batches of that length are short or
+  empty."""
   if length_bucket > 0:
     padded = np.minimum(block_len, -(-np.asarray(lengths) // length_bucket) * length_bucket)
   else:
     padded = np.full(len(lengths), block_len)
+  bounds = [partitioning.process_block_range(len(padded), q, parts) for q in range(parts)]
+  start, stop = bounds[part]
+  local = batch_size // parts
   batches = []
   for length in np.unique(padded):
-    ids = np.flatnonzero(padded == length)
-    batches += [(int(length), ids[i : i + batch_size]) for i in range(0, len(ids), batch_size)]
+    count = max(-(-int(np.count_nonzero(padded[a:b] == length)) // local) for a, b in bounds)
+    ids = start + np.flatnonzero(padded[start:stop] == length)
+    batches += [(int(length), ids[i * local : (i + 1) * local]) for i in range(count)]
   return batches
 
 
@@ -277,7 +288,8 @@ class BlockEmbedder:
   """Embeds whole block stores with one tower config on one mesh, batches sharded over the "data" axis.
 
   Its jit step (`embed_step`, or a stand-in `step` with the same contract) compiles once per input length and is
-  reused by every pass.  Each process reads and feeds only its rows of every batch (`partitioning.process_rows`).
+  reused by every pass.  Each process feeds only its blocks (`partitioning.process_block_range`) as its rows of
+  every batch, and keeps only their embeddings: its memory grows with its share of the index, not the index.
   """
 
   def __init__(self, config: RefreshConfig, mesh: Mesh,
@@ -288,23 +300,25 @@ class BlockEmbedder:
                        f"({data_size})")
     self.config, self.mesh = config, mesh
     self.step = step or embed_step(config, mesh)
-    self.rows = partitioning.process_rows(mesh, config.batch_size)
+    rows = partitioning.process_rows(mesh, config.batch_size)
+    self.local_batch = rows.stop - rows.start
 
   def __call__(self, params: dict, store: BlockStore, desc: str = "embed",
-               abandon: Callable[[], bool] | None = None) -> np.ndarray | None:
-    """[num_blocks, projection_size] float32 embeddings on every process; None when `abandon` (asked about
-    every `abandon_check_seconds`, see `AbandonCheck`) said yes."""
+               abandon: Callable[[], bool] | None = None) -> index_lib.EmbeddedRows | None:
+    """This process's rows of the [num_blocks, projection_size] float32 embeddings; None when `abandon` (asked
+    about every `abandon_check_seconds`, see `AbandonCheck`) said yes."""
     config = self.config
     batches = embedding_batches(store.retriever_lengths(config.block_len), config.batch_size, config.block_len,
-                                config.length_bucket)
+                                config.length_bucket, jax.process_index(), jax.process_count())
     check = AbandonCheck(abandon, [n for n, _ in batches], config.abandon_check_seconds) if abandon else None
-    out = np.zeros((store.num_blocks, config.projection_size), np.float32)
+    start, stop = partitioning.process_block_range(store.num_blocks)
+    out = np.zeros((stop - start, config.projection_size), np.float32)
 
     def fetch(ids: np.ndarray, embedded: jax.Array) -> None:
-      out[ids] = np.asarray(embedded)[: len(ids)]
+      out[ids - start] = partitioning.local_rows(embedded)[: len(ids)]
 
-    start = time.perf_counter()
-    inputs = prefetched(self._inputs(store, batches), config.prefetch)
+    began = time.perf_counter()
+    inputs = prefetched(self._inputs(store, batches, start), config.prefetch)
     with contextlib.closing(inputs), jax.set_mesh(self.mesh):
       params = jax.device_put(params, NamedSharding(self.mesh, P()))
       pending = None
@@ -320,22 +334,25 @@ class BlockEmbedder:
         pending = ids, embedded
       if pending is not None:
         fetch(*pending)
-    seconds = time.perf_counter() - start
-    logging.info("embedded %d blocks in %.1f s (%.1f blocks/s)", store.num_blocks, seconds,
-                 store.num_blocks / seconds)
-    return out
+    seconds = time.perf_counter() - began
+    logging.info("embedded blocks %d:%d of %d in %.1f s (%.1f blocks/s)", start, stop, store.num_blocks, seconds,
+                 (stop - start) / seconds)
+    return index_lib.EmbeddedRows(start, out, store.num_blocks)
 
-  def _inputs(self, store: BlockStore, batches: list[tuple[int, np.ndarray]]) -> Iterator[dict[str, jax.Array]]:
-    """This process's rows of every batch (a short batch padded with its last block), placed on the mesh."""
+  def _inputs(self, store: BlockStore, batches: list[tuple[int, np.ndarray]],
+              first: int) -> Iterator[dict[str, jax.Array]]:
+    """This process's rows of every batch (short ones padded with their last block, empty ones with block
+    `first`), placed on the mesh."""
     for length, ids in batches:
-      local = np.pad(ids, (0, self.config.batch_size - len(ids)), mode="edge")[self.rows]
+      local = np.pad(ids if len(ids) else np.array([min(first, store.num_blocks - 1)]),
+                     (0, self.local_batch - max(1, len(ids))), mode="edge")
       yield partitioning.shard_batch(store.retriever_inputs(local, length), self.mesh)
 
 
 def embed_all_blocks(
     params: dict, config: RefreshConfig, store: BlockStore, mesh: Mesh, desc: str = "embed",
     abandon: Callable[[], bool] | None = None,
-) -> np.ndarray | None:
+) -> index_lib.EmbeddedRows | None:
   """One pass of a new `BlockEmbedder` (a job embedding once: the bootstrap and fine-tuning indexes).
 
   Blocks of similar length are embedded together at that length (`RefreshConfig.length_bucket`)."""
@@ -365,25 +382,22 @@ class Refresher:
     )
 
   def refresh(self, step: int, abandon_if_superseded: bool = False) -> epath.Path | None:
-    """Embeds all blocks with checkpoint `step` (every process) and publishes index `step` (process 0).
+    """Embeds all blocks with checkpoint `step` and publishes index `step`, each process its own rows.
 
     With `abandon_if_superseded`, a pass still running when the trainer has finished with a newer final
     checkpoint is dropped (None): nobody will train on that index, and the final one is wanted sooner.
     """
     params = self.restore_block_tower(step)
     abandon = (lambda: self.superseded(step)) if abandon_if_superseded else None
-    embeddings = self.embedder(params, self.store, desc=f"embed@{step}", abandon=abandon)
-    if embeddings is None:
+    rows = self.embedder(params, self.store, desc=f"embed@{step}", abandon=abandon)
+    if rows is None:
       logging.info("abandoned index %d: training is done and its final checkpoint is newer", step)
       return None
-    if jax.process_index() == 0:
-      write_scann = None
-      if self.config.backend == "scann":
-        write_scann = ScannSearcher.build(embeddings, self.config.scann).serialize
-      index_lib.publish_index(self.index_dir, step, embeddings, self.store, self.config.backend, write_scann,
-                              self.config.keep)
-    partitioning.barrier(f"index {step} published")
-    return index_lib.commit_path(self.index_dir, step)
+    write_scann = None
+    if self.config.backend == "scann":
+      write_scann = lambda embeddings, out: ScannSearcher.build(embeddings, self.config.scann).serialize(out)  # noqa: E731
+    return index_lib.publish_index(self.index_dir, step, rows, self.store, self.config.backend, write_scann,
+                                   self.config.keep)
 
   def pending_step(self) -> int | None:
     """Newest trainer checkpoint not yet indexed."""

@@ -1,10 +1,12 @@
 """Published MIPS indexes: a publish protocol that is atomic on object stores and local disks, and a hot-swapping
 reader.
 
-  <index_dir>/data/<step>-<writer>-<nonce>/   embeddings.npy (rows = block ids) [+ scann/ assets]: written once,
-                                              under a name never reused
-  <index_dir>/commits/<step>.json             the commit object, written last in one write: train_step, the data
-                                              folder, every file's size and sha256, num_blocks, dim, dtype,
+  <index_dir>/data/<step>-<writer>-<nonce>/   embeddings-<p>-of-<n>.npy: process p's rows of the n processes
+                                              that embedded it (contiguous block ranges, in order) [+ scann/
+                                              assets]: written once, under a name never reused
+  <index_dir>/commits/<step>.json             the commit object, written last in one write by process 0 after
+                                              every part is written: train_step, the data folder, every file's
+                                              size and sha256 (and each part's rows), num_blocks, dim, dtype,
                                               corpus_fingerprint, tokenizer, backend, writer, created
 
 An index exists only once its commit object does (a single-object write is atomic on GCS; a rename on local
@@ -14,11 +16,13 @@ published and refused when read, and a file a commit lists but that is missing i
 The publisher keeps the newest `keep` commits and removes older ones commit first, then data; a writer that
 restarts removes the data folders no commit names that are its own (a publish it was killed in) or older than
 the oldest commit (a removal killed between commit and data).  Paths go through etils.epath (local disk or GCS).
+No process ever holds another's rows to publish; a reader assembles the parts into one memory map.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import errno
 import json
 import os
 import re
@@ -26,10 +30,10 @@ import shutil
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
+import jax
 import numpy as np
 from absl import logging
 from etils import epath
@@ -43,7 +47,7 @@ COMMITS = "commits"
 DATA = "data"
 EMBEDDINGS = "embeddings.npy"
 SCANN_DIR = "scann"
-COMMIT_FORMAT = 1
+COMMIT_FORMAT = 2
 _CHUNK = 1 << 24
 _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
@@ -69,65 +73,114 @@ def committed_steps(index_dir: storage.PathLike) -> list[int]:
   return sorted(int(m.group(1)) for p in directory.iterdir() if (m := re.fullmatch(r"(\d+)\.json", p.name)))
 
 
+@dataclasses.dataclass(frozen=True)
+class EmbeddedRows:
+  """The rows of an index one process embedded: blocks [start, start + len(embeddings)) of `num_blocks`."""
+
+  start: int
+  embeddings: np.ndarray
+  num_blocks: int
+
+
+def part_name(process: int, processes: int) -> str:
+  """The embedding file of process `process` of `processes` (its rows, `partitioning.process_block_range`)."""
+  return f"embeddings-{process:05d}-of-{processes:05d}.npy"
+
+
 def publish_index(
     index_dir: storage.PathLike,
     train_step: int,
-    embeddings: np.ndarray,
+    rows: EmbeddedRows | np.ndarray,
     store: BlockStore,
     backend: str = "exact",
-    write_scann: Callable[[epath.Path], None] | None = None,
+    write_scann: Callable[[np.ndarray, epath.Path], None] | None = None,
     keep: int = 3,
     writer: str = "refresher",
 ) -> epath.Path:
-  """Writes index `train_step`'s data under a fresh name, then its commit object; keeps the newest `keep`.
+  """Every process writes its own rows of index `train_step` under one fresh data folder; after a barrier process
+  0 writes the commit object listing every part (size, sha256, rows), then keeps the newest `keep` commits.
 
+  `rows`: this process's `EmbeddedRows` (a plain array: all rows, one process).  `write_scann(embeddings, dir)`
+  runs on process 0 over the whole written index (a memory map of the parts, verified) and writes ScaNN assets.
   `writer` names the job (the refresher, or a trainer bootstrapping index 0) in the data folder's name, which
-  tells `remove_uncommitted` whose a half-written folder is.  A committed step is never rewritten, and
-  embeddings with a NaN or inf are refused before anything is written.  Returns the commit object's path.
+  tells `remove_uncommitted` whose a half-written folder is.  A committed step is never rewritten, and an index
+  with a NaN or inf row on any process is refused before anything is written.  Returns the commit's path.
   """
-  if embeddings.ndim != 2 or len(embeddings) != store.num_blocks:
-    raise ValueError(f"embeddings {embeddings.shape} do not have one row per block ({store.num_blocks})")
-  if bad := _non_finite_rows(embeddings):
-    raise InputError(f"index step {train_step}: {bad} of {len(embeddings)} embedding rows are not finite (NaN or "
-                     "inf); not published (the retriever that embedded them has diverged or was loaded wrong)")
+  if isinstance(rows, np.ndarray):
+    rows = EmbeddedRows(0, rows, len(rows))
+  embeddings, processes = rows.embeddings, jax.process_count()
+  expected = partitioning.process_block_range(store.num_blocks)
+  if embeddings.ndim != 2 or rows.num_blocks != store.num_blocks or (
+      rows.start, rows.start + len(embeddings)) != expected:
+    raise ValueError(f"process {jax.process_index()}: rows {rows.start}:{rows.start + len(embeddings)} "
+                     f"({embeddings.shape}) of {rows.num_blocks} are not its rows {expected[0]}:{expected[1]} of "
+                     f"the store's {store.num_blocks} blocks")
   root = storage.as_path(index_dir)
   commit = commit_path(root, train_step)
-  if commit.exists():
+  checks = partitioning.gather_ints([_non_finite_rows(embeddings), embeddings.shape[1],
+                                     jax.process_index() == 0 and commit.exists()])
+  if bad := int(checks[:, 0].sum()):
+    raise InputError(f"index step {train_step}: {bad} of {store.num_blocks} embedding rows are not finite (NaN or "
+                     "inf); not published (the retriever that embedded them has diverged or was loaded wrong)")
+  if len(set(checks[:, 1].tolist())) != 1:
+    raise ValueError(f"index step {train_step}: the processes' embeddings differ in width: {checks[:, 1].tolist()}")
+  if checks[0, 2]:
     raise PublishedIndexError(f"{commit}: index step {train_step} is already committed (never rewritten)")
-  name = f"{train_step}-{writer}-{uuid.uuid4().hex[:12]}"
+  nonce = partitioning.agree(int.from_bytes(os.urandom(6), "big"))  # process 0's: one folder for all parts
+  name = f"{train_step}-{writer}-{nonce:012x}"
   data = root / DATA / name
   storage.make_dirs(data)
-  files = {}
-  with (data / EMBEDDINGS).open("wb") as f:
+  part = part_name(jax.process_index(), processes)
+  with (data / part).open("wb") as f:
     hashing = storage.HashingFile(f)
     np.lib.format.write_array(hashing, np.ascontiguousarray(embeddings), allow_pickle=False)
-  files[EMBEDDINGS] = hashing.entry()
-  if write_scann is not None:
-    with tempfile.TemporaryDirectory() as local:  # ScaNN writes local files; upload them (GCS-safe)
-      write_scann(epath.Path(local))
-      storage.make_dirs(data / SCANN_DIR)
-      for file in sorted(epath.Path(local).iterdir()):
-        raw = file.read_bytes()
-        (data / SCANN_DIR / file.name).write_bytes(raw)
-        files[f"{SCANN_DIR}/{file.name}"] = {"size": len(raw), "sha256": storage.sha256(raw)}
-  storage.write_json_once(commit, {
-      "format": COMMIT_FORMAT,
-      "train_step": int(train_step),
-      "data": f"{DATA}/{name}",
-      "files": files,
-      "num_blocks": int(embeddings.shape[0]),
-      "dim": int(embeddings.shape[1]),
-      "dtype": str(embeddings.dtype),
-      "corpus_fingerprint": store.manifest["corpus_fingerprint"],
-      "tokenizer": store.manifest["tokenizer"],
-      "backend": backend,
-      "writer": writer,
-      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-  })
-  for old in committed_steps(root)[:-keep]:
-    remove_index(root, old)
-  logging.info("published index step %d (%d x %d, %s): %s", train_step, *embeddings.shape, backend, commit)
+  mine = hashing.entry()
+  written = partitioning.gather_ints([mine["size"], *np.frombuffer(bytes.fromhex(mine["sha256"]), np.int64)])
+  partitioning.barrier(f"index {train_step}: parts written")
+  if jax.process_index() == 0:
+    files = {}
+    for process, (size, *digest) in enumerate(written.tolist()):
+      start, stop = partitioning.process_block_range(store.num_blocks, process, processes)
+      files[part_name(process, processes)] = {"size": size, "sha256": np.asarray(digest, np.int64).tobytes().hex(),
+                                              "rows": [start, stop]}
+    if write_scann is not None:
+      files.update(_write_scann_assets(data, files, store.num_blocks, write_scann))
+    storage.write_json_once(commit, {
+        "format": COMMIT_FORMAT,
+        "train_step": int(train_step),
+        "data": f"{DATA}/{name}",
+        "files": files,
+        "num_blocks": int(store.num_blocks),
+        "dim": int(embeddings.shape[1]),
+        "dtype": str(embeddings.dtype),
+        "corpus_fingerprint": store.manifest["corpus_fingerprint"],
+        "tokenizer": store.manifest["tokenizer"],
+        "backend": backend,
+        "writer": writer,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    for old in committed_steps(root)[:-keep]:
+      remove_index(root, old)
+    logging.info("published index step %d (%d x %d in %d part(s), %s): %s", train_step, store.num_blocks,
+                 embeddings.shape[1], processes, backend, commit)
+  partitioning.barrier(f"index {train_step} committed")
   return commit
+
+
+def _write_scann_assets(data: epath.Path, parts: dict[str, dict], num_blocks: int,
+                        write_scann: Callable[[np.ndarray, epath.Path], None]) -> dict[str, dict]:
+  """ScaNN assets built from the written parts (read back verified) and uploaded under `data/scann/`; their
+  `files` table entries."""
+  embeddings, _ = _read_parts(data, [(name, entry, *entry["rows"]) for name, entry in parts.items()], num_blocks)
+  files = {}
+  with tempfile.TemporaryDirectory() as local:  # ScaNN writes local files; upload them (GCS-safe)
+    write_scann(embeddings, epath.Path(local))
+    storage.make_dirs(data / SCANN_DIR)
+    for file in sorted(epath.Path(local).iterdir()):
+      raw = file.read_bytes()
+      (data / SCANN_DIR / file.name).write_bytes(raw)
+      files[f"{SCANN_DIR}/{file.name}"] = {"size": len(raw), "sha256": storage.sha256(raw)}
+  return files
 
 
 def remove_index(index_dir: storage.PathLike, step: int) -> None:
@@ -194,10 +247,11 @@ def read_commit(index_dir: storage.PathLike, step: int, store: BlockStore, attem
     raise PublishedIndexError(f"{path}: unreadable commit object ({e})") from e
   _data_name(commit, path)
   files = commit.get("files")
-  if not isinstance(files, dict) or EMBEDDINGS not in files:
-    raise PublishedIndexError(f"{path}: field 'files' does not list {EMBEDDINGS}")
+  if not isinstance(files, dict):
+    raise PublishedIndexError(f"{path}: field 'files' is not a table of files")
   for name, entry in files.items():
-    if not re.fullmatch(rf"{re.escape(EMBEDDINGS)}|{SCANN_DIR}/\w[\w.-]*", name) or not isinstance(entry, dict):
+    if not re.fullmatch(rf"embeddings(-\d{{5}}-of-\d{{5}})?\.npy|{SCANN_DIR}/\w[\w.-]*", name) or not isinstance(
+        entry, dict):
       raise PublishedIndexError(f"{path}: field 'files' lists {name!r}: {entry!r}, not a file of an index")
   expected = {
       "train_step": step,
@@ -211,19 +265,44 @@ def read_commit(index_dir: storage.PathLike, step: int, store: BlockStore, attem
           f"{path}: field {field!r} is {commit.get(field)!r} but block store {store.path} has "
           f"{want!r}; this index was built for another corpus" if field != "train_step" else
           f"{path}: field 'train_step' is {commit.get(field)!r}, the commit's name says {step}")
+  embedding_parts(commit, path)
   return commit
 
 
-def _read_verified_npy(path: epath.Path, entry: dict) -> tuple[np.ndarray, int]:
-  """A plain numeric .npy file checked against its commit entry in one streaming pass: (a read-only memory map of
-  its array, how many rows hold a NaN or inf).
+def embedding_parts(commit: dict[str, Any], where: storage.PathLike) -> list[tuple[str, dict, int, int]]:
+  """The commit's embedding files in row order, (name, entry, first row, end row), checked to cover every block
+  once: format 2's parts (one per process that wrote it, `part_name`), or format 1's single embeddings.npy."""
+  files, num_blocks = commit["files"], commit["num_blocks"]
+  names = sorted(name for name in files if not name.startswith(f"{SCANN_DIR}/"))
+  if commit.get("format") == 1 and names == [EMBEDDINGS]:
+    return [(EMBEDDINGS, files[EMBEDDINGS], 0, num_blocks)]
+  if commit.get("format") != COMMIT_FORMAT or not names or names != [part_name(i, len(names))
+                                                                      for i in range(len(names))]:
+    raise PublishedIndexError(f"{where}: format {commit.get('format')!r} with embedding files {names}: not a "
+                              f"format-1 index's {EMBEDDINGS} nor format {COMMIT_FORMAT}'s complete set of parts")
+  parts, end = [], 0
+  for name in names:
+    rows = files[name].get("rows")
+    if not (isinstance(rows, list) and len(rows) == 2 and all(type(r) is int for r in rows) and rows[0] == end
+            and rows[1] >= end):
+      raise PublishedIndexError(f"{where}: files[{name!r}]['rows'] is {rows!r}; the parts must cover rows "
+                                f"0:{num_blocks} in order, the next one starting at {end}")
+    parts.append((name, files[name], *rows))
+    end = rows[1]
+  if end != num_blocks:
+    raise PublishedIndexError(f"{where}: the embedding parts cover rows 0:{end}, not the {num_blocks} blocks")
+  return parts
 
-  The size and sha256 are checked, and non-finite rows counted, chunk by chunk, so nothing is materialised: a local
-  file is then mapped where it is (written once, never replaced); a remote one is streamed into an unnamed local
-  temporary file, which is freed with the map.  Readers touch only the rows they use (`ExactSearcher.place`)."""
-  remote = storage.is_remote(path)
-  with (path.open("rb") if remote else open(os.fspath(path), "rb")) as raw, \
-      (tempfile.TemporaryFile() if remote else contextlib.nullcontext()) as copy:
+
+def _read_verified_npy(path: epath.Path, entry: dict, copy: BinaryIO | None,
+                       copy_at: int = 0) -> tuple[tuple[int, ...], np.dtype, int, int]:
+  """A plain numeric .npy file checked against its commit entry in one streaming pass (size, sha256, non-finite
+  rows counted chunk by chunk; nothing materialised), its array's bytes written to `copy` at `copy_at` if given:
+  (shape, dtype, the array's offset in the file, how many rows hold a NaN or inf)."""
+  with (path.open("rb") if storage.is_remote(path) else open(os.fspath(path), "rb")) as raw:
+    if copy is not None:
+      copy.seek(copy_at)
+      copy.truncate()
     f = storage.HashingFile(raw)
     try:
       version = np.lib.format.read_magic(f)
@@ -254,17 +333,55 @@ def _read_verified_npy(path: epath.Path, entry: dict) -> tuple[np.ndarray, int]:
         pending = data[usable:]
     extra = f.read(1)
     got = f.entry()
-    if got["size"] != entry.get("size") or extra:
-      raise PublishedIndexError(f"{path}: {got['size']}{'+' if extra else ''} bytes, the commit says "
-                                f"{entry.get('size')}")
-    if got["sha256"] != entry.get("sha256"):
-      raise PublishedIndexError(f"{path}: sha256 does not match the commit (corrupt embedding file)")
-    if not total:
-      return np.zeros(shape, dtype), 0
-    if copy is not None:
-      copy.flush()
-      return np.memmap(copy, dtype, "r", offset=0, shape=shape), non_finite
-    return np.memmap(os.fspath(path), dtype, "r", offset=offset, shape=shape), non_finite
+  if got["size"] != entry.get("size") or extra:
+    raise PublishedIndexError(f"{path}: {got['size']}{'+' if extra else ''} bytes, the commit says "
+                              f"{entry.get('size')}")
+  if got["sha256"] != entry.get("sha256"):
+    raise PublishedIndexError(f"{path}: sha256 does not match the commit (corrupt embedding file)")
+  return shape, dtype, offset, non_finite
+
+
+def _read_parts(data: epath.Path, parts: list[tuple[str, dict, int, int]], num_blocks: int,
+                attempts: int = 4) -> tuple[np.ndarray, int]:
+  """The parts of an index (`embedding_parts`), each verified while streamed (`_read_verified_npy`, transient
+  errors retried), as one read-only [num_blocks, dim] memory map: a single local part is mapped where it is
+  (written once, never replaced); remote parts, or several, are streamed into one unnamed local temporary file,
+  freed with the map.  Returns (the map, how many rows hold a NaN or inf).  Readers touch only the rows they
+  use (`ExactSearcher.place`)."""
+  if len(parts) == 1 and not storage.is_remote(data):
+    name, entry, _, _ = parts[0]
+    shape, dtype, offset, non_finite = _read_part(data / name, entry, None, 0, attempts)
+    _check_part_shape(data / name, shape, num_blocks, shape)
+    return (np.memmap(os.fspath(data / name), dtype, "r", offset=offset, shape=shape) if num_blocks else
+            np.zeros(shape, dtype)), non_finite
+  with tempfile.TemporaryFile() as copy:
+    non_finite, first, at = 0, None, 0
+    for name, entry, start, stop in parts:
+      shape, dtype, _, bad = _read_part(data / name, entry, copy, at, attempts)
+      first = first or (shape, dtype)
+      _check_part_shape(data / name, shape, stop - start, first[0])
+      if dtype != first[1]:
+        raise PublishedIndexError(f"{data / name}: dtype {dtype}, the first part's is {first[1]}")
+      non_finite, at = non_finite + bad, at + int(np.prod(shape)) * dtype.itemsize
+    shape = (num_blocks, *first[0][1:])
+    if not num_blocks:
+      return np.zeros(shape, first[1]), 0
+    copy.flush()
+    return np.memmap(copy, first[1], "r", offset=0, shape=shape), non_finite
+
+
+def _read_part(path: epath.Path, entry: dict, copy: BinaryIO | None, copy_at: int,
+               attempts: int) -> tuple[tuple[int, ...], np.dtype, int, int]:
+  """`_read_verified_npy`, transient errors retried; a missing file is a FileNotFoundError naming it."""
+  try:
+    return storage.retrying(lambda: _read_verified_npy(path, entry, copy, copy_at), str(path), attempts)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(errno.ENOENT, "listed by the commit but not found", str(path)) from e
+
+
+def _check_part_shape(path: epath.Path, shape: tuple[int, ...], rows: int, first: tuple[int, ...]) -> None:
+  if len(shape) != 2 or shape[0] != rows or shape[1:] != first[1:]:
+    raise PublishedIndexError(f"{path}: shape {shape}, the commit says {rows} rows of width {first[1:]}")
 
 
 def _missing(root: epath.Path, step: int, path: epath.Path) -> Exception:
@@ -279,25 +396,24 @@ def _missing(root: epath.Path, step: int, path: epath.Path) -> Exception:
 def load_index(index_dir: storage.PathLike, step: int, store: BlockStore,
                attempts: int = 4) -> tuple[dict[str, Any], np.ndarray]:
   """Reads and verifies committed index `step` (transient I/O errors retried): (commit, embeddings), the embeddings
-  a read-only memory map (`_read_verified_npy`: streamed once, never materialised).
+  a read-only memory map of all its parts (`_read_parts`: streamed once, never materialised).
 
   Every file the commit lists must exist; embeddings with a NaN or inf row are refused (PublishedIndexError)."""
   root = storage.as_path(index_dir)
   commit = read_commit(root, step, store, attempts)
-  for name in sorted(set(commit["files"]) - {EMBEDDINGS}):  # ScaNN assets: read later, only by a ScaNN reader
-    asset = root / commit["data"] / name
-    if not storage.retrying(asset.exists, str(asset), attempts):
-      raise _missing(root, step, asset)
-  path = root / commit["data"] / EMBEDDINGS
+  parts = embedding_parts(commit, commit_path(root, step))
+  data = root / commit["data"]
+  for name in sorted(set(commit["files"]) - {p[0] for p in parts}):  # ScaNN assets: read later, by a ScaNN reader
+    if not storage.retrying((data / name).exists, str(data / name), attempts):
+      raise _missing(root, step, data / name)
   try:
-    embeddings, non_finite = storage.retrying(lambda: _read_verified_npy(path, commit["files"][EMBEDDINGS]), str(path),
-                                              attempts)
+    embeddings, non_finite = _read_parts(data, parts, commit["num_blocks"], attempts)
   except FileNotFoundError as e:
-    raise _missing(root, step, path) from e
+    raise _missing(root, step, epath.Path(e.filename)) from e
   if embeddings.shape != (commit["num_blocks"], commit["dim"]):
-    raise PublishedIndexError(f"{path}: shape {embeddings.shape} != commit ({commit['num_blocks']}, {commit['dim']})")
+    raise PublishedIndexError(f"{data}: shape {embeddings.shape} != commit ({commit['num_blocks']}, {commit['dim']})")
   if non_finite:
-    raise PublishedIndexError(f"{commit_path(root, step)}: {non_finite} of {len(embeddings)} rows of {path} are not "
+    raise PublishedIndexError(f"{commit_path(root, step)}: {non_finite} of {len(embeddings)} rows of {data} are not "
                               "finite (NaN or inf)")
   return commit, embeddings
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import mmap
 from pathlib import Path
 from typing import Protocol
 
@@ -133,6 +134,18 @@ def sharded_search(mesh: Mesh, num_blocks: int, rows_per_shard: int, chunk: int,
   return search
 
 
+def release_mapped_rows(array: np.ndarray, start: int, stop: int) -> None:
+  """Drops rows [start, stop) of a memory-mapped array from this process's resident memory (`madvise`
+  MADV_DONTNEED; the file's pages stay in the page cache and fault back in if read again).  A no-op for an
+  array that is not a memory map."""
+  if not isinstance(array, np.memmap) or not isinstance(array.base, mmap.mmap) or stop <= start:
+    return
+  first = array.offset % mmap.ALLOCATIONGRANULARITY + start * array.strides[0]  # where the rows are in the map
+  begin = first // mmap.PAGESIZE * mmap.PAGESIZE
+  end = min(len(array.base), first + (stop - start) * array.strides[0])
+  array.base.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+
+
 class ExactSearcher:
   """Brute-force inner products over row-sharded embeddings, per-device top-k (`SearchConfig`), global merge."""
 
@@ -148,7 +161,8 @@ class ExactSearcher:
     """Shards the rows over the whole mesh, padded to whole chunks on every device.
 
     Only this process's devices' rows are read (a memory-mapped index is never read whole), one device's
-    slice at a time, so a swap holds at most one device's rows beyond the placed array."""
+    slice at a time, and a slice's mapped pages are released once copied (`release_mapped_rows`), so a swap
+    holds at most one device's rows beyond the placed array."""
     if embeddings.shape != (self.num_blocks, self.dim):
       raise ValueError(f"index shape {embeddings.shape} != {(self.num_blocks, self.dim)}; cannot hot-swap")
     padded_rows = self.rows_per_shard * self.mesh.size
@@ -158,6 +172,7 @@ class ExactSearcher:
       rows = np.zeros((stop - start, self.dim), np.float32)
       real = embeddings[start : min(stop, self.num_blocks)]
       rows[: len(real)] = real
+      release_mapped_rows(embeddings, start, start + len(real))
       return rows[(slice(None), *index[1:])].astype(self.config.storage_dtype, copy=False)
 
     # Every process holds the same verified index, so each fills its own shards, one device at a time (a

@@ -72,27 +72,30 @@ class OpenQaRun:
 def frozen_index(workdir: storage.PathLike, tower: dict | None, refresh: RefreshConfig, store: BlockStore, mesh,
                  pretrained_index: tuple[storage.PathLike, int] | None = None) -> np.ndarray:
   """The fine-tuning index: `<workdir>/index`'s newest; else `pretrained_index` ((index dir, step): the REALM run's
-  index of the very checkpoint fine-tuning starts from); else embedded now from `tower`.  Published (by process 0)
-  in `<workdir>/index`."""
+  index of the very checkpoint fine-tuning starts from); else embedded now from `tower`.  Published in
+  `<workdir>/index` (each process its rows) and returned as a memory map of the published file(s)."""
   index_dir = storage.as_path(workdir) / "index"
   steps = index_lib.committed_steps(index_dir)
   if steps:
     _, embeddings = index_lib.load_index(index_dir, steps[-1], store)
     return embeddings
-  if pretrained_index is not None and pretrained_index[1] in index_lib.committed_steps(pretrained_index[0]):
-    _, embeddings = index_lib.load_index(*pretrained_index, store)
-    logging.info("fine-tuning index: reusing %s (same parameters as the starting checkpoint)",
-                 index_lib.commit_path(*pretrained_index))
-  elif tower is None:
+  reuse = pretrained_index is not None and pretrained_index[1] in index_lib.committed_steps(pretrained_index[0])
+  if not reuse and tower is None:
     raise FileNotFoundError(f"{index_dir}: the run has checkpoints but no published frozen index (deleted?); "
                             "its index cannot be rebuilt from the fine-tuned parameters: start a new workdir")
-  else:
-    embeddings = embed_all_blocks(tower, refresh, store, mesh, desc="fine-tuning index")
   if jax.process_index() == 0:
     index_lib.remove_uncommitted(index_dir, writer="finetune")  # a start killed mid-publish
-    index_lib.publish_index(index_dir, 0, embeddings, store, writer="finetune")
-  partitioning.barrier("fine-tuning index published")
-  return embeddings
+  partitioning.barrier("fine-tuning index: stale data removed")
+  if reuse:
+    _, pretrained = index_lib.load_index(*pretrained_index, store)
+    logging.info("fine-tuning index: reusing %s (same parameters as the starting checkpoint)",
+                 index_lib.commit_path(*pretrained_index))
+    start, stop = partitioning.process_block_range(store.num_blocks)
+    rows = index_lib.EmbeddedRows(start, np.asarray(pretrained[start:stop]), store.num_blocks)
+  else:
+    rows = embed_all_blocks(tower, refresh, store, mesh, desc="fine-tuning index")
+  index_lib.publish_index(index_dir, 0, rows, store, writer="finetune")  # each process its own rows
+  return index_lib.load_index(index_dir, 0, store)[1]
 
 
 @dataclasses.dataclass(frozen=True)

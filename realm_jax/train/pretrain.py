@@ -305,14 +305,13 @@ def run_pretrain(
     if bootstrap_index and partitioning.agree(fresh):
       state = trainer.init_state(pretrained)  # also the first train state: initialised once
       tower = jax.device_get(state.params["retriever"][tower_path[1]])
-      embeddings = embed_all_blocks(tower, RefreshConfig(retriever, projection_size, retriever_layer_norm_eps,
-                                                         tower_path, data.block_len,
-                                                         batch_size=index_batch_size), store, mesh,
-                                    desc="bootstrap index")
-      if jax.process_index() == 0:  # one writer; every process then loads it
+      rows = embed_all_blocks(tower, RefreshConfig(retriever, projection_size, retriever_layer_norm_eps, tower_path,
+                                                   data.block_len, batch_size=index_batch_size), store, mesh,
+                              desc="bootstrap index")
+      if jax.process_index() == 0:
         index_lib.remove_uncommitted(index_dir, writer="bootstrap")  # a bootstrap killed mid-publish
-        index_lib.publish_index(index_dir, 0, embeddings, store, writer="bootstrap")
-      partitioning.barrier("bootstrap index published")
+      partitioning.barrier("bootstrap index: stale data removed")
+      index_lib.publish_index(index_dir, 0, rows, store, writer="bootstrap")  # each process its rows; all load it
     reader_thread = run.live.reader(index_dir, store, index_poll_seconds, max_index_staleness,
                                     index_wait_seconds, index_max_failures).start()
     reader_thread.wait_for_first(index_wait_seconds)
