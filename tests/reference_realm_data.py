@@ -66,3 +66,24 @@ def candidate_inputs(store: BlockStore, candidates: np.ndarray, query_ids: np.nd
         blocks[name][b, j] = packed[name]
         joint[name][b, j] = joined[name]
   return blocks, joint
+
+
+def maskable_blocks(store: BlockStore, excluded: np.ndarray, query_len: int) -> np.ndarray:
+  """Reference `realm_jax.data.realm.maskable_blocks`, one block and one span at a time."""
+  found = []
+  for i in range(store.num_blocks):
+    bounds = np.append(store.sentence_starts(i), len(store.body_ids(i)))
+    for start, end, label in store.spans(i):
+      s = int(np.searchsorted(bounds, start, side="right") - 1)
+      if label not in excluded and end <= bounds[s + 1] and end - bounds[s] <= query_len - 2:
+        found.append(i)
+        break
+  return np.asarray(found, np.int64)
+
+
+def held_out_split(block_ids: np.ndarray, uids: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+  """Reference `MaskedQueries._hold_out`: a full sort of the blocks by uid bytes, then a set lookup per block."""
+  order = np.lexsort(uids[block_ids].T[::-1])
+  held_out = np.sort(block_ids[order[:count]])
+  held_uids = {bytes(uids[i]) for i in held_out}
+  return np.asarray([i for i in block_ids if bytes(uids[i]) not in held_uids], np.int64), held_out

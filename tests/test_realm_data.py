@@ -276,3 +276,20 @@ def test_a_training_batch_completes_as_with_the_loops(demo_store):
   candidates, weights = outputs[1][:2]
   assert not (candidates == batch["block_id"][:, None]).any()  # the query's own block is gone
   assert not weights[:16].any()  # it was retrieved twice
+
+
+@pytest.mark.parametrize("query_len, excluded", [(96, []), (16, []), (8, ["DATE"]), (32, ["PERSON", "ORG"])])
+def test_maskable_blocks_and_the_held_out_split_equal_the_per_block_loops(demo_store, query_len, excluded):
+  from realm_jax.data.realm import MaskedQueries, maskable_blocks
+
+  labels = demo_store.manifest["span_labels"]
+  ids = np.asarray(sorted(labels[x] for x in excluded if x in labels), np.int32)
+  expected = reference.maskable_blocks(demo_store, ids, query_len)
+  assert 0 < len(expected) < demo_store.num_blocks
+  for chunk_blocks in (1 << 20, 7, 1):  # chunk edges anywhere
+    assert_same(maskable_blocks(demo_store, ids, query_len, chunk_blocks), expected)
+  queries = MaskedQueries(demo_store, RealmDataConfig(query_len=query_len, excluded_labels=tuple(excluded),
+                                                      eval_blocks=40))
+  train, held_out = reference.held_out_split(expected, demo_store.arrays["uids"], 40)
+  assert_same(queries.block_ids, expected)
+  assert_same((queries.train_block_ids, queries.eval_block_ids), (train, held_out))

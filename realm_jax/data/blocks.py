@@ -42,7 +42,7 @@ import stat
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -160,11 +160,12 @@ class BlockPacker:
     ends = np.asarray([e for _, e in sentence_bounds])
     sentence_of_token = np.minimum(np.searchsorted(ends, offsets[:, 0], side="right"), len(ends) - 1)
     pieces = []  # (token_start, token_end) of sentences, long ones cut to the budget
-    for s in np.unique(sentence_of_token):
-      tokens = np.flatnonzero(sentence_of_token == s)
-      for start in range(tokens[0], tokens[-1] + 1, budget):
-        pieces.append((start, min(start + budget, tokens[-1] + 1)))
-        if start > tokens[0]:
+    _, first_token = np.unique(sentence_of_token, return_index=True)
+    last_token = len(sentence_of_token) - 1 - np.unique(sentence_of_token[::-1], return_index=True)[1]
+    for first, last in zip(first_token.tolist(), last_token.tolist(), strict=True):
+      for start in range(first, last + 1, budget):
+        pieces.append((start, min(start + budget, last + 1)))
+        if start > first:
           self.stats["sentences_cut"] += 1
     groups, current = [], []
     for start, end in pieces:
@@ -173,24 +174,25 @@ class BlockPacker:
         current = []
       current.append((start, end))
     groups.append(current)
-    return [self._make_block(doc, title_ids, ids, offsets, g) for g in groups]
+    in_order = bool((np.diff(offsets[:, 0]) >= 0).all() and (np.diff(offsets[:, 1]) >= 0).all())
+    doc_spans = DocumentSpans(offsets, doc.spans, in_order)
+    return [self._make_block(doc, title_ids, ids, offsets, g, doc_spans, in_order) for g in groups]
 
-  def _make_block(self, doc, title_ids, ids, offsets, sentences) -> Block:
+  def _make_block(self, doc, title_ids, ids, offsets, sentences, doc_spans: DocumentSpans, in_order: bool) -> Block:
     first, last = sentences[0][0], sentences[-1][1]
     char_start, char_end = int(offsets[first, 0]), int(offsets[last - 1, 1])
-    spans, seen = [], set()
     extra = date_spans(doc.text[char_start:char_end]) if self.find_dates else ()
-    candidates = list(doc.spans) + [(s + char_start, e + char_start, label) for s, e, label in extra]
-    for cs, ce, label in candidates:
-      inside = np.flatnonzero((offsets[:, 0] >= cs) & (offsets[:, 1] <= ce))
-      if not len(inside):
-        self.stats["spans_without_tokens"] += 1
-      elif inside[0] < first or inside[-1] >= last:
-        if inside[-1] >= first and inside[0] < last:
-          self.stats["spans_crossing_blocks"] += 1
-      elif (inside[0], inside[-1]) not in seen or label != DATE_REGEX_LABEL:
-        seen.add((inside[0], inside[-1]))
-        spans.append((inside[0] - first, inside[-1] + 1 - first, self.label_id(label)))
+    dates = DocumentSpans(offsets, [(s + char_start, e + char_start, label) for s, e, label in extra], in_order)
+    spans, seen = [], set()
+    for candidates in (doc_spans, dates):
+      self.stats["spans_without_tokens"] += candidates.without_tokens
+      inside, crossing = candidates.in_tokens(first, last)
+      self.stats["spans_crossing_blocks"] += crossing
+      for i in inside:
+        start, end, label = candidates.first[i], candidates.last[i], candidates.labels[i]
+        if (start, end) not in seen or label != DATE_REGEX_LABEL:
+          seen.add((start, end))
+          spans.append((start - first, end + 1 - first, self.label_id(label)))
     self.stats["spans_kept"] += len(spans)
     return Block(
         doc_id=doc.doc_id,
@@ -201,6 +203,41 @@ class BlockPacker:
         sentence_starts=np.asarray([s - first for s, _ in sentences], np.int32),
         spans=np.asarray(spans, np.int32).reshape(-1, 3),
     )
+
+
+class DocumentSpans:
+  """A document's character spans as word-piece ranges, found once per document: span i covers the word pieces
+  `first[i]..last[i]` (inclusive) wholly inside its characters; `without_tokens` spans hold none.
+
+  With word-piece offsets in order (the tokenizer's), those pieces are one run, found by two binary searches,
+  and `in_tokens` answers per block in O(log spans + its spans): building is linear in the document's length.
+  Offsets out of order (`in_order` False) fall back to testing every piece (same answers)."""
+
+  def __init__(self, offsets: np.ndarray, spans: Sequence[tuple[int, int, str]], in_order: bool):
+    chars = np.asarray([(s, e) for s, e, _ in spans], np.int64).reshape(-1, 2)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    if in_order:
+      first = np.searchsorted(starts, chars[:, 0], side="left")
+      last = np.searchsorted(ends, chars[:, 1], side="right") - 1
+    else:
+      inside = [np.flatnonzero((starts >= s) & (ends <= e)) for s, e in chars]
+      first = np.asarray([i[0] if len(i) else 1 for i in inside], np.int64)
+      last = np.asarray([i[-1] if len(i) else 0 for i in inside], np.int64)
+    has_tokens = first <= last
+    self.without_tokens = int(np.count_nonzero(~has_tokens))
+    self.first, self.last = first.tolist(), last.tolist()
+    self.labels = [label for _, _, label in spans]
+    self.order = np.flatnonzero(has_tokens)[np.argsort(first[has_tokens], kind="stable")]  # spans by first piece
+    self.sorted_first, self.sorted_last = first[self.order], np.sort(last[has_tokens])
+
+  def in_tokens(self, begin: int, end: int) -> tuple[list[int], int]:
+    """(indices, in span order, of the spans wholly inside pieces [begin, end); how many others overlap them)."""
+    lo, hi = np.searchsorted(self.sorted_first, [begin, end], side="left")
+    starting_here = self.order[lo:hi]
+    ends_inside = np.asarray([self.last[i] < end for i in starting_here.tolist()], bool)
+    from_before = lo - int(np.searchsorted(self.sorted_last, begin, side="left"))  # start before, reach begin
+    crossing = int(np.count_nonzero(~ends_inside)) + from_before
+    return sorted(starting_here[ends_inside].tolist()), crossing
 
 
 # name -> (dtype, trailing shape)

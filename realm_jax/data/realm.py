@@ -48,6 +48,46 @@ class RealmDataConfig:
   eval_blocks: int = 0  # source blocks held out of training for a fixed evaluation query set
 
 
+def maskable_blocks(store: BlockStore, excluded: np.ndarray, query_len: int,
+                    chunk_blocks: int = 1 << 20) -> np.ndarray:
+  """Ids of the blocks with a salient span `MaskedQueries._valid_spans` accepts (label not `excluded`, inside
+  one sentence, its sentence's start to the span's end fitting a query of `query_len`), ascending; vectorised
+  over the store's CSR arrays a chunk of blocks at a time (memory: the chunk's spans, not the store's)."""
+  a = store.arrays
+  found = []
+  for first in range(0, store.num_blocks, chunk_blocks):
+    last = min(first + chunk_blocks, store.num_blocks)
+    blocks = np.arange(first, last)
+    span_rows = np.asarray(a["span_offsets"][first : last + 1])
+    spans = np.asarray(a["spans"][span_rows[0] : span_rows[-1]])
+    span_block = np.repeat(blocks, np.diff(span_rows))
+    # Each block's sentence bounds (its sentence starts, then its body length) laid end to end: block b's are
+    # bounds[base[b] : base[b] + count[b]], ascending, so one searchsorted over (block, position) keys finds
+    # every span's sentence.
+    sentence_rows = np.asarray(a["sentence_offsets"][first : last + 1])
+    starts = np.asarray(a["sentence_starts"][sentence_rows[0] : sentence_rows[-1]], np.int64)
+    body_len = np.diff(np.asarray(a["body_offsets"][first : last + 1]))
+    count = np.diff(sentence_rows) + 1
+    base = np.concatenate([[0], np.cumsum(count)[:-1]])
+    bounds = np.empty(int(count.sum()), np.int64)
+    is_end = np.zeros(len(bounds), bool)
+    is_end[base + count - 1] = True
+    bounds[is_end], bounds[~is_end] = body_len, starts
+    bound_block = np.repeat(blocks, count)
+    scale = int(body_len.max(initial=0)) + 1
+    local = base[span_block - first]
+    sentence = np.searchsorted(bound_block * scale + bounds, span_block * scale + spans[:, 0], side="right") - 1
+    sentence -= local  # as in _valid_spans: the last sentence starting at or before the span's start (-1: none)
+    sentence_start = bounds[local + sentence % count[span_block - first]]
+    sentence_end = bounds[local + sentence + 1]
+    valid = (~np.isin(spans[:, 2], excluded) & (spans[:, 1] <= sentence_end)
+             & (spans[:, 1] - sentence_start <= query_len - 2))
+    has_valid = np.zeros(last - first, bool)
+    has_valid[span_block[valid] - first] = True
+    found.append(first + np.flatnonzero(has_valid))
+  return np.concatenate(found).astype(np.int64)
+
+
 class MaskedQueries:
   """Random-access maker of masked queries: (block id, rng) -> features."""
 
@@ -60,7 +100,7 @@ class MaskedQueries:
     excluded = {store.manifest["span_labels"][x] for x in config.excluded_labels if x in store.manifest["span_labels"]}
     self.excluded = np.asarray(sorted(excluded), np.int32)
     if config.masking == "salient_spans":
-      self.block_ids = np.asarray([i for i in range(store.num_blocks) if self._valid_spans(i)], np.int64)
+      self.block_ids = maskable_blocks(store, self.excluded, config.query_len)
     else:
       self.block_ids = np.arange(store.num_blocks)
     if not len(self.block_ids):
@@ -75,11 +115,15 @@ class MaskedQueries:
       raise InputError(f"eval_blocks={count}: {self.store.path} has {len(self.block_ids)} maskable blocks; "
                        "hold out fewer so some are left to train on")
     uids = self.store.arrays["uids"]
-    order = np.lexsort(uids[self.block_ids].T[::-1])  # by uid bytes; stable, so ties keep block order
-    held_out = np.sort(self.block_ids[order[:count]])
     prefix = lambda rows: np.ascontiguousarray(rows[:, :8]).view(">u8")[:, 0]  # noqa: E731
+    prefixes = prefix(uids[self.block_ids])
+    # The `count` smallest uids (by bytes; ties keep block order): only blocks whose 8-byte prefix is at most the
+    # count-th smallest prefix can be among them, so only those are sorted by all 20 bytes.
+    maybe_first = np.flatnonzero(prefixes <= np.partition(prefixes, count - 1)[count - 1])
+    order = maybe_first[np.lexsort(uids[self.block_ids[maybe_first]].T[::-1])]
+    held_out = np.sort(self.block_ids[order[:count]])
     held_uids = {bytes(uids[i]) for i in held_out}
-    maybe_held = np.flatnonzero(np.isin(prefix(uids[self.block_ids]), prefix(uids[held_out])))
+    maybe_held = np.flatnonzero(np.isin(prefixes, prefix(uids[held_out])))
     shares_uid = [j for j in maybe_held if bytes(uids[self.block_ids[j]]) in held_uids]
     return np.delete(self.block_ids, shares_uid), held_out
 
