@@ -15,6 +15,10 @@ into place when complete, so a failed build leaves nothing behind.
 With --tfds_data_dir the corpus is first prepared as a TFDS dataset (array_record) and read back
 through it; the blocks are identical to the JSONL path.  A data_dir prepared from another corpus is refused.
 
+The JSONL input is split into shards of --records_per_shard passages built by --workers processes (default: one
+per core) in `.<out>.building/` beside --out; a build that was stopped resumes there, keeping its finished shards,
+and the shards are merged into one store identical to a single-process build (`realm_jax.data.parallel_build`).
+
 --out=gs://BUCKET/blocks builds in a local temporary directory (--tmp_dir), then uploads every file and the
 manifest last; it refuses, before building, a prefix under which anything exists, and a failed upload deletes
 what it wrote.  Jobs read a staged local copy: python launch/stage_blocks.py --source=gs://BUCKET/blocks
@@ -34,7 +38,8 @@ from launch import cli
 from realm_jax import storage
 from realm_jax.data import staging
 from realm_jax.data.blocks import build_block_store, check_block_store_destination
-from realm_jax.data.corpus import fingerprint_files, read_documents
+from realm_jax.data.corpus import fingerprint_files
+from realm_jax.data.parallel_build import build_sharded, default_workers
 from realm_jax.data.tokenization import load_tokenizer, minilm_dir
 from realm_jax.errors import InputError
 
@@ -55,6 +60,9 @@ _MAX_BLOCK_LEN = flags.DEFINE_integer(
 )
 _MAX_TITLE_LEN = flags.DEFINE_integer("max_title_len", 64, "Titles are truncated to this many word pieces.")
 _TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "Go through the TFDS builder with this data_dir.")
+_WORKERS = flags.DEFINE_integer("workers", None, "Worker processes for the JSONL input (default: one per core).")
+_RECORDS_PER_SHARD = flags.DEFINE_integer("records_per_shard", 50_000,
+                                          "Passages per shard: the unit of parallel work and of resumption.")
 _TMP_DIR = flags.DEFINE_string("tmp_dir", None, "Local directory for the build before a gs:// upload "
                                "(default: the system's temporary directory).")
 
@@ -74,23 +82,22 @@ def main(argv):
     print("note: no --entities, so the blocks have no entity spans: salient-span masking has only the date-regex "
           "spans to mask", file=sys.stderr)
   fingerprint = fingerprint_files(_PASSAGES.value, entities)
-  tokenizer = load_tokenizer(_VOCAB.value or minilm_dir() / "vocab.txt")
-  if _TFDS_DATA_DIR.value:
+  vocab = os.fspath(_VOCAB.value or minilm_dir() / "vocab.txt")
+  tokenizer = load_tokenizer(vocab)
+
+  def build(out: str) -> dict:
+    if not _TFDS_DATA_DIR.value:
+      return build_sharded(
+          _PASSAGES.value, entities, out, vocab, fingerprint, max_block_len=_MAX_BLOCK_LEN.value,
+          max_title_len=_MAX_TITLE_LEN.value, skip_empty_documents=_SKIP_EMPTY.value, overwrite=_OVERWRITE.value,
+          workers=_WORKERS.value or default_workers(), records_per_shard=_RECORDS_PER_SHARD.value)
     from realm_jax.data.tfds_corpus import prepare_corpus, read_tfds_documents
 
     builder = prepare_corpus(_TFDS_DATA_DIR.value, _PASSAGES.value, entities, fingerprint)
-    documents = read_tfds_documents(builder)
-    total = builder.info.splits["train"].num_examples
-  else:
-    documents = read_documents(_PASSAGES.value, entities)
-    with open(_PASSAGES.value, "rb") as f:
-      total = sum(1 for line in f if line.strip())
-
-  def build(out: str) -> dict:
     return build_block_store(
-        documents, out, tokenizer, fingerprint, max_block_len=_MAX_BLOCK_LEN.value,
-        max_title_len=_MAX_TITLE_LEN.value, total=total, source=_PASSAGES.value,
-        skip_empty_documents=_SKIP_EMPTY.value, overwrite=_OVERWRITE.value,
+        read_tfds_documents(builder), out, tokenizer, fingerprint, max_block_len=_MAX_BLOCK_LEN.value,
+        max_title_len=_MAX_TITLE_LEN.value, total=builder.info.splits["train"].num_examples,
+        source=_PASSAGES.value, skip_empty_documents=_SKIP_EMPTY.value, overwrite=_OVERWRITE.value,
     )
 
   if remote:

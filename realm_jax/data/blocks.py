@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -140,9 +141,16 @@ class BlockPacker:
   def label_id(self, label: str) -> int:
     return self.labels.setdefault(label, len(self.labels))
 
-  def pack(self, doc: Document) -> list[Block]:
-    """Greedy packing of one document's sentences (no blocks for a skipped empty document)."""
-    ids, offsets = self.tokenizer.encode(doc.text)
+  def pack_batch(self, docs: Sequence[Document]) -> list[list[Block]]:
+    """`pack` of each document, their texts and titles tokenized in one batch each (the tokenizer's batch call)."""
+    texts = self.tokenizer.encode_batch([doc.text for doc in docs])
+    titles = self.tokenizer.encode_batch([doc.title for doc in docs])
+    return [self.pack(doc, (*text, title[0])) for doc, text, title in zip(docs, texts, titles, strict=True)]
+
+  def pack(self, doc: Document, encoded: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> list[Block]:
+    """Greedy packing of one document's sentences (no blocks for a skipped empty document); `encoded`: its
+    (ids, offsets, title ids) if already tokenized."""
+    ids, offsets, title_ids = encoded or (*self.tokenizer.encode(doc.text), self.tokenizer.encode(doc.title)[0])
     if not len(ids):
       if self.skip_empty_documents:
         self.stats["documents_skipped_empty"] += 1
@@ -150,7 +158,6 @@ class BlockPacker:
       where = f"{doc.source}: " if doc.source else ""
       raise CorpusError(f"{where}field 'text': document {doc.doc_id!r} is empty (has no word pieces); pass "
                         "--skip_empty_documents to skip and count such documents")
-    title_ids, _ = self.tokenizer.encode(doc.title)
     if len(title_ids) > self.max_title_len:
       self.stats["titles_truncated"] += 1
       title_ids = title_ids[: self.max_title_len]
@@ -232,7 +239,7 @@ class DocumentSpans:
 
   def in_tokens(self, begin: int, end: int) -> tuple[list[int], int]:
     """(indices, in span order, of the spans wholly inside pieces [begin, end); how many others overlap them)."""
-    lo, hi = np.searchsorted(self.sorted_first, [begin, end], side="left")
+    lo, hi = np.searchsorted(self.sorted_first, [begin, end], side="left").tolist()
     starting_here = self.order[lo:hi]
     ends_inside = np.asarray([self.last[i] < end for i in starting_here.tolist()], bool)
     from_before = lo - int(np.searchsorted(self.sorted_last, begin, side="left"))  # start before, reach begin
@@ -240,6 +247,7 @@ class DocumentSpans:
     return sorted(starting_here[ends_inside].tolist()), crossing
 
 
+TOKENIZER_BATCH = 64  # documents tokenized per batch call
 # name -> (dtype, trailing shape)
 ARRAYS: dict[str, tuple[str, tuple[int, ...]]] = {
     "title_ids": ("int32", ()),
@@ -351,7 +359,8 @@ def offsets_problem(offsets: np.ndarray, end: int, indexed: str) -> str | None:
   return None
 
 
-def _local_out(out_dir: storage.PathLike) -> epath.Path:
+def check_local_out(out_dir: storage.PathLike) -> epath.Path:
+  """`out_dir` as a local path; a remote one is refused with the way to build it."""
   return storage.local_path(out_dir, "a block store being written",
                             "build it locally, or run launch/build_blocks.py --out=gs://... (builds locally, then "
                             "uploads)")
@@ -363,7 +372,7 @@ def check_block_store_destination(out_dir: storage.PathLike, overwrite: bool = F
   `out_dir` must be absent, an empty directory, or a block store (its manifest, the files its `files` table names,
   maybe `.staged.json`, and nothing else), which is replaced only with `overwrite`; anything else is refused.
   """
-  out_dir = _local_out(out_dir)
+  out_dir = check_local_out(out_dir)
   keep = "a build never deletes what it did not write: choose another --out, or remove it yourself"
   if os.path.islink(out_dir):
     raise BlockStoreError(f"{out_dir}: --out is a symbolic link; {keep}")
@@ -409,6 +418,7 @@ def write_block_store(
     *,
     source: str = "the documents",
     overwrite: bool = False,
+    allow_empty: bool = False,
 ) -> dict:
   """Streams blocks into a unique hidden sibling of `out_dir` (local disk), renamed to `out_dir` when complete.
 
@@ -418,14 +428,22 @@ def write_block_store(
   are written (e.g. to add packing statistics).  The manifest's `files` table gets the size and sha256 of every
   file, hashed while it is written.
   """
-  out_dir = _local_out(out_dir)
+  return write_store_directory(
+      lambda staging: {**_write_store_files(blocks, staging, tokenizer, max_block_len, corpus_fingerprint, source,
+                                            allow_empty), **manifest_extras()}, out_dir, overwrite)
+
+
+def write_store_directory(write: Callable[[epath.Path], dict[str, Any]], out_dir: storage.PathLike,
+                          overwrite: bool = False) -> dict:
+  """Runs `write(staging)` (writes a store's files into `staging`, returns its manifest) in a unique hidden sibling
+  of `out_dir`, writes the manifest, and renames the sibling to `out_dir` (`_publish`); removed on any failure."""
+  out_dir = check_local_out(out_dir)
   check_block_store_destination(out_dir, overwrite)
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   staging = out_dir.parent / f".{out_dir.name}.staging-{uuid.uuid4().hex}"
   staging.mkdir()
   try:
-    manifest = _write_store_files(blocks, staging, tokenizer, max_block_len, corpus_fingerprint, source)
-    manifest.update(manifest_extras())
+    manifest = write(staging)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     _publish(staging, out_dir, overwrite)
   finally:
@@ -435,8 +453,9 @@ def write_block_store(
 
 
 def _write_store_files(blocks: Iterable[Block], directory: epath.Path, tokenizer: Tokenizer, max_block_len: int,
-                       corpus_fingerprint: str, source: str) -> dict[str, Any]:
-  """Writes every file of a store but its manifest into `directory`; returns the manifest (without extras)."""
+                       corpus_fingerprint: str, source: str, allow_empty: bool = False) -> dict[str, Any]:
+  """Writes every file of a store but its manifest into `directory`; returns the manifest (without extras).
+  No blocks is a `CorpusError` unless `allow_empty` (a shard of a parallel build)."""
   counts = Counter()
   offsets = {"title": 0, "body": 0, "sentence": 0, "span": 0, "text": 0}
   with contextlib.ExitStack() as stack:
@@ -465,7 +484,7 @@ def _write_store_files(blocks: Iterable[Block], directory: epath.Path, tokenizer
       files["uids"].write(block.uid)
       counts["blocks"] += 1
   n = counts["blocks"]
-  if not n:
+  if not n and not allow_empty:
     raise CorpusError(f"{source}: no blocks to write: no document has word pieces (the corpus is empty); give a "
                       "passages file with at least one non-empty document")
   file_table = {f"{name}.bin": f.entry() for name, f in files.items()}
@@ -474,23 +493,29 @@ def _write_store_files(blocks: Iterable[Block], directory: epath.Path, tokenizer
       "title_ids": offsets["title"], "body_ids": offsets["body"],
       "sentence_starts": offsets["sentence"], "spans": offsets["span"], "uids": n,
   }
+  special = {"pad": tokenizer.pad_id, "cls": tokenizer.cls_id, "sep": tokenizer.sep_id, "mask": tokenizer.mask_id}
+  return store_manifest(n, max_block_len, tokenizer.fingerprint, tokenizer.vocab_size, special, corpus_fingerprint,
+                        lengths, file_table)
+
+
+def store_manifest(num_blocks: int, max_block_len: int, tokenizer: str, vocab_size: int, special_ids: dict[str, int],
+                   corpus_fingerprint: str, lengths: dict[str, int], files: dict[str, dict]) -> dict[str, Any]:
+  """A store's manifest but its extras: `lengths` gives the rows of the arrays that are not offsets (offsets
+  arrays have num_blocks + 1), `files` the size and sha256 of every file."""
   arrays = {}
   for name, (dtype, tail) in ARRAYS.items():
-    rows = lengths.get(name, n + 1)
+    rows = lengths.get(name, num_blocks + 1)
     arrays[name] = {"dtype": dtype, "shape": [rows, *tail]}
   return {
       "format_version": FORMAT_VERSION,
-      "num_blocks": n,
+      "num_blocks": num_blocks,
       "max_block_len": max_block_len,
-      "tokenizer": tokenizer.fingerprint,
-      "vocab_size": tokenizer.vocab_size,
-      "special_ids": {
-          "pad": tokenizer.pad_id, "cls": tokenizer.cls_id,
-          "sep": tokenizer.sep_id, "mask": tokenizer.mask_id,
-      },
+      "tokenizer": tokenizer,
+      "vocab_size": vocab_size,
+      "special_ids": special_ids,
       "corpus_fingerprint": corpus_fingerprint,
       "arrays": arrays,
-      "files": file_table,
+      "files": files,
       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
 
@@ -666,8 +691,11 @@ def build_block_store(
     source: str = "the documents",
     skip_empty_documents: bool = False,
     overwrite: bool = False,
+    progress: bool = True,
+    allow_empty: bool = False,
 ) -> dict:
-  """Packs documents into blocks and writes the store; returns the manifest (with stats).
+  """Packs documents into blocks and writes the store; returns the manifest (with stats).  Documents are
+  tokenized `TOKENIZER_BATCH` at a time.
 
   `source` names the input in errors (e.g. the passages file); `skip_empty_documents` is `BlockPacker`'s,
   `overwrite` is `write_block_store`'s.
@@ -675,14 +703,16 @@ def build_block_store(
   packer = BlockPacker(tokenizer, max_block_len, max_title_len, skip_empty_documents=skip_empty_documents)
 
   def blocks() -> Iterator[Block]:
-    for doc in tqdm(documents, total=total, desc="blocks", unit="doc", mininterval=2.0):
-      packer.stats["documents"] += 1
-      for block in packer.pack(doc):
-        packer.stats["tokens"] += len(block.body_ids)
-        yield block
+    docs = iter(tqdm(documents, total=total, desc="blocks", unit="doc", mininterval=2.0, disable=not progress))
+    while batch := list(itertools.islice(docs, TOKENIZER_BATCH)):
+      packer.stats["documents"] += len(batch)
+      for packed in packer.pack_batch(batch):
+        for block in packed:
+          packer.stats["tokens"] += len(block.body_ids)
+          yield block
 
   return write_block_store(
       blocks(), out_dir, tokenizer, max_block_len, corpus_fingerprint,
       manifest_extras=lambda: {"span_labels": packer.labels, "stats": dict(packer.stats)},
-      source=source, overwrite=overwrite,
+      source=source, overwrite=overwrite, allow_empty=allow_empty,
   )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import itertools
 import json
 import re
 import reprlib
@@ -85,14 +86,27 @@ def _field(record: dict, name: str, kind: type, where: str):
   return value
 
 
-def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
-  """(line number, text) of the non-blank lines, line ends removed: UTF-8 (optional BOM), LF or CRLF, maybe gzip."""
+def _read_lines(path: Path, start: tuple[int, int] = (0, 0)) -> Iterator[tuple[int, str]]:
+  """(line number, text) of the non-blank lines, line ends removed: UTF-8 (optional BOM), LF or CRLF, maybe gzip.
+
+  `start`: (byte offset, line number) to begin at, a `record_positions` entry (a gzip file's offsets are of its
+  decompressed bytes; reaching one decompresses what comes before)."""
+  for lineno, line, _ in _lines_at(path, start):
+    yield lineno, line
+
+
+def _lines_at(path: Path, start: tuple[int, int] = (0, 0)) -> Iterator[tuple[int, str, int]]:
+  """`_read_lines` with each line's byte offset: (line number, text, offset)."""
   if not path.is_file():
     raise FileNotFoundError(f"{path}: file not found")
   with path.open("rb") as f:
     gzipped = f.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC
+  offset, lineno = start
   with gzip.open(path, "rb") if gzipped else path.open("rb") as f:
-    lineno = 0
+    try:
+      f.seek(offset)
+    except (OSError, EOFError, zlib.error) as e:
+      raise CorpusError(f"{path}: corrupt or truncated gzip data before byte {offset} ({e})") from e
     while True:
       try:
         raw = f.readline()
@@ -103,6 +117,7 @@ def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
       if not raw:
         return
       lineno += 1
+      at, offset = offset, offset + len(raw)
       if lineno == 1 and raw.startswith(_UTF8_BOM):
         raw = raw[len(_UTF8_BOM):]
       try:
@@ -111,7 +126,18 @@ def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
         raise CorpusError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start + 1} of the line)") from e
       line = line.rstrip("\r\n")
       if line.strip():
-        yield lineno, line
+        yield lineno, line, at
+
+
+def record_positions(path: str | Path, every: int) -> tuple[int, list[tuple[int, int]]]:
+  """(records, where records 0, every, 2 * every, ... begin): the non-blank lines of `path` (as `read_documents`
+  reads them) counted in one pass, with the (byte offset, line number before it) that `_read_lines` starts at."""
+  positions, count = [], 0
+  for lineno, _, at in _lines_at(Path(path)):
+    if count % every == 0:
+      positions.append((at, lineno - 1))
+    count += 1
+  return count, positions
 
 
 def validate_spans(ents: object, text: str, where: str) -> tuple[tuple[int, int, str], ...]:
@@ -137,12 +163,19 @@ def validate_spans(ents: object, text: str, where: str) -> tuple[tuple[int, int,
   return tuple(spans)
 
 
-def read_documents(passages: str | Path, entities: str | Path | None = None) -> Iterator[Document]:
-  """Yields documents in file order; entity line i must describe passage line i."""
+def read_documents(passages: str | Path, entities: str | Path | None = None,
+                   start: tuple[tuple[int, int], tuple[int, int] | None] | None = None,
+                   count: int | None = None) -> Iterator[Document]:
+  """Yields documents in file order; entity line i must describe passage line i.
+
+  A part of the corpus (a shard): `start` = where its first passage and entity records begin
+  (`record_positions`), `count` = how many records (None: to the end, where the files must end together).
+  Duplicate ids are found within what is read."""
   passages = Path(passages)
-  entity_lines = _read_lines(Path(entities)) if entities else None
+  passages_at, entities_at = start or ((0, 0), (0, 0))
+  entity_lines = _read_lines(Path(entities), entities_at or (0, 0)) if entities else None
   seen_ids: set[str] = set()
-  for lineno, line in _read_lines(passages):
+  for lineno, line in itertools.islice(_read_lines(passages, passages_at), count):
     where = f"{passages}:{lineno}"
     record = _parse_json_line(passages, lineno, line)
     doc_id = _field(record, "id", str, where)
@@ -164,7 +197,7 @@ def read_documents(passages: str | Path, entities: str | Path | None = None) -> 
         raise CorpusError(f"{ent_where}: field 'id': {ent_id!r} does not match passage {doc_id!r} ({where})")
       spans = validate_spans(_field(ent_record, "ents", list, ent_where), text, ent_where)
     yield Document(doc_id, title, text, spans, where)
-  if entity_lines is not None:
+  if entity_lines is not None and count is None:
     for ent_lineno, _ in entity_lines:
       raise CorpusError(f"{entities}:{ent_lineno}: more entity lines than passages in {passages}")
 
