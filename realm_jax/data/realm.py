@@ -20,7 +20,9 @@ evaluation excludes trivial retrievals even in the keep-trivial ablation).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
 
 import grain
 import numpy as np
@@ -49,43 +51,52 @@ class RealmDataConfig:
 
 
 def maskable_blocks(store: BlockStore, excluded: np.ndarray, query_len: int,
-                    chunk_blocks: int = 1 << 20) -> np.ndarray:
+                    chunk_blocks: int = 1 << 18) -> np.ndarray:
   """Ids of the blocks with a salient span `MaskedQueries._valid_spans` accepts (label not `excluded`, inside
   one sentence, its sentence's start to the span's end fitting a query of `query_len`), ascending; vectorised
-  over the store's CSR arrays a chunk of blocks at a time (memory: the chunk's spans, not the store's)."""
+  over the store's CSR arrays a chunk of blocks at a time, chunks on one thread per core (numpy releases the GIL),
+  memory: a few chunks' spans, not the store's."""
+  firsts = range(0, store.num_blocks, chunk_blocks)
+  with concurrent.futures.ThreadPoolExecutor(min(len(firsts), os.cpu_count() or 1) or 1) as pool:
+    found = list(pool.map(lambda first: _maskable_in(store, excluded, query_len, first,
+                                                     min(first + chunk_blocks, store.num_blocks)), firsts))
+  return np.concatenate(found or [np.zeros(0, np.int64)]).astype(np.int64)
+
+
+def _maskable_in(store: BlockStore, excluded: np.ndarray, query_len: int, first: int, last: int) -> np.ndarray:
+  """`maskable_blocks` of blocks [first, last), indices local to the chunk (int32: every index here is below the
+  chunk's sentence or span count)."""
   a = store.arrays
-  found = []
-  for first in range(0, store.num_blocks, chunk_blocks):
-    last = min(first + chunk_blocks, store.num_blocks)
-    blocks = np.arange(first, last)
-    span_rows = np.asarray(a["span_offsets"][first : last + 1])
-    spans = np.asarray(a["spans"][span_rows[0] : span_rows[-1]])
-    span_block = np.repeat(blocks, np.diff(span_rows))
-    # Each block's sentence bounds (its sentence starts, then its body length) laid end to end: block b's are
-    # bounds[base[b] : base[b] + count[b]], ascending, so one searchsorted over (block, position) keys finds
-    # every span's sentence.
-    sentence_rows = np.asarray(a["sentence_offsets"][first : last + 1])
-    starts = np.asarray(a["sentence_starts"][sentence_rows[0] : sentence_rows[-1]], np.int64)
-    body_len = np.diff(np.asarray(a["body_offsets"][first : last + 1]))
-    count = np.diff(sentence_rows) + 1
-    base = np.concatenate([[0], np.cumsum(count)[:-1]])
-    bounds = np.empty(int(count.sum()), np.int64)
-    is_end = np.zeros(len(bounds), bool)
-    is_end[base + count - 1] = True
-    bounds[is_end], bounds[~is_end] = body_len, starts
-    bound_block = np.repeat(blocks, count)
-    scale = int(body_len.max(initial=0)) + 1
-    local = base[span_block - first]
-    sentence = np.searchsorted(bound_block * scale + bounds, span_block * scale + spans[:, 0], side="right") - 1
-    sentence -= local  # as in _valid_spans: the last sentence starting at or before the span's start (-1: none)
-    sentence_start = bounds[local + sentence % count[span_block - first]]
-    sentence_end = bounds[local + sentence + 1]
-    valid = (~np.isin(spans[:, 2], excluded) & (spans[:, 1] <= sentence_end)
-             & (spans[:, 1] - sentence_start <= query_len - 2))
-    has_valid = np.zeros(last - first, bool)
-    has_valid[span_block[valid] - first] = True
-    found.append(first + np.flatnonzero(has_valid))
-  return np.concatenate(found).astype(np.int64)
+  span_rows = np.asarray(a["span_offsets"][first : last + 1])
+  spans = np.asarray(a["spans"][span_rows[0] : span_rows[-1]])
+  span_block = np.repeat(np.arange(last - first, dtype=np.int32), np.diff(span_rows))
+  # Each block's sentence bounds (its sentence starts, then its body length) laid end to end: block b's are
+  # bounds[base[b] : base[b] + count[b]], ascending, so one searchsorted over (block, position) keys finds every
+  # span's sentence.
+  sentence_rows = np.asarray(a["sentence_offsets"][first : last + 1])
+  starts = np.asarray(a["sentence_starts"][sentence_rows[0] : sentence_rows[-1]], np.int32)
+  body_len = np.diff(np.asarray(a["body_offsets"][first : last + 1])).astype(np.int32)
+  count = (np.diff(sentence_rows) + 1).astype(np.int32)
+  end = np.cumsum(count, dtype=np.int32)
+  base = end - count
+  is_end = np.zeros(int(end[-1]) if len(end) else 0, bool)
+  is_end[end - 1] = True
+  bounds = np.empty(len(is_end), np.int32)
+  bounds[is_end], bounds[~is_end] = body_len, starts
+  scale = np.int32(int(body_len.max(initial=0)) + 1)
+  keys = np.repeat(np.arange(last - first, dtype=np.int32), count) * scale + bounds
+  local = base[span_block]
+  # As in _valid_spans: the last sentence starting at or before the span's start (-1: none, whose "start" is the
+  # body length, bounds[-1], and whose end is the first bound).
+  sentence = np.searchsorted(keys, span_block * scale + spans[:, 0], side="right").astype(np.int32) - 1
+  sentence_end = bounds[sentence + 1]
+  sentence_start = np.where(sentence >= local, bounds[np.maximum(sentence, 0)], body_len[span_block])
+  labels = np.ones(int(max(spans[:, 2].max(initial=0), excluded.max(initial=0))) + 1, bool)
+  labels[excluded] = False
+  valid = labels[spans[:, 2]] & (spans[:, 1] <= sentence_end) & (spans[:, 1] - sentence_start <= query_len - 2)
+  has_valid = np.zeros(last - first, bool)
+  has_valid[span_block[valid]] = True
+  return first + np.flatnonzero(has_valid)
 
 
 class MaskedQueries:

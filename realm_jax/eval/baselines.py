@@ -4,6 +4,9 @@ BM25 follows the small corpus's reference setting (k1 0.9, b 0.4, English stop w
 MiniLM zero-shot is the sentence-transformers recipe: mean of the last hidden states over the
 non-padding tokens, L2-normalised, cosine similarity.  NB: all-MiniLM-L6-v2 was trained on NQ and
 SQuAD question-passage pairs, so its NQ numbers are not zero-shot in the usual sense.
+
+Both hold the whole corpus on this host (BM25: every text and its inverted index; MiniLM: an [N, 384] float32
+matrix embedded here), so both are refused above `MAX_BASELINE_BLOCKS` (`check_baseline_size`).
 """
 
 from __future__ import annotations
@@ -23,13 +26,25 @@ from realm_jax import partitioning
 from realm_jax.data.blocks import BlockStore
 from realm_jax.data.openqa import OpenQaDataConfig, OpenQaFeaturizer
 from realm_jax.data.tokenization import Tokenizer
+from realm_jax.errors import InputError
 from realm_jax.models.bert import BertConfig, BertEncoder
 from realm_jax.refresh.refresher import embedding_batches
 from realm_jax.retrieval.mips import ExactSearcher
 
+MAX_BASELINE_BLOCKS = 2_000_000
+
+
+def check_baseline_size(name: str, store: BlockStore) -> None:
+  """Refuses an in-memory baseline over a store larger than `MAX_BASELINE_BLOCKS`, saying how to leave it out."""
+  if store.num_blocks > MAX_BASELINE_BLOCKS:
+    raise InputError(f"{store.path}: {store.num_blocks:,} blocks; the {name} baseline holds the whole corpus in "
+                     f"memory and is refused above {MAX_BASELINE_BLOCKS:,} blocks: leave it out with "
+                     "--gin_bindings='openqa_eval.run_evaluation.baselines = []'")
+
 
 class Bm25Retriever:
   def __init__(self, store: BlockStore, k1: float = 0.9, b: float = 0.4):
+    check_baseline_size("bm25", store)
     texts = [f"{t['title']} {t['text']}" for t in store.iter_texts()]
     self.bm25 = bm25s.BM25(k1=k1, b=b)
     self.bm25.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
@@ -46,6 +61,7 @@ class MeanPoolRetriever:
 
   def __init__(self, encoder: BertConfig, params: dict, store: BlockStore, tokenizer: Tokenizer, mesh,
                block_len: int = 288, batch_size: int = 64, length_bucket: int = 32):
+    check_baseline_size("minilm", store)
     self.store, self.mesh = store, mesh
     self.featurizer = OpenQaFeaturizer(store, tokenizer, OpenQaDataConfig())
     model = BertEncoder(dataclasses.replace(encoder, pooling="mean"))

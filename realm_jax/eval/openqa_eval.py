@@ -1,9 +1,11 @@
 """Open-QA evaluation: exact match, retrieval answer-recall@k, baselines and the answer-in-corpus ceiling.
 
 Answer-recall@k: an answer string (or the CuratedTrec regex) occurs in the text of one of the top k blocks
-(ORQA's `HasAnswer`, the retriever's own supervision).  The ceiling is the share of questions with an
-answer somewhere in the block store.  For NQ-open the subset whose gold passage is in the store is also
-reported.  Per dataset, `<out>/<name>.json` holds every prediction with the blocks it was read from.
+(ORQA's `HasAnswer`, the retriever's own supervision), each block's text read from the store when asked.  The
+ceiling is the share of questions with an answer somewhere in the block store: one streaming pass over the texts
+for all questions of a dataset (`corpus_answers`), cached in the output folder.  For NQ-open the subset whose
+gold passage is in the store is also reported (found in the same pass).  Per dataset, `<out>/<name>.json` holds
+every prediction with the blocks it was read from.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from realm_jax.data.blocks import BlockStore
 from realm_jax.data.questions import Question, read_questions
 from realm_jax.errors import InputError
 from realm_jax.eval.answers import exact_match, has_answer
-from realm_jax.eval.baselines import Bm25Retriever, MeanPoolRetriever
+from realm_jax.eval.baselines import Bm25Retriever, MeanPoolRetriever, check_baseline_size
+from realm_jax.eval.corpus_answers import cached_answer_in_corpus
 from realm_jax.eval.predict import Predictor, load_predictor
 from realm_jax.models.bert import BertConfig
 from realm_jax.objectives.ict import load_pretrained_encoder, resolve_checkpoint
@@ -35,8 +38,8 @@ class Retriever(Protocol):
   def search(self, questions: list[str], k: int) -> np.ndarray: ...
 
 
-def answer_hits(texts: Sequence[str], question: Question, ids: np.ndarray) -> np.ndarray:
-  return np.asarray([has_answer(texts[int(i)], question.answers, question.is_regex) for i in ids])
+def answer_hits(store: BlockStore, question: Question, ids: np.ndarray) -> np.ndarray:
+  return np.asarray([has_answer(store.text(int(i))["text"], question.answers, question.is_regex) for i in ids])
 
 
 def recall(hits: list[np.ndarray], ks: Sequence[int]) -> dict[str, float]:
@@ -49,9 +52,9 @@ class Subset:
   indices: np.ndarray
 
 
-def subsets(name: str, questions: list[Question], store_doc_ids: set[str]) -> list[Subset]:
+def subsets(name: str, questions: list[Question], gold_in_corpus: np.ndarray) -> list[Subset]:
   everything = [Subset(name, np.arange(len(questions)))]
-  gold = np.asarray([i for i, q in enumerate(questions) if store_doc_ids.intersection(q.gold_passage_ids)])
+  gold = np.flatnonzero(gold_in_corpus)
   if len(gold) and len(gold) < len(questions):
     everything.append(Subset(f"{name} (gold passage in corpus)", gold))
   return everything
@@ -71,24 +74,21 @@ def evaluate(
   `read=False` skips the span reader: retrieval recall only, no EM and no per-question predictions."""
   out_dir = storage.as_path(out_dir)
   storage.make_dirs(out_dir)
-  texts = [t["text"] for t in store.iter_texts()]
-  doc_ids = {t["doc_id"] for t in store.iter_texts()}
   k_max = min(max(ks), store.num_blocks)
   rows = []
   for name, questions in datasets.items():
     strings = [q.question for q in questions]
-    ceiling = np.asarray([any(has_answer(t, q.answers, q.is_regex) for t in texts)
-                          for q in tqdm(questions, desc=f"{name}: answer-in-corpus", mininterval=2.0)])
+    ceiling, gold_in_corpus = cached_answer_in_corpus(store, name, questions, out_dir)
     systems: dict[str, list[np.ndarray]] = {}
     correct = None
     if predictor is not None and not read:
       ids = predictor.search(strings, k_max)
-      systems["realm-jax"] = [answer_hits(texts, q, ids[i]) for i, q in enumerate(questions)]
+      systems["realm-jax"] = [answer_hits(store, q, ids[i]) for i, q in enumerate(questions)]
     elif predictor is not None:
       predictions = []
       for first in tqdm(range(0, len(strings), batch_size), desc=f"{name}: realm-jax", mininterval=2.0):
         predictions += predictor.answer(strings[first : first + batch_size], k_max, batch_size)
-      systems["realm-jax"] = [answer_hits(texts, q, p.retrieved) for q, p in zip(questions, predictions, strict=True)]
+      systems["realm-jax"] = [answer_hits(store, q, p.retrieved) for q, p in zip(questions, predictions, strict=True)]
       correct = np.asarray([exact_match(p.answer, q.answers, q.is_regex)
                             for q, p in zip(questions, predictions, strict=True)])
       records = [{
@@ -100,8 +100,8 @@ def evaluate(
       storage.write_once(out_dir / f"{name}.json", json.dumps(records, indent=1, ensure_ascii=False).encode())
     for system, retriever in baselines.items():
       ids = retriever.search(strings, k_max)
-      systems[system] = [answer_hits(texts, q, ids[i]) for i, q in enumerate(questions)]
-    for subset in subsets(name, questions, doc_ids):
+      systems[system] = [answer_hits(store, q, ids[i]) for i, q in enumerate(questions)]
+    for subset in subsets(name, questions, gold_in_corpus):
       for system, hits in systems.items():
         row = {"dataset": subset.name, "system": system, "questions": len(subset.indices),
                "answer_in_corpus": 100.0 * float(ceiling[subset.indices].mean()),
@@ -145,6 +145,8 @@ def run_evaluation(
   if unknown:
     raise InputError(f"run_evaluation.baselines: unknown baseline {unknown[0]!r}; known: bm25, minilm")
   store = spec.store()
+  for name in baselines:
+    check_baseline_size(name, store)
   predictor = load_predictor(workdir, spec, mesh)
   systems: dict[str, Retriever] = {}
   for name in baselines:
