@@ -5,7 +5,7 @@ r"""Paper scale on this machine: synthetic 13,353,718-block stores and indexes, 
 
 For each size it writes, once, a block store in the real on-disk format (`realm_jax.data.blocks`: manifest with
 its `files` table, CSR arrays, texts.jsonl) with Wikipedia-like shapes (90% of blocks full at 288 word pieces,
-about 10 sentences and 28 salient spans per block; texts are short stand-ins) and an N x 128 float32 index
+about 10 sentences and 28 salient spans per block; the texts are the small corpus's real passages, cycled) and an N x 128 float32 index
 published through `realm_jax.retrieval.index.publish_index` (commit object, sha256s).  Generation is vectorised
 (numpy per chunk of blocks).  Each stage then runs in its own process, so its peak RSS is its own:
 
@@ -20,10 +20,20 @@ published through `realm_jax.retrieval.index.publish_index` (commit object, sha2
   host_step_512  candidate_inputs, span_in_candidates (the same at 512 x 8: one host holding the whole batch)
   startup        a trainer host's start-up over the store: MaskedQueries (maskable blocks, held-out split of
                  1000 blocks), as at every start and preemption restart
+  ceiling_nq     the answer-in-corpus ceiling (eval/corpus_answers.py: one streaming pass over texts.jsonl) of
+  ceiling_trec   the small corpus's NQ-open dev questions / CuratedTrec test regexes
   refresh_1      one refresher pass's host pipeline (bench/refresh_pipeline.py: input building, background
                  queue, a stand-in embedding step on 1 CPU device), blocks/s, then its publish (publish_index)
   refresh_2      the same as 2 processes (gloo, 1 CPU device each; a 2-host refresher): each embeds, holds and
                  writes only its half of the rows, process 0 commits; peak RSS is the larger process's
+
+Block building runs on real text: the small corpus's 31,395 Wikipedia passages and spaCy entities
+(../shared/data/realm_small_corpus), repeated to --build_sizes passages with fresh ids:
+
+  build_1w       launch/build_blocks.py's sharded build (realm_jax.data.parallel_build) with 1 worker process
+  build_2w       the same with 2 (this machine's cores): blocks/s, per core, and the 2-worker scaling
+  long_<k>       1 worker over the first 31,395 passages joined k at a time into articles of ~k blocks
+                 (k = 1, 10, 100): time per block across document lengths (linear span matching: flat)
 
 Results land in `<root>/results.jsonl` as each stage finishes (a rerun skips what is there); the
 "Paper scale on this machine" section of BENCHMARKS.md is rendered from it.  No embedding tower runs here: what
@@ -54,9 +64,13 @@ from realm_jax.data import blocks as blocks_lib  # noqa: E402
 _ROOT = flags.DEFINE_string("root", "/tmp/realm-jax-scale", "Where the synthetic stores and indexes go.")
 _SIZES = flags.DEFINE_list("sizes", ["1000000", "4000000", "13353718"], "Block counts.")
 _STAGES = flags.DEFINE_list("stages", ["open_store", "load_index", "swap_8", "search_64", "bf16_recall",
-                                       "host_step_64", "host_step_512", "startup", "refresh_1",
-                                       "refresh_2"],
+                                       "host_step_64", "host_step_512", "startup", "ceiling_nq",
+                                       "ceiling_trec", "refresh_1", "refresh_2"],
                             "Stages to time at every size.")
+_BUILD_SIZES = flags.DEFINE_list("build_sizes", ["31395", "125580", "502320"],
+                                 "Passages of real text for the building stages (the small corpus repeated).")
+_BUILD_STAGES = flags.DEFINE_list("build_stages", ["build_1w", "build_2w", "long_1", "long_10", "long_100"],
+                                  "Building stages (long_* run once, at the smallest build size).")
 _OUT = flags.DEFINE_string("report_to", "BENCHMARKS.md", "Markdown file whose section is rewritten ('' for none).")
 _STAGE = flags.DEFINE_string("stage", None, "(internal) run one stage in this process and print its JSON.")
 _SIZE = flags.DEFINE_integer("size", None, "(internal) the block count of --stage.")
@@ -65,6 +79,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "(internal) a multi-pr
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "(internal) this process of a multi-process stage.")
 
 SECTION = "## Paper scale on this machine (bench/scale.py)"
+SMALL_CORPUS = REPO.parent / "shared" / "data" / "realm_small_corpus"
 PAPER_BLOCKS = 13_353_718
 DIM = 128
 CHUNK_BLOCKS = 250_000
@@ -128,41 +143,50 @@ def make_store(size: int) -> dict:
   staging.mkdir(parents=True, exist_ok=True)
   files = {name: storage.HashingFile(open(staging / f"{name}.bin", "wb")) for name in blocks_lib.ARRAYS}
   texts = storage.HashingFile(open(staging / blocks_lib.TEXTS, "wb"))
-  rows = {"title": 0, "body": 0, "sentence": 0, "span": 0, "text": 0}
-  for name in ("title_offsets", "body_offsets", "sentence_offsets", "span_offsets", "text_offsets"):
+  rows = {"title": 0, "body": 0, "sentence": 0, "span": 0, "text": 0, "block_text": 0}
+  for name in blocks_lib.OFFSETS:
     files[name].write(np.int64(0).tobytes())
+  passages = [json.loads(line) for line in (SMALL_CORPUS / "passages.jsonl").open(encoding="utf-8")]
   rng = np.random.default_rng(size)
   for first in range(0, size, CHUNK_BLOCKS):
     count = min(CHUNK_BLOCKS, size - first)
     chunk = _synthetic_chunk(rng, count, tokenizer.vocab_size)
     for key, data, lengths in (("title", "title_ids", "title_len"), ("body", "body_ids", "body_len"),
                                ("sentence", "sentence_starts", "num_sentences"), ("span", "spans", "num_spans")):
-      files[data].write(np.ascontiguousarray(chunk[data], np.int32).tobytes())
+      dtype = blocks_lib.array_dtype(data, tokenizer.vocab_size)
+      files[data].write(np.ascontiguousarray(chunk[data], dtype).tobytes())
       files[f"{key}_offsets"].write((rows[key] + np.cumsum(chunk[lengths])).astype(np.int64).tobytes())
       rows[key] += int(chunk[lengths].sum())
-    lines, uids = [], []
+    lines, uids, bodies = [], [], []
     for i in range(first, first + count):
-      title, text = f"Article {i // 3}", f"synthetic block {i}"
+      passage = passages[i % len(passages)]  # real Wikipedia text (the small corpus, cycled) as the block's text
+      title, text = passage["title"], passage["text"]
       uid = blocks_lib.block_uid(title, text)
       uids.append(uid)
-      lines.append(json.dumps({"doc_id": f"d{i // 3}", "title": title, "text": text, "uid": uid.hex()}) + "\n")
+      bodies.append(text.encode())
+      lines.append(json.dumps({"doc_id": f"d{i // 3}", "title": title, "text": text, "uid": uid.hex()},
+                              ensure_ascii=False) + "\n")
     encoded = [line.encode() for line in lines]
     texts.write(b"".join(encoded))
     files["text_offsets"].write((rows["text"] + np.cumsum([len(e) for e in encoded])).astype(np.int64).tobytes())
     rows["text"] += sum(len(e) for e in encoded)
+    files["block_text"].write(b"".join(bodies))
+    files["block_text_offsets"].write((rows["block_text"] + np.cumsum([len(b) for b in bodies])).astype(np.int64)
+                                      .tobytes())
+    rows["block_text"] += sum(len(b) for b in bodies)
     files["uids"].write(b"".join(uids))
   for f in (*files.values(), texts):
     f.file.close()
   lengths = {"title_ids": rows["title"], "body_ids": rows["body"], "sentence_starts": rows["sentence"],
-             "spans": rows["span"], "uids": size}
+             "spans": rows["span"], "uids": size, "block_text": rows["block_text"]}
   manifest = {
       "format_version": blocks_lib.FORMAT_VERSION, "num_blocks": size, "max_block_len": MAX_BLOCK_LEN,
       "tokenizer": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
       "special_ids": {"pad": tokenizer.pad_id, "cls": tokenizer.cls_id, "sep": tokenizer.sep_id,
                       "mask": tokenizer.mask_id},
       "corpus_fingerprint": f"synthetic-{size}",
-      "arrays": {name: {"dtype": dtype, "shape": [lengths.get(name, size + 1), *tail]}
-                 for name, (dtype, tail) in blocks_lib.ARRAYS.items()},
+      "arrays": {name: {"dtype": blocks_lib.array_dtype(name, tokenizer.vocab_size),
+                        "shape": [lengths.get(name, size + 1), *tail]} for name, (_, tail) in blocks_lib.ARRAYS.items()},
       "files": {**{f"{name}.bin": f.entry() for name, f in files.items()}, blocks_lib.TEXTS: texts.entry()},
       "span_labels": {label: i for i, label in enumerate(LABELS)},
       "stats": {"synthetic": 1},
@@ -236,6 +260,9 @@ def run_stage(stage: str, size: int) -> dict:
   elif stage == "bf16_recall":
     extra = _bf16_recall(size)
     start = time.perf_counter() - extra.pop("seconds")
+  elif stage.startswith(("build_", "long_")):
+    extra = _build(stage, size)
+    start = time.perf_counter() - extra.pop("seconds")
   elif stage == "startup":
     from realm_jax.data.realm import MaskedQueries, RealmDataConfig
 
@@ -243,6 +270,22 @@ def run_stage(stage: str, size: int) -> dict:
     start = time.perf_counter()
     queries = MaskedQueries(store, RealmDataConfig(eval_blocks=1000))
     extra = {"maskable": len(queries.block_ids), "us_per_block": 1e6 * (time.perf_counter() - start) / size}
+  elif stage.startswith("ceiling_"):
+    import shutil
+
+    from realm_jax.data.questions import read_questions
+    from realm_jax.eval.corpus_answers import cached_answer_in_corpus
+
+    file = {"nq": "nq_open_dev.jsonl", "trec": "curatedtrec_test.jsonl"}[stage.split("_")[1]]
+    questions = read_questions(SMALL_CORPUS / "questions" / file)
+    store = blocks_lib.BlockStore(store_dir(size))
+    scratch = Path(_ROOT.value) / f"scratch_ceiling_{size}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    start = time.perf_counter()
+    in_corpus, _ = cached_answer_in_corpus(store, stage, questions, scratch)
+    shutil.rmtree(scratch)
+    extra = {"questions": len(questions), "answer_in_corpus": float(in_corpus.mean()),
+             "us_per_block": 1e6 * (time.perf_counter() - start) / size}
   elif stage.startswith("refresh_"):
     extra = _refresh(size)
     start = time.perf_counter() - extra.pop("seconds")
@@ -252,6 +295,58 @@ def run_stage(stage: str, size: int) -> dict:
   else:
     raise app.UsageError(f"unknown stage {stage!r}")
   return {"seconds": time.perf_counter() - start, "baseline_rss_gb": baseline, **extra}
+
+
+def real_corpus(passages: int, join: int = 1) -> tuple[Path, Path]:
+  """The small corpus repeated to `passages` records (ids made unique), or its passages joined `join` at a time
+  into long articles (entity spans moved along); written once under --root."""
+  out = Path(_ROOT.value) / f"corpus_{passages}_{join}"
+  files = out / "passages.jsonl", out / "entities.jsonl"
+  if all(f.exists() for f in files):
+    return files
+  out.mkdir(parents=True, exist_ok=True)
+  source = [json.loads(line) for line in (SMALL_CORPUS / "passages.jsonl").open(encoding="utf-8")]
+  ents = [json.loads(line) for line in (SMALL_CORPUS / "entities_spacy_en_core_web_sm_3.8.0.jsonl").open()]
+  with open(f"{files[0]}.tmp", "w", encoding="utf-8") as p, open(f"{files[1]}.tmp", "w") as e:
+    for k in range(0, passages, join):
+      group = [(source[i % len(source)], ents[i % len(source)]) for i in range(k, min(k + join, passages))]
+      text, spans = "", []
+      for record, entities in group:
+        text += " " if text else ""
+        spans += [[s + len(text), t + len(text), label] for s, t, label in entities["ents"]]
+        text += record["text"]
+      doc_id = f"r{k}"
+      p.write(json.dumps({"id": doc_id, "title": group[0][0]["title"], "text": text}, ensure_ascii=False) + "\n")
+      e.write(json.dumps({"id": doc_id, "ents": spans}) + "\n")
+  for f in files:
+    os.rename(f"{f}.tmp", f)
+  return files
+
+
+def _build(stage: str, size: int) -> dict:
+  """One sharded build of real text into a scratch store (removed after): seconds, blocks, blocks/s (per core)."""
+  import shutil
+
+  from realm_jax.data.corpus import fingerprint_files
+  from realm_jax.data.parallel_build import build_sharded
+  from realm_jax.data.tokenization import minilm_dir
+
+  join = int(stage.split("_")[1]) if stage.startswith("long_") else 1
+  workers = int(stage.split("_")[1][:-1]) if stage.startswith("build_") else 1
+  passages, entities = real_corpus(size, join)
+  out = Path(_ROOT.value) / f"scratch_blocks_{stage}_{size}"
+  shutil.rmtree(out, ignore_errors=True)
+  start, phases = time.perf_counter(), {}
+  manifest = build_sharded(str(passages), str(entities), out, str(minilm_dir() / "vocab.txt"),
+                           fingerprint_files(passages, entities), workers=workers,
+                           records_per_shard=max(1, -(-size // join // (4 * workers))), seconds=phases)
+  seconds = time.perf_counter() - start
+  blocks, pieces = manifest["num_blocks"], manifest["stats"]["tokens"]
+  shutil.rmtree(out)
+  return {"seconds": seconds, "blocks": blocks, "workers": workers, "blocks_per_s": blocks / seconds,
+          "blocks_per_s_per_core": blocks / phases["shards"] / workers, "us_per_block": 1e6 * seconds / blocks,
+          "pieces_per_s_per_core": pieces / phases["shards"] / workers, "pieces_per_block": pieces / blocks,
+          "blocks_per_document": blocks / -(-size // join), **{f"{k}_seconds": v for k, v in phases.items()}}
 
 
 def _refresh(size: int) -> dict:
@@ -436,6 +531,43 @@ def report(results: list[dict]) -> str:
           "the rows (on a pod each host's share is 1 / hosts).\n")
 
 
+def build_report(results: list[dict]) -> str:
+  """The building table (real text), the 2-worker scaling, and the projection to English Wikipedia."""
+  if not results:
+    return ""
+  lines = ["| stage | passages | blocks (word pieces each) | s: plan / shards / merge | peak RSS GB (parent) | "
+           "blocks/s | shard work per core: blocks/s, word pieces/s | µs per block |", "|---|---|---|---|---|---|---|---|"]
+  for r in sorted(results, key=lambda r: (r["stage"].split("_")[0], r["size"], r["stage"])):
+    name = r["stage"] + (f" (~{r['blocks_per_document']:.1f} blocks per article)" if r["stage"].startswith("long_")
+                         else "")
+    lines.append(f"| {name} | {r['size']:,} | {r['blocks']:,} ({r['pieces_per_block']:.0f}) | "
+                 f"{r['plan_seconds']:.1f} / {r['shards_seconds']:.1f} / {r['merge_seconds']:.1f} | "
+                 f"{r['peak_rss_gb']:.2f} | {r['blocks_per_s']:,.0f} | {r['blocks_per_s_per_core']:,.0f}, "
+                 f"{r['pieces_per_s_per_core']:,.0f} | {r['us_per_block']:.0f} |")
+  cell = {(r["stage"], r["size"]): r for r in results}
+  text = "\n\n### Building on real text\n\n" + "\n".join(lines) + "\n"
+  largest = max((s for (stage, s) in cell if stage == "build_2w"), default=None)
+  longest = max((r for r in results if r["stage"].startswith("long_")), key=lambda r: r["blocks_per_document"],
+                default=None)
+  if largest is None or ("build_1w", largest) not in cell or longest is None:
+    return text
+  one, two = cell[("build_1w", largest)], cell[("build_2w", largest)]
+  scaling = one["shards_seconds"] / two["shards_seconds"]
+  # Wikipedia's blocks are full (about 285 word pieces): project by word pieces, at the per-core rate of the longest
+  # articles scaled by the 2-worker efficiency; plan and merge are sequential and grow with the corpus.
+  pieces = PAPER_BLOCKS * 285
+  per_core = longest["pieces_per_s_per_core"] * scaling / 2
+  sequential = (two["plan_seconds"] + two["merge_seconds"]) / (two["blocks"] * two["pieces_per_block"]) * pieces
+  hours = (pieces / (per_core * 96) + sequential) / 3600
+  return text + (
+      f"\n2 workers do the shard work {scaling:.2f}x as fast as 1 at {largest:,} passages (2 cores, shared with the "
+      f"parent).  Projected for English Wikipedia ({PAPER_BLOCKS:,} blocks of ~285 word pieces) on a 96-vCPU host "
+      f"with 96 workers: {hours:.2f} h (shard work at {per_core:,.0f} word pieces/s per core, the rate of "
+      f"{longest['stage']}'s articles times the 2-worker efficiency, plus {sequential / 60:.0f} min of planning and "
+      "merging, which run in one process); the target is at most 1 h (before: one process, an estimated 11-21 h).  "
+      "It assumes the per-core rate holds at 96 workers, so the input and the shards need a disk that keeps up.\n")
+
+
 def main(argv):
   del argv
   if _STAGE.value:
@@ -461,9 +593,21 @@ def main(argv):
       results = [r for r in results if (r["stage"], r["size"]) != (stage, size)] + [result]
       with log.open("a") as f:
         f.write(json.dumps(result) + "\n")
+  build_sizes = sorted(map(int, _BUILD_SIZES.value))
+  for stage in _BUILD_STAGES.value:
+    for size in build_sizes[:1] if stage.startswith("long_") else build_sizes:
+      if (stage, size) in done:
+        continue
+      result = run_in_subprocess(stage, size)
+      print(json.dumps(result), flush=True)
+      results.append(result)
+      with log.open("a") as f:
+        f.write(json.dumps(result) + "\n")
   if _OUT.value:
     wanted = {int(s) for s in _SIZES.value}
-    write_section(REPO / _OUT.value, SECTION, report([r for r in results if r["size"] in wanted]))
+    building = [r for r in results if r["stage"].startswith(("build_", "long_")) and r["size"] in build_sizes]
+    write_section(REPO / _OUT.value, SECTION,
+                  report([r for r in results if r["size"] in wanted and r not in building]) + build_report(building))
 
 
 if __name__ == "__main__":

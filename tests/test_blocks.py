@@ -588,12 +588,12 @@ def test_offsets_that_disagree_with_their_data_are_refused_on_open(local_slice_s
 
 def test_verify_accepts_a_built_store_and_the_launcher_prints_one_ok_line(local_slice_store):
   summary = verify_block_store(local_slice_store)
-  assert summary["num_blocks"] == len(BlockStore(local_slice_store)) and summary["files"] == 12
+  assert summary["num_blocks"] == len(BlockStore(local_slice_store)) and summary["files"] == 14
   result = subprocess.run([sys.executable, "launch/verify_blocks.py", f"--store={local_slice_store}"], cwd=REPO,
                           env=subprocess_env(), capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.splitlines() == [
-      f"OK {local_slice_store}: {summary['num_blocks']} blocks, 12 files, {summary['bytes']} bytes checked (sha256s, "
+      f"OK {local_slice_store}: {summary['num_blocks']} blocks, 14 files, {summary['bytes']} bytes checked (sha256s, "
       "offsets, word-piece ids, spans, sentence starts, texts)"]
 
 
@@ -612,7 +612,7 @@ def test_verify_finds_a_changed_byte_that_opening_does_not_and_the_launcher_exit
 
 
 def _bad_word_piece(store: BlockStore, data: bytearray) -> str:
-  np.frombuffer(data, np.int32)[7] = store.manifest["vocab_size"]
+  np.frombuffer(data, store.arrays["body_ids"].dtype)[7] = store.manifest["vocab_size"]
   return rf"body_ids.bin: block 0: word piece id {store.manifest['vocab_size']} \(row 7\) is not below vocab_size"
 
 

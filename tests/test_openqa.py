@@ -304,3 +304,20 @@ def test_evaluation_reads_its_question_files_before_loading_anything(tmp_path):
   with pytest.raises(CorpusError, match=r"bad.jsonl:1: field 'answer_is_regex' must be true or false"):
     run_evaluation(str(tmp_path / "no_run"), spec=None, mesh=None, datasets={"bad": "bad.jsonl"},
                    questions_dir=str(tmp_path))  # spec and mesh are not touched: nothing is loaded first
+
+
+@pytest.mark.parametrize("dataset", ["nq_open_dev", "curatedtrec_test", "webquestions_test"])
+def test_answer_labels_from_block_text_bytes_equal_has_answer_on_the_parsed_texts(demo_store, wordpiece, dataset):
+  from realm_jax.eval.answers import has_answer
+
+  featurizer = OpenQaFeaturizer(demo_store, wordpiece, OpenQaDataConfig())
+  questions = read_questions(QUESTIONS / f"{dataset}.jsonl")[:60]
+  rng = np.random.default_rng(0)
+  texts = [t["text"] for t in demo_store.iter_texts()]
+  for question in questions:
+    with_answer = [i for i in rng.permutation(len(texts))[:600] if has_answer(texts[i], question.answers,
+                                                                              question.is_regex)]
+    ids = np.concatenate([rng.integers(0, len(texts), 40), np.asarray(with_answer[:10], np.int64)])
+    expected = np.asarray([has_answer(texts[i], question.answers, question.is_regex) for i in ids])
+    np.testing.assert_array_equal(featurizer.retriever_correct(question, ids), expected)
+    assert demo_store.text_bytes(int(ids[0])).decode() == texts[ids[0]]

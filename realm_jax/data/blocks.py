@@ -12,9 +12,11 @@ failure, and renames it into place when complete, so a store is complete or abse
                                    `files` {file name: {size, sha256}} of every other file of the store
   <array>.bin                      raw little-endian arrays described in the manifest
   texts.jsonl + text_offsets.bin   per block {doc_id, title, text, uid}, random access by offset
-Arrays are CSR: `title_ids`/`title_offsets`, `body_ids`/`body_offsets`,
-`sentence_starts`/`sentence_offsets` (body-relative), `spans` [S, 3] (start, end, label id,
-body-relative, end exclusive)/`span_offsets`; `uids` [N, 20] uint8 (SHA1 of "title <sep> body").
+Arrays are CSR: `title_ids`/`title_offsets`, `body_ids`/`body_offsets` (uint16 when the vocabulary has at most
+65,536 ids, else int32; the accessors give int32), `sentence_starts`/`sentence_offsets` (body-relative), `spans`
+[S, 3] (start, end, label id, body-relative, end exclusive)/`span_offsets`, `block_text`/`block_text_offsets` (the
+UTF-8 bytes of each block's text: answer tests without parsing texts.jsonl); `uids` [N, 20] uint8 (SHA1 of
+"title <sep> body").
 
 A build's destination must be absent, an empty directory, or a block store (its manifest, the files of its
 `files` table and maybe `.staged.json`, nothing else); a block store is replaced only with `overwrite=True`
@@ -56,7 +58,7 @@ from realm_jax.data.corpus import CorpusError, Document
 from realm_jax.data.tokenization import Tokenizer
 from realm_jax.errors import InputError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: uint16 word-piece ids where the vocabulary fits, block_text
 MANIFEST = "manifest.json"
 TEXTS = "texts.jsonl"
 STAMP = ".staged.json"  # staging's {manifest_sha256, files: {name: {size, sha256, mtime_ns}}} of a verified copy
@@ -260,10 +262,20 @@ ARRAYS: dict[str, tuple[str, tuple[int, ...]]] = {
     "span_offsets": ("int64", ()),
     "uids": ("uint8", (20,)),
     "text_offsets": ("int64", ()),
+    "block_text": ("uint8", ()),
+    "block_text_offsets": ("int64", ()),
 }
+ID_ARRAYS = ("title_ids", "body_ids")
 # offsets array -> what it indexes (the rows of an array, or the bytes of texts.jsonl)
 OFFSETS = {"title_offsets": "title_ids", "body_offsets": "body_ids", "sentence_offsets": "sentence_starts",
-            "span_offsets": "spans", "text_offsets": TEXTS}
+            "span_offsets": "spans", "text_offsets": TEXTS, "block_text_offsets": "block_text"}
+
+
+def array_dtype(name: str, vocab_size: int) -> str:
+  """The dtype of array `name` in a store of a `vocab_size` vocabulary: word-piece ids in uint16 when they fit."""
+  if name in ID_ARRAYS:
+    return "uint16" if vocab_size <= 1 << 16 else "int32"
+  return ARRAYS[name][0]
 _JSON_TYPES = {int: "an integer", str: "a string", dict: "a JSON object", list: "a JSON list"}
 _REBUILD = "corrupt manifest; rebuild the store with launch/build_blocks.py"
 
@@ -320,8 +332,9 @@ def parse_manifest(data: bytes, where: storage.PathLike) -> dict[str, Any]:
   unknown = sorted(set(arrays) - set(ARRAYS))
   if unknown:
     raise BlockStoreError(f"{where}: key 'arrays': unknown arrays {unknown} ({_REBUILD})")
-  for name, (dtype, tail) in ARRAYS.items():
+  for name, (_, tail) in ARRAYS.items():
     spec = _value(arrays, name, dict, where, f"arrays.{name}")
+    dtype = array_dtype(name, manifest["vocab_size"])
     if _value(spec, "dtype", str, where, f"arrays.{name}.dtype") != dtype:
       raise BlockStoreError(f"{where}: key 'arrays.{name}.dtype': {spec['dtype']!r}, this code reads {dtype!r} "
                             f"({_REBUILD})")
@@ -457,12 +470,12 @@ def _write_store_files(blocks: Iterable[Block], directory: epath.Path, tokenizer
   """Writes every file of a store but its manifest into `directory`; returns the manifest (without extras).
   No blocks is a `CorpusError` unless `allow_empty` (a shard of a parallel build)."""
   counts = Counter()
-  offsets = {"title": 0, "body": 0, "sentence": 0, "span": 0, "text": 0}
+  offsets = {"title": 0, "body": 0, "sentence": 0, "span": 0, "text": 0, "block_text": 0}
   with contextlib.ExitStack() as stack:
     files = {name: storage.HashingFile(stack.enter_context(open(os.fspath(directory / f"{name}.bin"), "wb")))
              for name in ARRAYS}
     texts = storage.HashingFile(stack.enter_context(open(os.fspath(directory / TEXTS), "wb")))
-    for name in ("title_offsets", "body_offsets", "sentence_offsets", "span_offsets", "text_offsets"):
+    for name in OFFSETS:
       files[name].write(np.int64(0).tobytes())
     for block in blocks:
       line = (json.dumps(
@@ -475,8 +488,9 @@ def _write_store_files(blocks: Iterable[Block], directory: epath.Path, tokenizer
           ("body", "body_ids", block.body_ids),
           ("sentence", "sentence_starts", block.sentence_starts),
           ("span", "spans", block.spans),
+          ("block_text", "block_text", np.frombuffer(block.text.encode(), np.uint8)),
       ):
-        files[name].write(np.ascontiguousarray(arr, ARRAYS[name][0]).tobytes())
+        files[name].write(np.ascontiguousarray(arr, array_dtype(name, tokenizer.vocab_size)).tobytes())
         offsets[key] += len(arr)
         files[f"{key}_offsets"].write(np.int64(offsets[key]).tobytes())
       offsets["text"] += len(line)
@@ -491,7 +505,7 @@ def _write_store_files(blocks: Iterable[Block], directory: epath.Path, tokenizer
   file_table[TEXTS] = texts.entry()
   lengths = {
       "title_ids": offsets["title"], "body_ids": offsets["body"],
-      "sentence_starts": offsets["sentence"], "spans": offsets["span"], "uids": n,
+      "sentence_starts": offsets["sentence"], "spans": offsets["span"], "uids": n, "block_text": offsets["block_text"],
   }
   special = {"pad": tokenizer.pad_id, "cls": tokenizer.cls_id, "sep": tokenizer.sep_id, "mask": tokenizer.mask_id}
   return store_manifest(n, max_block_len, tokenizer.fingerprint, tokenizer.vocab_size, special, corpus_fingerprint,
@@ -503,9 +517,9 @@ def store_manifest(num_blocks: int, max_block_len: int, tokenizer: str, vocab_si
   """A store's manifest but its extras: `lengths` gives the rows of the arrays that are not offsets (offsets
   arrays have num_blocks + 1), `files` the size and sha256 of every file."""
   arrays = {}
-  for name, (dtype, tail) in ARRAYS.items():
+  for name, (_, tail) in ARRAYS.items():
     rows = lengths.get(name, num_blocks + 1)
-    arrays[name] = {"dtype": dtype, "shape": [rows, *tail]}
+    arrays[name] = {"dtype": array_dtype(name, vocab_size), "shape": [rows, *tail]}
   return {
       "format_version": FORMAT_VERSION,
       "num_blocks": num_blocks,
@@ -599,10 +613,14 @@ class BlockStore:
     return np.asarray(self.arrays[name][o[i] : o[i + 1]])
 
   def title_ids(self, i: int) -> np.ndarray:
-    return self._slice("title_ids", "title_offsets", i)
+    return self._slice("title_ids", "title_offsets", i).astype(np.int32)
 
   def body_ids(self, i: int) -> np.ndarray:
-    return self._slice("body_ids", "body_offsets", i)
+    return self._slice("body_ids", "body_offsets", i).astype(np.int32)
+
+  def text_bytes(self, i: int) -> bytes:
+    """The UTF-8 bytes of block i's text (texts.jsonl's "text", without reading or parsing that file)."""
+    return self._slice("block_text", "block_text_offsets", i).tobytes()
 
   def sentence_starts(self, i: int) -> np.ndarray:
     return self._slice("sentence_starts", "sentence_offsets", i)

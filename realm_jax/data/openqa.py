@@ -1,7 +1,8 @@
 """Open-QA fine-tuning features (ORQA code path, REALM_REFERENCE §9).
 
 Per question: `[CLS] question [SEP]` for the query tower; the top `retrieve_k` blocks of the frozen index
-with their (constant) embeddings and `retriever_correct` = raw substring `HasAnswer` on the block text;
+with their (constant) embeddings and `retriever_correct` = raw substring `HasAnswer` on the block text (the
+store's `block_text` bytes: a UTF-8 substring test, no texts.jsonl parsing per block and step);
 the top `reader_k` blocks as reader inputs `[CLS] question [SEP] body [SEP]` (no title, as the released
 blocks) with a block mask and `span_correct` over the reader's static span grid (gold spans by
 word-piece match of the tokenised answers; for CuratedTrec regexes, of the strings the regex matches).
@@ -67,8 +68,12 @@ class OpenQaFeaturizer:
       out["block_mask"][j, block_start : block_start + len(body)] = 1
     return out
 
-  def answer_ids(self, question: Question, block_text: str) -> list[np.ndarray]:
-    strings = answer_strings_in(block_text, question.answers, True) if question.is_regex else question.answers
+  def answer_ids(self, question: Question, block_id: int) -> list[np.ndarray]:
+    """The tokenised answers (for a regex: the strings it matches in the block's text)."""
+    if question.is_regex:
+      strings = answer_strings_in(self.store.text_bytes(block_id).decode(), question.answers, True)
+    else:
+      strings = question.answers
     return [ids for ids, _ in self.tokenizer.encode_batch(sorted(set(strings)))] if strings else []
 
   def span_correct(self, question: Question, reader: dict[str, np.ndarray], block_ids: np.ndarray) -> np.ndarray:
@@ -76,15 +81,20 @@ class OpenQaFeaturizer:
     c = self.config
     out = np.zeros((len(block_ids), len(self.starts)), bool)
     for j, block_id in enumerate(block_ids):
-      answers = self.answer_ids(question, self.store.text(int(block_id))["text"])
+      answers = self.answer_ids(question, int(block_id))
       for start, end in gold_spans(reader["input_ids"][j], reader["block_mask"][j], answers):
         if end - start < c.max_span_width:
           out[j, start * c.max_span_width + (end - start)] = True
     return out
 
   def retriever_correct(self, question: Question, block_ids: np.ndarray) -> np.ndarray:
-    return np.asarray([bool(answer_strings_in(self.store.text(int(i))["text"], question.answers, question.is_regex))
-                       for i in block_ids])
+    """[k] `has_answer` of each block: a plain answer's UTF-8 bytes in the block's (a substring of a UTF-8 text
+    is one of its bytes, and only then); a regex runs on the decoded text."""
+    if question.is_regex:
+      return np.asarray([bool(answer_strings_in(self.store.text_bytes(int(i)).decode(), question.answers, True))
+                         for i in block_ids])
+    answers = [a.encode() for a in question.answers if a]
+    return np.asarray([any(a in text for a in answers) for text in map(self.store.text_bytes, block_ids.tolist())])
 
   def training_features(
       self, questions: list[Question], query_ids: np.ndarray, retrieved: np.ndarray, embeddings: np.ndarray
@@ -103,7 +113,7 @@ class OpenQaFeaturizer:
   def answer_text(self, block_id: int, question_ids: np.ndarray, start: int, end: int) -> str:
     """Original-case text of reader positions [start, end] of `block_id` (body offsets from re-tokenising)."""
     block_start = int(np.flatnonzero(question_ids == self.tokenizer.sep_id)[0]) + 1
-    text = self.store.text(block_id)["text"]
+    text = self.store.text_bytes(block_id).decode()
     ids, offsets = self.tokenizer.encode(text)
     body = self.store.body_ids(block_id)
     s, e = start - block_start, end - block_start

@@ -7,10 +7,11 @@ resumable, merged into one store identical to a single-process build.
     shard-<k>/                      shard k: a complete block store (written as any store: hidden staging
                                     sibling, renamed when complete), kept across reruns
 
-A rerun after a crash keeps the shards that are complete and builds the rest.  The merge concatenates the shards
-in order (offsets shifted, span labels renumbered to the order of first appearance, statistics summed), so
-block ids, uids, labels and statistics are those of one process reading the corpus in order; duplicate document
-ids across shards are found there.
+A rerun after a crash or a kill keeps the shards that are complete and builds the rest; bad input (an
+`InputError`, e.g. a malformed line) removes the work directory, as fixing the input changes the plan.  The merge
+concatenates the shards in order (offsets shifted, span labels renumbered to the order of first appearance,
+statistics summed), so block ids, uids, labels and statistics are those of one process reading the corpus in
+order; duplicate document ids across shards are found there.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import time
 import uuid
 from collections import Counter
 from typing import Any
@@ -34,6 +36,7 @@ from realm_jax import storage
 from realm_jax.data import blocks as blocks_lib
 from realm_jax.data.corpus import CorpusError, read_documents, record_positions
 from realm_jax.data.tokenization import load_tokenizer
+from realm_jax.errors import InputError
 
 PLAN = "plan.json"
 PLAN_FORMAT = 1
@@ -89,10 +92,13 @@ def _build_shard(task: dict[str, Any]) -> int:
 
 def build_sharded(passages: str, entities: str | None, out_dir: storage.PathLike, vocab: str, fingerprint: str,
                   *, max_block_len: int = 288, max_title_len: int = 64, skip_empty_documents: bool = False,
-                  overwrite: bool = False, workers: int = 1, records_per_shard: int = 50_000) -> dict:
+                  overwrite: bool = False, workers: int = 1, records_per_shard: int = 50_000,
+                  seconds: dict[str, float] | None = None) -> dict:
   """Builds the store of `passages` (+ `entities`) in `out_dir` with `workers` processes, a shard of
   `records_per_shard` passages at a time; resumes the shards of an interrupted build of the same plan.
-  Returns the manifest (with stats)."""
+  Returns the manifest (with stats); `seconds`, if given, gets the time of each phase (plan, shards, merge)."""
+  seconds = {} if seconds is None else seconds
+  began = time.perf_counter()
   out = blocks_lib.check_local_out(out_dir)
   blocks_lib.check_block_store_destination(out, overwrite)
   records, shards = plan_shards(passages, entities, records_per_shard)
@@ -102,21 +108,28 @@ def build_sharded(passages: str, entities: str | None, out_dir: storage.PathLike
           "skip_empty_documents": skip_empty_documents, "records": records,
           "shards": [dataclasses.asdict(s) for s in shards]}
   work = _open_work_dir(out, plan)
+  seconds["plan"] = time.perf_counter() - began
   todo = [s for s in shards if not (_shard_dir(work, s.index) / blocks_lib.MANIFEST).exists()]
   logging.info("%d passages in %d shards; %d to build with %d worker(s) in %s", records, len(shards), len(todo),
                workers, work)
   tasks = [{"shard": dataclasses.asdict(s), "passages": passages, "entities": entities, "vocab": vocab,
             "out": os.fspath(_shard_dir(work, s.index)), "fingerprint": fingerprint, "max_block_len": max_block_len,
             "max_title_len": max_title_len, "skip_empty_documents": skip_empty_documents} for s in todo]
-  if workers > 1 and len(tasks) > 1:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
-      for done, _ in enumerate(pool.imap_unordered(_build_shard, tasks), 1):
-        logging.info("shards built: %d of %d", done + len(shards) - len(tasks), len(shards))
-  else:
-    for task in tasks:
-      _build_shard(task)
-  manifest = merge_shards([_shard_dir(work, s.index) for s in shards], out, overwrite, passages, entities)
+  try:
+    if workers > 1 and len(tasks) > 1:
+      os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker
+      with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+        for done, _ in enumerate(pool.imap_unordered(_build_shard, tasks), 1):
+          logging.info("shards built: %d of %d", done + len(shards) - len(tasks), len(shards))
+    else:
+      for task in tasks:
+        _build_shard(task)
+    seconds["shards"] = time.perf_counter() - began - seconds["plan"]
+    manifest = merge_shards([_shard_dir(work, s.index) for s in shards], out, overwrite, passages, entities)
+    seconds["merge"] = time.perf_counter() - began - seconds["plan"] - seconds["shards"]
+  except InputError:
+    shutil.rmtree(work)  # bad input: fixing it changes the plan, so nothing here would be reused
+    raise
   shutil.rmtree(work)
   return manifest
 
@@ -162,7 +175,8 @@ def merge_shards(shard_dirs: list[epath.Path], out_dir: epath.Path, overwrite: b
   def write(staging: epath.Path) -> dict[str, Any]:
     lengths: dict[str, int] = {}
     file_table = {}
-    for name, (dtype, tail) in blocks_lib.ARRAYS.items():
+    for name, (_, tail) in blocks_lib.ARRAYS.items():
+      dtype = manifests[0]["arrays"][name]["dtype"]
       with open(os.fspath(staging / f"{name}.bin"), "wb") as f:
         out = storage.HashingFile(f)
         indexed = blocks_lib.OFFSETS.get(name)

@@ -94,7 +94,8 @@ def verify_block_store(path: storage.PathLike) -> dict[str, Any]:
   _stream_array(root, "body_ids", manifest, ids_check(whole["body_offsets"]))
   _stream_array(root, "sentence_starts", manifest, sentences_check)
   _stream_array(root, "spans", manifest, spans_check)
-  _verify_texts(root, manifest, whole["text_offsets"], whole["uids"])
+  _stream_array(root, "block_text", manifest, lambda rows, first: None)  # its size and sha256
+  _verify_texts(root, manifest, whole["text_offsets"], whole["uids"], whole["block_text_offsets"])
   return {"store": str(root), "num_blocks": manifest["num_blocks"], "files": len(files) + 1,
           "bytes": sum(e["size"] for e in files.values()) + len(manifest_bytes)}
 
@@ -132,7 +133,7 @@ def _stream_array(root: epath.Path, name: str, manifest: dict,
                   check: Callable[[np.ndarray, int], str | None]) -> None:
   """Streams `<name>.bin` once, calling `check(rows, first row)` on each chunk of rows until it finds a problem,
   which is raised (naming the file) after the size and sha256 checks, so a corrupt file is reported as such."""
-  dtype, tail = ARRAYS[name]
+  dtype, tail = manifest["arrays"][name]["dtype"], ARRAYS[name][1]
   row_bytes = np.dtype(dtype).itemsize * int(np.prod(tail))
   file = root / f"{name}.bin"
   problem, carry, first = None, b"", 0
@@ -148,9 +149,12 @@ def _stream_array(root: epath.Path, name: str, manifest: dict,
     raise BlockStoreError(f"{file}: {problem}")
 
 
-def _verify_texts(root: epath.Path, manifest: dict, text_offsets: np.ndarray, uids: np.ndarray) -> None:
-  """texts.jsonl: one line per block at its text_offsets, {doc_id, title, text, uid} with the block's uid."""
+def _verify_texts(root: epath.Path, manifest: dict, text_offsets: np.ndarray, uids: np.ndarray,
+                  block_text_offsets: np.ndarray) -> None:
+  """texts.jsonl: one line per block at its text_offsets, {doc_id, title, text, uid} with the block's uid, whose
+  texts are block_text.bin's bytes (each block's length at block_text_offsets, all of them its sha256)."""
   file, n = root / TEXTS, manifest["num_blocks"]
+  block_text = hashlib.sha256()
   problem, carry, count, position = None, b"", 0, 0  # problem: `file:line: what` or `file: what`
   for chunk in _checked_chunks(file, manifest["files"][TEXTS]):
     if problem is not None:
@@ -158,7 +162,7 @@ def _verify_texts(root: epath.Path, manifest: dict, text_offsets: np.ndarray, ui
     lines = (carry + chunk).split(b"\n")
     carry = lines.pop()
     for line in lines:
-      if what := _text_line_problem(line, count, position, n, text_offsets, uids):
+      if what := _text_line_problem(line, count, position, n, text_offsets, uids, block_text_offsets, block_text):
         problem = f"{file}:{count + 1}: {what}"
         break
       count, position = count + 1, position + len(line) + 1
@@ -166,12 +170,14 @@ def _verify_texts(root: epath.Path, manifest: dict, text_offsets: np.ndarray, ui
     problem = f"{file}:{count + 1}: no line end (truncated file)"
   if problem is None and count != n:
     problem = f"{file}: {count} lines, but num_blocks is {n}"
+  if problem is None and block_text.hexdigest() != manifest["files"]["block_text.bin"]["sha256"]:
+    problem = f"{root / 'block_text.bin'}: its bytes are not the texts of {file}, block by block"
   if problem:
     raise BlockStoreError(problem)
 
 
-def _text_line_problem(line: bytes, i: int, position: int, n: int, text_offsets: np.ndarray,
-                       uids: np.ndarray) -> str | None:
+def _text_line_problem(line: bytes, i: int, position: int, n: int, text_offsets: np.ndarray, uids: np.ndarray,
+                       block_text_offsets: np.ndarray, block_text) -> str | None:
   """What is wrong with line i + 1 of texts.jsonl (which starts at byte `position`), if anything."""
   if i >= n:
     return f"more lines than num_blocks ({n})"
@@ -195,4 +201,9 @@ def _text_line_problem(line: bytes, i: int, position: int, n: int, text_offsets:
     return f"block {i}: title or text is not Unicode text (an unpaired surrogate)"
   if not same:
     return f"block {i}: uid {uid.hex()} is not SHA1(title <sep> text)"
+  text = record["text"].encode()
+  if len(text) != block_text_offsets[i + 1] - block_text_offsets[i]:
+    return (f"block {i}: its text is {len(text)} UTF-8 bytes, block_text_offsets.bin says "
+            f"{block_text_offsets[i + 1] - block_text_offsets[i]}")
+  block_text.update(text)
   return None

@@ -39,7 +39,7 @@ class Retriever(Protocol):
 
 
 def answer_hits(store: BlockStore, question: Question, ids: np.ndarray) -> np.ndarray:
-  return np.asarray([has_answer(store.text(int(i))["text"], question.answers, question.is_regex) for i in ids])
+  return np.asarray([has_answer(store.text_bytes(int(i)).decode(), question.answers, question.is_regex) for i in ids])
 
 
 def recall(hits: list[np.ndarray], ks: Sequence[int]) -> dict[str, float]:
