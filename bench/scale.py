@@ -522,13 +522,15 @@ def report(results: list[dict]) -> str:
           "float32 indexes published through the commit protocol; each stage in its own process (peak RSS is "
           "that process's, including its ~0.3-0.5 GB of imports).  No embedding tower runs: the host pipeline "
           "is what is measured.\n\n" + "\n".join(lines) + "\n\n"
-          "Reading it: `host_step_*` reads randomly chosen blocks, so it measures the page cache: above 4M blocks the "
-          "store (22 GB at 13.35M) no longer fits in this machine's 23 GB beside the index, and the first stage to "
-          "touch it (`host_step_64`) pays disk latency per block; a TPU host (v3: 340 GB) keeps the store cached, "
-          "where the 1M row is the one that applies.  `swap_8`'s figure counts the index file's mapped pages (read "
-          "once while placing, reclaimable page cache, now released after each device's slice) beside one device's "
-          "slice.  `refresh_2`'s peak RSS is the larger of its 2 processes': each holds and writes only its half of "
-          "the rows (on a pod each host's share is 1 / hosts).\n")
+          "Reading it: `host_step_*` reads randomly chosen blocks, so it measures the page cache: a store that no "
+          "longer fits in this machine's 23 GB beside the index makes the first stage to touch it (`host_step_64`) "
+          "pay disk latency per block; a TPU host (v3: 340 GB) keeps the store cached, where the 1M row is the one "
+          "that applies.  `swap_8`'s extra RSS is one device's slice plus the index file's pages still mapped (each "
+          "device's slice is released once copied).  `refresh_1` / `refresh_2`: peak RSS is the process's (the "
+          "larger of the 2): its own rows plus the block store's pages it has read, both its share of the corpus "
+          "(on a pod, 1 / hosts).  `ceiling_*` is one pass over texts.jsonl for all questions of the dataset, "
+          "cached afterwards; `startup` is MaskedQueries at a trainer's start (target: at most 60 s at "
+          "13.35M).\n")
 
 
 def build_report(results: list[dict]) -> str:

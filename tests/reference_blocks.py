@@ -6,22 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from realm_jax.data.blocks import DATE_REGEX_LABEL, Block, BlockPacker, date_spans, split_sentences
+from realm_jax.data.blocks import DATE_REGEX_LABEL, Block, BlockPacker, date_spans
 
 
 class ReferencePacker(BlockPacker):
-  """`BlockPacker` with the previous `pack` and `_make_block`."""
+  """`BlockPacker` with the previous sentence pieces (a scan of every token per sentence) and blocks (every span
+  tested against every word piece)."""
 
-  def pack(self, doc):
-    ids, offsets = self.tokenizer.encode(doc.text)
-    title_ids, _ = self.tokenizer.encode(doc.title)
-    if len(title_ids) > self.max_title_len:
-      self.stats["titles_truncated"] += 1
-      title_ids = title_ids[: self.max_title_len]
-    budget = self.max_block_len - 3 - len(title_ids)
-    sentence_bounds = split_sentences(doc.text)
-    ends = np.asarray([e for _, e in sentence_bounds])
-    sentence_of_token = np.minimum(np.searchsorted(ends, offsets[:, 0], side="right"), len(ends) - 1)
+  def _sentence_pieces(self, sentence_of_token, budget):
     pieces = []
     for s in np.unique(sentence_of_token):
       tokens = np.flatnonzero(sentence_of_token == s)
@@ -29,14 +21,10 @@ class ReferencePacker(BlockPacker):
         pieces.append((start, min(start + budget, tokens[-1] + 1)))
         if start > tokens[0]:
           self.stats["sentences_cut"] += 1
-    groups, current = [], []
-    for start, end in pieces:
-      if current and end - current[0][0] > budget:
-        groups.append(current)
-        current = []
-      current.append((start, end))
-    groups.append(current)
-    return [self._reference_block(doc, title_ids, ids, offsets, g) for g in groups]
+    return pieces
+
+  def _make_block(self, doc, title_ids, ids, offsets, sentences, doc_spans, in_order) -> Block:
+    return self._reference_block(doc, title_ids, ids, offsets, sentences)
 
   def _reference_block(self, doc, title_ids, ids, offsets, sentences) -> Block:
     first, last = sentences[0][0], sentences[-1][1]

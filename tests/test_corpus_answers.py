@@ -31,6 +31,9 @@ def test_the_streaming_ceiling_equals_has_answer_over_every_block(demo_store, da
   got, gold = cached_answer_in_corpus(demo_store, dataset, questions, tmp_path)
   np.testing.assert_array_equal(got, expected)
   np.testing.assert_array_equal(gold, expected_gold)
+  rebuilt = answer_in_corpus(demo_store.iter_texts(), questions, rebuild_every=37)  # answered ones dropped often
+  np.testing.assert_array_equal(rebuilt[0], expected)
+  np.testing.assert_array_equal(rebuilt[1], expected_gold)
   assert expected.any()
   cached = tmp_path / "answer_in_corpus" / f"{dataset}.json"
   assert cached.exists()

@@ -168,14 +168,7 @@ class BlockPacker:
     sentence_bounds = split_sentences(doc.text)
     ends = np.asarray([e for _, e in sentence_bounds])
     sentence_of_token = np.minimum(np.searchsorted(ends, offsets[:, 0], side="right"), len(ends) - 1)
-    pieces = []  # (token_start, token_end) of sentences, long ones cut to the budget
-    _, first_token = np.unique(sentence_of_token, return_index=True)
-    last_token = len(sentence_of_token) - 1 - np.unique(sentence_of_token[::-1], return_index=True)[1]
-    for first, last in zip(first_token.tolist(), last_token.tolist(), strict=True):
-      for start in range(first, last + 1, budget):
-        pieces.append((start, min(start + budget, last + 1)))
-        if start > first:
-          self.stats["sentences_cut"] += 1
+    pieces = self._sentence_pieces(sentence_of_token, budget)
     groups, current = [], []
     for start, end in pieces:
       if current and end - current[0][0] > budget:
@@ -186,6 +179,18 @@ class BlockPacker:
     in_order = bool((np.diff(offsets[:, 0]) >= 0).all() and (np.diff(offsets[:, 1]) >= 0).all())
     doc_spans = DocumentSpans(offsets, doc.spans, in_order)
     return [self._make_block(doc, title_ids, ids, offsets, g, doc_spans, in_order) for g in groups]
+
+  def _sentence_pieces(self, sentence_of_token: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """(token_start, token_end) of each sentence (its first to its last token), long ones cut to the budget."""
+    pieces = []
+    _, first_token = np.unique(sentence_of_token, return_index=True)
+    last_token = len(sentence_of_token) - 1 - np.unique(sentence_of_token[::-1], return_index=True)[1]
+    for first, last in zip(first_token.tolist(), last_token.tolist(), strict=True):
+      for start in range(first, last + 1, budget):
+        pieces.append((start, min(start + budget, last + 1)))
+        if start > first:
+          self.stats["sentences_cut"] += 1
+    return pieces
 
   def _make_block(self, doc, title_ids, ids, offsets, sentences, doc_spans: DocumentSpans, in_order: bool) -> Block:
     first, last = sentences[0][0], sentences[-1][1]

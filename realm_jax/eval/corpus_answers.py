@@ -144,18 +144,29 @@ def _matches(pattern: re.Pattern, text: str) -> bool:
   return any(m.group(0).strip() for m in pattern.finditer(text))
 
 
-def answer_in_corpus(records: Iterable[dict], questions: Sequence[Question]) -> tuple[np.ndarray, np.ndarray]:
+def answer_in_corpus(records: Iterable[dict], questions: Sequence[Question],
+                     rebuild_every: int = 20_000) -> tuple[np.ndarray, np.ndarray]:
   """([questions] an answer occurs in the text of one of `records`, [questions] one of its gold passage ids is a
-  record's doc_id), in one pass over the records (`BlockStore.iter_texts`)."""
-  matcher, answered = AnswerMatcher(questions), set()
+  record's doc_id), in one pass over the records (`BlockStore.iter_texts`).
+
+  Every `rebuild_every` records, once a twentieth of the questions still open have been answered, the matcher is
+  rebuilt without them: frequent answers ("2", "John") are found early and then cost nothing."""
   wanted: dict[str, list[int]] = {}
   for i, q in enumerate(questions):
     for doc in q.gold_passage_ids:
       wanted.setdefault(doc, []).append(i)
-  gold = set()
+  answered, gold = set(), set()
+  open_ = list(range(len(questions)))
+  matcher, found_here, since = AnswerMatcher(questions), set(), 0
   for record in records:
-    answered |= matcher(record["text"], answered)
+    found_here |= matcher(record["text"], found_here)
     gold.update(wanted.get(record["doc_id"], ()))
+    since += 1
+    if since >= rebuild_every and len(found_here) * 20 >= len(open_) > 0:
+      answered.update(open_[j] for j in found_here)
+      open_ = [i for i in open_ if i not in answered]
+      matcher, found_here, since = AnswerMatcher([questions[i] for i in open_]), set(), 0
+  answered.update(open_[j] for j in found_here)
   return tuple(np.isin(np.arange(len(questions)), sorted(found)) for found in (answered, gold))
 
 

@@ -475,7 +475,8 @@ def run_refresh(
   compilation cache there: a restarted refresher loads its compiled embedding steps instead of compiling them
   again (steps compiling in under `jax_persistent_cache_min_compile_time_secs`, 1 s, are not kept).  JAX writes
   entries from process 0 only, so on a pod a directory local to each host serves process 0's host and the other
-  hosts compile as before; a shared one (gs://...) serves every host.
+  hosts compile as before; a shared one (gs://BUCKET/jax_cache: JAX reads and writes it through etils.epath)
+  serves every host.  JAX runs what it finds there: point it only at a location that nobody else can write.
   """
   if compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(compilation_cache_dir))
