@@ -1,6 +1,6 @@
 r"""Paper scale on this machine: synthetic 13,353,718-block stores and indexes, every host stage timed at 3 sizes.
 
-  .venv/bin/python bench/scale.py --root=/tmp/realm-jax-scale   # ~25 min on 2 cores (10 of them generating), 40 GB
+  .venv/bin/python bench/scale.py --root=/tmp/realm-jax-scale   # ~60 min on 2 cores (15 of them generating), 45 GB
   .venv/bin/python bench/scale.py --root=/tmp/realm-jax-scale --sizes=100000 --report_to=  # a quick look
 
 For each size it writes, once, a block store in the real on-disk format (`realm_jax.data.blocks`: manifest with
@@ -67,7 +67,7 @@ _STAGES = flags.DEFINE_list("stages", ["open_store", "load_index", "swap_8", "se
                                        "host_step_64", "host_step_512", "startup", "ceiling_nq",
                                        "ceiling_trec", "refresh_1", "refresh_2"],
                             "Stages to time at every size.")
-_BUILD_SIZES = flags.DEFINE_list("build_sizes", ["31395", "125580", "502320"],
+_BUILD_SIZES = flags.DEFINE_list("build_sizes", ["31395", "62790", "125580"],
                                  "Passages of real text for the building stages (the small corpus repeated).")
 _BUILD_STAGES = flags.DEFINE_list("build_stages", ["build_1w", "build_2w", "long_1", "long_10", "long_100"],
                                   "Building stages (long_* run once, at the smallest build size).")
