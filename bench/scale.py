@@ -60,6 +60,7 @@ from benchlib import write_section  # noqa: E402
 
 from realm_jax import storage  # noqa: E402
 from realm_jax.data import blocks as blocks_lib  # noqa: E402
+from realm_jax.data import packing  # noqa: E402
 
 _ROOT = flags.DEFINE_string("root", "/tmp/realm-jax-scale", "Where the synthetic stores and indexes go.")
 _SIZES = flags.DEFINE_list("sizes", ["1000000", "4000000", "13353718"], "Block counts.")
@@ -85,7 +86,7 @@ DIM = 128
 CHUNK_BLOCKS = 250_000
 MAX_BLOCK_LEN = 288
 LABELS = ("PERSON", "ORG", "GPE", "DATE", "NORP", "LOC", "WORK_OF_ART", "EVENT", "FAC", "PRODUCT", "LAW",
-          "LANGUAGE", "TIME", "CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY", blocks_lib.DATE_REGEX_LABEL)
+          "LANGUAGE", "TIME", "CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY", packing.DATE_REGEX_LABEL)
 
 
 def store_dir(size: int) -> Path:
@@ -161,7 +162,7 @@ def make_store(size: int) -> dict:
     for i in range(first, first + count):
       passage = passages[i % len(passages)]  # real Wikipedia text (the small corpus, cycled) as the block's text
       title, text = passage["title"], passage["text"]
-      uid = blocks_lib.block_uid(title, text)
+      uid = packing.block_uid(title, text)
       uids.append(uid)
       bodies.append(text.encode())
       lines.append(json.dumps({"doc_id": f"d{i // 3}", "title": title, "text": text, "uid": uid.hex()},

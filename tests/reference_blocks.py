@@ -1,4 +1,4 @@
-"""The per-span block packer that `realm_jax.data.blocks.BlockPacker` replaced (every span of a document tested
+"""The per-span block packer that `realm_jax.data.packing.BlockPacker` replaced (every span of a document tested
 against every word piece, for every block: cubic in the document's length): the reference its tests compare
 against exactly."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from realm_jax.data.blocks import DATE_REGEX_LABEL, Block, BlockPacker, date_spans
+from realm_jax.data.packing import DATE_REGEX_LABEL, Block, BlockPacker, date_spans
 
 
 class ReferencePacker(BlockPacker):

@@ -21,17 +21,14 @@ from hypothesis import strategies as st
 
 from realm_jax import storage
 from realm_jax.data.blocks import (
-  DATE_REGEX_LABEL,
   MANIFEST,
-  BlockPacker,
   BlockStore,
   BlockStoreError,
-  block_uid,
   build_block_store,
   check_block_store_destination,
-  split_sentences,
 )
 from realm_jax.data.corpus import CorpusError, Document, fingerprint_files, read_documents
+from realm_jax.data.packing import DATE_REGEX_LABEL, BlockPacker, block_uid, split_sentences
 from realm_jax.data.staging import STAMP, stage_block_store, upload_block_store
 from realm_jax.data.verify import verify_block_store
 from realm_jax.errors import InputError
@@ -690,50 +687,3 @@ def test_a_tfds_data_dir_prepared_from_another_corpus_is_refused_and_kept(demo_s
     prepare_corpus(data_dir, other)
   assert _tree(data_dir) == before
   assert len(list(read_tfds_documents(prepare_corpus(data_dir, passages, entities)))) == SLICE_LINES  # reused
-
-
-def _long_documents(documents, per_document):
-  """Documents made of `per_document` consecutive ones, their spans moved along: long articles (many blocks)."""
-  for i in range(0, len(documents) - per_document + 1, per_document):
-    parts, text, spans = documents[i : i + per_document], "", []
-    for part in parts:
-      spans += [(s + len(text), e + len(text), label) for s, e, label in part.spans]
-      text += part.text + " "
-    yield Document(f"long{i}", parts[0].title, text, tuple(spans))
-
-
-def test_the_linear_span_matching_packs_exactly_the_blocks_of_the_per_span_packer(wordpiece):
-  from reference_blocks import ReferencePacker
-
-  from realm_jax.data.blocks import BlockPacker
-  from realm_jax.data.corpus import read_documents
-
-  documents = list(itertools.islice(read_documents(DEMO_PASSAGES, DEMO_ENTITIES), 600))
-  inputs = documents[:300] + list(_long_documents(documents[300:], 30))  # 300 passages, 10 articles of 30
-  new, old = BlockPacker(wordpiece), ReferencePacker(wordpiece)
-  for doc in inputs:
-    got, want = new.pack(doc), old.pack(doc)
-    assert len(got) == len(want)
-    for a, b in zip(got, want, strict=True):
-      for field in ("doc_id", "title", "text"):
-        assert getattr(a, field) == getattr(b, field)
-      for field in ("title_ids", "body_ids", "sentence_starts", "spans"):
-        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
-  assert new.stats == old.stats and new.labels == old.labels
-  assert new.stats["spans_crossing_blocks"] > 0 and new.stats["spans_kept"] > 1000 and new.stats["sentences_cut"] >= 0
-
-
-def test_span_ranges_of_pieces_out_of_order_are_found_by_testing_every_piece():
-  from realm_jax.data.blocks import DocumentSpans
-
-  offsets = np.array([[0, 3], [4, 9], [10, 12], [13, 20], [21, 25]])
-  spans = [(0, 9, "A"), (4, 12, "B"), (5, 8, "C"), (13, 25, "D"), (0, 25, "E")]
-  fast = DocumentSpans(offsets, spans, in_order=True)
-  slow = DocumentSpans(offsets, spans, in_order=False)
-  holding = [0, 1, 3, 4]  # "C" holds no whole piece
-  assert [fast.first[i] for i in holding] == [slow.first[i] for i in holding] == [0, 1, 3, 0]
-  assert [fast.last[i] for i in holding] == [slow.last[i] for i in holding] == [1, 2, 4, 4]
-  assert fast.without_tokens == slow.without_tokens == 1
-  assert fast.in_tokens(1, 3) == slow.in_tokens(1, 3) == ([1], 2)  # B inside; A and E overlap, D starts at 3
-  shuffled = DocumentSpans(offsets[[1, 0, 2, 3, 4]], spans, in_order=False)
-  assert shuffled.first[0] == 0 and shuffled.last[0] == 1  # the pieces holding 0:9 are rows 0 and 1, either order

@@ -21,10 +21,10 @@ from realm_jax.data.blocks import (
   OFFSETS,
   TEXTS,
   BlockStoreError,
-  block_uid,
   offsets_problem,
   parse_manifest,
 )
+from realm_jax.data.packing import block_uid
 
 
 def verify_block_store(path: storage.PathLike) -> dict[str, Any]:
