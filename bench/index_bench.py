@@ -104,7 +104,7 @@ def minilm_setup():
 
 
 def swap_stall(mesh, repeats: int) -> dict:
-  """Step time of a jit step + search while an IndexReader swaps indexes, vs. no swaps."""
+  """Step time of a jit step + search while an IndexPoller swaps indexes, vs. no swaps."""
   import tempfile
 
   import jax
@@ -122,19 +122,19 @@ def swap_stall(mesh, repeats: int) -> dict:
   with tempfile.TemporaryDirectory() as index_dir:
     publish_index(index_dir, 0, rng.normal(size=(store.num_blocks, 128)).astype(np.float32), store)
     live = LiveIndex(mesh)
-    reader = live.reader(index_dir, store, poll_seconds=0.01)
-    reader.load_newest()
-    reader.maybe_swap(0)
+    poller = live.poller(index_dir, store, poll_seconds=0.01)
+    poller.load_newest()
+    poller.maybe_swap(0)
     times = {"no swap": [], "swap step": []}
 
     def run(n_steps: int, publish_every: int | None):
       for s in range(1, n_steps + 1):
         if publish_every and s % publish_every == 0:
           publish_index(index_dir, s, rng.normal(size=(store.num_blocks, 128)).astype(np.float32), store)
-          while not reader.load_newest():
+          while not poller.load_newest():
             pass
         start = time.perf_counter()
-        swapped = bool(reader.maybe_swap(s)) and reader.index_step == s
+        swapped = bool(poller.maybe_swap(s)) and poller.index_step == s
         step(work).block_until_ready()
         live.searcher.search(queries, 8)
         times["swap step" if swapped else "no swap"].append(time.perf_counter() - start)
@@ -154,9 +154,9 @@ def main(argv):
   from realm_jax import partitioning
   from realm_jax.data.blocks import BlockStore, build_block_store
   from realm_jax.data.corpus import fingerprint_files, read_documents
-  from realm_jax.data.ict import pack
+  from realm_jax.data.features import pack
   from realm_jax.data.tokenization import WordPieceTokenizer, minilm_dir
-  from realm_jax.models.retriever import RetrieverTower
+  from realm_jax.models.retriever import RetrieverConfig, RetrieverTower
   from realm_jax.refresh.refresher import RefreshConfig, embed_all_blocks
 
   repeats = _REPEATS.value
@@ -179,7 +179,7 @@ def main(argv):
     retriever_lengths = lambda max_len: store.retriever_lengths(max_len)[: Subset.num_blocks]  # noqa: E731
 
   def blocks_per_s(length_bucket: int) -> float:
-    embed_cfg = RefreshConfig(config, block_len=288, batch_size=64, length_bucket=length_bucket)
+    embed_cfg = RefreshConfig(RetrieverConfig(config, block_len=288), batch_size=64, length_bucket=length_bucket)
     return Subset.num_blocks / median_time(lambda: embed_all_blocks(params, embed_cfg, Subset, mesh), repeats)
 
   padded_rate, bucketed_rate = blocks_per_s(0), blocks_per_s(32)  # side by side, same blocks
@@ -192,8 +192,8 @@ def main(argv):
       "model_flops_per_s": padded_rate * flops_per_block,
       "fraction_of_matmul_peak": padded_rate * flops_per_block / peak,
   }
-  demo_blocks = embed_all_blocks(params, RefreshConfig(config, block_len=128, batch_size=128), store,
-                               mesh).embeddings
+  demo_blocks = embed_all_blocks(params, RefreshConfig(RetrieverConfig(config, block_len=128), batch_size=128),
+                                 store, mesh).embeddings
   questions = [json.loads(x)["question"] for x in (corpus / "questions/nq_open_dev.jsonl").open()][:1000]
   feats = [pack([np.array([tok.cls_id]), tok.encode(q)[0][:30], np.array([tok.sep_id])], 32) for q in questions]
   batch = {k: np.stack([f[k] for f in feats]) for k in feats[0]}
@@ -253,7 +253,7 @@ MIPS, synthetic {n:,} x 128 (1000 Gaussian clusters, 1000 queries):
 
 {table(large)}
 
-Hot swap (exact backend, demo-slice x 128 index, new index placed on device in the reader's thread):
+Hot swap (exact backend, demo-slice x 128 index, new index placed on device in the poller's thread):
 median step time {stall.get('no swap', float('nan')):.2f} ms without a swap vs {stall.get('swap step', float('nan')):.2f} ms
 on the steps where a new index was swapped in (ratio {stall.get('swap step', float('nan')) / stall.get('no swap', float('nan')):.2f}).
 """

@@ -69,10 +69,11 @@ def measure_host_pipeline(store, batch_size: int = 256, block_len: int = 288, le
 
   from realm_jax import partitioning
   from realm_jax.models.bert import BertConfig
+  from realm_jax.models.retriever import RetrieverConfig
   from realm_jax.refresh.refresher import BlockEmbedder, RefreshConfig, embedding_batches
 
   mesh = mesh or partitioning.make_mesh()
-  config = RefreshConfig(BertConfig(), projection_size, block_len=block_len, batch_size=batch_size,
+  config = RefreshConfig(RetrieverConfig(BertConfig(), projection_size, block_len=block_len), batch_size=batch_size,
                          length_bucket=length_bucket, prefetch=prefetch)
   params, step = stand_in_step(mesh, projection_size)
   embedder = BlockEmbedder(config, mesh, step)

@@ -14,7 +14,7 @@ from absl import app, flags
 from launch import cli, common
 from realm_jax import partitioning
 from realm_jax.eval.predict import load_predictor
-from realm_jax.train.finetune import OpenQaSpec
+from realm_jax.objectives.openqa import OpenQaSpec
 
 _QUESTIONS = flags.DEFINE_multi_string("question", [], "A question (repeatable).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object per question instead of text.")

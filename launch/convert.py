@@ -20,7 +20,7 @@ from absl import app, flags
 
 from launch import cli
 from realm_jax.checkpoints import hf_realm
-from realm_jax.train.trainer import latest_checkpoint_step, restore_params_subtree
+from realm_jax.checkpoints.train_dir import latest_checkpoint_step, restore_params_subtree
 
 TO = flags.DEFINE_enum("to", None, ["jax", "hf"], "Direction: 'jax' (HF -> realm-jax) or 'hf' (realm-jax -> HF).",
                        required=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import gin
 
 from launch import cli, common
-from realm_jax.objectives import ict
+from realm_jax.train import ict
 
 
 def main(argv):

@@ -1,7 +1,7 @@
 r"""REALM pre-training with the live index (run launch/refresh_index.py beside it).
 
-  python launch/pretrain.py --gin_file=gin/models/realm_minilm.gin --gin_file=gin/runs/realm_pretrain.gin \
-    --gin_bindings="BLOCK_STORE = 'workdir/demo/blocks'" --workdir=workdir/demo/realm
+  python launch/pretrain.py --gin_file=gin/models/minilm.gin --gin_file=gin/runs/realm_pretrain_demo.gin \
+    --workdir=workdir/demo/realm
 """
 
 from __future__ import annotations

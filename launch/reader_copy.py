@@ -14,7 +14,8 @@ import jax
 
 from launch import cli, common
 from realm_jax import storage
-from realm_jax.eval import reader_copy
+from realm_jax.eval.reader_copy import markdown_table
+from realm_jax.train import reader_copy
 
 
 def main(argv):
@@ -24,7 +25,7 @@ def main(argv):
   common.save_operative_config(workdir, "reader_copy")
   if jax.process_index() == 0:
     storage.write_once(workdir / "reader_copy.json", json.dumps(history, indent=1).encode())
-  print(reader_copy.markdown_table(history))
+  print(markdown_table(history))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ r"""Expands a set of gin variants into REALM pre-training runs: locally in seque
   python launch/sweep.py --gin_file=gin/models/realm_demo.gin --run_gin=gin/runs/realm_pretrain_demo.gin \
     --variant=baseline= --variant=no_retrieval=gin/ablations/no_retrieval.gin \
     --variant=random_masks=gin/ablations/random_token_masking.gin \
-    --variant="lr_1e3=pretrain.run_pretrain.learning_rate = 1e-3" \
+    --variant="lr_1e3=optimizer.OptimizerConfig.learning_rate = 1e-3" \
     --workdir_root=workdir/sweep --mode=local
 
 A variant is NAME=ITEM;ITEM;... where an item ending in .gin is a gin file and anything else a

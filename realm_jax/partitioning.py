@@ -27,7 +27,6 @@ Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 # The one table.  Logical axis -> mesh axis (None = replicated).
 LOGICAL_AXIS_RULES: Rules = (
     ("batch", "data"),        # examples of a (global) batch
-    ("candidates", None),     # retrieved blocks per query
     ("length", None),         # token positions
     ("embed", None),          # hidden size (residual stream)
     ("hidden", None),         # second hidden-size axis of square matrices (pooler)
@@ -38,7 +37,7 @@ LOGICAL_AXIS_RULES: Rules = (
     ("type_vocab", None),     # segment-type vocabulary
     ("position", None),       # position-embedding table rows
     ("proj", None),           # retrieval projection (128)
-    ("docs", ("data", "model")),  # rows of the block-embedding index
+    ("docs", ("data", "model")),  # rows of the block-embedding index: over every device (`mips.index_axes`)
 )
 
 
@@ -130,13 +129,6 @@ def process_block_range(num_blocks: int, process: int | None = None, processes: 
   process = jax.process_index() if process is None else process
   processes = jax.process_count() if processes is None else processes
   return process * num_blocks // processes, (process + 1) * num_blocks // processes
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-  """The whole value of a global array on every process (gathered across processes when needed)."""
-  if x.is_fully_addressable or x.is_fully_replicated:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def agree(value: int) -> int:

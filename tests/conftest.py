@@ -10,6 +10,14 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from realm_jax.models.bert import BertConfig  # noqa: E402
+
+# Small BERTs shared by the tests (`from conftest import TINY_BERT`); 30522: the uncased word-piece vocabulary.
+TINY_BERT = BertConfig(vocab_size=30522, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128)
+TINY_BERT_H32 = BertConfig(vocab_size=30522, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+# Four heads and two layers: something to split over a model axis of up to 4 devices.
+SHARDED_BERT = BertConfig(vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256)
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
 SHARED_CORPUS = REPO.parent / "shared" / "data" / "realm_small_corpus"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from realm_jax.data.blocks import BlockStore
-from realm_jax.data.ict import pack
-from realm_jax.data.realm import FEATURES, NULL_BLOCK, RealmDataConfig
+from realm_jax.data.features import FEATURES, pack
+from realm_jax.data.realm import NULL_BLOCK, RealmDataConfig
 
 
 def select_candidates(

@@ -6,7 +6,10 @@ realm-jax's own switches: the retriever projection's LayerNorm eps (HF 1e-12, re
 logit of spans outside the block (HF float32 min, released code -10000).
 """
 
+import dataclasses
 import json
+import logging
+import re
 import shutil
 
 import jax
@@ -16,10 +19,23 @@ from conftest import REPO
 from safetensors.numpy import load_file, save_file
 
 from realm_jax.checkpoints.hf_bert import CheckpointMismatchError
-from realm_jax.checkpoints.hf_realm import load_hf_realm, realm_names, save_hf_realm
+from realm_jax.checkpoints.hf_realm import (
+  HF_CLASSES,
+  SPEC_PREFIX,
+  expected_shapes,
+  load_hf_realm,
+  load_hf_realm_bert,
+  load_hf_realm_encoder,
+  load_hf_realm_reader,
+  load_hf_realm_retriever,
+  realm_names,
+  save_hf_realm,
+)
 from realm_jax.data.tokenization import WordPieceTokenizer
+from realm_jax.errors import InputError
 from realm_jax.models.reader import HF_INVALID_SPAN_LOGIT, SpanReader
 from realm_jax.models.retriever import DualEncoder
+from realm_jax.objectives.openqa import OpenQaModel
 from realm_jax.objectives.realm import RealmModel, marginal_loss
 
 DATA = REPO / "tests" / "data" / "realm_reference"
@@ -236,7 +252,6 @@ def test_convert_launcher_round_trip_is_bit_identical(tmp_path):
 
 def test_exports_never_replace_what_the_tool_did_not_write(ckpt, tmp_path):
   from realm_jax.checkpoints.hf_realm import save_params_file
-  from realm_jax.errors import InputError
 
   c = ckpt["scorer"]
   foreign = tmp_path / "mine"
@@ -263,43 +278,75 @@ def _same(a, b):
   return fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
 
 
-def test_init_specs_load_released_checkpoints_into_training(ckpt):
-  from realm_jax.checkpoints.hf_realm import load_hf_realm_reader
-  from realm_jax.objectives.realm import RealmModel
-  from realm_jax.train.pretrain import load_reader_init, load_retriever_init
+def spec(model_dir):
+  return f"{SPEC_PREFIX}{model_dir}"
 
+
+def test_init_specs_load_released_checkpoints(ckpt):
   bert = ckpt["scorer"].architecture.bert
-  retriever = load_retriever_init(f"hf_realm:{DATA / 'scorer'}", bert, 16, mesh=None)
-  assert _same(retriever, {"tower": ckpt["scorer"].params["query_tower"]})
-  assert _same(load_reader_init(f"hf_realm:{DATA / 'encoder'}", RealmModel(bert, bert, 16), mesh=None),
-               ckpt["encoder"].params)
-  assert _same(load_hf_realm_reader(f"hf_realm:{DATA / 'reader'}", bert, 16, 10), ckpt["reader"].params)
-  from_realm = load_hf_realm_reader(f"hf_realm:{DATA / 'encoder'}", bert, 16, 10)  # ORQA: BERT from REALM
+  assert _same(load_hf_realm_retriever(spec(DATA / "scorer"), bert, 16), ckpt["scorer"].params)
+  assert _same(load_hf_realm_encoder(spec(DATA / "encoder"), bert), ckpt["encoder"].params)
+  assert _same(load_hf_realm_reader(spec(DATA / "reader"), bert, 16, 10), ckpt["reader"].params)
+  from_realm = load_hf_realm_reader(spec(DATA / "encoder"), bert, 16, 10)  # ORQA: BERT from REALM
   assert _same(from_realm, {"encoder": ckpt["encoder"].params["reader"]})
 
 
-def test_bert_weights_of_any_realm_checkpoint_serve_where_bert_is_expected(ckpt):
-  from realm_jax.objectives.ict import load_pretrained_encoder
+def test_an_openqa_checkpoint_gives_its_retriever_reader_and_bert(ckpt, tmp_path):
+  arch, bert = ckpt["scorer"].architecture, ckpt["scorer"].architecture.bert
+  save_hf_realm(tmp_path, "openqa", arch, {"retriever": ckpt["scorer"].params, "reader": ckpt["reader"].params})
+  assert _same(load_hf_realm_retriever(spec(tmp_path), bert, 16), ckpt["scorer"].params)
+  assert _same(load_hf_realm_reader(spec(tmp_path), bert, 16, 10), ckpt["reader"].params)
+  assert _same(load_hf_realm_bert(spec(tmp_path), bert), ckpt["reader"].params["encoder"])
 
+
+def test_bert_weights_of_any_realm_checkpoint_serve_where_bert_is_expected(ckpt):
   bert = ckpt["scorer"].architecture.bert
-  assert _same(load_pretrained_encoder(f"hf_realm:{DATA / 'encoder'}", bert), ckpt["encoder"].params["reader"])
-  assert _same(load_pretrained_encoder(f"hf_realm:{DATA / 'reader'}", bert), ckpt["reader"].params["encoder"])
-  assert _same(load_pretrained_encoder(f"hf_realm:{DATA / 'scorer'}", bert),
-               ckpt["scorer"].params["query_tower"]["encoder"])
+  assert _same(load_hf_realm_bert(spec(DATA / "encoder"), bert), ckpt["encoder"].params["reader"])
+  assert _same(load_hf_realm_bert(spec(DATA / "reader"), bert), ckpt["reader"].params["encoder"])
+  assert _same(load_hf_realm_bert(spec(DATA / "scorer"), bert), ckpt["scorer"].params["query_tower"]["encoder"])
+
+
+def test_every_class_has_its_bert_where_the_table_says(ckpt):
+  for kind, cls in HF_CLASSES.items():
+    shapes = expected_shapes(kind, ckpt["scorer"].architecture)
+    assert any(path[:len(cls.bert)] == cls.bert for path in shapes), kind
+    assert cls.bert + ("embeddings", "word_embeddings", "embedding") in shapes, kind
 
 
 def test_init_specs_refuse_other_architectures_and_kinds(ckpt):
-  import dataclasses
-
-  from realm_jax.train.pretrain import load_retriever_init
-
   bert = ckpt["scorer"].architecture.bert
-  with pytest.raises(ValueError, match="hidden_act"):
-    load_retriever_init(f"hf_realm:{DATA / 'scorer'}", dataclasses.replace(bert, hidden_act="gelu"), 16, None)
-  with pytest.raises(ValueError, match="RealmReader checkpoint cannot initialise the retriever"):
-    load_retriever_init(f"hf_realm:{DATA / 'reader'}", bert, 16, None)
-  with pytest.raises(ValueError, match="retriever_proj_size 16 != 128"):
-    load_retriever_init(f"hf_realm:{DATA / 'scorer'}", bert, 128, None)
+  with pytest.raises(InputError, match=r"scorer/config.json: architecture differs .*hidden_act=\('gelu', 'gelu_new'\)"):
+    load_hf_realm_retriever(spec(DATA / "scorer"), dataclasses.replace(bert, hidden_act="gelu"), 16)
+  with pytest.raises(InputError, match="RealmReader checkpoint cannot initialise the retriever"):
+    load_hf_realm_retriever(spec(DATA / "reader"), bert, 16)
+  with pytest.raises(InputError, match="RealmScorer checkpoint cannot initialise the knowledge-augmented encoder"):
+    load_hf_realm_encoder(spec(DATA / "scorer"), bert)
+  with pytest.raises(InputError, match="retriever_proj_size 16 != 128"):
+    load_hf_realm_retriever(spec(DATA / "scorer"), bert, 128)
+
+
+def test_init_specs_take_what_no_forward_pass_reads_from_gin(ckpt, caplog):
+  bert = dataclasses.replace(ckpt["scorer"].architecture.bert, initializer_range=0.05, dtype="bfloat16",
+                             hidden_dropout=0.0, remat=True)
+  with caplog.at_level(logging.WARNING):
+    assert _same(load_hf_realm_retriever(spec(DATA / "scorer"), bert, 16), ckpt["scorer"].params)
+  assert "initializer_range=(0.05, 0.02)" in caplog.text
+
+
+def test_a_reader_layer_norm_eps_other_than_the_models_is_refused(ckpt, tmp_path):
+  bert = ckpt["reader"].architecture.bert
+  shutil.copytree(DATA / "reader", tmp_path / "reader")
+  config = tmp_path / "reader" / "config.json"
+  config.write_text(json.dumps(json.loads(config.read_text()) | {"reader_layer_norm_eps": 1e-5}))
+  message = f"{config}: reader_layer_norm_eps 1e-05 != the reader's 0.001; bind "
+  with pytest.raises(InputError, match=re.escape(message + "openqa.OpenQaSpec.reader_layer_norm_eps = 1e-05")):
+    load_hf_realm_reader(spec(tmp_path / "reader"), bert, 16, 10)
+  params = load_hf_realm_reader(spec(tmp_path / "reader"), bert, 16, 10, reader_layer_norm_eps=1e-5)
+  assert _same(params, ckpt["reader"].params)
+  model = OpenQaModel(bert, bert, 16, span_hidden_size=16, reader_layer_norm_eps=1e-5)
+  assert model.bind({"params": {"reader": params}}).reader.layer_norm_eps == 1e-5
+  # a RealmKnowledgeAugEncoder gives no span scorer: its reader_layer_norm_eps does not matter
+  assert load_hf_realm_reader(spec(DATA / "encoder"), bert, 16, 10, reader_layer_norm_eps=1e-5)
 
 
 def test_gin_starts_pretraining_from_released_checkpoints():

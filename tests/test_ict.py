@@ -4,25 +4,26 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from conftest import TINY_BERT as TINY
 
 from realm_jax import partitioning
-from realm_jax.data.ict import IctDataConfig, IctExamples, ict_dataset
-from realm_jax.models.bert import BertConfig
-from realm_jax.models.retriever import DualEncoder
-from realm_jax.objectives.ict import ict_loss, make_ict_trainer
-from realm_jax.train.trainer import NonFiniteLossError
+from realm_jax.data.ict import IctDataConfig, IctExamples, ict_dataset, ict_iterator
+from realm_jax.models.retriever import DualEncoder, RetrieverConfig
+from realm_jax.objectives.ict import IctSpec, ict_loss
+from realm_jax.train.ict import starting_weights
+from realm_jax.train.optimizer import OptimizerConfig
+from realm_jax.train.trainer import NonFiniteLossError, TrainerConfig, TrainHooks, make_trainer
 
-TINY = BertConfig(vocab_size=30522, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128)
 
-
-def ict_settings(store, workdir, **overrides):
-  settings = dict(
-      workdir=str(workdir), block_store=str(store.path), encoder=TINY, mesh=partitioning.make_mesh(),
-      init_checkpoint=None, projection_size=32, share_towers=True, batch_size=16, query_len=32,
-      block_len=64, remove_prob=0.9, num_steps=6, learning_rate=1e-3, warmup_steps=2,
-      checkpoint_every=2, log_every=2, seed=3,
-  )
-  return {**settings, **overrides}
+def ict_run(store, workdir, encoder=TINY, init=None, projection_size=32, batch_size=16, num_steps=6,
+            learning_rate=1e-3, warmup_steps=2, checkpoint_every=2, log_every=2, mesh=None):
+  """(trainer, data, hooks) of an ICT run as `train.ict.run_ict` builds them (seed 3, query 32, block 64)."""
+  spec = IctSpec(str(store.path), RetrieverConfig(encoder, projection_size, block_len=64),
+                 IctDataConfig(batch_size, query_len=32, block_len=64, seed=3), init)
+  trainer = make_trainer(spec.objective(), mesh or partitioning.make_mesh(), str(workdir),
+                         TrainerConfig(num_steps, checkpoint_every, log_every, seed=3),
+                         OptimizerConfig(learning_rate, warmup_steps))
+  return trainer, ict_iterator(store, spec.data), TrainHooks(pretrained=starting_weights(spec))
 
 
 def test_query_is_a_sentence_of_its_block_and_is_removed_90_percent_of_the_time(demo_store):
@@ -75,25 +76,25 @@ def _params(state):
 
 
 def test_killed_run_resumes_to_the_same_parameters(demo_store, tmp_path):
-  trainer, data, _ = make_ict_trainer(**ict_settings(demo_store, tmp_path / "straight"))
+  trainer, data, _ = ict_run(demo_store, tmp_path / "straight")
   straight, _ = trainer.fit(data)
 
   def crash(step, state):
     if step == 5:
       raise KeyboardInterrupt("simulated kill after the step-4 checkpoint")
 
-  trainer, data, _ = make_ict_trainer(**ict_settings(demo_store, tmp_path / "killed"))
+  trainer, data, _ = ict_run(demo_store, tmp_path / "killed")
   with pytest.raises(KeyboardInterrupt):
-    trainer.fit(data, on_step=crash)
+    trainer.fit(data, TrainHooks(after_step=crash))
   assert trainer.checkpoints.latest_step() == 4
-  trainer, data, _ = make_ict_trainer(**ict_settings(demo_store, tmp_path / "killed"))
+  trainer, data, _ = ict_run(demo_store, tmp_path / "killed")
   resumed, history = trainer.fit(data)
   assert [h["step"] for h in history] == [6]
   jax.tree.map(np.testing.assert_array_equal, _params(resumed), _params(straight))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo_store, tmp_path):
-  trainer, data, _ = make_ict_trainer(**ict_settings(demo_store, tmp_path, learning_rate=1e30, warmup_steps=0))
+  trainer, data, _ = ict_run(demo_store, tmp_path, learning_rate=1e30, warmup_steps=0)
   with pytest.raises(NonFiniteLossError, match=r"step \d+: loss is nan.*Last good checkpoint: (None|\d+)"):
     trainer.fit(data)
   steps = trainer.checkpoints.all_steps()
@@ -107,10 +108,8 @@ def test_init_from_minilm_puts_real_weights_in_the_tower(demo_store, tmp_path, m
   from realm_jax.checkpoints.hf_bert import load_hf_bert
 
   config, reference = load_hf_bert(minilm_path)
-  trainer, data, pretrained = make_ict_trainer(
-      **ict_settings(demo_store, tmp_path, encoder=config, init_checkpoint="minilm", num_steps=1)
-  )
-  state = trainer.init_state(pretrained)
+  trainer, data, hooks = ict_run(demo_store, tmp_path, encoder=config, init="minilm", num_steps=1)
+  state = trainer.init_state(hooks.pretrained)
   got = jax.device_get(state.params["query_tower"]["encoder"])
   jax.tree.map(np.testing.assert_array_equal, got, reference)
   scratch = jax.device_get(trainer.init_state().params["query_tower"]["encoder"])
@@ -144,8 +143,8 @@ def test_identity_projection_needs_projection_size_equal_to_hidden_size():
 
 
 def test_checkpoint_of_another_architecture_is_refused(demo_store, tmp_path, minilm_path):
-  with pytest.raises(ValueError, match=r"architecture differs.*'hidden_size': \(64, 384\)"):
-    make_ict_trainer(**ict_settings(demo_store, tmp_path, init_checkpoint="minilm"))
+  with pytest.raises(ValueError, match=r"architecture differs.*hidden_size=\(64, 384\)"):
+    ict_run(demo_store, tmp_path, init="minilm")
 
 
 @pytest.mark.slow
@@ -153,17 +152,16 @@ def test_ict_from_minilm_raises_held_out_in_batch_accuracy_well_above_chance(dem
   from realm_jax.checkpoints.hf_bert import load_hf_bert
 
   config, _ = load_hf_bert(minilm_path)
-  settings = ict_settings(
-      demo_store, tmp_path, encoder=config, init_checkpoint="minilm", projection_size=128, batch_size=32,
-      query_len=32, block_len=64, num_steps=80, learning_rate=5e-5, warmup_steps=8, checkpoint_every=80,
-      log_every=10, mesh=partitioning.make_mesh(1, 1, jax.devices()[:1]),
+  trainer, data, hooks = ict_run(
+      demo_store, tmp_path, encoder=config, init="minilm", projection_size=128, batch_size=32, num_steps=80,
+      learning_rate=5e-5, warmup_steps=8, checkpoint_every=80, log_every=10,
+      mesh=partitioning.make_mesh(1, 1, jax.devices()[:1]),
   )
-  trainer, data, pretrained = make_ict_trainer(**settings)
   model = DualEncoder(config, projection_size=128)
   held_out = ict_dataset(demo_store, IctDataConfig(batch_size=64, query_len=32, block_len=64, seed=99))[0]
   evaluate = jax.jit(lambda p: ict_loss(model, p, held_out, jax.random.key(0), train=False)[1]["accuracy"])
-  before = float(evaluate(trainer.init_state(pretrained).params))
-  state, _ = trainer.fit(data, pretrained)
+  before = float(evaluate(trainer.init_state(hooks.pretrained).params))
+  state, _ = trainer.fit(data, hooks)
   after = float(evaluate(state.params))
   print(f"held-out in-batch accuracy@1 (64-way): {before:.3f} -> {after:.3f}")
   assert after > 10 / 64

@@ -1,28 +1,31 @@
-"""MIPS backends, atomic index publication, the hot-swapping reader and the refresh job's faults."""
+"""MIPS backends, atomic index publication, the hot-swapping poller and the refresh job's faults."""
 
 import dataclasses
 import json
 import re
 import threading
 import time
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 from conftest import DEMO
+from conftest import TINY_BERT as TINY
 
 from realm_jax import partitioning, storage
 from realm_jax.data.blocks import BlockStore, build_block_store
 from realm_jax.data.corpus import Document
+from realm_jax.data.ict import IctDataConfig, ict_iterator
 from realm_jax.errors import InputError
-from realm_jax.models.bert import BertConfig
-from realm_jax.objectives.ict import make_ict_trainer
+from realm_jax.models.retriever import RetrieverConfig
+from realm_jax.objectives.ict import IctSpec
 from realm_jax.refresh.refresher import RefreshConfig, Refresher, embed_all_blocks
 from realm_jax.retrieval import index as index_lib
 from realm_jax.retrieval.mips import ExactSearcher, ScannConfig, ScannSearcher, exact_top_k_numpy
-
-TINY = BertConfig(vocab_size=30522, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128)
+from realm_jax.train.optimizer import OptimizerConfig
+from realm_jax.train.trainer import TrainerConfig, make_trainer
 
 
 @pytest.mark.parametrize("data, model", [(8, 1), (4, 2), (1, 1)])
@@ -41,7 +44,7 @@ def test_exact_sharded_search_equals_brute_force(data, model):
 def minilm_embeddings(demo_store, minilm_path):
   """Real MiniLM retriever-tower embeddings of the demo blocks and of NQ dev questions."""
   from realm_jax.checkpoints.hf_bert import load_hf_bert
-  from realm_jax.data.ict import pack
+  from realm_jax.data.features import pack
   from realm_jax.models.retriever import RetrieverTower
 
   config, encoder = load_hf_bert(minilm_path)
@@ -49,7 +52,7 @@ def minilm_embeddings(demo_store, minilm_path):
   x = np.zeros((1, 8), np.int32)
   params = jax.device_get(nn.meta.unbox(tower.init(jax.random.key(0), x, x, x, True)["params"]))
   params["encoder"] = encoder
-  refresh = RefreshConfig(config, block_len=64, batch_size=128)
+  refresh = RefreshConfig(RetrieverConfig(config, block_len=64), batch_size=128)
   blocks = embed_all_blocks(params, refresh, demo_store, partitioning.make_mesh()).embeddings
   from realm_jax.data.tokenization import WordPieceTokenizer
 
@@ -71,6 +74,18 @@ def test_scann_recall_against_exact_search_on_real_embeddings(minilm_embeddings)
   recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(scann_ids, exact_ids, strict=True)])
   print(f"ScaNN recall@10 vs exact on {len(blocks)} MiniLM block embeddings: {recall:.3f}")
   assert recall >= 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class _AssetWriter:
+  """A backend that publishes the files `write(embeddings, directory)` writes as its assets."""
+
+  write: Callable
+  name: str = "scann"
+  writes_assets: bool = True
+
+  def write_assets(self, embeddings, directory):
+    self.write(embeddings, directory)
 
 
 def _publish(index_dir, store, step, seed=0):
@@ -143,13 +158,13 @@ def test_refresher_killed_mid_publish_leaves_readers_on_the_previous_index(demo_
 
   with pytest.raises(KeyboardInterrupt):
     index_lib.publish_index(tmp_path, 20, np.zeros((demo_store.num_blocks, 8), np.float32), demo_store,
-                            backend="scann", write_scann=die)
+                            backend=_AssetWriter(die))
   half = [p.name for p in (tmp_path / "data").iterdir() if p.name.startswith("20-refresher-")]
   assert len(half) == 1 and index_lib.committed_steps(tmp_path) == [10]
   installed = []
-  reader = index_lib.IndexReader(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]))
-  reader.load_newest()
-  assert reader.maybe_swap(12) == {"index_step": 10.0, "index_staleness": 2.0, "index_read_failures": 0.0}
+  poller = index_lib.IndexPoller(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]))
+  poller.load_newest()
+  assert poller.maybe_swap(12) == {"index_step": 10.0, "index_staleness": 2.0, "index_read_failures": 0.0}
   (tmp_path / "data" / "30-bootstrap-abc").mkdir()  # another job's uncommitted data (it may be publishing)
   (tmp_path / "data" / "5-bootstrap-abc").mkdir()  # older than every commit: left by a killed keep-N removal
   assert sorted(index_lib.remove_uncommitted(tmp_path)) == sorted(["5-bootstrap-abc", *half])
@@ -175,16 +190,16 @@ def test_corrupt_embedding_file_is_refused_and_the_reader_uses_the_newest_good_i
   with pytest.raises(index_lib.PublishedIndexError, match="embeddings-00000-of-00001.npy: sha256 does not match"):
     index_lib.load_index(tmp_path, 20, demo_store)
   installed = []
-  reader = index_lib.IndexReader(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]),
+  poller = index_lib.IndexPoller(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]),
                                  poll_seconds=0.05).start()
   time.sleep(0.5)
-  reader.close()
-  reader.maybe_swap(25)
+  poller.close()
+  poller.maybe_swap(25)
   assert installed == [10]  # 20 is corrupt: the newest good index is used
-  assert reader.rejected == {20} and reader.read_failures == 0  # wrong content is a rejection, not an I/O failure
+  assert poller.rejected == {20} and poller.read_failures == 0  # wrong content is a rejection, not an I/O failure
   _publish(tmp_path, demo_store, 30)  # the next good index is still read: nothing is skipped for good
-  assert reader.load_newest()
-  reader.maybe_swap(31)
+  assert poller.load_newest()
+  poller.maybe_swap(31)
   assert installed == [10, 30]
 
 
@@ -205,10 +220,10 @@ def test_an_index_with_non_finite_embeddings_is_refused_at_publish_and_at_read(d
                      match=rf"commits/20\.json: 5 of {len(bad)} rows of .*/data/20-refresher-[0-9a-f]+ are not finite"):
     index_lib.load_index(tmp_path, 20, demo_store)
   installed = []
-  reader = index_lib.IndexReader(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]))
-  assert not reader.load_newest() and reader.load_newest()  # 20 is rejected, then 10 is read
-  reader.maybe_swap(21)
-  assert installed == [10] and reader.rejected == {20} and reader.read_failures == 0
+  poller = index_lib.IndexPoller(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]))
+  assert not poller.load_newest() and poller.load_newest()  # 20 is rejected, then 10 is read
+  poller.maybe_swap(21)
+  assert installed == [10] and poller.rejected == {20} and poller.read_failures == 0
 
 
 def test_a_commit_whose_embeddings_file_is_missing_is_reported_as_missing(demo_store, tmp_path):
@@ -222,70 +237,69 @@ def test_a_commit_whose_embeddings_file_is_missing_is_reported_as_missing(demo_s
   with pytest.raises(index_lib.PublishedIndexError, match=missing):
     index_lib.load_index(tmp_path, 10, demo_store)
   installed = []
-  reader = index_lib.IndexReader(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]),
+  poller = index_lib.IndexPoller(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]),
                                  poll_seconds=0.05, max_staleness=5, wait_seconds=0.3)  # not started: waits read
   # Not "no index was published": the commit exists, and why it could not be loaded is said.
   with pytest.raises(TimeoutError, match=r"commits of step >= 0 exist in .* \(steps \[10\]\) but none could be "
                                          rf"loaded within 0\.3 s: rejected index 10: {missing}"):
-    reader.wait_for_first(timeout=0.3)
-  assert reader.rejected == {10} and reader.read_failures == 0
-  # Any listed file: a ScaNN asset missing rejects the index for every reader, exact ones too.
+    poller.wait_for_first(timeout=0.3)
+  assert poller.rejected == {10} and poller.read_failures == 0
+  # Any listed file: a ScaNN asset missing rejects the index for every backend's poller, exact ones too.
   index_lib.publish_index(tmp_path, 20, np.zeros((demo_store.num_blocks, 8), np.float32), demo_store,
-                          write_scann=lambda _, d: (d / "assets.pb").write_bytes(b"asset"))
+                          backend=_AssetWriter(lambda _, d: (d / "assets.pb").write_bytes(b"asset")))
   (data(20) / "scann" / "assets.pb").unlink()
   with pytest.raises(index_lib.PublishedIndexError, match=r"scann/assets\.pb: missing, but the commit"):
     index_lib.load_index(tmp_path, 20, demo_store)
-  assert not reader.load_newest() and reader.rejected == {10, 20}
+  assert not poller.load_newest() and poller.rejected == {10, 20}
   _publish(tmp_path, demo_store, 30)
-  reader.wait_for_first(timeout=30)
-  assert installed == [30] and reader.rejected == {10, 20}
+  poller.wait_for_first(timeout=30)
+  assert installed == [30] and poller.rejected == {10, 20}
   _publish(tmp_path, demo_store, 40)
   (data(40) / index_lib.part_name(0, 1)).unlink()
   with pytest.raises(TimeoutError, match=r"step 44: commits of step >= 39 exist .* \(steps \[40\]\) but none could "
                                          r"be loaded within 0\.3 s \(max staleness 5\): .*embeddings-00000-of-00001"
                                          r"\.npy: missing"):
-    reader.maybe_swap(44)
-  assert installed == [30] and reader.rejected == {10, 20, 40}
+    poller.maybe_swap(44)
+  assert installed == [30] and poller.rejected == {10, 20, 40}
 
 
 def test_trainer_started_before_any_index_waits_then_gets_the_first(demo_store, tmp_path):
   installed = []
-  reader = index_lib.IndexReader(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]),
+  poller = index_lib.IndexPoller(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]),
                                  poll_seconds=0.05).start()
   with pytest.raises(TimeoutError, match="no index was published"):
-    reader.wait_for_first(timeout=0.3)
+    poller.wait_for_first(timeout=0.3)
   threading.Timer(0.3, lambda: _publish(tmp_path, demo_store, 7)).start()
-  reader.wait_for_first(timeout=30)
-  reader.close()
-  assert installed == [7] and reader.index_step == 7
+  poller.wait_for_first(timeout=30)
+  poller.close()
+  assert installed == [7] and poller.index_step == 7
 
 
 def test_bounded_staleness_makes_a_step_wait_for_the_refresh_job(demo_store, tmp_path):
   installed = []
-  reader = index_lib.IndexReader(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]),
+  poller = index_lib.IndexPoller(tmp_path, demo_store, lambda m, e: installed.append(m["train_step"]),
                                  poll_seconds=0.05, max_staleness=5, wait_seconds=30).start()
-  assert reader.maybe_swap(5) == {}  # no index yet, but step 5 is within 5 steps of step 0
+  assert poller.maybe_swap(5) == {}  # no index yet, but step 5 is within 5 steps of step 0
   _publish(tmp_path, demo_store, 0)
   threading.Timer(0.3, lambda: _publish(tmp_path, demo_store, 10)).start()
   start = time.monotonic()
-  metrics = reader.maybe_swap(14)  # waited for 10: 14 - 0 > 5
+  metrics = poller.maybe_swap(14)  # waited for 10: 14 - 0 > 5
   assert (metrics["index_step"], metrics["index_staleness"]) == (10.0, 4.0)
   assert time.monotonic() - start >= 0.25 and installed[-1] == 10
-  reader.wait_seconds = 0.3
+  poller.wait_seconds = 0.3
   with pytest.raises(TimeoutError, match="step 16: no index of step >= 11 was published .* refresh job running"):
-    reader.maybe_swap(16)
-  reader.close()
+    poller.maybe_swap(16)
+  poller.close()
 
 
 def test_refresher_indexes_checkpoints_and_resumes_after_a_restart(demo_store, tmp_path):
   mesh = partitioning.make_mesh()
-  trainer, data, _ = make_ict_trainer(
-      workdir=str(tmp_path), block_store=str(demo_store.path), encoder=TINY, mesh=mesh, init_checkpoint=None,
-      projection_size=16, share_towers=True, batch_size=8, query_len=16, block_len=32, remove_prob=0.9,
-      num_steps=4, learning_rate=1e-3, warmup_steps=1, checkpoint_every=2, log_every=2, seed=0,
-  )
-  state, _ = trainer.fit(data)
-  config = RefreshConfig(TINY, projection_size=16, tower_path=("query_tower",), block_len=32, batch_size=64)
+  retriever = RetrieverConfig(TINY, 16, block_len=32)
+  spec = IctSpec(str(demo_store.path), retriever, IctDataConfig(8, query_len=16, block_len=32))
+  trainer = make_trainer(spec.objective(), mesh, str(tmp_path), TrainerConfig(4, checkpoint_every=2, log_every=2),
+                         OptimizerConfig(1e-3, warmup_steps=1))
+  state, _ = trainer.fit(ict_iterator(demo_store, spec.data))
+  config = RefreshConfig(retriever, tower_path=("query_tower",), batch_size=64)
   refresher = Refresher(tmp_path, tmp_path / "index", demo_store, mesh, config)
   # Training is done and checkpoint 4 is newer: a pass over checkpoint 2 started by the loop is dropped.
   assert refresher.refresh(2, abandon_if_superseded=True) is None
@@ -356,15 +370,16 @@ def test_length_bucketed_embeddings_equal_padded_ones(demo_store, pooling):
   config = dataclasses.replace(TINY, pooling=pooling)
   params = _tower_params(config)
   mesh = partitioning.make_mesh()
-  padded, bucketed = (embed_all_blocks(params, RefreshConfig(config, 16, block_len=128, length_bucket=bucket),
-                                       demo_store, mesh).embeddings for bucket in (0, 32))
+  retriever = RetrieverConfig(config, 16, block_len=128)
+  padded, bucketed = (embed_all_blocks(params, RefreshConfig(retriever, length_bucket=bucket), demo_store,
+                                       mesh).embeddings for bucket in (0, 32))
   np.testing.assert_allclose(bucketed, padded, atol=2e-5)
 
 
 def test_a_pipelined_pass_equals_the_serial_loop_bit_for_bit_and_passes_compile_once(demo_store):
   from realm_jax.refresh.refresher import BlockEmbedder, embed_step, embedding_batches
 
-  config = RefreshConfig(TINY, 16, block_len=128, batch_size=64, abandon_check_seconds=3600.0)
+  config = RefreshConfig(RetrieverConfig(TINY, 16, block_len=128), batch_size=64, abandon_check_seconds=3600.0)
   mesh = partitioning.make_mesh()
   batches = embedding_batches(demo_store.retriever_lengths(128), 64, 128, config.length_bucket)
   serial_step, embedder, asked = embed_step(config, mesh), BlockEmbedder(config, mesh), []
@@ -455,13 +470,13 @@ def test_prefetched_raises_the_producers_error_and_stops_its_thread_when_closed(
 def test_a_trainer_restarted_with_another_retriever_is_refused_naming_both_values(tmp_path):
   from realm_jax.refresh.refresher import RefreshJob, RetrieverDescription
 
-  run = RetrieverDescription(TINY, ("retriever", "query_tower"), 128, 16, "normal", 1e-3, True, 1.0, "wp:abc")
+  run = RetrieverDescription(RetrieverConfig(TINY, 16, block_len=128), ("retriever", "query_tower"), "wp:abc")
   run.write(tmp_path)
   run.write(tmp_path)  # the same retriever: a resumed run
   assert RetrieverDescription.read(tmp_path, wait_seconds=0) == run
   with pytest.raises(ValueError, match=r"started with block_len=128, now block_len=64: use a new workdir"):
-    dataclasses.replace(run, block_len=64).write(tmp_path)
+    dataclasses.replace(run, retriever=dataclasses.replace(run.retriever, block_len=64)).write(tmp_path)
   config = RefreshJob(batch_size=32, block_len=128).config(run, tmp_path / "retriever.json")
-  assert (config.tower_path, config.block_len, config.batch_size) == (("retriever", "query_tower"), 128, 32)
+  assert (config.tower_path, config.retriever.block_len, config.batch_size) == (("retriever", "query_tower"), 128, 32)
   with pytest.raises(ValueError, match=r"RefreshJob.tower_path = \('retriever', 'block_tower'\), but the trainer"):
     RefreshJob(tower_path=("retriever", "block_tower")).config(run, tmp_path / "retriever.json")

@@ -22,8 +22,8 @@ def test_reader_copy_launcher_writes_each_evaluation(demo_store, tmp_path):
   result = run_launcher(
       "reader_copy.py", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/reader_copy_demo.gin",
       f"--gin_bindings=BLOCK_STORE = '{demo_store.path}'", "--gin_bindings=realm_data.RealmDataConfig.batch_size = 4",
-      "--gin_bindings=reader_copy.run_reader_copy.num_steps = 2",
-      "--gin_bindings=reader_copy.run_reader_copy.eval_every = 1",
+      "--gin_bindings=trainer.TrainerConfig.num_steps = 2",
+      "--gin_bindings=trainer.TrainerConfig.eval_every = 1",
       "--gin_bindings=reader_copy.run_reader_copy.eval_queries = 8", f"--workdir={workdir}",
   )
   assert result.returncode == 0, result.stderr[-3000:]
@@ -36,13 +36,13 @@ def test_ict_launcher_end_to_end_on_a_gcs_workdir(demo_store, gcs_bucket):
   result = run_launcher(
       "ict.py", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/ict_demo.gin",
       f"--gin_bindings=BLOCK_STORE = '{demo_store.path}'", "--gin_bindings=NUM_STEPS = 4",
-      "--gin_bindings=BATCH_SIZE = 8", "--gin_bindings=ict.run_ict.checkpoint_every = 2",
+      "--gin_bindings=BATCH_SIZE = 8", "--gin_bindings=trainer.TrainerConfig.checkpoint_every = 2",
       f"--workdir={workdir}",
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "ICT finished at step 4" in result.stdout
   assert (workdir / "ict.config.gin").read_text().count("hidden_size = 128") == 1
-  assert "ict.run_ict" in (workdir / "ict.operative_config.gin").read_text()
+  assert "run_ict" in (workdir / "ict.operative_config.gin").read_text()
   assert sorted(p.name for p in (workdir / "train").iterdir() if p.name.isdigit()) == ["2", "4"]
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
   assert (workdir / "TRAINING_DONE").read_text() == "4"
@@ -68,7 +68,7 @@ def test_unusable_gcs_workdir_fails_before_training_naming_it(gcs_server, gcs_bu
 
 def test_ict_launcher_rejects_a_typo_before_training(tmp_path):
   result = run_launcher("ict.py", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/ict_demo.gin",
-                        "--gin_bindings=ict.run_ict.lerning_rate = 0.1", f"--workdir={tmp_path}")
+                        "--gin_bindings=optimizer.OptimizerConfig.lerning_rate = 0.1", f"--workdir={tmp_path}")
   assert result.returncode == 2
   assert "lerning_rate" in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
   assert not (tmp_path / "train").exists()
@@ -80,10 +80,10 @@ def test_trainer_and_refresher_processes_run_concurrently_and_the_trainer_hot_sw
   model = ["--gin_file=gin/models/tiny.gin", f"--gin_bindings=BLOCK_STORE = '{demo_store.path}'"]
   trainer = subprocess.Popen(
       [sys.executable, "launch/ict.py", *model, "--gin_file=gin/runs/ict_demo.gin", "--gin_bindings=NUM_STEPS = 80",
-       "--gin_bindings=BATCH_SIZE = 16", "--gin_bindings=ict.run_ict.checkpoint_every = 20",
-       "--gin_bindings=ict.run_ict.block_len = 32",
-       "--gin_bindings=ict.run_ict.follow_index = True", "--gin_bindings=ict.run_ict.index_poll_seconds = 0.2",
-       "--gin_bindings=ict.run_ict.max_index_staleness = 30", f"--workdir={workdir}"],
+       "--gin_bindings=BATCH_SIZE = 16", "--gin_bindings=trainer.TrainerConfig.checkpoint_every = 20",
+       "--gin_bindings=BLOCK_LEN = 32", "--gin_bindings=ict_run.run_ict.index = @live_index.LiveIndexConfig()",
+       "--gin_bindings=live_index.LiveIndexConfig.poll_seconds = 0.2",
+       "--gin_bindings=live_index.LiveIndexConfig.max_staleness = 30", f"--workdir={workdir}"],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
   )
   # Files, not pipes: an undrained pipe would block the refresher while the trainer waits for it.
@@ -127,7 +127,7 @@ def test_sweep_runs_each_variant_locally_with_its_refresher_and_tabulates_the_re
       [sys.executable, "launch/sweep.py", "--gin_file=gin/models/tiny.gin",
        "--run_gin=gin/runs/realm_pretrain_demo.gin",
        f"--gin_bindings=BLOCK_STORE = '{demo_store.path}'", "--gin_bindings=BLOCK_LEN = 32",
-       "--gin_bindings=NUM_STEPS = 4", "--run_bindings=pretrain.run_pretrain.checkpoint_every = 2",
+       "--gin_bindings=NUM_STEPS = 4", "--run_bindings=trainer.TrainerConfig.checkpoint_every = 2",
        "--run_bindings=realm_data.RealmDataConfig.eval_blocks = 8",
        "--variant=retrieval=", "--variant=null_only=gin/ablations/no_retrieval.gin", "--baseline=null_only",
        f"--workdir_root={root}"],

@@ -8,7 +8,7 @@ from conftest import REPO
 
 from realm_jax import partitioning
 from realm_jax.errors import InputError
-from realm_jax.retrieval import index as index_lib
+from realm_jax.retrieval import backends
 from realm_jax.retrieval.mips import ExactSearcher, SearchConfig, exact_top_k_numpy, release_mapped_rows, shard_layout
 
 UNCHUNKED = SearchConfig(chunk_rows=1 << 20)  # one chunk per device: the whole shard's scores at once
@@ -74,7 +74,8 @@ def test_approximate_search_returns_valid_distinct_ids_with_recall_near_exact():
   rng = np.random.default_rng(3)
   embeddings = rng.normal(size=(3001, 32)).astype(np.float32)
   queries = rng.normal(size=(16, 32)).astype(np.float32)
-  searcher = ExactSearcher(embeddings, partitioning.make_mesh(), SearchConfig(approximate=True, recall_target=0.9))
+  searcher = ExactSearcher(embeddings, partitioning.make_mesh(), SearchConfig(backend="approx_max_k",
+                                                                              recall_target=0.9))
   ids, scores = searcher.search(queries, 10)
   assert ids.shape == (16, 10) and ((ids >= 0) & (ids < 3001)).all()
   assert all(len(set(row)) == 10 for row in ids)
@@ -85,20 +86,22 @@ def test_approximate_search_returns_valid_distinct_ids_with_recall_near_exact():
   assert recall >= 0.9  # on CPU approx_max_k falls back to an exact top-k: recall 1
 
 
-@pytest.mark.parametrize("config", [SearchConfig(chunk_rows=16), SearchConfig(approximate=True)],
+@pytest.mark.parametrize("config", [SearchConfig(chunk_rows=16), SearchConfig(backend="approx_max_k")],
                          ids=["chunked", "approximate"])
 def test_swapping_embeddings_reuses_the_compiled_search(config):
   rng = np.random.default_rng(1)
-  searcher = ExactSearcher(rng.normal(size=(500, 16)).astype(np.float32), partitioning.make_mesh(), config)
+  old = rng.normal(size=(500, 16)).astype(np.float32)
+  first = ExactSearcher(old, partitioning.make_mesh(), config)
   queries = rng.normal(size=(3, 16)).astype(np.float32)
-  searcher.search(queries, 5)
+  first.search(queries, 5)
   new = rng.normal(size=(500, 16)).astype(np.float32)
-  searcher.swap(new)
+  searcher = first.with_index(new)
   ids, _ = searcher.search(queries, 5)
   np.testing.assert_array_equal(ids, exact_top_k_numpy(new, queries, 5)[0])
-  assert searcher._search_fn(5)._cache_size() == 1
+  assert searcher._search_fn(5)._cache_size() == 1 and searcher._search_fn(5) is first._search_fn(5)
+  np.testing.assert_array_equal(first.search(queries, 5)[0], exact_top_k_numpy(old, queries, 5)[0])  # unchanged
   with pytest.raises(ValueError, match="cannot hot-swap"):
-    searcher.swap(new[:10])
+    searcher.with_index(new[:10])
 
 
 def test_each_device_is_padded_to_whole_chunks_of_at_most_chunk_rows():
@@ -133,7 +136,7 @@ def test_the_trainer_searches_a_bfloat16_index_with_approx_max_k_from_gin(demo_s
       super().__init__(*args, **kwargs)
       built.append(self)
 
-  monkeypatch.setattr(index_lib, "ExactSearcher", Recorded)
+  monkeypatch.setattr(backends, "ExactSearcher", Recorded)
   gin.clear_config()
   gin.add_config_file_search_path(str(REPO))
   try:
@@ -141,15 +144,15 @@ def test_the_trainer_searches_a_bfloat16_index_with_approx_max_k_from_gin(demo_s
         f"BLOCK_STORE = '{demo_store.path}'", "NUM_STEPS = 2", "BATCH_SIZE = 8", "BLOCK_LEN = 32",
         "bert.BertConfig.hidden_size = 64", "bert.BertConfig.num_layers = 1", "bert.BertConfig.intermediate_size = 128",
         "realm_data.RealmDataConfig.query_len = 16", "realm_data.RealmDataConfig.joint_len = 48",
-        "realm_data.RealmDataConfig.num_candidates = 3", "pretrain.run_pretrain.log_every = 1",
-        "pretrain.run_pretrain.checkpoint_every = 2", "mips.SearchConfig.approximate = True",
+        "realm_data.RealmDataConfig.num_candidates = 3", "trainer.TrainerConfig.log_every = 1",
+        "trainer.TrainerConfig.checkpoint_every = 2", "mips.SearchConfig.backend = 'approx_max_k'",
         "mips.SearchConfig.recall_target = 0.9", "mips.SearchConfig.storage_dtype = 'bfloat16'",
     ])
     history = gin.get_configurable(pretrain.run_pretrain)(workdir=str(tmp_path), mesh=partitioning.make_mesh())
   finally:
     gin.clear_config()
   assert [h["step"] for h in history] == [1, 2] and all(np.isfinite(h["loss"]) for h in history)
-  assert len(built) == 1 and built[0].config == SearchConfig(approximate=True, recall_target=0.9,
+  assert len(built) == 1 and built[0].config == SearchConfig(backend="approx_max_k", recall_target=0.9,
                                                              storage_dtype="bfloat16")
   assert built[0].embeddings.dtype == jnp.bfloat16
   assert list(built[0]._compiled) == [3]  # the trainer's searches went through it
@@ -168,8 +171,8 @@ def test_a_bfloat16_index_finds_nearly_the_float32_neighbours_and_swaps_without_
   recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact, strict=True)])
   assert recall >= 0.9, recall
   compiled = searcher._search_fn(10)
-  searcher.swap(embeddings[::-1].copy())
-  assert searcher._search_fn(10) is compiled and searcher.embeddings.dtype == jnp.bfloat16
+  swapped = searcher.with_index(embeddings[::-1].copy())
+  assert swapped._search_fn(10) is compiled and swapped.embeddings.dtype == jnp.bfloat16
 
 
 def _resident_file_bytes() -> int:

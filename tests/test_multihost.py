@@ -33,11 +33,11 @@ PASSAGES = 500  # a slice of the demo corpus: every refresh re-embeds all its bl
 def realm_args(store, workdir):
   return ["launch/pretrain.py", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/realm_pretrain_demo.gin",
           f"--gin_bindings=BLOCK_STORE = '{store}'", f"--gin_bindings=NUM_STEPS = {STEPS}",
-          "--gin_bindings=BATCH_SIZE = 8", "--gin_bindings=pretrain.run_pretrain.checkpoint_every = 2",
+          "--gin_bindings=BATCH_SIZE = 8", "--gin_bindings=trainer.TrainerConfig.checkpoint_every = 2",
           # A step waits for the index of the previous checkpoint: every run swaps the same indexes at the same steps.
-          "--gin_bindings=pretrain.run_pretrain.max_index_staleness = 2",
-          "--gin_bindings=pretrain.run_pretrain.index_poll_seconds = 0.2",
-          "--gin_bindings=pretrain.run_pretrain.log_every = 1", "--gin_bindings=pretrain.run_pretrain.eval_every = 2",
+          "--gin_bindings=live_index.LiveIndexConfig.max_staleness = 2",
+          "--gin_bindings=live_index.LiveIndexConfig.poll_seconds = 0.2",
+          "--gin_bindings=trainer.TrainerConfig.log_every = 1", "--gin_bindings=trainer.TrainerConfig.eval_every = 2",
           "--gin_bindings=realm_data.RealmDataConfig.eval_blocks = 12", f"--workdir={workdir}"]
 
 
@@ -166,10 +166,11 @@ def test_two_processes_and_a_refresher_on_gcs_killed_and_resumed_end_like_one_pr
 
 def test_two_process_refresher_publishes_what_one_process_embeds(gcs_store, one_process_run, tmp_path):
   from realm_jax import partitioning
+  from realm_jax.checkpoints.train_dir import restore_params_subtree
   from realm_jax.models.bert import BertConfig
-  from realm_jax.refresh.refresher import RefreshConfig, abstract_tower_params, embed_all_blocks
+  from realm_jax.models.retriever import RetrieverConfig
+  from realm_jax.refresh.refresher import RefreshConfig, embed_all_blocks
   from realm_jax.retrieval import index as index_lib
-  from realm_jax.train.trainer import restore_params_subtree
 
   store = gcs_store[1]["refresher_host"]
   workdir = tmp_path / "realm"
@@ -186,11 +187,12 @@ def test_two_process_refresher_publishes_what_one_process_embeds(gcs_store, one_
       index_lib.part_name(0, 2): [0, half], index_lib.part_name(1, 2): [half, store.num_blocks]}
   assert json.loads((workdir / "retriever.json").read_text())["block_len"] == 128
 
-  tiny = BertConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512)
+  retriever = RetrieverConfig(BertConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512),
+                              block_len=128)
   mesh = partitioning.make_mesh()
   tower = restore_params_subtree(workdir / "train", STEPS, ("retriever", "query_tower"),
-                                 abstract_tower_params(tiny, 128), partitioning.replicated(mesh))
-  expected = embed_all_blocks(tower, RefreshConfig(tiny, block_len=128, batch_size=64), store, mesh).embeddings
+                                 retriever.abstract_tower_params(), partitioning.replicated(mesh))
+  expected = embed_all_blocks(tower, RefreshConfig(retriever, batch_size=64), store, mesh).embeddings
   np.testing.assert_allclose(published, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -224,13 +226,14 @@ def pass_setup():
   import flax.linen as nn
 
   from realm_jax.models.bert import BertConfig
-  from realm_jax.models.retriever import RetrieverTower
+  from realm_jax.models.retriever import RetrieverConfig
   from realm_jax.refresh.refresher import RefreshConfig
 
-  tiny = BertConfig(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128)
+  retriever = RetrieverConfig(BertConfig(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128), 16,
+                              block_len=64)
   x = np.zeros((1, 8), np.int32)
-  params = jax.device_get(nn.meta.unbox(RetrieverTower(tiny, 16).init(jax.random.key(0), x, x, x, True)["params"]))
-  return params, RefreshConfig(tiny, 16, block_len=64, batch_size=64, abandon_check_seconds=0.0)
+  params = jax.device_get(nn.meta.unbox(retriever.tower().init(jax.random.key(0), x, x, x, True)["params"]))
+  return params, RefreshConfig(retriever, batch_size=64, abandon_check_seconds=0.0)
 
 
 def test_two_processes_decide_abandonment_together_and_each_embeds_its_half_as_one_process_does(demo_store,

@@ -11,16 +11,17 @@ from conftest import DEMO, DEMO_ENTITIES, DEMO_PASSAGES, REPO
 from test_launch import run_launcher
 
 from realm_jax.data.corpus import CorpusError
+from realm_jax.data.features import span_grid
 from realm_jax.data.openqa import OpenQaDataConfig, OpenQaFeaturizer
 from realm_jax.data.questions import (
-    RealmQuestions,
-    UnanswerableQuestion,
-    question_from_record,
-    read_questions,
-    read_tfds_questions,
+  RealmQuestions,
+  UnanswerableQuestion,
+  question_from_record,
+  read_questions,
+  read_tfds_questions,
 )
 from realm_jax.models.bert import BertConfig
-from realm_jax.models.reader import INVALID_SPAN_LOGIT, SpanScorer, span_grid
+from realm_jax.models.reader import INVALID_SPAN_LOGIT, SpanScorer
 from realm_jax.objectives.openqa import openqa_loss
 
 QUESTIONS = DEMO / "questions"
@@ -243,16 +244,21 @@ def test_finetuning_from_minilm_learns_to_answer_its_training_questions(small_qa
   from realm_jax import partitioning
   from realm_jax.eval.answers import exact_match
   from realm_jax.eval.predict import load_predictor
-  from realm_jax.train.finetune import OpenQaSpec, run_finetune
+  from realm_jax.models.retriever import RetrieverConfig
+  from realm_jax.objectives.openqa import OpenQaSpec
+  from realm_jax.train.finetune import run_finetune
+  from realm_jax.train.optimizer import OptimizerConfig
+  from realm_jax.train.trainer import TrainerConfig
 
   root, store = small_qa_setup
   encoder = BertConfig.from_hf_json(minilm_path / "config.json", pooling="mean")
-  spec = OpenQaSpec(str(store.path), encoder, encoder, OpenQaDataConfig(batch_size=2, reader_len=128,
-                                                                       retrieve_k=16, reader_k=2), block_len=128)
+  spec = OpenQaSpec(str(store.path), RetrieverConfig(encoder, block_len=128), encoder,
+                    OpenQaDataConfig(batch_size=2, reader_len=128, retrieve_k=16, reader_k=2),
+                    retriever_init="minilm", reader_init="minilm")
   mesh = partitioning.make_mesh(devices=jax.devices()[:2])
   questions = read_questions(root / "q.jsonl")
-  history = run_finetune(str(root / "run"), spec, str(root / "q.jsonl"), mesh, retriever_init="minilm",
-                         reader_init="minilm", num_steps=36, learning_rate=1e-4, checkpoint_every=36, log_every=6)
+  history = run_finetune(str(root / "run"), mesh, spec, TrainerConfig(36, checkpoint_every=36, log_every=6),
+                         OptimizerConfig(1e-4), str(root / "q.jsonl"))
   assert history[-1]["reader_loss"] < 0.5 * history[0]["reader_loss"]
   predictor = load_predictor(root / "run", spec, mesh)
   predictions = predictor.answer([q.question for q in questions])
@@ -270,7 +276,7 @@ def test_finetune_evaluate_and_ask_launchers_end_to_end_on_a_gcs_workdir(small_q
            f"--gin_bindings=BLOCK_STORE = '{store.path}'", f"--gin_bindings=TRAIN_QUESTIONS = '{root / 'q.jsonl'}'",
            f"--gin_bindings=QUESTIONS = '{QUESTIONS}'", "--gin_bindings=NUM_STEPS = 2",
            "--gin_bindings=openqa_data.OpenQaDataConfig.retrieve_k = 8", f"--workdir={workdir}"]
-  result = run_launcher("finetune.py", *flags, "--gin_bindings=finetune.run_finetune.log_every = 1")
+  result = run_launcher("finetune.py", *flags, "--gin_bindings=trainer.TrainerConfig.log_every = 1")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Open-QA fine-tuning finished at step 2" in result.stdout
   result = run_launcher("evaluate.py", *flags, "--limit=3", "--gin_bindings=openqa_eval.run_evaluation.baselines = "

@@ -5,12 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SHARDED_BERT as TINY
 from jax.sharding import PartitionSpec as P
 
 from realm_jax import partitioning
-from realm_jax.models.bert import BertConfig, BertEncoder
-
-TINY = BertConfig(vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256)
+from realm_jax.models.bert import BertEncoder
 
 
 def test_eight_fake_devices_are_available():

@@ -2,13 +2,15 @@
 
 import numpy as np
 import pytest
+from conftest import TINY_BERT as TINY
 
 from realm_jax import partitioning
 from realm_jax.data.realm import RealmDataConfig, realm_query_dataset, span_in_candidates
-from realm_jax.eval.reader_copy import copy_metrics, markdown_table, oracle_batch, run_reader_copy
-from realm_jax.models.bert import BertConfig
+from realm_jax.eval.reader_copy import copy_metrics, markdown_table, oracle_batch
+from realm_jax.train.optimizer import OptimizerConfig
+from realm_jax.train.reader_copy import run_reader_copy
+from realm_jax.train.trainer import TrainerConfig
 
-TINY = BertConfig(vocab_size=30522, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128)
 DATA = RealmDataConfig(batch_size=8, query_len=32, block_len=64, joint_len=96)
 
 
@@ -33,8 +35,8 @@ def test_copy_gain_is_oracle_minus_null_log_likelihood_per_scored_piece():
 
 
 def test_the_probe_trains_on_a_mesh_and_reports_each_evaluation(demo_store):
-  history = run_reader_copy(str(demo_store.path), TINY, partitioning.make_mesh(4, 2), data=DATA, num_steps=3,
-                            learning_rate=1e-3, warmup_steps=1, eval_every=2, eval_queries=16)
+  history = run_reader_copy(partitioning.make_mesh(4, 2), str(demo_store.path), TINY, TrainerConfig(3, eval_every=2),
+                            OptimizerConfig(1e-3, warmup_steps=1), data=DATA, eval_queries=16)
   assert [row["step"] for row in history] == [0, 2, 3]
   assert np.isnan(history[0]["train_loss"]) and all(np.isfinite(row["train_loss"]) for row in history[1:])
   for row in history:

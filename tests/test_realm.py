@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from conftest import TINY_BERT as TINY
 
 from realm_jax import partitioning
 from realm_jax.data.realm import (
@@ -13,12 +14,12 @@ from realm_jax.data.realm import (
   select_candidates,
   span_in_candidates,
 )
-from realm_jax.models.bert import BertConfig
-from realm_jax.objectives.realm import marginal_loss
+from realm_jax.models.retriever import RetrieverConfig
+from realm_jax.objectives.realm import RealmSpec, marginal_loss
 from realm_jax.retrieval import index as index_lib
+from realm_jax.train.optimizer import OptimizerConfig
 from realm_jax.train.pretrain import run_pretrain
-
-TINY = BertConfig(vocab_size=30522, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128)
+from realm_jax.train.trainer import TrainerConfig
 
 
 def test_one_salient_span_of_one_sentence_is_masked_whole(demo_store):
@@ -193,13 +194,18 @@ def test_per_example_scores_add_up_to_the_marginal_loss_metrics():
   assert per["log_likelihood"][0] == 0 and per["correct"][0] == 0
 
 
+def realm_spec(store, data=None, **switches) -> RealmSpec:
+  """A REALM run over `store` with TINY retriever (projection 128) and reader."""
+  data = data or RealmDataConfig()
+  return RealmSpec(str(store.path), RetrieverConfig(TINY, block_len=data.block_len), TINY, data, **switches)
+
+
 def test_pretraining_runs_on_the_live_index_and_logs_staleness(demo_store, tmp_path):
   from realm_jax.eval.realm_mlm import load_eval
 
   data = RealmDataConfig(batch_size=8, query_len=32, block_len=48, joint_len=80, num_candidates=4, eval_blocks=12)
-  history = run_pretrain(str(tmp_path), str(demo_store.path), TINY, TINY, partitioning.make_mesh(), data=data,
-                         num_steps=4, learning_rate=1e-3, warmup_steps=1, checkpoint_every=2, log_every=1,
-                         eval_every=3)
+  history = run_pretrain(str(tmp_path), partitioning.make_mesh(), realm_spec(demo_store, data),
+                         TrainerConfig(4, checkpoint_every=2, log_every=1, eval_every=3), OptimizerConfig(1e-3, 1))
   assert [h["step"] for h in history] == [1, 2, 3, 4]
   # The held-out evaluation runs every eval_every steps and at the last, on the 12 held-out queries.
   assert ["eval_loss" in h for h in history] == [False, False, True, True]
@@ -220,23 +226,24 @@ def test_pretraining_runs_on_the_live_index_and_logs_staleness(demo_store, tmp_p
 
 def test_an_evaluation_schedule_without_held_out_blocks_is_refused(demo_store, tmp_path):
   with pytest.raises(ValueError, match=r"eval_every=5 needs held-out blocks: set RealmDataConfig.eval_blocks > 0"):
-    run_pretrain(str(tmp_path), str(demo_store.path), TINY, TINY, partitioning.make_mesh(), eval_every=5)
+    run_pretrain(str(tmp_path), partitioning.make_mesh(), realm_spec(demo_store), TrainerConfig(10, eval_every=5),
+                 OptimizerConfig(1e-3))
   assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
 def test_a_run_can_start_its_reader_and_mlm_head_from_another_realm_run(demo_store, tmp_path):
-  from realm_jax.objectives.realm import RealmModel
-  from realm_jax.train.pretrain import abstract_realm_params, load_reader_init, load_realm_checkpoint
-  from realm_jax.train.trainer import restore_params_subtree
+  from realm_jax.checkpoints.init import load_realm_reader, load_realm_run
+  from realm_jax.checkpoints.train_dir import restore_params_subtree
+  from realm_jax.objectives.realm import RealmModel, abstract_realm_params
 
   data = RealmDataConfig(batch_size=8, query_len=32, block_len=48, joint_len=80, num_candidates=4)
   mesh = partitioning.make_mesh()
   with pytest.raises(FileNotFoundError, match="no REALM pre-training checkpoint"):
-    load_reader_init(f"realm:{tmp_path}", RealmModel(TINY, TINY, 128), mesh)
-  run_pretrain(str(tmp_path), str(demo_store.path), TINY, TINY, mesh, data=data, retrieval=False, num_steps=3,
-               learning_rate=1e-3, warmup_steps=1, checkpoint_every=2, log_every=3)
+    load_realm_reader(f"realm:{tmp_path}", RealmModel(TINY, TINY, 128))
+  run_pretrain(str(tmp_path), mesh, realm_spec(demo_store, data, retrieval=False),
+               TrainerConfig(3, checkpoint_every=2, log_every=3), OptimizerConfig(1e-3, 1))
   model = RealmModel(TINY, TINY, 128)
-  loaded = load_reader_init(f"realm:{tmp_path}", model, mesh)
+  loaded = load_realm_reader(f"realm:{tmp_path}", model).subtrees
   assert set(loaded) == {"reader", "mlm_head"}
   head = restore_params_subtree(tmp_path / "train", 3, ("mlm_head",), abstract_realm_params(model)["mlm_head"],
                                 jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -244,7 +251,7 @@ def test_a_run_can_start_its_reader_and_mlm_head_from_another_realm_run(demo_sto
   shapes = lambda tree: jax.tree.map(np.shape, tree)  # noqa: E731
   assert shapes(loaded["reader"]) == shapes(abstract_realm_params(model)["reader"])
   assert np.abs(loaded["mlm_head"]["bias"]).max() > 0  # trained: a fresh head's bias is zero
-  towers, step = load_realm_checkpoint(tmp_path, model, ("retriever", "reader"), mesh)  # Open-QA's start
+  towers, step = load_realm_run(tmp_path, model, ("retriever", "reader"))  # Open-QA's start
   assert step == 3 and set(towers["retriever"]) == {"query_tower"}
   jax.tree.map(np.testing.assert_array_equal, towers["reader"], loaded["reader"])
 

@@ -7,26 +7,29 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from conftest import TINY_BERT_H32 as TINY
 
 from realm_jax import partitioning
 from realm_jax.data.realm import MaskedQueries, RealmDataConfig, candidate_inputs
 from realm_jax.eval.realm_mlm import HeldOutMlm, eval_path, load_eval, paired_difference
-from realm_jax.models.bert import BertConfig
-from realm_jax.objectives.realm import RealmModel, marginal_loss
+from realm_jax.models.retriever import RetrieverConfig
+from realm_jax.objectives.realm import RealmModel, RealmSpec, marginal_loss
 from realm_jax.train.pretrain import RealmRun
 
-TINY = BertConfig(vocab_size=30522, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+
+def realm_spec(store, data, **switches) -> RealmSpec:
+  """A REALM run over `store` with TINY retriever (projection 16) and reader."""
+  return RealmSpec(str(store.path), RetrieverConfig(TINY, 16, block_len=data.block_len), TINY, data, **switches)
 
 
 @pytest.fixture(scope="module")
 def null_only(demo_store):
   data = RealmDataConfig(batch_size=8, query_len=32, block_len=48, joint_len=64, num_candidates=4, eval_blocks=13)
   mesh = partitioning.make_mesh()
-  model = RealmModel(TINY, TINY, projection_size=16)
-  run = RealmRun(model, demo_store, data, retrieval=False, null_document=True, mesh=mesh)
+  run = RealmRun(realm_spec(demo_store, data, retrieval=False), demo_store, mesh)
   batches = MaskedQueries(demo_store, data).eval_batches(data.batch_size)
   example = run.complete(None, batches[0])
-  params = nn.meta.unbox(model.init(jax.random.key(0), example)["params"])
+  params = nn.meta.unbox(run.model.init(jax.random.key(0), example)["params"])
   return run, batches, params
 
 
@@ -50,16 +53,16 @@ def test_held_out_loss_is_the_marginal_loss_over_every_scored_held_out_mask(null
   saved = load_eval(tmp_path)  # the newest step's per-query file
   assert saved["step"] == 7 and len(saved["block_id"]) == 13 and saved["num_masks"].sum() == masks
   np.testing.assert_array_equal(np.sort(saved["block_id"]), np.sort(MaskedQueries(
-      run.store, run.data_config).eval_block_ids))
+      run.store, run.spec.data).eval_block_ids))
 
 
 def test_held_out_queries_never_read_their_own_block_even_when_the_run_keeps_trivial_retrievals(demo_store):
   data = RealmDataConfig(batch_size=8, query_len=32, block_len=48, joint_len=64, num_candidates=4, eval_blocks=3)
   mesh = partitioning.make_mesh()
-  model = RealmModel(TINY, TINY, projection_size=16)
-  run = RealmRun(model, demo_store, data, retrieval=True, null_document=True, mesh=mesh, exclude_trivial=False)
+  run = RealmRun(realm_spec(demo_store, data, exclude_trivial=False), demo_store, mesh)
+  model = run.model
   batch = MaskedQueries(demo_store, data).eval_batches(8)[0]  # 3 held-out queries + 5 unscored fillers
-  example = RealmRun(model, demo_store, data, retrieval=False, null_document=True, mesh=mesh).complete(None, batch)
+  example = RealmRun(realm_spec(demo_store, data, retrieval=False), demo_store, mesh).complete(None, batch)
   params = nn.meta.unbox(model.init(jax.random.key(0), example)["params"])
   # An index where the 3 held-out blocks outscore every other block for these queries: each query's top 3.
   queries = {k[len("query_"):]: v for k, v in batch.items() if k.startswith("query_")}

@@ -64,7 +64,7 @@ def test_sweep_expands_variants_into_pod_commands():
       [sys.executable, "launch/sweep.py", "--gin_file=gin/models/bert_base.gin",
        "--run_gin=gin/runs/realm_pretrain.gin",
        "--variant=baseline=", "--variant=no_null=gin/ablations/no_null_document.gin",
-       "--variant=lr=pretrain.run_pretrain.learning_rate = 1e-4", "--workdir_root=gs://b/sweep", "--mode=tpu",
+       "--variant=lr=optimizer.OptimizerConfig.learning_rate = 1e-4", "--workdir_root=gs://b/sweep", "--mode=tpu",
        "--block_store=gs://b/blocks"],
       cwd=REPO, capture_output=True, text=True, timeout=120,
   )
@@ -73,7 +73,7 @@ def test_sweep_expands_variants_into_pod_commands():
   assert [next(a for a in c if a.startswith("--workdir=")) for c in lines] == [
       "--workdir=gs://b/sweep/baseline", "--workdir=gs://b/sweep/no_null", "--workdir=gs://b/sweep/lr"]
   assert "--run_gin=gin/ablations/no_null_document.gin" in lines[1]
-  assert "--run_bindings=pretrain.run_pretrain.learning_rate = 1e-4" in lines[2]
+  assert "--run_bindings=optimizer.OptimizerConfig.learning_rate = 1e-4" in lines[2]
   assert all("--block_store=gs://b/blocks" in c for c in lines)  # every pod stages the store on its hosts
 
 

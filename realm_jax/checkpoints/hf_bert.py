@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import traverse_util
 from safetensors.numpy import load_file
 
@@ -40,6 +41,10 @@ TRANSPOSE = Layout(lambda w: w.T, lambda k: k.T)  # torch Linear [out, in] <-> f
 
 # Tensors in HF files that carry no parameters.
 IGNORED_HF_TENSORS = ("embeddings.position_ids",)
+# BertConfig fields a checkpoint does not fix: gin's values are used, never compared.
+RUNTIME_FIELDS = ("dtype", "remat", "hidden_dropout", "attention_dropout", "pooling")
+# BertConfig fields only parameter initialisation reads (`models.bert.normal_init`), no forward pass.
+INIT_ONLY_FIELDS = ("initializer_range",)
 
 
 def norm_names(hf: str, flax: tuple[str, ...]) -> NameTable:
@@ -78,6 +83,23 @@ def hf_to_flax_names(config: BertConfig, prefix: str = "") -> NameTable:
     table |= norm(f"{hf}.output.LayerNorm", fx + ("output_layer_norm",))
   table |= dense("pooler.dense", ("pooler",))
   return {prefix + k: v for k, v in table.items()}
+
+
+def check_architecture(expected: BertConfig, found: BertConfig, where: str) -> None:
+  """Refuses a checkpoint config `found` (read from `where`) whose forward pass differs from gin's `expected`.
+
+  `INIT_ONLY_FIELDS` that differ are logged (gin's value is used); `RUNTIME_FIELDS` are not compared.
+  """
+  diffs = {f.name: (getattr(expected, f.name), getattr(found, f.name)) for f in dataclasses.fields(BertConfig)
+           if f.name not in RUNTIME_FIELDS and getattr(expected, f.name) != getattr(found, f.name)}
+  listed = lambda names: ", ".join(f"{k}={diffs[k]!r}" for k in names)
+  refused = [k for k in diffs if k not in INIT_ONLY_FIELDS]
+  if refused:
+    raise InputError(f"{where}: architecture differs from the gin encoder (gin value, checkpoint value): "
+                     f"{listed(refused)}")
+  if diffs:
+    logging.warning("%s: differs from the gin encoder only in what initialisation reads (gin value, checkpoint "
+                    "value): %s; gin's values are used", where, listed(diffs))
 
 
 class CheckpointMismatchError(InputError):

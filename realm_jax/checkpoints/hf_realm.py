@@ -1,14 +1,9 @@
 """Hugging Face REALM checkpoints (config.json + safetensors) <-> realm-jax parameters, both ways.
 
-Five HF classes, one name table (`realm_names`, built on `hf_bert.hf_to_flax_names`); export is the
-inverse of the same table, so HF -> realm-jax -> HF is bit-identical:
-
-  kind       HF class                   realm-jax tree
-  embedder   RealmEmbedder              DualEncoder {'query_tower'}
-  scorer     RealmScorer                DualEncoder {'query_tower'[, 'block_tower']}
-  encoder    RealmKnowledgeAugEncoder   RealmModel's {'reader', 'mlm_head'}
-  reader     RealmReader                SpanReader {'encoder', 'span_scorer'}
-  openqa     RealmForOpenQA             {'retriever': DualEncoder, 'reader': SpanReader}
+Five HF classes, one row each in `HF_CLASSES`: its name and where its sub-models (a RealmEmbedder, a
+RealmReader, a knowledge-augmented encoder) sit in realm-jax's parameter tree.  Every loader and exporter
+reads that table; the tensor names come from `realm_names` (built on `hf_bert.hf_to_flax_names`) and export
+is their inverse, so HF -> realm-jax -> HF is bit-identical.
 
 HF stores some tensors twice (tied weights, RealmScorer's shared query embedder): these aliases
 must equal their source and are written back.  Tensors HF keeps but never uses in its forward pass
@@ -36,8 +31,10 @@ from safetensors.numpy import save_file
 from realm_jax.checkpoints.hf_bert import (
   IDENTITY,
   IGNORED_HF_TENSORS,
+  RUNTIME_FIELDS,
   CheckpointMismatchError,
   NameTable,
+  check_architecture,
   dense_names,
   hf_to_flax_names,
   map_tensors,
@@ -48,18 +45,57 @@ from realm_jax.models.bert import BertConfig, BertEncoder, MlmHead
 from realm_jax.models.reader import SpanReader
 from realm_jax.models.retriever import DualEncoder
 
-HF_CLASSES = {
-    "embedder": "RealmEmbedder",
-    "scorer": "RealmScorer",
-    "encoder": "RealmKnowledgeAugEncoder",
-    "reader": "RealmReader",
-    "openqa": "RealmForOpenQA",
-}
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 # RealmLMPredictionHead tensors (HF ties `decoder.bias` to `bias`).
 _HEAD_TENSORS = ("transform.dense.weight", "transform.dense.bias", "transform.LayerNorm.weight",
                  "transform.LayerNorm.bias", "bias", "decoder.weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """A sub-model: its HF tensors are under `hf_prefix`, its realm-jax parameters under `path`."""
+
+  hf_prefix: str
+  path: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class HfRealmClass:
+  """One HF REALM class: its name and where its sub-models sit in the realm-jax parameter tree."""
+
+  name: str  # config.json `architectures`
+  retriever: Part | None = None  # a RealmEmbedder: DualEncoder params {'query_tower'[, 'block_tower']}
+  query_prefix: str | None = None  # RealmScorer's query embedder (`retriever` embeds the blocks)
+  reader: Part | None = None  # RealmReader's BERT + span scorer: SpanReader params {'encoder', 'span_scorer'}
+  mlm: Part | None = None  # RealmKnowledgeAugEncoder: RealmModel's {'reader', 'mlm_head'}
+  unused: tuple[str, ...] = ()  # further HF tensors without a realm-jax parameter
+
+  @property
+  def bert(self) -> tuple[str, ...]:
+    """The path of its BertEncoder params: the reader's if it has one, else the query tower's."""
+    if self.mlm is not None:
+      return self.mlm.path + ("reader",)
+    if self.reader is not None:
+      return self.reader.path + ("encoder",)
+    return self.retriever.path + ("query_tower", "encoder")
+
+
+HF_CLASSES = {
+    "embedder": HfRealmClass("RealmEmbedder", retriever=Part("")),
+    "scorer": HfRealmClass("RealmScorer", retriever=Part("embedder."), query_prefix="query_embedder."),
+    "encoder": HfRealmClass("RealmKnowledgeAugEncoder", mlm=Part("")),
+    "reader": HfRealmClass("RealmReader", reader=Part("")),
+    "openqa": HfRealmClass("RealmForOpenQA", retriever=Part("embedder.", ("retriever",)),
+                           reader=Part("reader.", ("reader",)), unused=("block_emb",)),
+}
+
+
+def hf_class(kind: str) -> HfRealmClass:
+  """The `HF_CLASSES` row of `kind`."""
+  if kind not in HF_CLASSES:
+    raise InputError(f"unknown REALM checkpoint kind {kind!r}; one of {sorted(HF_CLASSES)}")
+  return HF_CLASSES[kind]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +123,7 @@ class RealmArchitecture:
     """A RealmConfig `config.json` for `kind` (HF's defaults for everything realm-jax does not fix)."""
     b = self.bert
     return {
-        "architectures": [HF_CLASSES[kind]],
+        "architectures": [hf_class(kind).name],
         "model_type": "realm",
         "vocab_size": b.vocab_size,
         "hidden_size": b.hidden_size,
@@ -134,7 +170,21 @@ def _embedder(arch: RealmArchitecture, prefix: str, tower: tuple[str, ...]) -> R
   return RealmNames(params, aliases, unused)
 
 
-def _reader(arch: RealmArchitecture, prefix: str, path: tuple[str, ...]) -> RealmNames:
+def _retriever(cls: HfRealmClass, arch: RealmArchitecture, share_towers: bool) -> RealmNames:
+  part = cls.retriever
+  if cls.query_prefix is None:
+    return _embedder(arch, part.hf_prefix, part.path + ("query_tower",))
+  if not share_towers:
+    return _merge(_embedder(arch, part.hf_prefix, part.path + ("block_tower",)),
+                  _embedder(arch, cls.query_prefix, part.path + ("query_tower",)))
+  block = _embedder(arch, part.hf_prefix, part.path + ("query_tower",))
+  twins = {cls.query_prefix + n.removeprefix(part.hf_prefix): block.aliases.get(n, n)
+           for n in (*block.params, *block.aliases, *block.unused)}
+  return RealmNames(block.params, block.aliases | twins, block.unused)
+
+
+def _reader(arch: RealmArchitecture, part: Part) -> RealmNames:
+  prefix, path = part.hf_prefix, part.path
   params = _bert(arch.bert, f"{prefix}realm.", path + ("encoder",))
   scorer, qa = path + ("span_scorer",), f"{prefix}qa_outputs."
   params |= dense_names(f"{qa}dense_intermediate", scorer + ("intermediate",))
@@ -144,14 +194,16 @@ def _reader(arch: RealmArchitecture, prefix: str, path: tuple[str, ...]) -> Real
   return RealmNames(params, aliases, unused)
 
 
-def _knowledge_augmented_encoder(arch: RealmArchitecture) -> RealmNames:
-  params = _bert(arch.bert, "realm.", ("reader",))
-  params |= dense_names("cls.predictions.transform.dense", ("mlm_head", "transform"))
-  params |= norm_names("cls.predictions.transform.LayerNorm", ("mlm_head", "layer_norm", "norm"))
-  params["cls.predictions.bias"] = (("mlm_head", "bias"), IDENTITY)
+def _knowledge_augmented_encoder(arch: RealmArchitecture, part: Part) -> RealmNames:
+  head, reader = f"{part.hf_prefix}cls.predictions.", f"{part.hf_prefix}realm."
+  params = _bert(arch.bert, reader, part.path + ("reader",))
+  mlm_head = part.path + ("mlm_head",)
+  params |= dense_names(f"{head}transform.dense", mlm_head + ("transform",))
+  params |= norm_names(f"{head}transform.LayerNorm", mlm_head + ("layer_norm", "norm"))
+  params[f"{head}bias"] = (mlm_head + ("bias",), IDENTITY)
   aliases = {  # the MLM output layer is tied to the word embeddings in HF and in realm-jax's MlmHead
-      "cls.predictions.decoder.weight": "realm.embeddings.word_embeddings.weight",
-      "cls.predictions.decoder.bias": "cls.predictions.bias",
+      f"{head}decoder.weight": f"{reader}embeddings.word_embeddings.weight",
+      f"{head}decoder.bias": f"{head}bias",
   }
   return RealmNames(params, aliases, ())
 
@@ -165,25 +217,12 @@ def _merge(*tables: RealmNames, unused: tuple[str, ...] = ()) -> RealmNames:
 
 
 def realm_names(kind: str, arch: RealmArchitecture, share_towers: bool = True) -> RealmNames:
-  """The HF <-> realm-jax name table of `kind` (see the module docstring)."""
-  if kind == "embedder":
-    return _embedder(arch, "", ("query_tower",))
-  if kind == "scorer":
-    if not share_towers:
-      return _merge(_embedder(arch, "embedder.", ("block_tower",)),
-                    _embedder(arch, "query_embedder.", ("query_tower",)))
-    block = _embedder(arch, "embedder.", ("query_tower",))
-    twins = {n.replace("embedder.", "query_embedder.", 1): block.aliases.get(n, n)
-             for n in (*block.params, *block.aliases, *block.unused)}
-    return RealmNames(block.params, block.aliases | twins, block.unused)
-  if kind == "encoder":
-    return _knowledge_augmented_encoder(arch)
-  if kind == "reader":
-    return _reader(arch, "", ())
-  if kind == "openqa":
-    return _merge(_embedder(arch, "embedder.", ("retriever", "query_tower")), _reader(arch, "reader.", ("reader",)),
-                  unused=("block_emb",))
-  raise InputError(f"unknown REALM checkpoint kind {kind!r}; one of {sorted(HF_CLASSES)}")
+  """The HF <-> realm-jax name table of `kind` (`share_towers`: whether a RealmScorer's towers are one)."""
+  cls = hf_class(kind)
+  tables = [_retriever(cls, arch, share_towers)] if cls.retriever else []
+  tables += [_reader(arch, cls.reader)] if cls.reader else []
+  tables += [_knowledge_augmented_encoder(arch, cls.mlm)] if cls.mlm else []
+  return _merge(*tables, unused=cls.unused)
 
 
 def _shapes(module: nn.Module, *args) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -193,32 +232,32 @@ def _shapes(module: nn.Module, *args) -> dict[tuple[str, ...], tuple[int, ...]]:
 
 def expected_shapes(kind: str, arch: RealmArchitecture, share_towers: bool = True) -> dict:
   """Flat realm-jax parameter shapes of `kind`, from the modules themselves (abstractly)."""
+  cls = hf_class(kind)
   ids = jnp.zeros((1, 1, 4 + arch.max_span_width), jnp.int32)
   seq = {n: ids[0] for n in ("input_ids", "input_mask", "segment_ids")}
-  dual = lambda share: _shapes(DualEncoder(arch.bert, arch.projection_size, share), seq, seq)  # noqa: E731
-  reader = lambda: _shapes(  # noqa: E731
-      SpanReader(arch.bert, arch.span_hidden_size, arch.max_span_width, arch.reader_layer_norm_eps),
-      {n: ids for n in ("input_ids", "input_mask", "segment_ids", "block_mask")})
-  prefixed = lambda prefix, shapes: {(prefix,) + k: v for k, v in shapes.items()}  # noqa: E731
-  if kind in ("embedder", "scorer"):
-    return dual(share_towers or kind == "embedder")
-  if kind == "encoder":
+  at = lambda path, shapes: {path + k: v for k, v in shapes.items()}  # noqa: E731
+  shapes = {}
+  if cls.retriever:
+    share = share_towers or cls.query_prefix is None
+    shapes |= at(cls.retriever.path, _shapes(DualEncoder(arch.bert, arch.projection_size, share), seq, seq))
+  if cls.reader:
+    reader = SpanReader(arch.bert, arch.span_hidden_size, arch.max_span_width, arch.reader_layer_norm_eps)
+    shapes |= at(cls.reader.path, _shapes(reader, {n: ids for n in (*seq, "block_mask")}))
+  if cls.mlm:
     hidden = jnp.zeros((1, arch.bert.hidden_size))
     table = jnp.zeros((arch.bert.vocab_size, arch.bert.hidden_size))
-    return prefixed("reader", _shapes(BertEncoder(arch.bert), seq["input_ids"], seq["input_ids"])) | prefixed(
-        "mlm_head", _shapes(MlmHead(arch.bert), hidden, table))
-  if kind == "reader":
-    return reader()
-  if kind == "openqa":
-    return prefixed("retriever", dual(True)) | prefixed("reader", reader())
-  raise InputError(f"unknown REALM checkpoint kind {kind!r}; one of {sorted(HF_CLASSES)}")
+    shapes |= at(cls.mlm.path + ("reader",), _shapes(BertEncoder(arch.bert), seq["input_ids"], seq["input_ids"]))
+    shapes |= at(cls.mlm.path + ("mlm_head",), _shapes(MlmHead(arch.bert), hidden, table))
+  return shapes
 
 
-def _scorer_shares_towers(tensors: Mapping[str, np.ndarray]) -> bool:
-  """RealmScorer files hold `query_embedder.*` copies; they differ only if the towers were not shared."""
+def _towers_shared(cls: HfRealmClass, tensors: Mapping[str, np.ndarray]) -> bool:
+  """RealmScorer files hold query-embedder copies of its embedder; they differ only if the towers were not shared."""
+  if cls.query_prefix is None:
+    return True
   for name, value in tensors.items():
-    if name.startswith("query_embedder."):
-      twin = tensors.get(name.replace("query_embedder.", "embedder.", 1))
+    if name.startswith(cls.query_prefix):
+      twin = tensors.get(cls.retriever.hf_prefix + name.removeprefix(cls.query_prefix))
       if twin is None or twin.shape != value.shape or not np.array_equal(twin, value):
         return False
   return True
@@ -228,7 +267,7 @@ def import_tensors(
     tensors: Mapping[str, np.ndarray], kind: str, arch: RealmArchitecture, source: str
 ) -> tuple[dict, dict[str, np.ndarray]]:
   """HF tensors -> (realm-jax params of `kind`, passthrough tensors realm-jax does not use)."""
-  share = kind != "scorer" or _scorer_shares_towers(tensors)
+  share = _towers_shared(hf_class(kind), tensors)
   names = realm_names(kind, arch, share)
   problems = []
   for alias, target in names.aliases.items():
@@ -248,7 +287,9 @@ def export_tensors(
 ) -> dict[str, np.ndarray]:
   """realm-jax params of `kind` -> HF tensors (aliases written out, as in HF's own `state_dict`)."""
   flat = traverse_util.flatten_dict(nn.meta.unbox(dict(params)))
-  share = kind != "scorer" or ("block_tower",) not in {k[:1] for k in flat}
+  cls = hf_class(kind)
+  block_tower = cls.retriever.path + ("block_tower",) if cls.query_prefix else None
+  share = block_tower is None or all(k[:len(block_tower)] != block_tower for k in flat)
   names = realm_names(kind, arch, share)
   want = expected_shapes(kind, arch, share)
   problems = [f"parameter {'/'.join(p)} is missing" for p in sorted(set(want) - set(flat))]
@@ -277,10 +318,10 @@ def checkpoint_kind(model_dir: str | Path) -> str:
   """The kind of a HF REALM directory, from `architectures` in its config.json."""
   hf = read_hf_config(Path(model_dir) / CONFIG_FILE)
   for kind, cls in HF_CLASSES.items():
-    if cls in hf.get("architectures", ()):
+    if cls.name in hf.get("architectures", ()):
       return kind
   raise InputError(f"{model_dir}/{CONFIG_FILE}: architectures={hf.get('architectures')!r} names no REALM class "
-                   f"{sorted(HF_CLASSES.values())}; pass the kind explicitly")
+                   f"{sorted(c.name for c in HF_CLASSES.values())}; pass the kind explicitly")
 
 
 @dataclasses.dataclass
@@ -416,66 +457,69 @@ def load_params_file(path: str | Path) -> HfRealmCheckpoint:
 
 
 SPEC_PREFIX = "hf_realm:"  # gin init specs: RETRIEVER_INIT / READER_INIT = 'hf_realm:<HF REALM directory>'
-_RUNTIME_FIELDS = ("dtype", "remat", "hidden_dropout", "attention_dropout", "pooling")
 
 
-def _load_for(path: str | Path, encoder: BertConfig, kinds: tuple[str, ...], role: str) -> HfRealmCheckpoint:
-  """Loads `path` for `role`, refusing other kinds and an architecture other than the gin `encoder`."""
-  path = Path(str(path).removeprefix(SPEC_PREFIX))
+def _spec_dir(spec: str | Path) -> Path:
+  return Path(str(spec).removeprefix(SPEC_PREFIX))
+
+
+def _load_for(spec: str | Path, encoder: BertConfig, role: str,
+              accepts: Callable[[HfRealmClass], bool]) -> tuple[HfRealmCheckpoint, HfRealmClass]:
+  """Loads `spec` for `role`, refusing classes not `accepts`ed and an architecture other than the gin `encoder`."""
+  path = _spec_dir(spec)
   kind = checkpoint_kind(path)
-  if kind not in kinds:
-    raise InputError(f"{path}: a {HF_CLASSES[kind]} checkpoint cannot initialise the {role} "
-                     f"(needs one of {[HF_CLASSES[k] for k in kinds]})")
-  checkpoint = load_hf_realm(path, kind, **{k: getattr(encoder, k) for k in _RUNTIME_FIELDS})
-  if checkpoint.architecture.bert != encoder:
-    ckpt = checkpoint.architecture.bert
-    diffs = {k: (getattr(encoder, k), getattr(ckpt, k)) for k in ckpt.__dataclass_fields__
-             if getattr(encoder, k) != getattr(ckpt, k)}
-    raise InputError(f"{path}: architecture differs from the gin encoder (gin value, checkpoint value): {diffs}")
-  return checkpoint
+  cls = HF_CLASSES[kind]
+  if not accepts(cls):
+    raise InputError(f"{path}: a {cls.name} checkpoint cannot initialise the {role} "
+                     f"(needs one of {[c.name for c in HF_CLASSES.values() if accepts(c)]})")
+  checkpoint = load_hf_realm(path, kind, **{k: getattr(encoder, k) for k in RUNTIME_FIELDS})
+  check_architecture(encoder, checkpoint.architecture.bert, str(path / CONFIG_FILE))
+  return checkpoint, cls
+
+
+def _subtree(params: dict, path: tuple[str, ...]) -> dict:
+  for key in path:
+    params = params[key]
+  return params
 
 
 def load_hf_realm_retriever(path: str | Path, encoder: BertConfig, projection_size: int) -> dict:
   """DualEncoder params from a RealmEmbedder, RealmScorer or RealmForOpenQA (its embedder) directory."""
-  checkpoint = _load_for(path, encoder, ("embedder", "scorer", "openqa"), "retriever")
+  checkpoint, cls = _load_for(path, encoder, "retriever", lambda c: c.retriever is not None)
   if checkpoint.architecture.projection_size != projection_size:
     raise InputError(f"{path}: retriever_proj_size {checkpoint.architecture.projection_size} != {projection_size}")
-  return checkpoint.params["retriever"] if checkpoint.kind == "openqa" else checkpoint.params
+  return _subtree(checkpoint.params, cls.retriever.path)
 
 
 def load_hf_realm_encoder(path: str | Path, encoder: BertConfig) -> dict:
   """RealmModel's {'reader', 'mlm_head'} from a RealmKnowledgeAugEncoder directory (REALM pre-training)."""
-  return _load_for(path, encoder, ("encoder",), "knowledge-augmented encoder").params
+  checkpoint, cls = _load_for(path, encoder, "knowledge-augmented encoder", lambda c: c.mlm is not None)
+  return _subtree(checkpoint.params, cls.mlm.path)
 
 
 def load_hf_realm_reader(path: str | Path, encoder: BertConfig, span_hidden_size: int = 256,
-                         max_span_width: int = 10) -> dict:
+                         max_span_width: int = 10, *, reader_layer_norm_eps: float = 1e-3) -> dict:
   """SpanReader params from a RealmReader / RealmForOpenQA directory; from a RealmKnowledgeAugEncoder only
-  {'encoder'} (ORQA fine-tuning starts the reader's BERT from REALM's and its span scorer afresh)."""
-  checkpoint = _load_for(path, encoder, ("reader", "openqa", "encoder"), "Open-QA reader")
-  if checkpoint.kind == "encoder":
-    return {"encoder": checkpoint.params["reader"]}
-  arch = checkpoint.architecture
+  {'encoder'} (ORQA fine-tuning starts the reader's BERT from REALM's and its span scorer afresh).
+
+  The span scorer's shape and LayerNorm eps must be the model's (`reader_layer_norm_eps`: `SpanReader.layer_norm_eps`).
+  """
+  checkpoint, cls = _load_for(path, encoder, "Open-QA reader", lambda c: c.reader is not None or c.mlm is not None)
+  if cls.reader is None:
+    return {"encoder": _subtree(checkpoint.params, cls.bert)}
+  arch, config = checkpoint.architecture, _spec_dir(path) / CONFIG_FILE
   if (arch.span_hidden_size, arch.max_span_width) != (span_hidden_size, max_span_width):
-    raise InputError(f"{path}: span_hidden_size/max_span_width {arch.span_hidden_size}/{arch.max_span_width} "
+    raise InputError(f"{config}: span_hidden_size/max_span_width {arch.span_hidden_size}/{arch.max_span_width} "
                      f"!= {span_hidden_size}/{max_span_width}")
-  return checkpoint.params["reader"] if checkpoint.kind == "openqa" else checkpoint.params
-
-
-_BERT_PATHS = {
-    "embedder": ("query_tower", "encoder"),
-    "scorer": ("query_tower", "encoder"),
-    "encoder": ("reader",),
-    "reader": ("encoder",),
-    "openqa": ("reader", "encoder"),
-}
+  if arch.reader_layer_norm_eps != reader_layer_norm_eps:
+    raise InputError(f"{config}: reader_layer_norm_eps {arch.reader_layer_norm_eps} != the reader's "
+                     f"{reader_layer_norm_eps}; bind openqa.OpenQaSpec.reader_layer_norm_eps = "
+                     f"{arch.reader_layer_norm_eps}")
+  return _subtree(checkpoint.params, cls.reader.path)
 
 
 def load_hf_realm_bert(path: str | Path, encoder: BertConfig) -> dict:
   """The BertEncoder params of any REALM checkpoint: its reader's (encoder, reader, openqa) or else its
   query tower's (embedder, scorer).  What `'hf_realm:<dir>'` means where plain BERT weights are expected."""
-  checkpoint = _load_for(path, encoder, tuple(HF_CLASSES), "BERT encoder")
-  params = checkpoint.params
-  for key in _BERT_PATHS[checkpoint.kind]:
-    params = params[key]
-  return params
+  checkpoint, cls = _load_for(path, encoder, "BERT encoder", lambda c: True)
+  return _subtree(checkpoint.params, cls.bert)

@@ -16,12 +16,10 @@ import grain
 import numpy as np
 
 from realm_jax.data.blocks import BlockStore
-from realm_jax.data.ict import block_batches, pack
+from realm_jax.data.features import FEATURES, block_batches, pack, span_grid
 from realm_jax.data.questions import Question
-from realm_jax.data.realm import FEATURES
 from realm_jax.data.tokenization import Tokenizer
 from realm_jax.eval.answers import answer_strings_in, gold_spans
-from realm_jax.models.reader import span_grid
 
 
 @dataclasses.dataclass(frozen=True)

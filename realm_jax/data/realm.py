@@ -28,11 +28,10 @@ import grain
 import numpy as np
 
 from realm_jax.data.blocks import BlockStore, pack_rows
-from realm_jax.data.ict import block_batches, pack
+from realm_jax.data.features import block_batches, pack
 from realm_jax.errors import InputError
 
 NULL_BLOCK = -1  # candidate id of the null document
-FEATURES = ("input_ids", "input_mask", "segment_ids")
 
 
 @dataclasses.dataclass(frozen=True)

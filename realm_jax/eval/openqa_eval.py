@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from realm_jax import storage
+from realm_jax.checkpoints.init import checkpoint_dir, load_encoder
 from realm_jax.data.blocks import BlockStore
 from realm_jax.data.questions import Question, read_questions
 from realm_jax.errors import InputError
@@ -28,8 +29,7 @@ from realm_jax.eval.baselines import Bm25Retriever, MeanPoolRetriever, check_bas
 from realm_jax.eval.corpus_answers import cached_answer_in_corpus
 from realm_jax.eval.predict import Predictor, load_predictor
 from realm_jax.models.bert import BertConfig
-from realm_jax.objectives.ict import load_pretrained_encoder, resolve_checkpoint
-from realm_jax.train.finetune import OpenQaSpec
+from realm_jax.objectives.openqa import OpenQaSpec
 
 RECALL_KS = (1, 5, 20, 100)
 
@@ -153,8 +153,8 @@ def run_evaluation(
     if name == "bm25":
       systems["BM25"] = Bm25Retriever(store)
     else:
-      encoder = BertConfig.from_hf_json(resolve_checkpoint(minilm_checkpoint) / "config.json")
-      systems["MiniLM zero-shot"] = MeanPoolRetriever(encoder, load_pretrained_encoder(minilm_checkpoint, encoder),
-                                                      store, spec.tokenizer(), mesh, spec.block_len)
+      encoder = BertConfig.from_hf_json(checkpoint_dir(minilm_checkpoint) / "config.json")
+      systems["MiniLM zero-shot"] = MeanPoolRetriever(encoder, load_encoder(minilm_checkpoint, encoder), store,
+                                                      spec.tokenizer(), mesh, spec.retriever.block_len)
   out = storage.as_path(workdir) / ("eval" if read else "eval_retrieval")
   return evaluate(predictor, systems, questions, store, out, batch_size=batch_size, read=read)

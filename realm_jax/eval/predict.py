@@ -15,15 +15,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from realm_jax import partitioning, storage
+from realm_jax.checkpoints.train_dir import abstract_params, latest_checkpoint_step, restore_params_subtree
 from realm_jax.data.blocks import BlockStore
+from realm_jax.data.features import FEATURES
 from realm_jax.data.openqa import OpenQaDataConfig, OpenQaFeaturizer
-from realm_jax.data.realm import FEATURES
 from realm_jax.data.tokenization import Tokenizer
-from realm_jax.objectives.openqa import READER_FEATURES, OpenQaModel
+from realm_jax.objectives.openqa import READER_FEATURES, OpenQaModel, OpenQaSpec
 from realm_jax.retrieval import index as index_lib
 from realm_jax.retrieval.mips import ExactSearcher
-from realm_jax.train.finetune import OpenQaSpec
-from realm_jax.train.trainer import abstract_params, latest_checkpoint_step, restore_params_subtree
 
 
 @dataclasses.dataclass

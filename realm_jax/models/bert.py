@@ -277,10 +277,6 @@ class BertEncoder(nn.Module):
       return x, mean.astype(x.dtype)
     return x, jnp.tanh(pooled)
 
-  def embedding_table(self) -> Array:
-    """The word-embedding matrix (for a tied MLM output layer)."""
-    return self.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
-
 
 class MlmHead(nn.Module):
   """BERT's MLM head: dense + GELU + LayerNorm, output tied to the word embeddings, plus a bias."""

@@ -1,7 +1,7 @@
 """Open-QA span reader (ORQA/REALM fine-tuning): BERT over `[CLS] question [SEP] block [SEP]` + span MLP.
 
 As in the released `orqa_model.py`: dense(hidden -> 2 * span_hidden) on every token, split into start
-and end halves; a span (s, e) is `start[s] + end[e]` -> ReLU -> LayerNorm(eps 1e-3) -> dense(1).
+and end halves; a span (s, e) is `start[s] + end[e]` -> ReLU -> LayerNorm(`layer_norm_eps`, 1e-3) -> dense(1).
 Spans are every (s, e) with width 1..max_span_width whose start and end both lie in the block part.
 """
 
@@ -12,18 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from realm_jax.data.features import span_grid
 from realm_jax.models.bert import BertConfig, BertEncoder, normal_init, ones_init, zeros_init
 
 Array = jax.Array
 INVALID_SPAN_LOGIT = -10000.0  # the released code's value for spans outside the block
 HF_INVALID_SPAN_LOGIT = float(np.finfo(np.float32).min)  # Hugging Face RealmReader's value
-
-
-def span_grid(seq_len: int, max_span_width: int) -> tuple[np.ndarray, np.ndarray]:
-  """Static candidate spans: starts, ends [seq_len * max_span_width] (ends may run past the sequence)."""
-  starts = np.repeat(np.arange(seq_len), max_span_width)
-  ends = starts + np.tile(np.arange(max_span_width), seq_len)
-  return starts.astype(np.int32), ends.astype(np.int32)
 
 
 class SpanScorer(nn.Module):

@@ -11,6 +11,8 @@ warm start from a sentence encoder (MiniLM, mean pooling) begins with that encod
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -92,3 +94,40 @@ class DualEncoder(nn.Module):
 
   def __call__(self, queries: dict[str, Array], blocks: dict[str, Array], deterministic: bool = True):
     return self.embed_queries(queries, deterministic), self.embed_blocks(blocks, deterministic)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrieverConfig:
+  """The retriever every job of a run shares: the trainer's model, the refresher's and fine-tuning's indexes.
+
+  Bound once in a run gin (`retriever.RetrieverConfig`); the trainer records it in `<workdir>/retriever.json`
+  so the refresh job embeds blocks exactly as the trainer's block tower does.
+  """
+
+  encoder: BertConfig
+  projection_size: int = 128  # REALM/ORQA: 128
+  projection_init: str = "normal"  # "identity": a sentence encoder's space (projection_size = hidden size)
+  share_towers: bool = True  # one tower embeds queries and blocks (the released default)
+  layer_norm_eps: float = 1e-3  # the projection's LayerNorm (Keras default, released code); HF REALM: 1e-12
+  score_scale: float = 1.0  # REALM: p(z|x) = softmax(score_scale * <query, block>); 1.0: the released code
+  block_len: int = 288  # the block tower's input length: the index's blocks
+
+  @property
+  def block_tower(self) -> str:
+    """The name of the tower that embeds blocks (the index)."""
+    return "query_tower" if self.share_towers else "block_tower"
+
+  def dual_encoder(self) -> DualEncoder:
+    return DualEncoder(self.encoder, self.projection_size, self.share_towers, layer_norm_eps=self.layer_norm_eps,
+                       projection_init=self.projection_init)
+
+  def tower(self) -> RetrieverTower:
+    """One tower on its own (what the refresher embeds blocks with)."""
+    return RetrieverTower(self.encoder, self.projection_size, self.layer_norm_eps,
+                          projection_init=self.projection_init)
+
+  def abstract_tower_params(self) -> dict:
+    """Shapes of one tower's parameters (no memory, no FLOPs)."""
+    x = jnp.zeros((1, 8), jnp.int32)
+    init = lambda: self.tower().init(jax.random.key(0), x, x, x, True)["params"]  # noqa: E731
+    return nn.meta.unbox(jax.eval_shape(init))

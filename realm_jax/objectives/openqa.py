@@ -10,13 +10,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from realm_jax.data.blocks import BlockStore
+from realm_jax.data.features import FEATURES
+from realm_jax.data.openqa import OpenQaDataConfig
+from realm_jax.data.tokenization import Tokenizer, load_tokenizer, minilm_dir
 from realm_jax.models.bert import BertConfig
 from realm_jax.models.reader import INVALID_SPAN_LOGIT, SpanReader
-from realm_jax.models.retriever import DualEncoder
+from realm_jax.models.retriever import DualEncoder, RetrieverConfig
+from realm_jax.objectives.objective import Objective
 
 Array = jax.Array
 READER_FEATURES = ("input_ids", "input_mask", "segment_ids", "block_mask")
@@ -35,13 +42,14 @@ class OpenQaModel(nn.Module):
   retriever_layer_norm_eps: float = 1e-3
   invalid_span_logit: float = INVALID_SPAN_LOGIT
   retriever_projection_init: str = "normal"  # DualEncoder.projection_init
+  reader_layer_norm_eps: float = 1e-3  # SpanReader.layer_norm_eps (a HF REALM config's `reader_layer_norm_eps`)
 
   def setup(self):
     self.retriever = DualEncoder(self.retriever_config, self.projection_size, self.share_towers,
                                  layer_norm_eps=self.retriever_layer_norm_eps,
                                  projection_init=self.retriever_projection_init)
     self.reader = SpanReader(self.reader_config, self.span_hidden_size, self.max_span_width,
-                             invalid_span_logit=self.invalid_span_logit)
+                             layer_norm_eps=self.reader_layer_norm_eps, invalid_span_logit=self.invalid_span_logit)
 
   def embed_queries(self, queries: dict[str, Array], deterministic: bool = True) -> Array:
     return self.retriever.embed_queries(queries, deterministic)
@@ -91,3 +99,57 @@ def openqa_train_loss(model: OpenQaModel, params, batch: dict[str, Array], rng: 
   """Loss for the Trainer: dropout on, as ORQA's train mode."""
   retriever_logits, reader_logits = model.apply({"params": params}, batch, False, rngs={"dropout": rng})
   return openqa_loss(retriever_logits, reader_logits, batch["retriever_correct"], batch["span_correct"])
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenQaSpec:
+  """What fine-tuning, evaluation and `launch/ask.py` share: model, data shapes, block store, vocabulary; and
+  where fine-tuning starts (init specs, `checkpoints.init`): `init='realm:<workdir>'` takes retriever, reader and
+  index from one REALM pre-training run, else `retriever_init` and `reader_init` (None: random)."""
+
+  block_store: str
+  retriever: RetrieverConfig
+  reader: BertConfig
+  data: OpenQaDataConfig = OpenQaDataConfig()
+  span_hidden_size: int = 256
+  vocab: str | None = None  # the block store's tokenizer file; None: the uncased BERT/MiniLM vocab
+  invalid_span_logit: float = INVALID_SPAN_LOGIT  # reader.HF_INVALID_SPAN_LOGIT reproduces Hugging Face REALM
+  init: str | None = None
+  retriever_init: str | None = None
+  reader_init: str | None = None
+
+  def model(self) -> OpenQaModel:
+    r = self.retriever
+    return OpenQaModel(r.encoder, self.reader, r.projection_size, r.share_towers, self.span_hidden_size,
+                       self.data.max_span_width, r.layer_norm_eps, self.invalid_span_logit, r.projection_init)
+
+  def store(self) -> BlockStore:
+    return BlockStore(self.block_store)
+
+  def tokenizer(self) -> Tokenizer:
+    return load_tokenizer(self.vocab or minilm_dir() / "vocab.txt")
+
+  def batch_shapes(self, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """Global shapes and dtypes of the batch the train step sees (after the run's retrieval)."""
+    d, i32 = self.data, jnp.int32
+    b = batch_size or d.batch_size
+    return {
+        **{f"query_{n}": jax.ShapeDtypeStruct((b, d.query_len), i32) for n in FEATURES},
+        **{f"reader_{n}": jax.ShapeDtypeStruct((b, d.reader_k, d.reader_len), i32) for n in READER_FEATURES},
+        "block_embeddings": jax.ShapeDtypeStruct((b, d.retrieve_k, self.retriever.projection_size), jnp.float32),
+        "retriever_correct": jax.ShapeDtypeStruct((b, d.retrieve_k), jnp.bool_),
+        "span_correct": jax.ShapeDtypeStruct((b, d.reader_k, d.reader_len * d.max_span_width), jnp.bool_),
+        "question_index": jax.ShapeDtypeStruct((b,), i32),
+    }
+
+  def example_batch(self) -> dict[str, jax.Array]:
+    """A one-question batch of the model's input shapes (for init and abstract shapes)."""
+    return {name: jnp.zeros(x.shape, x.dtype) for name, x in self.batch_shapes(1).items()}
+
+  def objective(self) -> Objective:
+    model, example = self.model(), self.example_batch()
+    return Objective(
+        init_params=lambda rng: model.init(rng, example)["params"],
+        loss_fn=lambda params, batch, rng: openqa_train_loss(model, params, batch, rng),
+        batch_size=self.data.batch_size,
+    )

@@ -9,12 +9,21 @@ per-example marginal (product over the masks inside the sum) is `per_example_mar
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from realm_jax.checkpoints.train_dir import abstract_params
+from realm_jax.data.blocks import BlockStore
+from realm_jax.data.features import FEATURES
+from realm_jax.data.realm import RealmDataConfig
+from realm_jax.errors import InputError
 from realm_jax.models.bert import BertConfig, BertEncoder, MlmHead
-from realm_jax.models.retriever import DualEncoder
+from realm_jax.models.retriever import DualEncoder, RetrieverConfig
+from realm_jax.objectives.objective import Objective
 
 Array = jax.Array
 
@@ -128,3 +137,85 @@ def realm_loss(model: RealmModel, params, batch: dict[str, Array], rng: Array, p
   scored = (weights.sum(-1) > 0).astype(jnp.float32)
   metrics["span_retrieved"] = (batch["span_retrieved"] * scored).sum() / jnp.maximum(scored.sum(), 1.0)
   return loss, metrics
+
+
+def realm_batch_shapes(data: RealmDataConfig, num_candidates: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Global shapes and dtypes of the batch the train step sees (after the run's candidate retrieval)."""
+  b, k, i32, f32 = data.batch_size, num_candidates, jnp.int32, jnp.float32
+  return {
+      **{f"query_{n}": jax.ShapeDtypeStruct((b, data.query_len), i32) for n in FEATURES},
+      **{f"block_{n}": jax.ShapeDtypeStruct((b, k, data.block_len), i32) for n in FEATURES},
+      **{f"joint_{n}": jax.ShapeDtypeStruct((b, k, data.joint_len), i32) for n in FEATURES},
+      "mlm_positions": jax.ShapeDtypeStruct((b, data.max_masks), i32),
+      "mlm_ids": jax.ShapeDtypeStruct((b, data.max_masks), i32),
+      "mlm_weights": jax.ShapeDtypeStruct((b, data.max_masks), f32),
+      "block_id": jax.ShapeDtypeStruct((b,), i32),
+      "example_weight": jax.ShapeDtypeStruct((b,), f32),
+      "span_retrieved": jax.ShapeDtypeStruct((b,), f32),
+  }
+
+
+def _zeros(shapes: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+  return {name: jnp.zeros(x.shape, x.dtype) for name, x in shapes.items()}
+
+
+def abstract_realm_params(model: RealmModel) -> dict[str, Any]:
+  """Shapes of a RealmModel's parameters (no memory, no FLOPs)."""
+  return abstract_params(model, _zeros(realm_batch_shapes(RealmDataConfig(batch_size=1), num_candidates=1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class RealmSpec:
+  """A REALM pre-training run: block store, retriever and reader, the masked queries, the objective's switches
+  (Table 2's ablations) and where retriever and reader start (init specs, `checkpoints.init`; None: random).
+
+  `exclude_trivial=False` keeps the query's own block among the candidates (the paper's §3.4: the reader then
+  learns to copy, the retriever to match surface strings): the `keep_trivial_retrievals` ablation.
+  `retrieval=False` reads the null block only (the `no_retrieval` ablation).
+  """
+
+  block_store: str
+  retriever: RetrieverConfig
+  reader: BertConfig
+  data: RealmDataConfig = RealmDataConfig()
+  retrieval: bool = True
+  null_document: bool = True
+  exclude_trivial: bool = True
+  per_example_marginal: bool = False
+  retriever_init: str | None = None
+  reader_init: str | None = None
+
+  def __post_init__(self):
+    if self.data.block_len != self.retriever.block_len:
+      raise InputError(f"RealmDataConfig.block_len = {self.data.block_len}, RetrieverConfig.block_len = "
+                       f"{self.retriever.block_len}: candidates are the index's blocks; bind one BLOCK_LEN")
+
+  @property
+  def block_tower_path(self) -> tuple[str, str]:
+    """Where the block tower lives in the model's parameters (what the refresher restores)."""
+    return "retriever", self.retriever.block_tower
+
+  @property
+  def num_candidates(self) -> int:
+    """Candidates per query the train step reads (the null block only without retrieval)."""
+    return self.data.num_candidates if self.retrieval else 1
+
+  def model(self) -> RealmModel:
+    r = self.retriever
+    return RealmModel(r.encoder, self.reader, r.projection_size, r.share_towers, r.layer_norm_eps,
+                      r.projection_init, r.score_scale)
+
+  def store(self) -> BlockStore:
+    return BlockStore(self.block_store)
+
+  def batch_shapes(self, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    data = dataclasses.replace(self.data, batch_size=batch_size or self.data.batch_size)
+    return realm_batch_shapes(data, self.num_candidates)
+
+  def objective(self) -> Objective:
+    model, example = self.model(), _zeros(self.batch_shapes(1))
+    return Objective(
+        init_params=lambda rng: model.init(rng, example)["params"],
+        loss_fn=lambda params, batch, rng: realm_loss(model, params, batch, rng, self.per_example_marginal),
+        batch_size=self.data.batch_size,
+    )

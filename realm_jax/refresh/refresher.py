@@ -29,7 +29,6 @@ from typing import TypeVar
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
@@ -38,24 +37,22 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from realm_jax import partitioning, storage
+from realm_jax.checkpoints.train_dir import TRAINING_DONE, read_only_checkpoints, restore_params_subtree
 from realm_jax.data.blocks import BlockStore
 from realm_jax.errors import InputError
 from realm_jax.models.bert import BertConfig
-from realm_jax.models.retriever import RetrieverTower
+from realm_jax.models.retriever import RetrieverConfig
 from realm_jax.retrieval import index as index_lib
-from realm_jax.retrieval.mips import ScannConfig, ScannSearcher
-from realm_jax.train.trainer import TRAINING_DONE, read_only_checkpoints, restore_params_subtree
+from realm_jax.retrieval.backends import get_backend
+from realm_jax.retrieval.mips import ScannConfig, SearchConfig
 
 RETRIEVER_DESCRIPTION = "retriever.json"
 
 
 @dataclasses.dataclass
 class RefreshConfig:
-  encoder: BertConfig
-  projection_size: int = 128
-  layer_norm_eps: float = 1e-3  # the retriever's projection LayerNorm (see RetrieverTower)
+  retriever: RetrieverConfig  # what embeds the blocks: the trainer's block tower, at its block_len
   tower_path: Sequence[str] = ("query_tower",)  # where the block tower lives in the trainer's params
-  block_len: int = 288
   batch_size: int = 256
   # Blocks are embedded in groups of equal length, rounded up to a multiple of `length_bucket` (one compiled
   # shape per group; 0: every block padded to block_len).  Padding never changes an embedding (masked).
@@ -71,24 +68,19 @@ class RefreshConfig:
 class RetrieverDescription:
   """What a run's index must be embedded with, written by its trainer to `<workdir>/retriever.json`."""
 
-  encoder: BertConfig
+  retriever: RetrieverConfig
   tower_path: tuple[str, ...]  # the block tower in the trainer's params
-  block_len: int
-  projection_size: int
-  projection_init: str
-  layer_norm_eps: float
-  share_towers: bool
-  score_scale: float
   vocab: str  # tokenizer fingerprint of the block store the trainer reads
 
   def to_json(self) -> dict:
-    return {**dataclasses.asdict(self), "tower_path": list(self.tower_path)}
+    return {**dataclasses.asdict(self.retriever), "tower_path": list(self.tower_path), "vocab": self.vocab}
 
   @classmethod
   def from_json(cls, value: dict, where: storage.PathLike) -> RetrieverDescription:
     try:
-      fields = {**value, "encoder": BertConfig(**value["encoder"]), "tower_path": tuple(value["tower_path"])}
-      return cls(**fields)
+      fields = {k: v for k, v in value.items() if k not in ("encoder", "tower_path", "vocab")}
+      retriever = RetrieverConfig(BertConfig(**value["encoder"]), **fields)
+      return cls(retriever, tuple(value["tower_path"]), value["vocab"])
     except (KeyError, TypeError, ValueError) as e:
       raise InputError(f"{where}: not a retriever description ({type(e).__name__}: {e})") from e
 
@@ -96,9 +88,8 @@ class RetrieverDescription:
     """Process 0 records it once; a workdir whose trainer was started with another retriever is refused."""
     path = storage.as_path(workdir) / RETRIEVER_DESCRIPTION
     if path.exists():
-      written = RetrieverDescription.from_json(json.loads(storage.read_bytes(path)), path)
-      differ = {k: (v, getattr(self, k)) for k, v in dataclasses.asdict(written).items()
-                if v != dataclasses.asdict(self)[k]}
+      written = RetrieverDescription.from_json(json.loads(storage.read_bytes(path)), path).to_json()
+      differ = {k: (v, self.to_json()[k]) for k, v in written.items() if v != self.to_json()[k]}
       if differ:
         raise InputError(f"{path}: this workdir's run was started with " + "; ".join(
             f"{k}={old!r}, now {k}={new!r}" for k, (old, new) in differ.items()) + ": use a new workdir")
@@ -146,26 +137,19 @@ class RefreshJob:
   def config(self, run: RetrieverDescription, where: storage.PathLike) -> RefreshConfig:
     """The complete embedding config: the run's retriever with this job's batching and backend."""
     for field in ("encoder", "projection_size", "layer_norm_eps", "tower_path", "block_len"):
-      mine, theirs = getattr(self, field), getattr(run, field)
+      mine = getattr(self, field)
+      theirs = run.tower_path if field == "tower_path" else getattr(run.retriever, field)
       if mine is not None and (tuple(mine) if field == "tower_path" else mine) != theirs:
         raise InputError(f"refresher.RefreshJob.{field} = {mine!r}, but the trainer of this run wrote "
                          f"{field} = {theirs!r} in {where}; drop the binding or use that value")
-    return RefreshConfig(run.encoder, run.projection_size, run.layer_norm_eps, run.tower_path, run.block_len,
-                         self.batch_size, self.length_bucket, self.backend, self.scann, self.keep,
-                         self.abandon_check_seconds, self.prefetch)
-
-
-def abstract_tower_params(encoder: BertConfig, projection_size: int) -> dict:
-  """Shapes of a `RetrieverTower`'s parameters (no memory, no FLOPs)."""
-  x = jnp.zeros((1, 8), jnp.int32)
-  tower = RetrieverTower(encoder, projection_size)
-  return nn.meta.unbox(jax.eval_shape(lambda: tower.init(jax.random.key(0), x, x, x, True)["params"]))
+    return RefreshConfig(run.retriever, run.tower_path, self.batch_size, self.length_bucket, self.backend,
+                         self.scann, self.keep, self.abandon_check_seconds, self.prefetch)
 
 
 def embed_step(config: RefreshConfig, mesh: Mesh) -> Callable[[dict, dict[str, jax.Array]], jax.Array]:
   """The jit embedding step: (tower params, block inputs [B, block_len]) -> [B, projection_size], sharded as the
   inputs (each process fetches the rows it fed, `partitioning.local_rows`)."""
-  tower = RetrieverTower(config.encoder, config.projection_size, config.layer_norm_eps)
+  tower = config.retriever.tower()
 
   def embed(p, b):
     with nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
@@ -308,11 +292,12 @@ class BlockEmbedder:
     """This process's rows of the [num_blocks, projection_size] float32 embeddings; None when `abandon` (asked
     about every `abandon_check_seconds`, see `AbandonCheck`) said yes."""
     config = self.config
-    batches = embedding_batches(store.retriever_lengths(config.block_len), config.batch_size, config.block_len,
+    block_len = config.retriever.block_len
+    batches = embedding_batches(store.retriever_lengths(block_len), config.batch_size, block_len,
                                 config.length_bucket, jax.process_index(), jax.process_count())
     check = AbandonCheck(abandon, [n for n, _ in batches], config.abandon_check_seconds) if abandon else None
     start, stop = partitioning.process_block_range(store.num_blocks)
-    out = np.zeros((stop - start, config.projection_size), np.float32)
+    out = np.zeros((stop - start, config.retriever.projection_size), np.float32)
 
     def fetch(ids: np.ndarray, embedded: jax.Array) -> None:
       out[ids - start] = partitioning.local_rows(embedded)[: len(ids)]
@@ -365,8 +350,7 @@ class Refresher:
   def __init__(self, train_workdir: storage.PathLike, index_dir: storage.PathLike, store: BlockStore, mesh: Mesh,
                config: RefreshConfig):
     self.train_workdir, self.index_dir = storage.as_path(train_workdir), storage.as_path(index_dir)
-    if config.backend not in ("exact", "scann"):
-      raise InputError(f"unknown index backend {config.backend!r} (use 'exact' or 'scann')")
+    self.backend = get_backend(SearchConfig(backend=config.backend, scann=config.scann))  # the assets it publishes
     self.store, self.mesh, self.config = store, mesh, config
     self.embedder = BlockEmbedder(config, mesh)  # its compiled steps serve every pass
     self.checkpoints = read_only_checkpoints(self.train_workdir / "train")
@@ -378,7 +362,7 @@ class Refresher:
     """Only the block tower's parameters (orbax partial restore), replicated."""
     return restore_params_subtree(
         self.train_workdir / "train", step, tuple(self.config.tower_path),
-        abstract_tower_params(self.config.encoder, self.config.projection_size), NamedSharding(self.mesh, P()),
+        self.config.retriever.abstract_tower_params(), NamedSharding(self.mesh, P()),
     )
 
   def refresh(self, step: int, abandon_if_superseded: bool = False) -> epath.Path | None:
@@ -393,11 +377,7 @@ class Refresher:
     if rows is None:
       logging.info("abandoned index %d: training is done and its final checkpoint is newer", step)
       return None
-    write_scann = None
-    if self.config.backend == "scann":
-      write_scann = lambda embeddings, out: ScannSearcher.build(embeddings, self.config.scann).serialize(out)  # noqa: E731
-    return index_lib.publish_index(self.index_dir, step, rows, self.store, self.config.backend, write_scann,
-                                   self.config.keep)
+    return index_lib.publish_index(self.index_dir, step, rows, self.store, self.backend, self.config.keep)
 
   def pending_step(self) -> int | None:
     """Newest trainer checkpoint not yet indexed."""

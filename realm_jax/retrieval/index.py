@@ -1,13 +1,14 @@
-"""Published MIPS indexes: a publish protocol that is atomic on object stores and local disks, and a hot-swapping
-reader.
+"""Published MIPS indexes: a publish protocol that is atomic on object stores and local disks, and a poller that
+hot-swaps them into a trainer's searcher.
 
   <index_dir>/data/<step>-<writer>-<nonce>/   embeddings-<p>-of-<n>.npy: process p's rows of the n processes
-                                              that embedded it (contiguous block ranges, in order) [+ scann/
-                                              assets]: written once, under a name never reused
+                                              that embedded it (contiguous block ranges, in order) [+ <backend>/
+                                              assets, e.g. scann/]: written once, under a name never reused
   <index_dir>/commits/<step>.json             the commit object, written last in one write by process 0 after
                                               every part is written: train_step, the data folder, every file's
                                               size and sha256 (and each part's rows), num_blocks, dim, dtype,
-                                              corpus_fingerprint, tokenizer, backend, writer, created
+                                              corpus_fingerprint, tokenizer, backend (the `backends.BACKENDS`
+                                              name that wrote it), writer, created
 
 An index exists only once its commit object does (a single-object write is atomic on GCS; a rename on local
 disk), so no step needs a directory rename or a consistent listing of a half-written prefix.  Readers trust
@@ -16,7 +17,7 @@ published and refused when read, and a file a commit lists but that is missing i
 The publisher keeps the newest `keep` commits and removes older ones commit first, then data; a writer that
 restarts removes the data folders no commit names that are its own (a publish it was killed in) or older than
 the oldest commit (a removal killed between commit and data).  Paths go through etils.epath (local disk or GCS).
-No process ever holds another's rows to publish; a reader assembles the parts into one memory map.
+No process ever holds another's rows to publish; `load_index` assembles the parts into one memory map.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import jax
@@ -41,12 +43,12 @@ from etils import epath
 from realm_jax import partitioning, storage
 from realm_jax.data.blocks import BlockStore
 from realm_jax.errors import InputError
-from realm_jax.retrieval.mips import ExactSearcher, ScannSearcher, SearchConfig
+from realm_jax.retrieval.backends import EXACT, IndexBackend, Searcher, get_backend
+from realm_jax.retrieval.mips import SearchConfig
 
 COMMITS = "commits"
 DATA = "data"
 EMBEDDINGS = "embeddings.npy"
-SCANN_DIR = "scann"
 COMMIT_FORMAT = 2
 _CHUNK = 1 << 24
 _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -92,16 +94,16 @@ def publish_index(
     train_step: int,
     rows: EmbeddedRows | np.ndarray,
     store: BlockStore,
-    backend: str = "exact",
-    write_scann: Callable[[np.ndarray, epath.Path], None] | None = None,
+    backend: IndexBackend = EXACT,
     keep: int = 3,
     writer: str = "refresher",
 ) -> epath.Path:
   """Every process writes its own rows of index `train_step` under one fresh data folder; after a barrier process
   0 writes the commit object listing every part (size, sha256, rows), then keeps the newest `keep` commits.
 
-  `rows`: this process's `EmbeddedRows` (a plain array: all rows, one process).  `write_scann(embeddings, dir)`
-  runs on process 0 over the whole written index (a memory map of the parts, verified) and writes ScaNN assets.
+  `rows`: this process's `EmbeddedRows` (a plain array: all rows, one process).  A `backend` that writes assets
+  (ScaNN) writes them on process 0 from the whole written index (a memory map of the parts, verified), under
+  `<data folder>/<backend.name>/`; the commit records `backend.name`.
   `writer` names the job (the refresher, or a trainer bootstrapping index 0) in the data folder's name, which
   tells `remove_uncommitted` whose a half-written folder is.  A committed step is never rewritten, and an index
   with a NaN or inf row on any process is refused before anything is written.  Returns the commit's path.
@@ -143,8 +145,8 @@ def publish_index(
       start, stop = partitioning.process_block_range(store.num_blocks, process, processes)
       files[part_name(process, processes)] = {"size": size, "sha256": np.asarray(digest, np.int64).tobytes().hex(),
                                               "rows": [start, stop]}
-    if write_scann is not None:
-      files.update(_write_scann_assets(data, files, store.num_blocks, write_scann))
+    if backend.writes_assets:
+      files.update(_write_assets(data, files, store.num_blocks, backend))
     storage.write_json_once(commit, {
         "format": COMMIT_FORMAT,
         "train_step": int(train_step),
@@ -155,31 +157,30 @@ def publish_index(
         "dtype": str(embeddings.dtype),
         "corpus_fingerprint": store.manifest["corpus_fingerprint"],
         "tokenizer": store.manifest["tokenizer"],
-        "backend": backend,
+        "backend": backend.name,
         "writer": writer,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     for old in committed_steps(root)[:-keep]:
       remove_index(root, old)
     logging.info("published index step %d (%d x %d in %d part(s), %s): %s", train_step, store.num_blocks,
-                 embeddings.shape[1], processes, backend, commit)
+                 embeddings.shape[1], processes, backend.name, commit)
   partitioning.barrier(f"index {train_step} committed")
   return commit
 
 
-def _write_scann_assets(data: epath.Path, parts: dict[str, dict], num_blocks: int,
-                        write_scann: Callable[[np.ndarray, epath.Path], None]) -> dict[str, dict]:
-  """ScaNN assets built from the written parts (read back verified) and uploaded under `data/scann/`; their
+def _write_assets(data: epath.Path, parts: dict[str, dict], num_blocks: int, backend: IndexBackend) -> dict[str, dict]:
+  """`backend`'s assets built from the written parts (read back verified) and uploaded under `data/<name>/`; their
   `files` table entries."""
   embeddings, _ = _read_parts(data, [(name, entry, *entry["rows"]) for name, entry in parts.items()], num_blocks)
   files = {}
-  with tempfile.TemporaryDirectory() as local:  # ScaNN writes local files; upload them (GCS-safe)
-    write_scann(embeddings, epath.Path(local))
-    storage.make_dirs(data / SCANN_DIR)
-    for file in sorted(epath.Path(local).iterdir()):
+  with tempfile.TemporaryDirectory() as local:  # backends write local files; upload them (GCS-safe)
+    backend.write_assets(embeddings, Path(local))
+    storage.make_dirs(data / backend.name)
+    for file in sorted(Path(local).iterdir()):
       raw = file.read_bytes()
-      (data / SCANN_DIR / file.name).write_bytes(raw)
-      files[f"{SCANN_DIR}/{file.name}"] = {"size": len(raw), "sha256": storage.sha256(raw)}
+      (data / backend.name / file.name).write_bytes(raw)
+      files[f"{backend.name}/{file.name}"] = {"size": len(raw), "sha256": storage.sha256(raw)}
   return files
 
 
@@ -246,11 +247,14 @@ def read_commit(index_dir: storage.PathLike, step: int, store: BlockStore, attem
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise PublishedIndexError(f"{path}: unreadable commit object ({e})") from e
   _data_name(commit, path)
+  backend = commit.get("backend")
+  if not isinstance(backend, str) or not re.fullmatch(r"\w+", backend):
+    raise PublishedIndexError(f"{path}: field 'backend' is {backend!r}, not the name of an index backend")
   files = commit.get("files")
   if not isinstance(files, dict):
     raise PublishedIndexError(f"{path}: field 'files' is not a table of files")
   for name, entry in files.items():
-    if not re.fullmatch(rf"embeddings(-\d{{5}}-of-\d{{5}})?\.npy|{SCANN_DIR}/\w[\w.-]*", name) or not isinstance(
+    if not re.fullmatch(rf"embeddings(-\d{{5}}-of-\d{{5}})?\.npy|{backend}/\w[\w.-]*", name) or not isinstance(
         entry, dict):
       raise PublishedIndexError(f"{path}: field 'files' lists {name!r}: {entry!r}, not a file of an index")
   expected = {
@@ -273,7 +277,7 @@ def embedding_parts(commit: dict[str, Any], where: storage.PathLike) -> list[tup
   """The commit's embedding files in row order, (name, entry, first row, end row), checked to cover every block
   once: format 2's parts (one per process that wrote it, `part_name`), or format 1's single embeddings.npy."""
   files, num_blocks = commit["files"], commit["num_blocks"]
-  names = sorted(name for name in files if not name.startswith(f"{SCANN_DIR}/"))
+  names = sorted(name for name in files if "/" not in name)  # the rest: the backend's assets
   if commit.get("format") == 1 and names == [EMBEDDINGS]:
     return [(EMBEDDINGS, files[EMBEDDINGS], 0, num_blocks)]
   if commit.get("format") != COMMIT_FORMAT or not names or names != [part_name(i, len(names))
@@ -403,7 +407,7 @@ def load_index(index_dir: storage.PathLike, step: int, store: BlockStore,
   commit = read_commit(root, step, store, attempts)
   parts = embedding_parts(commit, commit_path(root, step))
   data = root / commit["data"]
-  for name in sorted(set(commit["files"]) - {p[0] for p in parts}):  # ScaNN assets: read later, by a ScaNN reader
+  for name in sorted(set(commit["files"]) - {p[0] for p in parts}):  # assets: read later, by their backend
     if not storage.retrying((data / name).exists, str(data / name), attempts):
       raise _missing(root, step, data / name)
   try:
@@ -418,23 +422,25 @@ def load_index(index_dir: storage.PathLike, step: int, store: BlockStore,
   return commit, embeddings
 
 
-def local_scann_dir(index_dir: storage.PathLike, commit: dict) -> epath.Path:
-  """ScaNN reads local files: copies the commit's `scann/` assets to a new local folder, each one verified."""
+def local_assets(index_dir: storage.PathLike, commit: dict) -> Path:
+  """Backends read local files: copies the commit's backend assets (`<backend>/...`) to a new local folder, each
+  one verified."""
   root = storage.as_path(index_dir)
-  local = epath.Path(tempfile.mkdtemp(prefix="scann-"))
+  local = Path(tempfile.mkdtemp(prefix=f"{commit['backend']}-"))
   for name, entry in commit["files"].items():
-    if not name.startswith(f"{SCANN_DIR}/"):
+    if "/" not in name:
       continue
     source = root / commit["data"] / name
     raw = storage.read_bytes(source)
     if len(raw) != entry["size"] or storage.sha256(raw) != entry["sha256"]:
       shutil.rmtree(local)
-      raise PublishedIndexError(f"{source}: size or sha256 does not match the commit (corrupt ScaNN asset)")
+      raise PublishedIndexError(f"{source}: size or sha256 does not match the commit (corrupt {commit['backend']} "
+                                "asset)")
     (local / name.split("/", 1)[1]).write_bytes(raw)
   return local
 
 
-class IndexReader:
+class IndexPoller:
   """Polls `commits/` in a background thread, loads and prepares new indexes off the training thread.
 
   `prepare(commit, embeddings, index_dir)` runs in the background thread (read, verify, place on device or
@@ -485,9 +491,9 @@ class IndexReader:
     self._lock = threading.Lock()
     self._stop = threading.Event()
     self._loaded_step = -1
-    self._thread = threading.Thread(target=self._poll, name="index-reader", daemon=True)
+    self._thread = threading.Thread(target=self._poll, name="index-poller", daemon=True)
 
-  def start(self) -> IndexReader:
+  def start(self) -> IndexPoller:
     self._thread.start()
     return self
 
@@ -531,7 +537,7 @@ class IndexReader:
         self._failures += 1
         self.read_failures += 1
         self._problem = f"reading {self._reading} failed: {type(e).__name__}: {e}"
-        logging.exception("index reader: reading %s/%s failed (%d in a row)", self.index_dir, COMMITS, self._failures)
+        logging.exception("index poller: reading %s/%s failed (%d in a row)", self.index_dir, COMMITS, self._failures)
         if self._failures >= self.max_failures:
           self._error = f"{self._reading}: {self._failures} consecutive failed reads; last: {type(e).__name__}: {e}"
           return
@@ -600,7 +606,7 @@ class IndexReader:
   def _swap_if_ready(self) -> None:
     with self._lock:
       ready = self._ready
-    # One collective: each process's prepared step and whether its reader has given up.
+    # One collective: each process's prepared step and whether its poller has given up.
     states = partitioning.gather_ints([ready[0]["train_step"] if ready is not None else -1, self._error is not None])
     if states[:, 1].any():
       failed = [int(i) for i in np.flatnonzero(states[:, 1])]
@@ -619,41 +625,41 @@ class IndexReader:
 
 
 class LiveIndex:
-  """The searcher a trainer queries, replaced between steps by an `IndexReader`.
+  """The searcher a trainer queries, replaced between steps by an `IndexPoller` (`poller`).
 
-  backend "exact": the first index builds an `ExactSearcher` searching as `search` says (None: exact, chunked);
-  later ones are placed on the mesh in the reader's thread and swapped in by reference
-  (compiled search reused).  backend "scann": the published ScaNN assets are loaded in the reader's thread.
+  `search.backend` (`backends.BACKENDS`; None: `SearchConfig()`) loads the first index; each later one becomes
+  `searcher.with_index(...)` in the poller's thread (placed on the mesh, or its assets loaded) and is swapped in
+  by reference between steps, the compiled search reused.  Index rows are placed by `rules` ("docs").  A backend
+  that writes assets (ScaNN) can only search commits published with it; the others search any commit.
   """
 
-  def __init__(self, mesh, backend: str = "exact", search: SearchConfig | None = None):
-    if backend not in ("exact", "scann"):
-      raise InputError(f"unknown index backend {backend!r} (use 'exact' or 'scann')")
-    self.mesh, self.backend, self.search_config = mesh, backend, search or SearchConfig()
-    self.searcher = None
+  def __init__(self, mesh, search: SearchConfig | None = None,
+               rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES):
+    self.mesh, self.rules = mesh, rules
+    self.backend = get_backend(search or SearchConfig())
+    self.searcher: Searcher | None = None
 
-  def prepare(self, commit: dict, embeddings: np.ndarray, index_dir: epath.Path):
-    if self.backend == "scann":
-      if commit["backend"] != "scann":
-        raise PublishedIndexError(f"{commit_path(index_dir, commit['train_step'])}: published with backend "
-                                  f"{commit['backend']!r}, no ScaNN assets")
-      local = local_scann_dir(index_dir, commit)
-      try:
-        return ScannSearcher.load(local, commit["num_blocks"])
-      finally:
-        shutil.rmtree(local)
-    if self.searcher is None:
-      return ExactSearcher(embeddings, self.mesh, self.search_config)
-    return self.searcher.place(embeddings)
+  def prepare(self, commit: dict, embeddings: np.ndarray, index_dir: epath.Path) -> Searcher:
+    assets = None
+    if self.backend.writes_assets:
+      if commit["backend"] != self.backend.name:
+        raise InputError(f"{commit_path(index_dir, commit['train_step'])}: published with backend "
+                         f"{commit['backend']!r}, without {self.backend.name} assets; searching with backend "
+                         f"{self.backend.name!r} needs indexes published with it (refresher.RefreshJob.backend)")
+      assets = local_assets(index_dir, commit)
+    try:
+      if self.searcher is None:
+        return self.backend.load(embeddings, assets, self.mesh, self.rules)
+      return self.searcher.with_index(embeddings, assets)
+    finally:
+      if assets is not None:
+        shutil.rmtree(assets)
 
-  def install(self, commit: dict, prepared) -> None:
-    if self.backend == "exact" and self.searcher is not None:
-      self.searcher.embeddings = prepared
-    else:
-      self.searcher = prepared
+  def install(self, commit: dict, prepared: Searcher) -> None:
+    self.searcher = prepared
 
-  def reader(self, index_dir: storage.PathLike, store: BlockStore, poll_seconds: float = 5.0,
+  def poller(self, index_dir: storage.PathLike, store: BlockStore, poll_seconds: float = 5.0,
              max_staleness: int | None = None, wait_seconds: float | None = 3600.0,
-             max_failures: int = 5) -> IndexReader:
-    return IndexReader(index_dir, store, self.install, self.prepare, poll_seconds, max_staleness, wait_seconds,
+             max_failures: int = 5) -> IndexPoller:
+    return IndexPoller(index_dir, store, self.install, self.prepare, poll_seconds, max_staleness, wait_seconds,
                        max_failures)

@@ -1,24 +1,26 @@
-"""Maximum-inner-product search behind one interface: exact sharded search on device, or ScaNN on host.
+"""Maximum-inner-product search: brute force sharded over the mesh on device, or ScaNN on host.
 
-`search(queries [B, D]) -> (ids [B, k] int32, scores [B, k] float32)`, best first.
+`search(queries [B, D]) -> (ids [B, k] int32, scores [B, k] float32)`, best first.  Which one a job uses is
+`SearchConfig.backend`, looked up in `backends.BACKENDS`.
 
-ExactSearcher keeps the block embeddings sharded row-wise over every mesh device ("docs" in the
-rules table); each device finds its own top-k inside `jax.shard_map`, then the per-device candidates
-are merged.  How a device finds its top-k is a `SearchConfig`: exact, as a running top-k over chunks
-of `chunk_rows` rows (peak memory batch x chunk scores, not batch x rows per device), or
-`lax.approx_max_k` over the device's whole shard (`approximate=True`: TPU's approximate top-k, whose
-partial reduction the TPU compiler fuses into the score matmul).  Among equal scores the lower block
-id comes first.  `swap()` replaces the embeddings with a new array of the same shape and sharding, so
-the compiled search is reused (no recompilation).
+ExactSearcher keeps the block embeddings sharded row-wise over the mesh axes the rules table's "docs" entry names
+(`index_axes`; the default table: every device); each shard finds its own top-k inside `jax.shard_map`, then the
+per-shard candidates are merged.  How a shard finds its top-k is `SearchConfig.backend`: "exact", a running top-k
+over chunks of `chunk_rows` rows (peak memory batch x chunk scores, not batch x rows per device), or
+"approx_max_k", `lax.approx_max_k` over the whole shard (TPU's approximate top-k, whose partial reduction the TPU
+compiler fuses into the score matmul).  Among equal scores the lower block id comes first.  `with_index()` is the
+searcher over another index of the same shape, placed the same way: the compiled search is reused (no
+recompilation).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import math
 import mmap
 from pathlib import Path
-from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -26,32 +28,46 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from realm_jax import partitioning
 from realm_jax.errors import InputError
 
 _ROW_ALIGN = 8  # chunk sizes are multiples of a TPU tile's 8 sublanes
 
 
-class Searcher(Protocol):
-  num_blocks: int
+@dataclasses.dataclass(frozen=True)
+class ScannConfig:
+  """ScaNN tree + asymmetric hashing + exact reordering.
 
-  def search(self, queries: np.ndarray | jax.Array, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+  For 10M+ blocks (REALM's 13.35M): num_leaves ~ sqrt(N) (2000-4000), num_leaves_to_search
+  ~ 5-10% of leaves, training_sample_size 250k, dimensions_per_block 2, reorder 4-10x k.
+  ORQA used 1000 leaves / 100 searched / 100k samples / 2 dims per block.
+  """
+
+  num_leaves: int = 1000
+  num_leaves_to_search: int = 100
+  training_sample_size: int = 100_000
+  dimensions_per_block: int = 2
+  anisotropic_quantization_threshold: float = 0.2
+  reorder: int = 100
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SearchConfig:
-  """How each device finds its top-k of the index.
+  """How a job searches the index: `backend`, a name in `backends.BACKENDS`, and its settings.
 
-  Exact (default): a running top-k over chunks of at most `chunk_rows` rows of the device's shard, so a
-  search holds [batch, chunk] scores at a time; the result is the exact top-k.  `approximate=True`:
-  `lax.approx_max_k` over the whole shard with `recall_target` (exact `top_k` on CPU and GPU).
+  "exact" (default): each device's shard searched as a running top-k over chunks of at most `chunk_rows` rows,
+  so a search holds [batch, chunk] scores at a time; the result is the exact top-k.  "approx_max_k":
+  `lax.approx_max_k` over the whole shard with `recall_target` (exact `top_k` on CPU and GPU).  For both,
   `storage_dtype="bfloat16"` holds the index in bfloat16 (half the device memory; queries are cast to it and
   scores accumulate in float32); its recall against float32 is measured by bench/scale.py (`bf16_recall`).
+  "scann": ScaNN on host, built as `scann` says by the job that publishes the index.
   """
 
-  approximate: bool = False
+  backend: str = "exact"
   recall_target: float = 0.95
   chunk_rows: int = 65536
   storage_dtype: str = "float32"
+  scann: ScannConfig = ScannConfig()
 
   def __post_init__(self):
     if self.storage_dtype not in ("float32", "bfloat16"):
@@ -72,20 +88,29 @@ def shard_layout(num_blocks: int, devices: int, chunk_rows: int) -> tuple[int, i
   return chunks * chunk, chunk
 
 
-def _all_axes(mesh: Mesh) -> tuple[str, ...]:
-  return tuple(mesh.axis_names)
+def index_axes(mesh: Mesh, rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES) -> tuple[str, ...]:
+  """The mesh axes the index's rows are sharded over: the rules table's "docs" entry (None: replicated)."""
+  table = dict(rules)
+  if "docs" not in table:
+    raise InputError(f"the logical axis rules {list(table)} have no 'docs' entry: where the index rows go")
+  axes = table["docs"]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  if missing := [a for a in axes if a not in mesh.shape]:
+    raise InputError(f"rule 'docs' -> {axes} names mesh axes {missing} that the mesh {dict(mesh.shape)} lacks")
+  return axes
 
 
-def sharded_search(mesh: Mesh, num_blocks: int, rows_per_shard: int, chunk: int, k: int,
-                   config: SearchConfig) -> jax.stages.Wrapped:
-  """The jitted `(embeddings [devices x rows_per_shard, D], queries [B, D]) -> (ids, scores)` of the top `k`.
+def sharded_search(mesh: Mesh, num_blocks: int, rows_per_shard: int, chunk: int, k: int, config: SearchConfig,
+                   rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES) -> jax.stages.Wrapped:
+  """The jitted `(embeddings [shards x rows_per_shard, D], queries [B, D]) -> (ids, scores)` of the top `k`, the
+  embeddings' rows sharded over `index_axes(mesh, rules)`.
 
   Rows at or past `num_blocks` are padding and score -inf.  Exact: each chunk's top-k is merged into the
   running top-k (which comes first, and holds lower ids), so equal scores keep the lower id as `lax.top_k`
-  does over a whole shard; a device with fewer than `k` real rows fills its candidates with -inf (id num_blocks),
+  does over a whole shard; a shard with fewer than `k` real rows fills its candidates with -inf (id num_blocks),
   which the global top-k passes over.
   """
-  axes = _all_axes(mesh)
+  axes = index_axes(mesh, rules)
   local_k = min(k, rows_per_shard)
   chunk_k = min(local_k, chunk)
   num_chunks = rows_per_shard // chunk
@@ -95,14 +120,17 @@ def sharded_search(mesh: Mesh, num_blocks: int, rows_per_shard: int, chunk: int,
     ids = first_id + jnp.arange(rows.shape[0], dtype=jnp.int32)
     return jnp.where(ids[None, :] < num_blocks, scores, -jnp.inf)
 
+  def first_row():
+    return jax.lax.axis_index(axes) * rows_per_shard if axes else 0
+
   def approximate_top_k(shard, queries):
-    first = jax.lax.axis_index(axes) * rows_per_shard
+    first = first_row()
     top_scores, top = jax.lax.approx_max_k(scores_of(queries, shard, first), local_k,
                                            recall_target=config.recall_target)
     return top_scores, first + top
 
   def chunked_top_k(shard, queries):
-    first = jax.lax.axis_index(axes) * rows_per_shard
+    first = first_row()
 
     def merge(best, index):
       best_scores, best_ids = best
@@ -119,14 +147,14 @@ def sharded_search(mesh: Mesh, num_blocks: int, rows_per_shard: int, chunk: int,
     best, _ = jax.lax.scan(merge, empty, jnp.arange(num_chunks))
     return best
 
-  sharding = NamedSharding(mesh, P(axes, None))
+  rows = P(axes or None, None)
   replicated = NamedSharding(mesh, P())
 
-  @functools.partial(jax.jit, in_shardings=(sharding, replicated), out_shardings=replicated)
+  @functools.partial(jax.jit, in_shardings=(NamedSharding(mesh, rows), replicated), out_shardings=replicated)
   def search(embeddings, queries):
     scores, ids = jax.shard_map(
-        approximate_top_k if config.approximate else chunked_top_k, mesh=mesh, in_specs=(P(axes, None), P()),
-        out_specs=(P(None, axes), P(None, axes)), check_vma=False,
+        approximate_top_k if config.backend == "approx_max_k" else chunked_top_k, mesh=mesh, in_specs=(rows, P()),
+        out_specs=(P(None, axes or None), P(None, axes or None)), check_vma=False,
     )(embeddings, queries.astype(embeddings.dtype))
     best, position = jax.lax.top_k(scores, k)
     return jnp.take_along_axis(ids, position, axis=1), best
@@ -147,25 +175,31 @@ def release_mapped_rows(array: np.ndarray, start: int, stop: int) -> None:
 
 
 class ExactSearcher:
-  """Brute-force inner products over row-sharded embeddings, per-device top-k (`SearchConfig`), global merge."""
+  """Brute-force inner products over row-sharded embeddings, per-shard top-k (`SearchConfig`), global merge.
 
-  def __init__(self, embeddings: np.ndarray, mesh: Mesh, config: SearchConfig = SearchConfig()):
-    self.mesh, self.config = mesh, config
+  The rows are sharded over the mesh axes of the rules table's "docs" entry (`index_axes`) and replicated over the
+  others."""
+
+  def __init__(self, embeddings: np.ndarray, mesh: Mesh, config: SearchConfig = SearchConfig(),
+               rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES):
+    self.mesh, self.config, self.rules = mesh, config, rules
     self.num_blocks, self.dim = embeddings.shape
-    self.rows_per_shard, self.chunk = shard_layout(self.num_blocks, mesh.size, config.chunk_rows)
-    self.sharding = NamedSharding(mesh, P(_all_axes(mesh), None))
+    axes = index_axes(mesh, rules)
+    self.shards = math.prod(mesh.shape[a] for a in axes)
+    self.rows_per_shard, self.chunk = shard_layout(self.num_blocks, self.shards, config.chunk_rows)
+    self.sharding = NamedSharding(mesh, P(axes or None, None))
     self.embeddings = self.place(embeddings)
     self._compiled: dict[int, jax.stages.Wrapped] = {}
 
   def place(self, embeddings: np.ndarray) -> jax.Array:
-    """Shards the rows over the whole mesh, padded to whole chunks on every device.
+    """Shards the rows as `self.sharding` says, padded to whole chunks on every shard.
 
     Only this process's devices' rows are read (a memory-mapped index is never read whole), one device's
     slice at a time, and a slice's mapped pages are released once copied (`release_mapped_rows`), so a swap
     holds at most one device's rows beyond the placed array."""
     if embeddings.shape != (self.num_blocks, self.dim):
       raise ValueError(f"index shape {embeddings.shape} != {(self.num_blocks, self.dim)}; cannot hot-swap")
-    padded_rows = self.rows_per_shard * self.mesh.size
+    padded_rows = self.rows_per_shard * self.shards
 
     def device_rows(index: tuple[slice, ...]) -> np.ndarray:
       start, stop, _ = index[0].indices(padded_rows)
@@ -178,19 +212,23 @@ class ExactSearcher:
     # Every process holds the same verified index, so each fills its own shards, one device at a time (a
     # callback for all devices at once would hold every slice until the last is read).  Not a global
     # `device_put`: across processes it runs an equality collective, which raced the trainer's collectives when
-    # the index reader's thread loaded an index (gloo "collective mismatch" abort).
+    # the index poller's thread loaded an index (gloo "collective mismatch" abort).
     shape = (padded_rows, self.dim)
     shards = [jax.device_put(device_rows(index), device)
               for device, index in self.sharding.addressable_devices_indices_map(shape).items()]
     return jax.make_array_from_single_device_arrays(shape, self.sharding, shards)
 
-  def swap(self, embeddings: np.ndarray) -> None:
-    """New embeddings of the same shape: the compiled search is reused."""
-    self.embeddings = self.place(embeddings)
+  def with_index(self, embeddings: np.ndarray, assets: Path | None = None) -> ExactSearcher:
+    """This searcher over other embeddings of the same shape, placed the same way: it shares the compiled searches
+    (no recompilation), and this one is unchanged until it is dropped.  `assets`: none are read."""
+    new = copy.copy(self)
+    new.embeddings = self.place(embeddings)
+    return new
 
   def _search_fn(self, k: int):
     if k not in self._compiled:
-      self._compiled[k] = sharded_search(self.mesh, self.num_blocks, self.rows_per_shard, self.chunk, k, self.config)
+      self._compiled[k] = sharded_search(self.mesh, self.num_blocks, self.rows_per_shard, self.chunk, k, self.config,
+                                         self.rules)
     return self._compiled[k]
 
   def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -198,23 +236,6 @@ class ExactSearcher:
       raise ValueError(f"k={k} exceeds the {self.num_blocks} indexed blocks")
     ids, scores = self._search_fn(k)(self.embeddings, np.asarray(queries, np.float32))
     return np.asarray(ids), np.asarray(scores)
-
-
-@dataclasses.dataclass(frozen=True)
-class ScannConfig:
-  """ScaNN tree + asymmetric hashing + exact reordering.
-
-  For 10M+ blocks (REALM's 13.35M): num_leaves ~ sqrt(N) (2000-4000), num_leaves_to_search
-  ~ 5-10% of leaves, training_sample_size 250k, dimensions_per_block 2, reorder 4-10x k.
-  ORQA used 1000 leaves / 100 searched / 100k samples / 2 dims per block.
-  """
-
-  num_leaves: int = 1000
-  num_leaves_to_search: int = 100
-  training_sample_size: int = 100_000
-  dimensions_per_block: int = 2
-  anisotropic_quantization_threshold: float = 0.2
-  reorder: int = 100
 
 
 class ScannSearcher:
@@ -257,6 +278,12 @@ class ScannSearcher:
     if pickles:
       raise InputError(f"{directory}: refusing ScaNN assets containing pickle files {pickles}")
     return cls(scann_ops_pybind.load_searcher(str(directory)), num_blocks)
+
+  def with_index(self, embeddings: np.ndarray, assets: Path | None) -> ScannSearcher:
+    """The searcher of another index: its serialized assets loaded (nothing is compiled)."""
+    if assets is None:
+      raise InputError("a ScaNN searcher needs the index's ScaNN assets")
+    return ScannSearcher.load(assets, len(embeddings))
 
   def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
     queries = np.ascontiguousarray(np.asarray(queries, np.float32))

@@ -22,15 +22,18 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from realm_jax import partitioning
+from realm_jax.data.ict import IctDataConfig
 from realm_jax.data.realm import RealmDataConfig
 from realm_jax.errors import InputError
 from realm_jax.models.bert import BertConfig
-from realm_jax.models.retriever import DualEncoder
-from realm_jax.objectives import ict
-from realm_jax.objectives.realm import RealmModel
-from realm_jax.refresh.refresher import RefreshConfig, abstract_tower_params, embed_step
+from realm_jax.models.retriever import RetrieverConfig
+from realm_jax.objectives.ict import IctSpec
+from realm_jax.objectives.openqa import OpenQaSpec
+from realm_jax.objectives.realm import RealmSpec
+from realm_jax.refresh.refresher import RefreshConfig, embed_step
 from realm_jax.retrieval.mips import SearchConfig, shard_layout, sharded_search
-from realm_jax.train import finetune, pretrain
+from realm_jax.train.optimizer import OptimizerConfig
+from realm_jax.train.trainer import TrainerConfig, make_trainer
 
 GiB = 1 << 30
 
@@ -105,16 +108,22 @@ def tower_forward_flops(c: BertConfig, projection_size: int, sequences: int, len
   return encoder_forward_flops(c, sequences, length) + sequences * 2 * c.hidden_size * projection_size
 
 
+def _compile_only_trainer(objective, mesh: Mesh):
+  """A trainer without checkpoints for lowering one step (the schedule's length does not change the step)."""
+  return make_trainer(objective, mesh, None, TrainerConfig(num_steps=1000), OptimizerConfig(learning_rate=1e-4))
+
+
 @gin.configurable
 def ict_step(mesh: Mesh, encoder: BertConfig = gin.REQUIRED, batch_size: int = 4096, query_len: int = 96,
              block_len: int = 288, projection_size: int = 128) -> StepPlan:
   """ORQA's ICT step (batch 4096, in-batch negatives over the global batch)."""
-  model = DualEncoder(encoder, projection_size, share_towers=True)
-  trainer = ict.ict_trainer(model, mesh, None, query_len, block_len)
+  spec = IctSpec("", RetrieverConfig(encoder, projection_size, block_len=block_len),
+                 IctDataConfig(batch_size, query_len, block_len))
+  trainer = _compile_only_trainer(spec.objective(), mesh)
   forward = (tower_forward_flops(encoder, projection_size, batch_size, query_len)
              + tower_forward_flops(encoder, projection_size, batch_size, block_len)
              + 2 * batch_size**2 * projection_size)
-  return StepPlan("ICT step", lambda: trainer.lower(ict.ict_batch_spec(batch_size, query_len, block_len)),
+  return StepPlan("ICT step", lambda: trainer.lower(spec.batch_shapes()),
                   3 * forward, batch_size, "examples")
 
 
@@ -123,15 +132,15 @@ def realm_step(mesh: Mesh, retriever: BertConfig = gin.REQUIRED, reader: BertCon
                data: RealmDataConfig | None = None, projection_size: int = 128) -> StepPlan:
   """REALM's pre-training step on host-retrieved candidates (batch 512 x 8 candidates incl. null)."""
   data = data or RealmDataConfig()
-  model = RealmModel(retriever, reader, projection_size, share_towers=True)
-  trainer = pretrain.realm_trainer(model, data, mesh, None)
+  spec = RealmSpec("", RetrieverConfig(retriever, projection_size, block_len=data.block_len), reader, data)
+  trainer = _compile_only_trainer(spec.objective(), mesh)
   b, k = data.batch_size, data.num_candidates
   masks = b * k * data.max_masks
   forward = (tower_forward_flops(retriever, projection_size, b, data.query_len)
              + tower_forward_flops(retriever, projection_size, b * k, data.block_len)
              + encoder_forward_flops(reader, b * k, data.joint_len)
              + masks * 2 * (reader.hidden_size**2 + reader.hidden_size * reader.vocab_size))
-  return StepPlan("REALM pre-training step", lambda: trainer.lower(pretrain.realm_batch_spec(data, k)),
+  return StepPlan("REALM pre-training step", lambda: trainer.lower(spec.batch_shapes()),
                   3 * forward, b, "examples")
 
 
@@ -139,10 +148,10 @@ def realm_step(mesh: Mesh, retriever: BertConfig = gin.REQUIRED, reader: BertCon
 def embedding_step(mesh: Mesh, encoder: BertConfig = gin.REQUIRED, batch_size: int = 2048, block_len: int = 288,
                    projection_size: int = 128) -> StepPlan:
   """The refresh job's step: embed `batch_size` blocks with the block tower (forward only)."""
-  config = RefreshConfig(encoder, projection_size, block_len=block_len, batch_size=batch_size)
+  config = RefreshConfig(RetrieverConfig(encoder, projection_size, block_len=block_len), batch_size=batch_size)
   replicated = NamedSharding(mesh, P())
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                        abstract_tower_params(encoder, projection_size))
+                        config.retriever.abstract_tower_params())
   inputs = {k: jax.ShapeDtypeStruct((batch_size, block_len), jnp.int32, sharding=partitioning.data_sharding(mesh, 2))
             for k in ("input_ids", "input_mask", "segment_ids")}
 
@@ -155,19 +164,20 @@ def embedding_step(mesh: Mesh, encoder: BertConfig = gin.REQUIRED, batch_size: i
 
 
 @gin.configurable
-def openqa_step(mesh: Mesh, spec: finetune.OpenQaSpec = gin.REQUIRED, questions_per_device: int = 1) -> StepPlan:
+def openqa_step(mesh: Mesh, spec: OpenQaSpec = gin.REQUIRED, questions_per_device: int = 1) -> StepPlan:
   """ORQA's fine-tuning step: one question per device (ORQA: 1 per step), retriever loss over the top 5000
   frozen block embeddings, reader over the top 5 blocks of 320 word pieces, every span of width <= 10."""
   d = spec.data
   batch = questions_per_device * mesh.shape["data"]
-  trainer = finetune.openqa_trainer(spec, mesh, None)
+  trainer = _compile_only_trainer(spec.objective(), mesh)
+  r = spec.retriever
   spans = d.reader_len * d.max_span_width
-  forward = (tower_forward_flops(spec.retriever, spec.projection_size, batch, d.query_len)
-             + 2 * batch * d.retrieve_k * spec.projection_size
+  forward = (tower_forward_flops(r.encoder, r.projection_size, batch, d.query_len)
+             + 2 * batch * d.retrieve_k * r.projection_size
              + encoder_forward_flops(spec.reader, batch * d.reader_k, d.reader_len)
              + batch * d.reader_k * (2 * d.reader_len * spec.reader.hidden_size * 2 * spec.span_hidden_size
                                      + spans * 2 * spec.span_hidden_size))
-  return StepPlan("Open-QA fine-tuning step", lambda: trainer.lower(spec.batch_spec(batch)), 3 * forward, batch,
+  return StepPlan("Open-QA fine-tuning step", lambda: trainer.lower(spec.batch_shapes(batch)), 3 * forward, batch,
                   "questions")
 
 

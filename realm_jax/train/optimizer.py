@@ -7,6 +7,7 @@ over min(10000, max(100, steps // 10)) steps and linear decay (from step 0) to 0
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -111,3 +112,21 @@ def bert_adamw(
       optax.scale_by_learning_rate(bert_schedule(learning_rate, num_steps, warmup_steps)),
       *([scale_subtrees(multipliers)] if multipliers else []),
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """BERT's AdamW on the run's schedule; `subtree_learning_rates` give top-level parameter subtrees their own peak
+  lr on the same schedule, e.g. {'retriever': 1e-5, 'mlm_head': 5e-3} (gin: a dict)."""
+
+  learning_rate: float
+  warmup_steps: int | None = None  # None: the released code's min(10000, max(100, num_steps // 10))
+  weight_decay: float = 0.01
+  clip_norm: float = 1.0
+  subtree_learning_rates: Mapping[str, float] | None = None
+
+  def make(self, num_steps: int) -> optax.GradientTransformation:
+    """The optimizer for a run of `num_steps`."""
+    multipliers = subtree_multipliers(self.learning_rate, **dict(self.subtree_learning_rates or {}))
+    return bert_adamw(self.learning_rate, num_steps, self.weight_decay, self.clip_norm, self.warmup_steps,
+                      multipliers)

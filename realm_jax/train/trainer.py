@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -28,10 +27,9 @@ from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from realm_jax import partitioning, storage
-
-TRAINING_DONE = "TRAINING_DONE"  # written to the workdir when the last step is saved
-
-LossFn = Callable[[Any, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+from realm_jax.checkpoints.train_dir import TRAIN_DIR, TRAINING_DONE, orbax_dir
+from realm_jax.objectives.objective import Objective
+from realm_jax.train.optimizer import OptimizerConfig
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -51,14 +49,35 @@ class TrainState:
   opt_state: Any
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainerConfig:
+  """How long a run trains and how often it checkpoints, logs and evaluates (gin: `trainer.TrainerConfig`)."""
+
   num_steps: int
   checkpoint_every: int = 1000
   log_every: int = 50
   keep_checkpoints: int = 5
   seed: int = 0
-  eval_every: int = 0  # steps between `fit(evaluate=...)` calls; 0: only at the last step
+  eval_every: int = 0  # steps between `TrainHooks.evaluate` calls; 0: only at the last step
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainHooks:
+  """A run's host-side work around each step of `Trainer.fit`.
+
+  `pretrained(params) -> params` overwrites subtrees of fresh parameters (e.g. real BERT weights).
+  `before_step(step)` runs between steps (e.g. an index hot-swap); the scalars it returns are written to
+  TensorBoard every step and logged with their latest value (not a window mean).  `prepare_batch(state,
+  host_batch)` completes a batch with the current parameters (REALM: retrieval of candidates for its queries).
+  `after_step(step, state)` runs after each step.  `evaluate(state)` runs at the last step and every
+  `TrainerConfig.eval_every` steps; its metrics join that step's logged ones.
+  """
+
+  pretrained: Callable[[Any], Any] | None = None
+  before_step: Callable[[int], dict[str, float]] | None = None
+  prepare_batch: Callable[[TrainState, dict], dict] | None = None
+  after_step: Callable[[int, TrainState], None] | None = None
+  evaluate: Callable[[TrainState], dict[str, float]] | None = None
 
 
 class Trainer:
@@ -66,8 +85,7 @@ class Trainer:
 
   def __init__(
       self,
-      init_params: Callable[[jax.Array], Any],
-      loss_fn: LossFn,
+      objective: Objective,
       optimizer: optax.GradientTransformation,
       mesh: Mesh,
       workdir: storage.PathLike | None,
@@ -78,8 +96,9 @@ class Trainer:
     self.mesh, self.rules, self.config = mesh, rules, config
     self.workdir = storage.as_path(workdir) if workdir is not None else None
     self.optimizer = optimizer
-    self._loss_fn = loss_fn
-    self._init_params = init_params
+    self.batch_size = objective.batch_size
+    self._loss_fn = objective.loss_fn
+    self._init_params = init_params = objective.init_params
     self._rng = jax.random.key(config.seed)
 
     def boxed_state(rng):
@@ -93,7 +112,7 @@ class Trainer:
         nn.meta.unbox(abstract), self.state_shardings,
     )
     self.checkpoints = None if self.workdir is None else ocp.CheckpointManager(
-        _orbax_dir(self.workdir / "train"),
+        orbax_dir(self.workdir / TRAIN_DIR),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True),
         item_names=("state", "data"),
     )
@@ -172,29 +191,17 @@ class Trainer:
   # ---- loop --------------------------------------------------------------------------------------
 
   def fit(
-      self,
-      data: CheckpointableIterator,
-      pretrained: Callable[[Any], Any] | None = None,
-      batch_size: int | None = None,
-      on_step: Callable[[int, TrainState], None] | None = None,
-      before_step: Callable[[int], dict[str, float]] | None = None,
-      prepare_batch: Callable[[TrainState, dict], dict] | None = None,
-      initial_state: TrainState | None = None,
-      evaluate: Callable[[TrainState], dict[str, float]] | None = None,
+      self, data: CheckpointableIterator, hooks: TrainHooks = TrainHooks(), initial_state: TrainState | None = None,
   ) -> tuple[TrainState, list[dict[str, float]]]:
-    """Trains to `config.num_steps`, resuming if a checkpoint exists. Returns state and logged metrics.
+    """Trains to `config.num_steps`, resuming if a checkpoint exists, else from `initial_state` or fresh parameters
+    (`hooks.pretrained`).  Returns state and logged metrics; a step that evaluates is also a logging step.
 
     `num_steps=0` saves the starting parameters (e.g. imported weights) as checkpoint 0, so evaluation and
     `launch/ask.py` can run on them.
-    `before_step(step)` runs between steps (e.g. an index hot-swap); the scalars it returns are
-    written to TensorBoard every step and logged with their latest value (not a window mean).  `on_step(step, state)`
-    runs after each step.  `prepare_batch(state, host_batch)` completes a batch with the current
-    parameters (REALM: retrieval of candidates for the batch's queries).  `evaluate(state)` runs at the last
-    step and every `config.eval_every` steps (0: the last only); its metrics join that step's logged ones, and
-    a step that evaluates is also a logging step.
     """
     cfg = self.config
-    state = self.restore_or_init(data, pretrained, initial_state)
+    before_step, prepare_batch, evaluate = hooks.before_step, hooks.prepare_batch, hooks.evaluate
+    state = self.restore_or_init(data, hooks.pretrained, initial_state)
     start = int(state.step)
     writer = SummaryWriter(str(self.workdir / "tensorboard")) if jax.process_index() == 0 else None
     history: list[dict[str, float]] = []
@@ -230,8 +237,8 @@ class Trainer:
             )
           now = time.perf_counter()
           values["steps_per_sec"] = (step - tick_step) / (now - tick)
-          if batch_size:
-            values["examples_per_sec"] = values["steps_per_sec"] * batch_size
+          if self.batch_size:
+            values["examples_per_sec"] = values["steps_per_sec"] * self.batch_size
           if evaluating:  # after the speed figures, which it would distort
             values.update(evaluate(state))
             now = time.perf_counter()
@@ -245,8 +252,8 @@ class Trainer:
         if step % cfg.checkpoint_every == 0 or step == cfg.num_steps:
           self.save(state, data)
           last_good = step
-        if on_step:
-          on_step(step, state)
+        if hooks.after_step:
+          hooks.after_step(step, state)
       if cfg.num_steps == 0 and last_good is None:  # nothing to train: keep the starting parameters as step 0
         self.save(state, data)
       if jax.process_index() == 0:
@@ -260,39 +267,7 @@ class Trainer:
     return state, history
 
 
-def abstract_params(model: nn.Module, example: dict[str, Any], method=None) -> Any:
-  """Shapes of `model`'s parameters (no memory, no FLOPs)."""
-  init = lambda: model.init(jax.random.key(0), example, method=method)["params"]  # noqa: E731
-  return nn.meta.unbox(jax.eval_shape(init))
-
-
-def _orbax_dir(path: storage.PathLike) -> str:
-  """The directory string orbax gets: `gs://...` as is (tensorstore writes the arrays), local ones absolute."""
-  return os.fspath(path) if storage.is_remote(path) else os.path.abspath(os.fspath(path))
-
-
-def read_only_checkpoints(train_dir: storage.PathLike) -> ocp.CheckpointManager:
-  """Another job's trainer checkpoints, read-only (the refresher, init specs, evaluation)."""
-  return ocp.CheckpointManager(_orbax_dir(train_dir), options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_names=("state", "data"))
-
-
-def restore_params_subtree(train_dir: storage.PathLike, step: int, path: tuple[str, ...], abstract: Any,
-                           sharding) -> Any:
-  """Restores only `params[path...]` of a trainer checkpoint (orbax partial restore)."""
-  manager = read_only_checkpoints(train_dir)
-  item = abstract
-  for key in reversed(path):
-    item = {key: item}
-  item = {"params": item}
-  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), item)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)))
-  params = restored["state"]["params"]
-  for key in path:
-    params = params[key]
-  return params
-
-
-def latest_checkpoint_step(train_dir: storage.PathLike) -> int | None:
-  return read_only_checkpoints(train_dir).latest_step()
+def make_trainer(objective: Objective, mesh: Mesh, workdir: storage.PathLike | None, trainer: TrainerConfig,
+                 optimizer: OptimizerConfig, rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES) -> Trainer:
+  """Every task's trainer (`workdir=None`: no checkpoints, for ahead-of-time compilation or stepping by hand)."""
+  return Trainer(objective, optimizer.make(trainer.num_steps), mesh, workdir, trainer, rules)
