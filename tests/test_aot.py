@@ -62,7 +62,7 @@ def test_chunked_search_holds_one_chunk_of_scores_and_approx_max_k_none_for_a_v3
   mesh, chip = aot.topology_mesh("v3:4x8")
   shape = {"num_blocks": 2_000_003, "dim": 128, "batch_size": 512, "k": 8}
   configs = {"whole shard": SearchConfig(chunk_rows=1 << 20), "chunked": SearchConfig(chunk_rows=8192),
-             "approx": SearchConfig(approximate=True)}
+             "approx": SearchConfig(backend="approx_max_k")}
   reports = {name: aot.compile_step(aot.search_step(mesh, **shape, search=search), "v3:4x8", mesh, chip)
              for name, search in configs.items()}
   assert reports["chunked"].step == "search of 2000003 blocks (exact, 4 chunk(s) of 7816 rows)"

@@ -10,7 +10,14 @@ from realm_jax import partitioning
 from realm_jax.errors import InputError
 from realm_jax.retrieval import index as index_lib
 from realm_jax.retrieval.backends import BACKENDS, get_backend
-from realm_jax.retrieval.mips import ExactSearcher, ScannConfig, SearchConfig, exact_top_k_numpy, index_axes
+from realm_jax.retrieval.mips import (
+  ExactSearcher,
+  ScannConfig,
+  ScannSearcher,
+  SearchConfig,
+  exact_top_k_numpy,
+  index_axes,
+)
 
 SMALL_SCANN = ScannConfig(num_leaves=16, num_leaves_to_search=16, reorder=100)
 
@@ -75,7 +82,7 @@ def test_scann_refuses_a_commit_without_scann_assets_and_the_device_backends_sea
   mesh = partitioning.make_mesh()
   scann = index_lib.LiveIndex(mesh, _config("scann"))
   why = (r"exact/commits/10\.json: published with backend 'exact', without scann assets; searching with backend "
-         r"'scann' needs indexes published with it \(refresher.RefreshJob.backend\)")
+         r"'scann' needs indexes published with it \(mips.SearchConfig.backend, the refresh job's too\)")
   with pytest.raises(InputError, match=why):
     scann.poller(tmp_path / "exact", demo_store).load_newest()
   # In the poller's thread it is an error that stops the run (not a rejected index to wait past), with the reason.
@@ -137,3 +144,14 @@ def test_a_rules_table_without_docs_or_naming_missing_mesh_axes_is_refused():
   with pytest.raises(InputError, match=r"rule 'docs' -> \('data', 'expert'\) names mesh axes \['expert'\]"):
     index_axes(mesh, _rules(("data", "expert")))
   assert index_axes(mesh) == ("data", "model") == tuple(mesh.axis_names)
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_a_frozen_index_is_searched_by_the_backend_the_spec_names(name, demo_store, tmp_path):
+  rows = _rows(demo_store, 4)
+  index_lib.publish_index(tmp_path, 0, rows, demo_store, get_backend(_config(name)))
+  embeddings, searcher = index_lib.load_searcher(tmp_path, 0, demo_store, partitioning.make_mesh(), _config(name))
+  np.testing.assert_array_equal(embeddings, rows)
+  assert isinstance(searcher, ScannSearcher if name == "scann" else ExactSearcher)
+  queries = rows[:4] * 10
+  assert _recall(searcher.search(queries, 5)[0], exact_top_k_numpy(rows, queries, 5)[0]) >= 0.8

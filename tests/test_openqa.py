@@ -216,14 +216,14 @@ def small_qa_setup(tmp_path_factory, wordpiece):
 def test_minilm_zero_shot_baseline_retrieves_answer_blocks(small_qa_setup, minilm_path):
   """Sentence-transformers' recipe (mean pooling, cosine); blocks embedded per length group or padded alike."""
   from realm_jax import partitioning
+  from realm_jax.checkpoints.init import load_encoder
   from realm_jax.data.tokenization import load_tokenizer
   from realm_jax.eval.answers import has_answer
   from realm_jax.eval.baselines import MeanPoolRetriever
-  from realm_jax.objectives.ict import load_pretrained_encoder
 
   root, store = small_qa_setup
   encoder = BertConfig.from_hf_json(minilm_path / "config.json")
-  weights = load_pretrained_encoder("minilm", encoder)
+  weights = load_encoder("minilm", encoder)
   mesh = partitioning.make_mesh(devices=jax.devices()[:1])
   tokenizer = load_tokenizer(minilm_path / "vocab.txt")
   questions = read_questions(root / "q.jsonl")
@@ -279,7 +279,7 @@ def test_finetune_evaluate_and_ask_launchers_end_to_end_on_a_gcs_workdir(small_q
   result = run_launcher("finetune.py", *flags, "--gin_bindings=trainer.TrainerConfig.log_every = 1")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Open-QA fine-tuning finished at step 2" in result.stdout
-  result = run_launcher("evaluate.py", *flags, "--limit=3", "--gin_bindings=openqa_eval.run_evaluation.baselines = "
+  result = run_launcher("evaluate.py", *flags, "--limit=3", "--gin_bindings=openqa_eval.EvaluationConfig.baselines = "
                         "('bm25',)")
   assert result.returncode == 0, result.stderr[-3000:]
   rows = json.loads((workdir / "eval" / "results.json").read_text())
@@ -289,7 +289,7 @@ def test_finetune_evaluate_and_ask_launchers_end_to_end_on_a_gcs_workdir(small_q
   assert len(records) == 3 and {"prediction", "blocks", "correct"} <= set(records[0])
   assert records[0]["blocks"][0]["title"]
   result = run_launcher("evaluate.py", *flags, "--limit=3", "--retrieval_only",  # 3 questions on 2 devices: padded
-                        "--gin_bindings=openqa_eval.run_evaluation.baselines = ('bm25',)")
+                        "--gin_bindings=openqa_eval.EvaluationConfig.baselines = ('bm25',)")
   assert result.returncode == 0, result.stderr[-3000:]
   recall_rows = json.loads((workdir / "eval_retrieval" / "results.json").read_text())
   ours = [r for r in recall_rows if r["system"] == "realm-jax"]
@@ -304,12 +304,12 @@ def test_finetune_evaluate_and_ask_launchers_end_to_end_on_a_gcs_workdir(small_q
 
 def test_evaluation_reads_its_question_files_before_loading_anything(tmp_path):
   from realm_jax.data.corpus import CorpusError
-  from realm_jax.eval.openqa_eval import run_evaluation
+  from realm_jax.eval.openqa_eval import EvaluationConfig, run_evaluation
 
   (tmp_path / "bad.jsonl").write_text('{"question": "who?", "answers": ["x"], "answer_is_regex": "false"}\n')
   with pytest.raises(CorpusError, match=r"bad.jsonl:1: field 'answer_is_regex' must be true or false"):
-    run_evaluation(str(tmp_path / "no_run"), spec=None, mesh=None, datasets={"bad": "bad.jsonl"},
-                   questions_dir=str(tmp_path))  # spec and mesh are not touched: nothing is loaded first
+    run_evaluation(str(tmp_path / "no_run"), mesh=None, spec=None,  # not touched: nothing is loaded first
+                   config=EvaluationConfig({"bad": "bad.jsonl"}, questions_dir=str(tmp_path)))
 
 
 @pytest.mark.parametrize("dataset", ["nq_open_dev", "curatedtrec_test", "webquestions_test"])

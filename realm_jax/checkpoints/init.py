@@ -15,6 +15,7 @@ Fine-tuning's `FINETUNE_INIT = 'realm:<workdir>'` (retriever, reader and index o
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,44 +96,66 @@ def checkpoint_dir(spec: str) -> Path:
   return minilm_dir() if spec == MINILM else Path(spec)
 
 
-def load_encoder(spec: str, encoder: BertConfig) -> dict:
-  """BERT weights for `encoder` from a HF BERT directory, 'minilm' or 'hf_realm:<dir>'; a checkpoint of another
-  architecture is refused (`check_architecture`)."""
-  if kind(spec) == HF_REALM:
-    return hf_realm.load_hf_realm_bert(spec, encoder)
-  if kind(spec) != HF_BERT:
-    raise _refuse(spec, "encoder", (HF_REALM, HF_BERT))
+def _hf_bert(spec: str, encoder: BertConfig) -> dict:
   config, params = load_hf_bert(checkpoint_dir(spec), **{k: getattr(encoder, k) for k in RUNTIME_FIELDS})
   check_architecture(encoder, config, spec)
   return params
 
 
+def _ict_tower(spec: str, retriever: RetrieverConfig) -> TowerWeights:
+  train_dir, step = _newest_step(spec[len(ICT):], "ICT")
+  tower = restore_params_subtree(train_dir, step, ("query_tower",), retriever.abstract_tower_params(), _replicated())
+  logging.info("retriever starts from ICT checkpoint %s step %d", train_dir, step)
+  return TowerWeights({"query_tower": jax.device_get(tower)})
+
+
+# What each role accepts: init spec kind -> loader.
+ENCODER_LOADERS: dict[str, Callable[[str, BertConfig], dict]] = {
+    HF_BERT: _hf_bert,
+    HF_REALM: hf_realm.load_hf_realm_bert,  # the BERT of a REALM checkpoint: its reader's, else its query tower's
+}
+RETRIEVER_LOADERS: dict[str, Callable[[str, RetrieverConfig], EncoderWeights | TowerWeights]] = {
+    HF_BERT: lambda spec, r: EncoderWeights(_hf_bert(spec, r.encoder)),
+    ICT: _ict_tower,
+    HF_REALM: lambda spec, r: TowerWeights(hf_realm.load_hf_realm_retriever(spec, r.encoder, r.projection_size)),
+}
+REALM_READER_LOADERS: dict[str, Callable[[str, RealmModel], ReaderWeights]] = {
+    HF_BERT: lambda spec, m: ReaderWeights({"reader": _hf_bert(spec, m.reader_config)}),  # the MLM head afresh
+    REALM: lambda spec, m: ReaderWeights(load_realm_run(spec[len(REALM):], m, ("reader", "mlm_head"))[0]),
+    HF_REALM: lambda spec, m: ReaderWeights(hf_realm.load_hf_realm_encoder(spec, m.reader_config)),
+}
+
+
+def _load(loaders: dict[str, Callable], role: str, spec: str, *args):
+  if kind(spec) not in loaders:
+    raise _refuse(spec, role, tuple(loaders))
+  return loaders[kind(spec)](spec, *args)
+
+
+def load_encoder(spec: str, encoder: BertConfig) -> dict:
+  """BERT weights for `encoder` from a HF BERT directory, 'minilm' or 'hf_realm:<dir>'; a checkpoint of another
+  architecture is refused (`check_architecture`)."""
+  return _load(ENCODER_LOADERS, "encoder", spec, encoder)
+
+
 def load_retriever(spec: str, retriever: RetrieverConfig) -> EncoderWeights | TowerWeights:
   """'ict:<workdir>' -> the ICT run's tower; 'hf_realm:<dir>' -> a HF REALM embedder/scorer/openqa's towers;
   a HF BERT dir / 'minilm' -> encoder weights only."""
-  if kind(spec) == ICT:
-    train_dir, step = _newest_step(spec[len(ICT):], "ICT")
-    tower = restore_params_subtree(train_dir, step, ("query_tower",), retriever.abstract_tower_params(),
-                                   _replicated())
-    logging.info("retriever starts from ICT checkpoint %s step %d", train_dir, step)
-    return TowerWeights({"query_tower": jax.device_get(tower)})
-  if kind(spec) == HF_REALM:
-    return TowerWeights(hf_realm.load_hf_realm_retriever(spec, retriever.encoder, retriever.projection_size))
-  if kind(spec) == HF_BERT:
-    return EncoderWeights(load_encoder(spec, retriever.encoder))
-  raise _refuse(spec, "retriever", (ICT, HF_REALM, HF_BERT))
+  return _load(RETRIEVER_LOADERS, "retriever", spec, retriever)
 
 
 def load_realm_reader(spec: str, realm_model: RealmModel) -> ReaderWeights:
   """A REALM reader: 'realm:<workdir>' -> a run's {'reader', 'mlm_head'}; 'hf_realm:<dir>' -> a
   RealmKnowledgeAugEncoder's; a HF BERT dir / 'minilm' -> {'reader'} (the MLM head starts afresh)."""
-  if kind(spec) == REALM:
-    return ReaderWeights(load_realm_run(spec[len(REALM):], realm_model, ("reader", "mlm_head"))[0])
+  return _load(REALM_READER_LOADERS, "reader", spec, realm_model)
+
+
+def load_openqa_reader(spec: str, reader: BertConfig, span_hidden_size: int, max_span_width: int) -> dict:
+  """An Open-QA span reader's subtrees: 'hf_realm:<dir>' -> a RealmReader / RealmForOpenQA's whole reader (or
+  the BERT of another REALM checkpoint, the span scorer starting afresh); a HF BERT dir / 'minilm' -> its BERT."""
   if kind(spec) == HF_REALM:
-    return ReaderWeights(hf_realm.load_hf_realm_encoder(spec, realm_model.reader_config))
-  if kind(spec) == HF_BERT:
-    return ReaderWeights({"reader": load_encoder(spec, realm_model.reader_config)})
-  raise _refuse(spec, "reader", (REALM, HF_REALM, HF_BERT))
+    return hf_realm.load_hf_realm_reader(spec, reader, span_hidden_size, max_span_width)
+  return {"encoder": _load({HF_BERT: _hf_bert}, "reader", spec, reader)}
 
 
 def load_realm_run(workdir: storage.PathLike, realm_model: RealmModel,

@@ -39,7 +39,7 @@ def check_baseline_size(name: str, store: BlockStore) -> None:
   if store.num_blocks > MAX_BASELINE_BLOCKS:
     raise InputError(f"{store.path}: {store.num_blocks:,} blocks; the {name} baseline holds the whole corpus in "
                      f"memory and is refused above {MAX_BASELINE_BLOCKS:,} blocks: leave it out with "
-                     "--gin_bindings='openqa_eval.run_evaluation.baselines = []'")
+                     "--gin_bindings='openqa_eval.EvaluationConfig.baselines = []'")
 
 
 class Bm25Retriever:

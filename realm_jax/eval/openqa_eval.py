@@ -125,36 +125,38 @@ def results_table(rows: list[dict], ks: Sequence[int] = RECALL_KS) -> str:
   return "\n".join(lines) + "\n"
 
 
-def run_evaluation(
-    workdir: str,
-    spec: OpenQaSpec,
-    mesh,
-    datasets: Mapping[str, str],
-    questions_dir: str = ".",
-    baselines: Sequence[str] = ("bm25", "minilm"),
-    minilm_checkpoint: str = "minilm",
-    limit: int | None = None,
-    batch_size: int = 8,
-    read: bool = True,
-) -> list[dict]:
-  """Evaluates `workdir`'s fine-tuned model (and the baselines) on `datasets` {name: .jsonl file in
-  `questions_dir`}; writes `<workdir>/eval/{<name>.json,results.json,results.md}` (`read=False`: recall only,
-  into `<workdir>/eval_retrieval/`).  The question files are read first: a bad one fails before any loading."""
-  questions = {name: read_questions(Path(questions_dir) / file, limit) for name, file in datasets.items()}
-  unknown = sorted(set(baselines) - {"bm25", "minilm"})
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+  """What `run_evaluation` evaluates: `datasets` {name: .jsonl file in `questions_dir`}, beside the `baselines`
+  ('bm25', 'minilm': MiniLM zero-shot from `minilm_checkpoint`), `batch_size` questions at a time."""
+
+  datasets: Mapping[str, str]
+  questions_dir: str = "."
+  baselines: Sequence[str] = ("bm25", "minilm")
+  minilm_checkpoint: str = "minilm"
+  batch_size: int = 8
+
+
+def run_evaluation(workdir: str, mesh, spec: OpenQaSpec, config: EvaluationConfig, limit: int | None = None,
+                   read: bool = True) -> list[dict]:
+  """Evaluates `workdir`'s fine-tuned model (and the baselines) on the first `limit` questions (None: all) of each
+  dataset; writes `<workdir>/eval/{<name>.json,results.json,results.md}` (`read=False`: recall only, into
+  `<workdir>/eval_retrieval/`).  The question files are read first: a bad one fails before any loading."""
+  questions = {name: read_questions(Path(config.questions_dir) / file, limit) for name, file in config.datasets.items()}
+  unknown = sorted(set(config.baselines) - {"bm25", "minilm"})
   if unknown:
-    raise InputError(f"run_evaluation.baselines: unknown baseline {unknown[0]!r}; known: bm25, minilm")
+    raise InputError(f"EvaluationConfig.baselines: unknown baseline {unknown[0]!r}; known: bm25, minilm")
   store = spec.store()
-  for name in baselines:
+  for name in config.baselines:
     check_baseline_size(name, store)
   predictor = load_predictor(workdir, spec, mesh)
   systems: dict[str, Retriever] = {}
-  for name in baselines:
+  for name in config.baselines:
     if name == "bm25":
       systems["BM25"] = Bm25Retriever(store)
     else:
-      encoder = BertConfig.from_hf_json(checkpoint_dir(minilm_checkpoint) / "config.json")
-      systems["MiniLM zero-shot"] = MeanPoolRetriever(encoder, load_encoder(minilm_checkpoint, encoder), store,
-                                                      spec.tokenizer(), mesh, spec.retriever.block_len)
+      encoder = BertConfig.from_hf_json(checkpoint_dir(config.minilm_checkpoint) / "config.json")
+      systems["MiniLM zero-shot"] = MeanPoolRetriever(encoder, load_encoder(config.minilm_checkpoint, encoder),
+                                                      store, spec.tokenizer(), mesh, spec.retriever.block_len)
   out = storage.as_path(workdir) / ("eval" if read else "eval_retrieval")
-  return evaluate(predictor, systems, questions, store, out, batch_size=batch_size, read=read)
+  return evaluate(predictor, systems, questions, store, out, batch_size=config.batch_size, read=read)

@@ -22,7 +22,7 @@ from realm_jax.data.openqa import OpenQaDataConfig, OpenQaFeaturizer
 from realm_jax.data.tokenization import Tokenizer
 from realm_jax.objectives.openqa import READER_FEATURES, OpenQaModel, OpenQaSpec
 from realm_jax.retrieval import index as index_lib
-from realm_jax.retrieval.mips import ExactSearcher
+from realm_jax.retrieval.backends import Searcher
 
 
 @dataclasses.dataclass
@@ -49,11 +49,11 @@ class Predictor:
   """Fine-tuned retriever + reader over a frozen index."""
 
   def __init__(self, model: OpenQaModel, params, store: BlockStore, tokenizer: Tokenizer, embeddings: np.ndarray,
-               config: OpenQaDataConfig, mesh, snippet_chars: int = 200):
+               searcher: Searcher, config: OpenQaDataConfig, mesh, snippet_chars: int = 200):
     self.model, self.store, self.config, self.mesh = model, store, config, mesh
     self.featurizer = OpenQaFeaturizer(store, tokenizer, config)
     self.embeddings = embeddings
-    self.searcher = ExactSearcher(embeddings, mesh)
+    self.searcher = searcher
     self.snippet_chars = snippet_chars
     with jax.set_mesh(mesh):
       self.params = jax.device_put(params, NamedSharding(mesh, P()))
@@ -131,8 +131,8 @@ def load_predictor(workdir: storage.PathLike, spec: OpenQaSpec, mesh) -> Predict
   steps = index_lib.committed_steps(workdir / "index")
   if not steps:
     raise FileNotFoundError(f"{workdir / 'index'}: no published index (was fine-tuning started here?)")
-  _, embeddings = index_lib.load_index(workdir / "index", steps[-1], store)
+  embeddings, searcher = index_lib.load_searcher(workdir / "index", steps[-1], store, mesh, spec.search)
   model = spec.model()
   abstract = abstract_params(model, spec.example_batch())
   params = restore_params_subtree(workdir / "train", step, (), abstract, NamedSharding(mesh, P()))
-  return Predictor(model, jax.device_get(params), store, spec.tokenizer(), embeddings, spec.data, mesh)
+  return Predictor(model, jax.device_get(params), store, spec.tokenizer(), embeddings, searcher, spec.data, mesh)

@@ -24,6 +24,7 @@ from realm_jax.models.bert import BertConfig
 from realm_jax.models.reader import INVALID_SPAN_LOGIT, SpanReader
 from realm_jax.models.retriever import DualEncoder, RetrieverConfig
 from realm_jax.objectives.objective import Objective
+from realm_jax.retrieval.mips import SearchConfig
 
 Array = jax.Array
 READER_FEATURES = ("input_ids", "input_mask", "segment_ids", "block_mask")
@@ -117,6 +118,7 @@ class OpenQaSpec:
   init: str | None = None
   retriever_init: str | None = None
   reader_init: str | None = None
+  search: SearchConfig = SearchConfig()  # how the frozen index is searched (and which assets fine-tuning publishes)
 
   def model(self) -> OpenQaModel:
     r = self.retriever

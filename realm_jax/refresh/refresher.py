@@ -44,7 +44,7 @@ from realm_jax.models.bert import BertConfig
 from realm_jax.models.retriever import RetrieverConfig
 from realm_jax.retrieval import index as index_lib
 from realm_jax.retrieval.backends import get_backend
-from realm_jax.retrieval.mips import ScannConfig, SearchConfig
+from realm_jax.retrieval.mips import SearchConfig
 
 RETRIEVER_DESCRIPTION = "retriever.json"
 
@@ -57,8 +57,7 @@ class RefreshConfig:
   # Blocks are embedded in groups of equal length, rounded up to a multiple of `length_bucket` (one compiled
   # shape per group; 0: every block padded to block_len).  Padding never changes an embedding (masked).
   length_bucket: int = 32
-  backend: str = "exact"  # "exact" (on-device search) or "scann"
-  scann: ScannConfig = dataclasses.field(default_factory=ScannConfig)
+  search: SearchConfig = SearchConfig()  # its backend's assets are published beside the rows (ScaNN: its index)
   keep: int = 3
   abandon_check_seconds: float = 30.0  # how often a pass asks whether it is superseded (`AbandonCheck`)
   prefetch: int = 2  # input batches a background thread builds ahead of the device
@@ -123,8 +122,7 @@ class RefreshJob:
 
   batch_size: int = 256
   length_bucket: int = 32
-  backend: str = "exact"
-  scann: ScannConfig = dataclasses.field(default_factory=ScannConfig)
+  search: SearchConfig = SearchConfig()
   keep: int = 3
   abandon_check_seconds: float = 30.0
   prefetch: int = 2
@@ -142,8 +140,8 @@ class RefreshJob:
       if mine is not None and (tuple(mine) if field == "tower_path" else mine) != theirs:
         raise InputError(f"refresher.RefreshJob.{field} = {mine!r}, but the trainer of this run wrote "
                          f"{field} = {theirs!r} in {where}; drop the binding or use that value")
-    return RefreshConfig(run.retriever, run.tower_path, self.batch_size, self.length_bucket, self.backend,
-                         self.scann, self.keep, self.abandon_check_seconds, self.prefetch)
+    return RefreshConfig(run.retriever, run.tower_path, self.batch_size, self.length_bucket, self.search,
+                         self.keep, self.abandon_check_seconds, self.prefetch)
 
 
 def embed_step(config: RefreshConfig, mesh: Mesh) -> Callable[[dict, dict[str, jax.Array]], jax.Array]:
@@ -350,7 +348,7 @@ class Refresher:
   def __init__(self, train_workdir: storage.PathLike, index_dir: storage.PathLike, store: BlockStore, mesh: Mesh,
                config: RefreshConfig):
     self.train_workdir, self.index_dir = storage.as_path(train_workdir), storage.as_path(index_dir)
-    self.backend = get_backend(SearchConfig(backend=config.backend, scann=config.scann))  # the assets it publishes
+    self.backend = get_backend(config.search)  # the assets it publishes
     self.store, self.mesh, self.config = store, mesh, config
     self.embedder = BlockEmbedder(config, mesh)  # its compiled steps serve every pass
     self.checkpoints = read_only_checkpoints(self.train_workdir / "train")

@@ -645,7 +645,8 @@ class LiveIndex:
       if commit["backend"] != self.backend.name:
         raise InputError(f"{commit_path(index_dir, commit['train_step'])}: published with backend "
                          f"{commit['backend']!r}, without {self.backend.name} assets; searching with backend "
-                         f"{self.backend.name!r} needs indexes published with it (refresher.RefreshJob.backend)")
+                         f"{self.backend.name!r} needs indexes published with it (mips.SearchConfig.backend, "
+                         "the refresh job's too)")
       assets = local_assets(index_dir, commit)
     try:
       if self.searcher is None:
@@ -663,3 +664,10 @@ class LiveIndex:
              max_failures: int = 5) -> IndexPoller:
     return IndexPoller(index_dir, store, self.install, self.prepare, poll_seconds, max_staleness, wait_seconds,
                        max_failures)
+
+
+def load_searcher(index_dir: storage.PathLike, step: int, store: BlockStore, mesh, search: SearchConfig | None = None,
+                  rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES) -> tuple[np.ndarray, Searcher]:
+  """Index `step`'s verified embeddings and a searcher of `search.backend` over them (a frozen index)."""
+  commit, embeddings = load_index(index_dir, step, store)
+  return embeddings, LiveIndex(mesh, search, rules).prepare(commit, embeddings, storage.as_path(index_dir))

@@ -31,7 +31,7 @@ from realm_jax.objectives.ict import IctSpec
 from realm_jax.objectives.openqa import OpenQaSpec
 from realm_jax.objectives.realm import RealmSpec
 from realm_jax.refresh.refresher import RefreshConfig, embed_step
-from realm_jax.retrieval.mips import SearchConfig, shard_layout, sharded_search
+from realm_jax.retrieval.mips import SearchConfig, index_axes, shard_layout, sharded_search
 from realm_jax.train.optimizer import OptimizerConfig
 from realm_jax.train.trainer import TrainerConfig, make_trainer
 
@@ -190,9 +190,9 @@ def search_step(mesh: Mesh, num_blocks: int = 13_353_718, dim: int = 128, batch_
   rows, chunk = shard_layout(num_blocks, mesh.size, search.chunk_rows)
   fn = sharded_search(mesh, num_blocks, rows, chunk, k, search)
   embeddings = jax.ShapeDtypeStruct((rows * mesh.size, dim), jnp.float32,
-                                    sharding=NamedSharding(mesh, P(tuple(mesh.axis_names), None)))
+                                    sharding=NamedSharding(mesh, P(index_axes(mesh), None)))
   queries = jax.ShapeDtypeStruct((batch_size, dim), jnp.float32, sharding=NamedSharding(mesh, P()))
-  how = (f"approx_max_k, recall target {search.recall_target}" if search.approximate else
+  how = (f"approx_max_k, recall target {search.recall_target}" if search.backend == "approx_max_k" else
          f"exact, {rows // chunk} chunk(s) of {chunk} rows")
   return StepPlan(f"search of {num_blocks} blocks ({how})", lambda: fn.lower(embeddings, queries),
                   2 * batch_size * num_blocks * dim, batch_size, "queries")

@@ -16,7 +16,6 @@ import numpy as np
 from absl import logging
 
 from realm_jax import partitioning, storage
-from realm_jax.checkpoints import hf_realm
 from realm_jax.checkpoints import init as init_lib
 from realm_jax.data.blocks import BlockStore
 from realm_jax.data.features import FEATURES
@@ -27,7 +26,7 @@ from realm_jax.objectives.openqa import OpenQaModel, OpenQaSpec
 from realm_jax.objectives.realm import RealmModel
 from realm_jax.refresh.refresher import RefreshConfig, embed_all_blocks
 from realm_jax.retrieval import index as index_lib
-from realm_jax.retrieval.mips import ExactSearcher
+from realm_jax.retrieval.backends import Searcher, get_backend
 from realm_jax.train.live_index import INDEX_DIR
 from realm_jax.train.optimizer import OptimizerConfig
 from realm_jax.train.trainer import TrainerConfig, TrainHooks, TrainState, make_trainer
@@ -41,10 +40,10 @@ class OpenQaRun:
   featurizer: OpenQaFeaturizer
   questions: list[Question]
   embeddings: np.ndarray
+  searcher: Searcher
   mesh: Any
 
   def __post_init__(self):
-    self.searcher = ExactSearcher(self.embeddings, self.mesh)
     self._embed = jax.jit(lambda p, q: self.model.apply({"params": p}, q, True, method=OpenQaModel.embed_queries))
 
   def embed_questions(self, params, queries: dict[str, np.ndarray]) -> np.ndarray:
@@ -61,15 +60,15 @@ class OpenQaRun:
 
 
 def frozen_index(workdir: storage.PathLike, tower: dict | None, refresh: RefreshConfig, store: BlockStore, mesh,
-                 pretrained_index: tuple[storage.PathLike, int] | None = None) -> np.ndarray:
+                 pretrained_index: tuple[storage.PathLike, int] | None = None) -> tuple[np.ndarray, Searcher]:
   """The fine-tuning index: `<workdir>/index`'s newest; else `pretrained_index` ((index dir, step): the REALM run's
   index of the very checkpoint fine-tuning starts from); else embedded now from `tower`.  Published in
-  `<workdir>/index` (each process its rows) and returned as a memory map of the published file(s)."""
+  `<workdir>/index` (each process its rows, with the assets of `refresh.search`'s backend) and returned as a memory
+  map of the published file(s) with a searcher of that backend."""
   index_dir = storage.as_path(workdir) / INDEX_DIR
   steps = index_lib.committed_steps(index_dir)
   if steps:
-    _, embeddings = index_lib.load_index(index_dir, steps[-1], store)
-    return embeddings
+    return index_lib.load_searcher(index_dir, steps[-1], store, mesh, refresh.search)
   reuse = pretrained_index is not None and pretrained_index[1] in index_lib.committed_steps(pretrained_index[0])
   if not reuse and tower is None:
     raise FileNotFoundError(f"{index_dir}: the run has checkpoints but no published frozen index (deleted?); "
@@ -85,8 +84,8 @@ def frozen_index(workdir: storage.PathLike, tower: dict | None, refresh: Refresh
     rows = index_lib.EmbeddedRows(start, np.asarray(pretrained[start:stop]), store.num_blocks)
   else:
     rows = embed_all_blocks(tower, refresh, store, mesh, desc="fine-tuning index")
-  index_lib.publish_index(index_dir, 0, rows, store, writer="finetune")  # each process its own rows
-  return index_lib.load_index(index_dir, 0, store)[1]
+  index_lib.publish_index(index_dir, 0, rows, store, get_backend(refresh.search), writer="finetune")
+  return index_lib.load_searcher(index_dir, 0, store, mesh, refresh.search)
 
 
 def starting_weights(spec: OpenQaSpec) -> tuple[Any, tuple[storage.PathLike, int] | None]:
@@ -102,12 +101,8 @@ def starting_weights(spec: OpenQaSpec) -> tuple[Any, tuple[storage.PathLike, int
     return (lambda params: {**params, "retriever": realm["retriever"],
                             "reader": {**params["reader"], "encoder": realm["reader"]}}), (realm_dir / INDEX_DIR, step)
   retriever = init_lib.load_retriever(spec.retriever_init, spec.retriever) if spec.retriever_init else None
-  reader = {}
-  if spec.reader_init and init_lib.kind(spec.reader_init) == init_lib.HF_REALM:
-    reader = hf_realm.load_hf_realm_reader(spec.reader_init, spec.reader, spec.span_hidden_size,
-                                           spec.data.max_span_width)
-  elif spec.reader_init:
-    reader = {"encoder": init_lib.load_encoder(spec.reader_init, spec.reader)}
+  reader = (init_lib.load_openqa_reader(spec.reader_init, spec.reader, spec.span_hidden_size,
+                                        spec.data.max_span_width) if spec.reader_init else {})
 
   def pretrained(params):
     params = dict(params)
@@ -134,9 +129,10 @@ def run_finetune(workdir: str, mesh: jax.sharding.Mesh, spec: OpenQaSpec, traine
   if train.checkpoints.latest_step() is None and not index_lib.committed_steps(workdir_path / INDEX_DIR):
     state = train.init_state(pretrained)
     tower = jax.device_get(state.params["retriever"][spec.retriever.block_tower])
-  refresh = RefreshConfig(spec.retriever, ("retriever", spec.retriever.block_tower), index_batch_size)
-  embeddings = frozen_index(workdir_path, tower, refresh, store, mesh, pretrained_index)
-  run = OpenQaRun(spec.model(), featurizer, questions, embeddings, mesh)
+  refresh = RefreshConfig(spec.retriever, ("retriever", spec.retriever.block_tower), index_batch_size,
+                          search=spec.search)
+  embeddings, searcher = frozen_index(workdir_path, tower, refresh, store, mesh, pretrained_index)
+  run = OpenQaRun(spec.model(), featurizer, questions, embeddings, searcher, mesh)
   batches = iter(question_dataset(questions, featurizer, spec.data).to_iter_dataset())
   _, history = train.fit(batches, TrainHooks(pretrained=pretrained, prepare_batch=run.prepare_batch),
                          initial_state=state)

@@ -38,6 +38,7 @@ from realm_jax.eval.realm_mlm import HeldOutMlm
 from realm_jax.objectives.realm import RealmModel, RealmSpec
 from realm_jax.refresh.refresher import RefreshConfig, RetrieverDescription, embed_all_blocks
 from realm_jax.retrieval import index as index_lib
+from realm_jax.retrieval.backends import get_backend
 from realm_jax.retrieval.mips import SearchConfig
 from realm_jax.train.live_index import INDEX_DIR, LiveIndexConfig, following
 from realm_jax.train.optimizer import OptimizerConfig
@@ -136,7 +137,7 @@ def run_pretrain(workdir: str, mesh: jax.sharding.Mesh, spec: RealmSpec, trainer
       fresh = not index_lib.committed_steps(index_dir) and train.checkpoints.latest_step() is None
       if index.bootstrap and partitioning.agree(fresh):
         state = train.init_state(pretrained)  # also the first train state: initialised once
-        bootstrap_index(index_dir, state, spec, store, mesh, index.batch_size)
+        bootstrap_index(index_dir, state, spec, store, mesh, index)
       poller = stack.enter_context(following(run.live, workdir, store, index))
       poller.wait_for_first(index.wait_seconds)
     evaluate = None
@@ -151,12 +152,14 @@ def run_pretrain(workdir: str, mesh: jax.sharding.Mesh, spec: RealmSpec, trainer
 
 
 def bootstrap_index(index_dir: storage.PathLike, state: TrainState, spec: RealmSpec, store: BlockStore, mesh,
-                    batch_size: int) -> None:
-  """Index 0, embedded with the starting block tower and published by every process (each its own rows)."""
+                    index: LiveIndexConfig) -> None:
+  """Index 0, embedded with the starting block tower and published by every process (each its own rows), with
+  the assets of the backend the run searches with."""
+  batch_size, backend = index.batch_size, get_backend(index.search)
   tower = jax.device_get(state.params["retriever"][spec.retriever.block_tower])
   rows = embed_all_blocks(tower, RefreshConfig(spec.retriever, spec.block_tower_path, batch_size), store, mesh,
                           desc="bootstrap index")
   if jax.process_index() == 0:
     index_lib.remove_uncommitted(index_dir, writer="bootstrap")  # a bootstrap killed mid-publish
   partitioning.barrier("bootstrap index: stale data removed")
-  index_lib.publish_index(index_dir, 0, rows, store, writer="bootstrap")
+  index_lib.publish_index(index_dir, 0, rows, store, backend, writer="bootstrap")
