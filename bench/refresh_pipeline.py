@@ -68,9 +68,10 @@ def measure_host_pipeline(store, batch_size: int = 256, block_len: int = 288, le
   import numpy as np
 
   from realm_jax import partitioning
+  from realm_jax.data.features import embedding_batches
   from realm_jax.models.bert import BertConfig
   from realm_jax.models.retriever import RetrieverConfig
-  from realm_jax.refresh.refresher import BlockEmbedder, RefreshConfig, embedding_batches
+  from realm_jax.refresh.refresher import BlockEmbedder, RefreshConfig
 
   mesh = mesh or partitioning.make_mesh()
   config = RefreshConfig(RetrieverConfig(BertConfig(), projection_size, block_len=block_len), batch_size=batch_size,
@@ -95,7 +96,7 @@ def measure_host_pipeline(store, batch_size: int = 256, block_len: int = 288, le
 
 def measure_input_building(store, batch_size: int = 256, block_len: int = 288, length_bucket: int = 32) -> float:
   """Blocks/s of `BlockStore.retriever_inputs` alone (one thread, no device), over the same batches."""
-  from realm_jax.refresh.refresher import embedding_batches
+  from realm_jax.data.features import embedding_batches
 
   batches = embedding_batches(store.retriever_lengths(block_len), batch_size, block_len, length_bucket)
   start = time.perf_counter()

@@ -372,6 +372,7 @@ def test_convert_exports_a_training_run_checkpoint(ckpt, tmp_path):
   import optax
 
   from realm_jax import partitioning
+  from realm_jax.objectives.objective import Objective
   from realm_jax.train.trainer import Trainer, TrainerConfig
 
   class NoData:
@@ -381,7 +382,7 @@ def test_convert_exports_a_training_run_checkpoint(ckpt, tmp_path):
   c = ckpt["scorer"]
   model = DualEncoder(c.architecture.bert, c.architecture.projection_size)
   seq = {k: np.zeros((1, 8), np.int32) for k in ("input_ids", "input_mask", "segment_ids")}
-  trainer = Trainer(lambda rng: model.init(rng, seq, seq)["params"], None, optax.sgd(0.1),
+  trainer = Trainer(Objective(lambda rng: model.init(rng, seq, seq)["params"], None), optax.sgd(0.1),
                     partitioning.make_mesh(1, 1, jax.devices()[:1]), tmp_path / "run", TrainerConfig(1))
   trainer.save(trainer.init_state(lambda params: c.params), NoData())
   trainer.checkpoints.wait_until_finished()
@@ -401,7 +402,8 @@ def test_ask_answers_straight_from_released_checkpoints(ckpt, tmp_path):
 
   from realm_jax import partitioning
   from realm_jax.eval.predict import load_predictor
-  from realm_jax.train.finetune import OpenQaSpec
+  from realm_jax.models.retriever import RetrieverConfig
+  from realm_jax.objectives.openqa import OpenQaSpec
 
   result = run_launcher("build_blocks.py", f"--passages={DEMO_PASSAGES}", f"--entities={DEMO_ENTITIES}",
                         f"--vocab={DATA / 'vocab.txt'}", f"--out={tmp_path / 'blocks'}", "--max_block_len=64",
@@ -412,8 +414,8 @@ def test_ask_answers_straight_from_released_checkpoints(ckpt, tmp_path):
            f"--gin_bindings=TRAIN_QUESTIONS = '{DEMO / 'questions' / 'nq_open_dev.jsonl'}'",
            f"--gin_bindings=RETRIEVER_INIT = 'hf_realm:{DATA / 'scorer'}'",
            f"--gin_bindings=READER_INIT = 'hf_realm:{DATA / 'reader'}'", "--gin_bindings=NUM_STEPS = 0",
-           f"--gin_bindings=finetune.OpenQaSpec.vocab = '{DATA / 'vocab.txt'}'",
-           "--gin_bindings=finetune.OpenQaSpec.span_hidden_size = 16",
+           f"--gin_bindings=openqa.OpenQaSpec.vocab = '{DATA / 'vocab.txt'}'",
+           "--gin_bindings=openqa.OpenQaSpec.span_hidden_size = 16",
            "--gin_bindings=openqa_data.OpenQaDataConfig.query_len = 32",
            "--gin_bindings=openqa_data.OpenQaDataConfig.reader_len = 96",
            "--gin_bindings=openqa_data.OpenQaDataConfig.retrieve_k = 16", f"--workdir={tmp_path / 'qa'}"]
@@ -425,8 +427,8 @@ def test_ask_answers_straight_from_released_checkpoints(ckpt, tmp_path):
   assert answer["answer"] and len(answer["blocks"]) == 5 and all(b["title"] for b in answer["blocks"])
 
   arch = ckpt["scorer"].architecture
-  spec = OpenQaSpec(str(tmp_path / "blocks"), arch.bert, arch.bert, projection_size=16, span_hidden_size=16,
-                    block_len=64, vocab=str(DATA / "vocab.txt"))
+  spec = OpenQaSpec(str(tmp_path / "blocks"), RetrieverConfig(arch.bert, 16, block_len=64), arch.bert,
+                    span_hidden_size=16, vocab=str(DATA / "vocab.txt"))
   predictor = load_predictor(tmp_path / "qa", spec, partitioning.make_mesh(devices=jax.devices()[:1]))
   assert _same(predictor.params["retriever"]["query_tower"], ckpt["scorer"].params["query_tower"])
   assert _same(predictor.params["reader"], ckpt["reader"].params)

@@ -333,7 +333,7 @@ def test_retriever_lengths_are_the_unpadded_input_lengths(demo_store):
 
 
 def test_embedding_batches_cover_every_block_once_at_a_length_that_holds_it():
-  from realm_jax.refresh.refresher import embedding_batches
+  from realm_jax.data.features import embedding_batches
 
   lengths = np.random.default_rng(0).integers(5, 289, size=1000)
   batches = embedding_batches(lengths, 64, 288, 32)
@@ -345,7 +345,7 @@ def test_embedding_batches_cover_every_block_once_at_a_length_that_holds_it():
 
 
 def test_each_process_batches_only_its_own_block_range_at_the_lengths_every_process_runs():
-  from realm_jax.refresh.refresher import embedding_batches
+  from realm_jax.data.features import embedding_batches
 
   lengths = np.random.default_rng(1).integers(5, 289, size=1003)
   parts = [embedding_batches(lengths, 64, 288, 32, part, 4) for part in range(4)]
@@ -377,7 +377,8 @@ def test_length_bucketed_embeddings_equal_padded_ones(demo_store, pooling):
 
 
 def test_a_pipelined_pass_equals_the_serial_loop_bit_for_bit_and_passes_compile_once(demo_store):
-  from realm_jax.refresh.refresher import BlockEmbedder, embed_step, embedding_batches
+  from realm_jax.data.features import embedding_batches
+  from realm_jax.refresh.refresher import BlockEmbedder, embed_step
 
   config = RefreshConfig(RetrieverConfig(TINY, 16, block_len=128), batch_size=64, abandon_check_seconds=3600.0)
   mesh = partitioning.make_mesh()

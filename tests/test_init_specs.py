@@ -20,7 +20,7 @@ def test_the_kind_of_a_spec_is_its_prefix_and_a_plain_path_is_a_hf_bert_director
     (lambda s: init_lib.load_encoder(s, TINY), "ict:/run", "encoder"),
     (lambda s: init_lib.load_encoder(s, TINY), "realm:/run", "encoder"),
     (lambda s: init_lib.load_realm_reader(s, RealmModel(TINY, TINY)), "ict:/run", "reader"),
-    (lambda s: init_lib.load_openqa_reader(s, TINY, 16, 10), "ict:/run", "reader"),
+    (lambda s: init_lib.load_openqa_reader(s, TINY, 16, 10, 1e-3), "ict:/run", "reader"),
 ])
 def test_a_role_refuses_a_kind_its_table_does_not_list_naming_what_it_takes(load, spec, role):
   with pytest.raises(InputError, match=rf"{role} init '{spec}': not accepted here; use .*HF BERT directory"):

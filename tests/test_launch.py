@@ -81,7 +81,7 @@ def test_trainer_and_refresher_processes_run_concurrently_and_the_trainer_hot_sw
   trainer = subprocess.Popen(
       [sys.executable, "launch/ict.py", *model, "--gin_file=gin/runs/ict_demo.gin", "--gin_bindings=NUM_STEPS = 80",
        "--gin_bindings=BATCH_SIZE = 16", "--gin_bindings=trainer.TrainerConfig.checkpoint_every = 20",
-       "--gin_bindings=BLOCK_LEN = 32", "--gin_bindings=ict_run.run_ict.index = @live_index.LiveIndexConfig()",
+       "--gin_bindings=BLOCK_LEN = 32", "--gin_bindings=ict_run.run_ict.follow_index = True",
        "--gin_bindings=live_index.LiveIndexConfig.poll_seconds = 0.2",
        "--gin_bindings=live_index.LiveIndexConfig.max_staleness = 30", f"--workdir={workdir}"],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -150,11 +150,14 @@ def load_realm_reader(spec: str, realm_model: RealmModel) -> ReaderWeights:
   return _load(REALM_READER_LOADERS, "reader", spec, realm_model)
 
 
-def load_openqa_reader(spec: str, reader: BertConfig, span_hidden_size: int, max_span_width: int) -> dict:
+def load_openqa_reader(spec: str, reader: BertConfig, span_hidden_size: int, max_span_width: int,
+                       reader_layer_norm_eps: float) -> dict:
   """An Open-QA span reader's subtrees: 'hf_realm:<dir>' -> a RealmReader / RealmForOpenQA's whole reader (or
-  the BERT of another REALM checkpoint, the span scorer starting afresh); a HF BERT dir / 'minilm' -> its BERT."""
+  the BERT of another REALM checkpoint, the span scorer starting afresh; a checkpoint whose span scorer has
+  another LayerNorm eps is refused); a HF BERT dir / 'minilm' -> its BERT."""
   if kind(spec) == HF_REALM:
-    return hf_realm.load_hf_realm_reader(spec, reader, span_hidden_size, max_span_width)
+    return hf_realm.load_hf_realm_reader(spec, reader, span_hidden_size, max_span_width,
+                                         reader_layer_norm_eps=reader_layer_norm_eps)
   return {"encoder": _load({HF_BERT: _hf_bert}, "reader", spec, reader)}
 
 

@@ -1,4 +1,5 @@
-"""Input helpers every task's data shares: BERT feature names, packing id pieces, batches over blocks, span grids."""
+"""Input helpers every task's data shares: BERT feature names, packing id pieces, batches over blocks, span grids,
+blocks grouped by length for embedding."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import grain
 import jax
 import numpy as np
 
+from realm_jax import partitioning
 from realm_jax.errors import InputError
 
 FEATURES = ("input_ids", "input_mask", "segment_ids")  # a BERT input, as every batch names its parts
@@ -50,3 +52,28 @@ def span_grid(seq_len: int, max_span_width: int) -> tuple[np.ndarray, np.ndarray
   starts = np.repeat(np.arange(seq_len), max_span_width)
   ends = starts + np.tile(np.arange(max_span_width), seq_len)
   return starts.astype(np.int32), ends.astype(np.int32)
+
+
+def embedding_batches(lengths: np.ndarray, batch_size: int, block_len: int, length_bucket: int,
+                      part: int = 0, parts: int = 1) -> list[tuple[int, np.ndarray]]:
+  """(input length, block ids) batches covering every block once: blocks grouped by their length rounded up
+  to a multiple of `length_bucket` (capped at `block_len`); `length_bucket=0` pads every block to `block_len`.
+
+  With `parts` processes, process `part`'s share of each global batch of `batch_size`: at most
+  batch_size / parts of its own blocks (`partitioning.process_block_range`, so it keeps and writes one
+  contiguous range of the index).  Every part gets the same lengths in the same order (each batch is one global
+  step); where a part has fewer blocks of a length than another, its last batches of that length are short or
+  empty."""
+  if length_bucket > 0:
+    padded = np.minimum(block_len, -(-np.asarray(lengths) // length_bucket) * length_bucket)
+  else:
+    padded = np.full(len(lengths), block_len)
+  bounds = [partitioning.process_block_range(len(padded), q, parts) for q in range(parts)]
+  start, stop = bounds[part]
+  local = batch_size // parts
+  batches = []
+  for length in np.unique(padded):
+    count = max(-(-int(np.count_nonzero(padded[a:b] == length)) // local) for a, b in bounds)
+    ids = start + np.flatnonzero(padded[start:stop] == length)
+    batches += [(int(length), ids[i * local : (i + 1) * local]) for i in range(count)]
+  return batches

@@ -24,11 +24,11 @@ from tqdm import tqdm
 
 from realm_jax import partitioning
 from realm_jax.data.blocks import BlockStore
+from realm_jax.data.features import embedding_batches
 from realm_jax.data.openqa import OpenQaDataConfig, OpenQaFeaturizer
 from realm_jax.data.tokenization import Tokenizer
 from realm_jax.errors import InputError
 from realm_jax.models.bert import BertConfig, BertEncoder
-from realm_jax.refresh.refresher import embedding_batches
 from realm_jax.retrieval.mips import ExactSearcher
 
 MAX_BASELINE_BLOCKS = 2_000_000
@@ -60,7 +60,8 @@ class MeanPoolRetriever:
   """A BERT sentence encoder used as sentence-transformers does (mean pooling, cosine)."""
 
   def __init__(self, encoder: BertConfig, params: dict, store: BlockStore, tokenizer: Tokenizer, mesh,
-               block_len: int = 288, batch_size: int = 64, length_bucket: int = 32):
+               block_len: int = 288, batch_size: int = 64, length_bucket: int = 32,
+               rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES):
     check_baseline_size("minilm", store)
     self.store, self.mesh = store, mesh
     self.featurizer = OpenQaFeaturizer(store, tokenizer, OpenQaDataConfig())
@@ -68,7 +69,7 @@ class MeanPoolRetriever:
 
     @jax.jit
     def embed(p, b):
-      with nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
+      with nn.logical_axis_rules(rules):
         _, mean = model.apply({"params": p}, b["input_ids"], b["input_mask"], b["segment_ids"], True)
       mean = mean.astype(jnp.float32)
       return mean / jnp.linalg.norm(mean, axis=-1, keepdims=True)

@@ -115,6 +115,7 @@ class OpenQaSpec:
   span_hidden_size: int = 256
   vocab: str | None = None  # the block store's tokenizer file; None: the uncased BERT/MiniLM vocab
   invalid_span_logit: float = INVALID_SPAN_LOGIT  # reader.HF_INVALID_SPAN_LOGIT reproduces Hugging Face REALM
+  reader_layer_norm_eps: float = 1e-3  # the span scorer's LayerNorm (released code); a HF checkpoint's must match
   init: str | None = None
   retriever_init: str | None = None
   reader_init: str | None = None
@@ -123,7 +124,8 @@ class OpenQaSpec:
   def model(self) -> OpenQaModel:
     r = self.retriever
     return OpenQaModel(r.encoder, self.reader, r.projection_size, r.share_towers, self.span_hidden_size,
-                       self.data.max_span_width, r.layer_norm_eps, self.invalid_span_logit, r.projection_init)
+                       self.data.max_span_width, r.layer_norm_eps, self.invalid_span_logit, r.projection_init,
+                       self.reader_layer_norm_eps)
 
   def store(self) -> BlockStore:
     return BlockStore(self.block_store)

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from realm_jax import partitioning, storage
 from realm_jax.checkpoints.train_dir import TRAINING_DONE, read_only_checkpoints, restore_params_subtree
 from realm_jax.data.blocks import BlockStore
+from realm_jax.data.features import embedding_batches
 from realm_jax.errors import InputError
 from realm_jax.models.bert import BertConfig
 from realm_jax.models.retriever import RetrieverConfig
@@ -61,6 +62,7 @@ class RefreshConfig:
   keep: int = 3
   abandon_check_seconds: float = 30.0  # how often a pass asks whether it is superseded (`AbandonCheck`)
   prefetch: int = 2  # input batches a background thread builds ahead of the device
+  rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES  # the trainer's, for a job inside it (bootstrap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,35 +152,10 @@ def embed_step(config: RefreshConfig, mesh: Mesh) -> Callable[[dict, dict[str, j
   tower = config.retriever.tower()
 
   def embed(p, b):
-    with nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
+    with nn.logical_axis_rules(config.rules):
       return tower.apply({"params": p}, b["input_ids"], b["input_mask"], b["segment_ids"], True)
 
   return jax.jit(embed, out_shardings=partitioning.data_sharding(mesh, 2))
-
-
-def embedding_batches(lengths: np.ndarray, batch_size: int, block_len: int, length_bucket: int,
-                      part: int = 0, parts: int = 1) -> list[tuple[int, np.ndarray]]:
-  """(input length, block ids) batches covering every block once: blocks grouped by their length rounded up
-  to a multiple of `length_bucket` (capped at `block_len`); `length_bucket=0` pads every block to `block_len`.
-
-  With `parts` processes, process `part`'s share of each global batch of `batch_size`: at most
-  batch_size / parts of its own blocks (`partitioning.process_block_range`, so it keeps and writes one
-  contiguous range of the index).  Every part gets the same lengths in the same order (each batch is one global
-  step); where a part has fewer blocks of a length than another, its last batches of that length are short or
-  empty."""
-  if length_bucket > 0:
-    padded = np.minimum(block_len, -(-np.asarray(lengths) // length_bucket) * length_bucket)
-  else:
-    padded = np.full(len(lengths), block_len)
-  bounds = [partitioning.process_block_range(len(padded), q, parts) for q in range(parts)]
-  start, stop = bounds[part]
-  local = batch_size // parts
-  batches = []
-  for length in np.unique(padded):
-    count = max(-(-int(np.count_nonzero(padded[a:b] == length)) // local) for a, b in bounds)
-    ids = start + np.flatnonzero(padded[start:stop] == length)
-    batches += [(int(length), ids[i * local : (i + 1) * local]) for i in range(count)]
-  return batches
 
 
 class AbandonCheck:

@@ -68,7 +68,7 @@ def frozen_index(workdir: storage.PathLike, tower: dict | None, refresh: Refresh
   index_dir = storage.as_path(workdir) / INDEX_DIR
   steps = index_lib.committed_steps(index_dir)
   if steps:
-    return index_lib.load_searcher(index_dir, steps[-1], store, mesh, refresh.search)
+    return index_lib.load_searcher(index_dir, steps[-1], store, mesh, refresh.search, refresh.rules)
   reuse = pretrained_index is not None and pretrained_index[1] in index_lib.committed_steps(pretrained_index[0])
   if not reuse and tower is None:
     raise FileNotFoundError(f"{index_dir}: the run has checkpoints but no published frozen index (deleted?); "
@@ -85,7 +85,7 @@ def frozen_index(workdir: storage.PathLike, tower: dict | None, refresh: Refresh
   else:
     rows = embed_all_blocks(tower, refresh, store, mesh, desc="fine-tuning index")
   index_lib.publish_index(index_dir, 0, rows, store, get_backend(refresh.search), writer="finetune")
-  return index_lib.load_searcher(index_dir, 0, store, mesh, refresh.search)
+  return index_lib.load_searcher(index_dir, 0, store, mesh, refresh.search, refresh.rules)
 
 
 def starting_weights(spec: OpenQaSpec) -> tuple[Any, tuple[storage.PathLike, int] | None]:
@@ -102,7 +102,8 @@ def starting_weights(spec: OpenQaSpec) -> tuple[Any, tuple[storage.PathLike, int
                             "reader": {**params["reader"], "encoder": realm["reader"]}}), (realm_dir / INDEX_DIR, step)
   retriever = init_lib.load_retriever(spec.retriever_init, spec.retriever) if spec.retriever_init else None
   reader = (init_lib.load_openqa_reader(spec.reader_init, spec.reader, spec.span_hidden_size,
-                                        spec.data.max_span_width) if spec.reader_init else {})
+                                        spec.data.max_span_width, spec.reader_layer_norm_eps)
+            if spec.reader_init else {})
 
   def pretrained(params):
     params = dict(params)
@@ -130,7 +131,7 @@ def run_finetune(workdir: str, mesh: jax.sharding.Mesh, spec: OpenQaSpec, traine
     state = train.init_state(pretrained)
     tower = jax.device_get(state.params["retriever"][spec.retriever.block_tower])
   refresh = RefreshConfig(spec.retriever, ("retriever", spec.retriever.block_tower), index_batch_size,
-                          search=spec.search)
+                          search=spec.search, rules=train.rules)
   embeddings, searcher = frozen_index(workdir_path, tower, refresh, store, mesh, pretrained_index)
   run = OpenQaRun(spec.model(), featurizer, questions, embeddings, searcher, mesh)
   batches = iter(question_dataset(questions, featurizer, spec.data).to_iter_dataset())

@@ -28,12 +28,14 @@ def starting_weights(spec: IctSpec) -> Callable[[dict], dict] | None:
 
 
 def run_ict(workdir: str, mesh: jax.sharding.Mesh, spec: IctSpec, trainer: TrainerConfig,
-            optimizer: OptimizerConfig, index: LiveIndexConfig | None = None) -> list[dict[str, float]]:
+            optimizer: OptimizerConfig, follow_index: bool = False,
+            index: LiveIndexConfig | None = None) -> list[dict[str, float]]:
   """ICT warm start (gin/runs/ict.gin: ORQA's batch 4096, 100k steps, lr 1e-4, 90% removal).
 
-  With `index`, indexes the refresh job publishes in `<workdir>/index` are hot-swapped between steps and
-  `index_step` / `index_staleness` are logged (the ICT loss itself uses none).
+  With `follow_index`, indexes the refresh job publishes in `<workdir>/index` are hot-swapped between steps as
+  `index` says and `index_step` / `index_staleness` are logged (the ICT loss itself uses none).
   """
+  index = index or LiveIndexConfig()
   store = spec.store()
   RetrieverDescription(spec.retriever, (spec.retriever.block_tower,), store.manifest["tokenizer"]).write(workdir)
   pretrained = starting_weights(spec)
@@ -41,10 +43,10 @@ def run_ict(workdir: str, mesh: jax.sharding.Mesh, spec: IctSpec, trainer: Train
   data = ict_iterator(store, spec.data)
   with contextlib.ExitStack() as stack:
     hooks = TrainHooks(pretrained=pretrained)
-    if index is not None:
+    if follow_index:
       poller = stack.enter_context(following(LiveIndex(mesh, index.search), workdir, store, index))
       hooks = TrainHooks(pretrained=pretrained, before_step=poller.maybe_swap)
     _, history = fit(data, hooks)
-    if index is not None:
+    if follow_index:
       logging.info("hot-swapped %d published indexes", poller.swaps)
   return history

@@ -53,10 +53,11 @@ class RealmRun:
   store: BlockStore
   mesh: Any
   search: SearchConfig = SearchConfig()
+  rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES  # the trainer's: where the index rows go ("docs")
 
   def __post_init__(self):
     self.model = self.spec.model()
-    self.live = index_lib.LiveIndex(self.mesh, self.search)
+    self.live = index_lib.LiveIndex(self.mesh, self.search, self.rules)
     self._embed_queries = jax.jit(lambda p, q: self.model.apply(
         {"params": p}, q, True, method=RealmModel.embed_queries), out_shardings=NamedSharding(self.mesh, P()))
 
@@ -131,18 +132,18 @@ def run_pretrain(workdir: str, mesh: jax.sharding.Mesh, spec: RealmSpec, trainer
   masked = MaskedQueries(store, data)
   queries = iter(realm_query_dataset(store, data, masked).to_iter_dataset())
   with contextlib.ExitStack() as stack:
-    state, run, poller = None, RealmRun(spec, store, mesh, index.search), None
+    state, run, poller = None, RealmRun(spec, store, mesh, index.search, train.rules), None
     if spec.retrieval:
       index_dir = storage.as_path(workdir) / INDEX_DIR
       fresh = not index_lib.committed_steps(index_dir) and train.checkpoints.latest_step() is None
       if index.bootstrap and partitioning.agree(fresh):
         state = train.init_state(pretrained)  # also the first train state: initialised once
-        bootstrap_index(index_dir, state, spec, store, mesh, index)
+        bootstrap_index(index_dir, state, spec, store, mesh, index, train.rules)
       poller = stack.enter_context(following(run.live, workdir, store, index))
       poller.wait_for_first(index.wait_seconds)
     evaluate = None
     if data.eval_blocks:
-      held_out = HeldOutMlm(spec.model(), mesh, masked.eval_batches(data.batch_size),
+      held_out = HeldOutMlm(run.model, mesh, masked.eval_batches(data.batch_size),
                             functools.partial(run.complete, exclude_trivial=True), workdir)
       evaluate = lambda state: held_out(state.params, int(state.step))  # noqa: E731
     hooks = TrainHooks(pretrained=pretrained, before_step=poller.maybe_swap if poller else None,
@@ -152,13 +153,13 @@ def run_pretrain(workdir: str, mesh: jax.sharding.Mesh, spec: RealmSpec, trainer
 
 
 def bootstrap_index(index_dir: storage.PathLike, state: TrainState, spec: RealmSpec, store: BlockStore, mesh,
-                    index: LiveIndexConfig) -> None:
+                    index: LiveIndexConfig, rules: partitioning.Rules) -> None:
   """Index 0, embedded with the starting block tower and published by every process (each its own rows), with
   the assets of the backend the run searches with."""
   batch_size, backend = index.batch_size, get_backend(index.search)
   tower = jax.device_get(state.params["retriever"][spec.retriever.block_tower])
-  rows = embed_all_blocks(tower, RefreshConfig(spec.retriever, spec.block_tower_path, batch_size), store, mesh,
-                          desc="bootstrap index")
+  refresh = RefreshConfig(spec.retriever, spec.block_tower_path, batch_size, search=index.search, rules=rules)
+  rows = embed_all_blocks(tower, refresh, store, mesh, desc="bootstrap index")
   if jax.process_index() == 0:
     index_lib.remove_uncommitted(index_dir, writer="bootstrap")  # a bootstrap killed mid-publish
   partitioning.barrier("bootstrap index: stale data removed")
