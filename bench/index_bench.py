@@ -221,7 +221,8 @@ def main(argv):
                    f"{build} | {r['bytes_per_block']} |")
     return "\n".join(lines)
 
-  text = f"""{SECTION}
+  run = f"### `--corpus_dir={_CORPUS.value}`"
+  text = f"""{run} ({len(demo_blocks):,} blocks)
 
 Command: `.venv/bin/python bench/index_bench.py --repeats={repeats} --synthetic_rows={n} --corpus_dir={_CORPUS.value}` \
 (medians of {repeats} runs; {time.strftime('%Y-%m-%d')}).
@@ -257,7 +258,7 @@ Hot swap (exact backend, demo-slice x 128 index, new index placed on device in t
 median step time {stall.get('no swap', float('nan')):.2f} ms without a swap vs {stall.get('swap step', float('nan')):.2f} ms
 on the steps where a new index was swapped in (ratio {stall.get('swap step', float('nan')) / stall.get('no swap', float('nan')):.2f}).
 """
-  write_section(REPO / _OUT.value, SECTION, text)
+  write_section(REPO / _OUT.value, SECTION, text, subsection=run)
   print(text)
 
 

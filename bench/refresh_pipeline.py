@@ -113,7 +113,8 @@ def main(argv):
 
   from realm_jax.data.blocks import BlockStore
 
-  section = f"## Refresh host pipeline, {_DEVICES.value} CPU device(s) (bench/refresh_pipeline.py)"
+  section = "## Refresh host pipeline (bench/refresh_pipeline.py)"
+  run = f"### {_DEVICES.value} CPU device{'s' if _DEVICES.value > 1 else ''}"
   target = 10 * v3_16_embed_rate()
   command = " ".join(["bench/refresh_pipeline.py", *sys.argv[1:]])
   lines = [f"Command: `.venv/bin/python {command}` ({time.strftime('%Y-%m-%d')}).",
@@ -134,16 +135,12 @@ def main(argv):
       lines.append(f"| {path} | {store.num_blocks:,} | {inputs} | {alone:,.0f} blocks/s | "
                    f"**{result['blocks_per_s']:,.0f} blocks/s** | {result['blocks_per_s'] / target:.2f}x | "
                    f"{result['peak_rss_mib']:,.0f} MiB |")
-  lines += ["", "- The stand-in leaves no device time to hide, so this is the host's feed rate: input building in the "
-            "background thread, placement, dispatch and fetch in the loop, sharing this machine's cores.  With the real "
-            "tower the host work runs while the device embeds (serial before: host + device time per batch).",
-            "- A store of a few batches (demo: 16-20) is dominated by a pass's fixed costs (thread start, first check)."]
   text = "\n".join(lines)
   print(text)
   if _OUT.value:
     from benchlib import write_section
 
-    write_section(Path(_OUT.value), section, f"{section}\n\n{text}\n")
+    write_section(Path(_OUT.value), section, f"{run}\n\n{text}\n", subsection=run)
 
 
 if __name__ == "__main__":

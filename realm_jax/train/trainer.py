@@ -97,12 +97,11 @@ class Trainer:
     self.workdir = storage.as_path(workdir) if workdir is not None else None
     self.optimizer = optimizer
     self.batch_size = objective.batch_size
-    self._loss_fn = objective.loss_fn
-    self._init_params = init_params = objective.init_params
+    self._loss_fn, self._init_params = objective.loss_fn, objective.init_params
     self._rng = jax.random.key(config.seed)
 
     def boxed_state(rng):
-      params = init_params(rng)
+      params = objective.init_params(rng)
       return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
     abstract = jax.eval_shape(boxed_state, self._rng)
