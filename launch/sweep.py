@@ -7,10 +7,12 @@ r"""Expands a set of gin variants into REALM pre-training runs: locally in seque
     --workdir_root=workdir/sweep --mode=local
 
 A variant is NAME=ITEM;ITEM;... where an item ending in .gin is a gin file and anything else a
-binding (variant bindings, like --run_bindings, reach the trainer only; --gin_bindings reach the refresher
-too).  Local mode runs, per variant, the trainer and (unless the variant disables retrieval) a refresher
-beside it, each in its own workdir `<workdir_root>/<NAME>` with its output in `trainer.log` /
-`refresher.log` there, then prints a results table; with `--baseline=NAME` (and held-out blocks,
+binding.  A variant's items, like --run_bindings, reach the trainer only, and those written
+`refresher:ITEM` the refresher only (after gin/runs/refresh.gin; e.g.
+--variant=stale_mips=refresher:gin/ablations/slow_refresh.gin); --gin_bindings reach both.  Local mode
+runs, per variant, the trainer and (unless the variant disables retrieval) a refresher beside it, each in
+its own workdir `<workdir_root>/<NAME>` with its output in `trainer.log` / `refresher.log` there, then
+prints a results table; with `--baseline=NAME` (and held-out blocks,
 `realm_data.RealmDataConfig.eval_blocks`) also each variant's held-out loss minus the baseline's on the
 same queries, with its standard error over those queries (a second seed is what measures training
 noise).  `--mode=tpu` prints the `launch/tpu/pod.py --dry_run` command of each variant instead.
@@ -19,6 +21,7 @@ noise).  `--mode=tpu` prints the `launch/tpu/pod.py --dry_run` command of each v
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -47,19 +50,34 @@ _POD_BLOCK_STORE = flags.DEFINE_string("block_store", None, "--mode=tpu: the gs:
                                        "stages on every host (launch/tpu/pod.py --block_store).")
 
 REPO = Path(__file__).resolve().parents[1]
+REFRESHER = "refresher:"  # a variant item for the refresher
 
 
-def parse_variant(spec: str) -> tuple[str, list[str], list[str]]:
-  """'NAME=a.gin;x.y = 1' -> (NAME, gin files, bindings)."""
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """A variant's gin files and bindings: the trainer's, and its refresher's (`refresher:` items)."""
+
+  name: str
+  files: list[str]
+  bindings: list[str]
+  refresher_files: list[str]
+  refresher_bindings: list[str]
+
+
+def parse_variant(spec: str) -> Variant:
+  """'NAME=a.gin;x.y = 1;refresher:b.gin' -> Variant(NAME, [a.gin], [x.y = 1], [b.gin], [])."""
   name, sep, body = spec.partition("=")
   if not sep or not name.isidentifier():
     raise InputError(f"--variant {spec!r}: expected NAME=ITEM;ITEM;... with NAME a plain identifier")
   items = [item.strip() for item in body.split(";") if item.strip()]
-  files = [item for item in items if item.endswith(".gin")]
-  for file in files:
+  refresher = [item[len(REFRESHER):].strip() for item in items if item.startswith(REFRESHER)]
+  trainer = [item for item in items if not item.startswith(REFRESHER)]
+  for file in [item for item in trainer + refresher if item.endswith(".gin")]:
     if not (REPO / file).is_file() and not Path(file).is_file():
       raise FileNotFoundError(f"--variant {name}: gin file {file} not found")
-  return name, files, [item for item in items if not item.endswith(".gin")]
+  files = lambda group: [item for item in group if item.endswith(".gin")]  # noqa: E731
+  bindings = lambda group: [item for item in group if not item.endswith(".gin")]  # noqa: E731
+  return Variant(name, files(trainer), bindings(trainer), files(refresher), bindings(refresher))
 
 
 def gin_args(files: list[str], bindings: list[str]) -> list[str]:
@@ -71,17 +89,21 @@ def uses_retrieval(files: list[str], bindings: list[str]) -> bool:
   return "retrieval = False" not in text
 
 
-def check_variant(name: str, files: list[str], bindings: list[str]) -> None:
+def check_variant(variant: Variant) -> None:
   """Parses the variant's trainer and refresher configs (a bad one fails before any variant runs) and checks its
   workdir (new, empty or a realm-jax run directory)."""
   import gin  # the configurables are registered by the gin files themselves (dynamic registration)
 
+  name, retrieval = variant.name, uses_retrieval(variant.files, variant.bindings)
   staged = [f"BLOCK_STORE = {'/staged/by/pod.py'!r}"] if _POD_BLOCK_STORE.value else []  # pod.py binds it
+  if not retrieval and (variant.refresher_files or variant.refresher_bindings):
+    raise InputError(f"--variant {name}: has {REFRESHER} items, but retrieval is off: no refresher runs")
   try:
-    cli.parse_gin([*_GIN_FILES.value, *_RUN_GIN.value, *files], [*_GIN_BINDINGS.value, *bindings, *staged])
-    if uses_retrieval(files, bindings):
+    cli.parse_gin([*_GIN_FILES.value, *_RUN_GIN.value, *variant.files], [*_GIN_BINDINGS.value, *variant.bindings,
+                                                                        *staged])
+    if retrieval:
       gin.clear_config()
-      cli.parse_gin([*_GIN_FILES.value, "gin/runs/refresh.gin"], [*_GIN_BINDINGS.value, *staged])
+      cli.parse_gin(refresher_files(variant), [*_GIN_BINDINGS.value, *variant.refresher_bindings, *staged])
   except InputError as e:
     raise InputError(f"--variant {name}: {e}") from e
   finally:
@@ -90,19 +112,26 @@ def check_variant(name: str, files: list[str], bindings: list[str]) -> None:
     cli.check_workdir(storage.as_path(_ROOT.value) / name)
 
 
-def run_local(name: str, files: list[str], bindings: list[str]) -> dict:
+def refresher_files(variant: Variant) -> list[str]:
+  """The refresher's gin files: the model gins, the refresh job's, the variant's."""
+  return [*_GIN_FILES.value, "gin/runs/refresh.gin", *variant.refresher_files]
+
+
+def run_local(variant: Variant) -> dict:
+  name = variant.name
   workdir = storage.as_path(_ROOT.value) / name
   env = {"JAX_NUM_CPU_DEVICES": str(_DEVICES.value), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
   # What gs:// workdirs need: credentials (application default ones live under HOME) or an emulator.
   env.update({k: v for k, v in os.environ.items() if k in ("HOME", "GOOGLE_APPLICATION_CREDENTIALS",
                                                            "STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")})
-  common = gin_args(_GIN_FILES.value, [*_GIN_BINDINGS.value])
-  trainer_args = common + gin_args([*_RUN_GIN.value, *files], bindings) + [f"--workdir={workdir}"]
+  trainer_args = gin_args([*_GIN_FILES.value, *_RUN_GIN.value, *variant.files],
+                          [*_GIN_BINDINGS.value, *variant.bindings]) + [f"--workdir={workdir}"]
+  refresher_args = gin_args(refresher_files(variant), [*_GIN_BINDINGS.value, *variant.refresher_bindings])
   storage.check_writable(workdir)
   # Process output goes to local files (a pipe left undrained would block its writer), copied into a gs:// workdir.
   log_dir = storage.as_path(tempfile.mkdtemp(prefix=f"sweep-{name}-")) if storage.is_remote(workdir) else workdir
   trainer_log, refresher_log = log_dir / "trainer.log", log_dir / "refresher.log"
-  with_refresher = uses_retrieval(files, bindings)
+  with_refresher = uses_retrieval(variant.files, variant.bindings)
   print(f"variant {name}: logs in {trainer_log}" + (f" and {refresher_log}" if with_refresher else ""), flush=True)
   # Files, not pipes: an undrained pipe would block the process writing to it.
   with contextlib.ExitStack() as stack:
@@ -113,8 +142,7 @@ def run_local(name: str, files: list[str], bindings: list[str]) -> dict:
     if with_refresher:
       refresher_out = stack.enter_context(open(refresher_log, "w"))
       refresher = subprocess.Popen(
-          [sys.executable, "launch/refresh_index.py", *common, "--gin_file=gin/runs/refresh.gin",
-           f"--workdir={workdir}", "--poll_seconds=2"],
+          [sys.executable, "launch/refresh_index.py", *refresher_args, f"--workdir={workdir}", "--poll_seconds=2"],
           cwd=REPO, env=env, stdout=refresher_out, stderr=subprocess.STDOUT, text=True,
       )
     trainer.wait()
@@ -137,26 +165,28 @@ def run_local(name: str, files: list[str], bindings: list[str]) -> dict:
 
 def main(argv):
   del argv
-  variants = [(name, files, [*_RUN_BINDINGS.value, *bindings])
-              for name, files, bindings in map(parse_variant, _VARIANTS.value)]
+  variants = [dataclasses.replace(v, bindings=[*_RUN_BINDINGS.value, *v.bindings])
+              for v in map(parse_variant, _VARIANTS.value)]
   if not variants:
     raise app.UsageError("give at least one --variant")
-  names = [name for name, _, _ in variants]
+  names = [v.name for v in variants]
   if _BASELINE.value and (_MODE.value != "local" or _BASELINE.value not in names):
     raise app.UsageError(f"--baseline={_BASELINE.value} needs --mode=local and one of the variants {names}")
   for variant in variants:
-    check_variant(*variant)
+    check_variant(variant)
   results = []
-  for name, files, bindings in variants:
+  for v in variants:
     if _MODE.value == "tpu":
-      command = ["python", "launch/tpu/pod.py", f"--name=realm-{name.replace('_', '-')}",
-                 f"--workdir={_ROOT.value}/{name}", *gin_args(_GIN_FILES.value, _GIN_BINDINGS.value),
-                 *[f"--run_gin={f}" for f in [*_RUN_GIN.value, *files]],
-                 *[f"--run_bindings={b}" for b in bindings],
+      command = ["python", "launch/tpu/pod.py", f"--name=realm-{v.name.replace('_', '-')}",
+                 f"--workdir={_ROOT.value}/{v.name}", *gin_args(_GIN_FILES.value, _GIN_BINDINGS.value),
+                 *[f"--run_gin={f}" for f in [*_RUN_GIN.value, *v.files]],
+                 *[f"--run_bindings={b}" for b in v.bindings],
+                 *[f"--refresh_gin={f}" for f in v.refresher_files],
+                 *[f"--refresh_bindings={b}" for b in v.refresher_bindings],
                  *([f"--block_store={_POD_BLOCK_STORE.value}"] if _POD_BLOCK_STORE.value else []), "--dry_run"]
       print(shlex.join(command))
     else:
-      results.append(run_local(name, files, bindings))
+      results.append(run_local(v))
       print(json.dumps(results[-1]))
   for r in results:
     print(f"{r['variant']:>20}: {r['summary']}")

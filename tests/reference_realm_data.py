@@ -23,7 +23,7 @@ def select_candidates(
     source_uid = bytes(uids[source[b]])
     kept = [int(i) for i in retrieved[b] if not exclude_trivial or bytes(uids[int(i)]) != source_uid]
     kept = kept[: num_candidates - offset]
-    if len(set(retrieved[b].tolist())) != len(retrieved[b]) or len(kept) < num_candidates - offset:
+    if len({bytes(uids[i]) for i in kept}) != len(kept) or len(kept) < num_candidates - offset:
       weights[b] = 0.0
     out[b, offset : offset + len(kept)] = kept
   return out, weights

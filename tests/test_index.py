@@ -325,6 +325,71 @@ def test_refresher_indexes_checkpoints_and_resumes_after_a_restart(demo_store, t
   np.testing.assert_allclose(rows, embed_all_blocks(params, config, demo_store, mesh).embeddings, atol=1e-5)
 
 
+def _follow_a_simulated_trainer(store, tmp_path, monkeypatch, slowdown: float, end: int, pass_seconds: float = 10):
+  """A refresher of `slowdown` following a trainer that checkpoints every step, one step per (simulated) second,
+  until step `end`; each pass takes `pass_seconds`.  Returns [(publish time, index step)]."""
+  clock, published = [0.0], []
+
+  def sleep(seconds):
+    clock[0] += seconds
+
+  def embed(params, store, desc, abandon):  # a pass: all blocks embedded after `pass_seconds`
+    sleep(pass_seconds)
+    return index_lib.EmbeddedRows(0, np.zeros((store.num_blocks, 16), np.float32), store.num_blocks)
+
+  publish = index_lib.publish_index
+
+  def recorded(index_dir, step, *args, **kwargs):
+    published.append((clock[0], step))
+    return publish(index_dir, step, *args, **kwargs)
+
+  monkeypatch.setattr(index_lib, "publish_index", recorded)
+  config = RefreshConfig(RetrieverConfig(TINY, 16, block_len=32), abandon_check_seconds=1.0, slowdown=slowdown)
+  refresher = Refresher(tmp_path, tmp_path / "index", store, partitioning.make_mesh(), config, clock=lambda: clock[0],
+                        sleep=sleep)
+  refresher.embedder, refresher.restore_block_tower = embed, lambda step: {}
+  refresher.newest_checkpoint = lambda: min(int(clock[0]), end)
+  refresher.training_done = lambda: clock[0] >= end
+  refresher.run(poll_seconds=1.0)
+  return published
+
+
+@pytest.mark.parametrize("slowdown", [4.0, 30.0])
+def test_a_slowed_refresher_holds_each_index_back_so_that_the_trainer_reads_it_that_many_times_staler(
+    demo_store, tmp_path, monkeypatch, slowdown):
+  stale = {}
+  for factor in (1.0, slowdown):
+    published = _follow_a_simulated_trainer(demo_store, tmp_path / str(factor), monkeypatch, factor, end=1200)
+    times, steps = np.array(published).T
+    # The trainer's logged index_staleness at each step (one a second): its step minus the newest index's.
+    step = np.arange(int(times[1]), 1200)
+    stale[factor] = step - steps[np.searchsorted(times, step, side="right") - 1]
+    # Indexes come `factor` x the pass apart; the final checkpoint's is published at once after its pass.
+    np.testing.assert_allclose(np.diff(times[:-1]).mean(), 10 * factor, rtol=0.05)
+    assert steps[-1] == 1200 and times[-1] - times[-2] <= 10 * factor + 10
+  assert stale[1.0].mean() == pytest.approx(15, abs=1)  # 1.5 passes: an index is 1 to 2 passes old
+  assert stale[slowdown].mean() / stale[1.0].mean() == pytest.approx(slowdown, rel=0.1)
+  assert stale[slowdown].min() >= 10 * slowdown - 1  # never fresher than the slowed pass
+
+
+def test_a_held_back_index_is_dropped_when_training_finishes_with_a_newer_checkpoint(demo_store, tmp_path,
+                                                                                      monkeypatch):
+  published = _follow_a_simulated_trainer(demo_store, tmp_path, monkeypatch, 30.0, end=450)
+  # Index 0 (a 10 s pass held back 290 s); the pass of step 300, held until 600 s, is dropped when training ends
+  # at 450 with a newer checkpoint, whose index is published right after its pass, not held.
+  assert published == [(300.0, 0), (460.0, 450)]
+
+
+def test_the_refresh_jobs_slowdown_reaches_its_config_and_cannot_make_it_faster():
+  from realm_jax.checkpoints.train_dir import RetrieverDescription
+  from realm_jax.refresh.refresher import RefreshJob
+
+  run = RetrieverDescription(RetrieverConfig(TINY), ("query_tower",), "vocab")
+  assert RefreshJob(slowdown=30.0).config(run, "retriever.json").slowdown == 30.0
+  with pytest.raises(InputError, match=r"RefreshJob.slowdown = 0.5: a factor >= 1"):
+    RefreshJob(slowdown=0.5).config(run, "retriever.json")
+
+
 def test_retriever_lengths_are_the_unpadded_input_lengths(demo_store):
   lengths = demo_store.retriever_lengths(128)
   assert lengths.shape == (demo_store.num_blocks,)
@@ -469,7 +534,8 @@ def test_prefetched_raises_the_producers_error_and_stops_its_thread_when_closed(
 
 
 def test_a_trainer_restarted_with_another_retriever_is_refused_naming_both_values(tmp_path):
-  from realm_jax.refresh.refresher import RefreshJob, RetrieverDescription
+  from realm_jax.checkpoints.train_dir import RetrieverDescription
+  from realm_jax.refresh.refresher import RefreshJob
 
   run = RetrieverDescription(RetrieverConfig(TINY, 16, block_len=128), ("retriever", "query_tower"), "wp:abc")
   run.write(tmp_path)

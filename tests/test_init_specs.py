@@ -1,5 +1,6 @@
 """Init specs (`checkpoints.init`): each role takes the kinds its table lists, typed weights go where they say."""
 
+import jax
 import numpy as np
 import pytest
 from conftest import TINY_BERT as TINY
@@ -16,7 +17,6 @@ def test_the_kind_of_a_spec_is_its_prefix_and_a_plain_path_is_a_hf_bert_director
 
 
 @pytest.mark.parametrize(("load", "spec", "role"), [
-    (lambda s: init_lib.load_retriever(s, RetrieverConfig(TINY)), "realm:/run", "retriever"),
     (lambda s: init_lib.load_encoder(s, TINY), "ict:/run", "encoder"),
     (lambda s: init_lib.load_encoder(s, TINY), "realm:/run", "encoder"),
     (lambda s: init_lib.load_realm_reader(s, RealmModel(TINY, TINY)), "ict:/run", "reader"),
@@ -46,3 +46,70 @@ def test_encoder_weights_replace_only_each_towers_encoder():
   retriever = {"query_tower": {"encoder": "random", "projection": "p"}}
   got = init_lib.EncoderWeights({"layer_0": "bert"}).into_retriever(retriever)
   assert got == {"query_tower": {"encoder": {"layer_0": "bert"}, "projection": "p"}}
+
+
+@pytest.fixture(scope="module")
+def realm_run(demo_store, tmp_path_factory):
+  """The workdir of a 2-step REALM run on the demo store (retrieval off: no index to build), TINY towers and
+  reader."""
+  from realm_jax import partitioning
+  from realm_jax.data.realm import RealmDataConfig
+  from realm_jax.objectives.realm import RealmSpec
+  from realm_jax.train.optimizer import OptimizerConfig
+  from realm_jax.train.pretrain import run_pretrain
+  from realm_jax.train.trainer import TrainerConfig
+
+  workdir = tmp_path_factory.mktemp("realm_run")
+  data = RealmDataConfig(batch_size=8, query_len=32, block_len=48, joint_len=80, num_candidates=4)
+  spec = RealmSpec(str(demo_store.path), RetrieverConfig(TINY, block_len=48), TINY, data, retrieval=False)
+  run_pretrain(str(workdir), partitioning.make_mesh(), spec, TrainerConfig(2, checkpoint_every=2, log_every=2),
+               OptimizerConfig(1e-3, 1))
+  return workdir
+
+
+def _same(a, b) -> bool:
+  return all(jax.tree.leaves(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b)))
+
+
+def test_a_realm_run_starts_the_retriever_of_pretraining_and_open_qa_and_the_open_qa_reader(demo_store, realm_run):
+  from realm_jax.data.realm import RealmDataConfig
+  from realm_jax.objectives.openqa import OpenQaSpec
+  from realm_jax.objectives.realm import RealmSpec
+  from realm_jax.train import finetune, pretrain
+
+  retriever = RetrieverConfig(TINY, block_len=48)
+  run, step = init_lib.load_realm_run(realm_run, RealmModel(TINY, TINY), ("retriever", "reader"))
+  towers = init_lib.load_retriever(f"realm:{realm_run}", retriever)
+  assert step == 2 and isinstance(towers, init_lib.TowerWeights) and set(towers.towers) == {"query_tower"}
+  assert _same(towers.towers["query_tower"], run["retriever"]["query_tower"])
+  reader = init_lib.load_openqa_reader(f"realm:{realm_run}", TINY, 16, 10, 1e-3)
+  assert set(reader) == {"encoder"} and _same(reader["encoder"], run["reader"])
+  # REALM pre-training from another run's retriever (here with separate towers: its one tower fills both).
+  separate = RetrieverConfig(TINY, block_len=48, share_towers=False)
+  spec = RealmSpec(str(demo_store.path), separate, TINY, RealmDataConfig(block_len=48),
+                   retriever_init=f"realm:{realm_run}")
+  started = pretrain.starting_weights(spec)({"retriever": {"query_tower": 0, "block_tower": 0}, "reader": 0})
+  assert started["reader"] == 0
+  assert all(_same(started["retriever"][t], run["retriever"]["query_tower"]) for t in ("query_tower", "block_tower"))
+  # Table 2's mixed rows in fine-tuning: REALM retriever + baseline reader, baseline retriever + REALM reader.
+  for retriever_init, reader_init in ((f"realm:{realm_run}", None), (None, f"realm:{realm_run}")):
+    qa = OpenQaSpec(str(demo_store.path), retriever, TINY, retriever_init=retriever_init, reader_init=reader_init)
+    pretrained, _ = finetune.starting_weights(qa)
+    started = pretrained({"retriever": {"query_tower": 0}, "reader": {"encoder": 0, "span_scorer": 0}})
+    if retriever_init:
+      assert _same(started["retriever"]["query_tower"], run["retriever"]["query_tower"])
+      assert started["reader"] == {"encoder": 0, "span_scorer": 0}
+    else:
+      assert started["retriever"] == {"query_tower": 0} and started["reader"]["span_scorer"] == 0
+      assert _same(started["reader"]["encoder"], run["reader"])
+
+
+def test_a_realm_retriever_of_another_architecture_is_refused_naming_it(realm_run):
+  from conftest import TINY_BERT_H32
+
+  with pytest.raises(InputError, match=r"retriever.json: architecture differs .*hidden_size=\(32, 64\)"):
+    init_lib.load_retriever(f"realm:{realm_run}", RetrieverConfig(TINY_BERT_H32, block_len=48))
+  with pytest.raises(InputError, match=r"retriever.json: projection_size 128, the retriever's is 16"):
+    init_lib.load_retriever(f"realm:{realm_run}", RetrieverConfig(TINY, 16, block_len=48))
+  with pytest.raises(FileNotFoundError, match=r"retriever.json: no retriever description"):
+    init_lib.load_retriever(f"realm:{realm_run / 'train'}", RetrieverConfig(TINY))

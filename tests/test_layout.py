@@ -39,6 +39,7 @@ def _imports(package: str) -> dict[str, set[str]]:
 @pytest.mark.parametrize(("package", "forbidden"), [
     ("refresh", "realm_jax.train"), ("eval", "realm_jax.train"), ("data", "realm_jax.models"),
     ("objectives", "realm_jax.train"), ("retrieval", "realm_jax.train"), ("checkpoints", "realm_jax.train"),
+    ("eval", "realm_jax.refresh"), ("checkpoints", "realm_jax.refresh"), ("models", "realm_jax.train"),
 ])
 def test_layers_import_one_way(package, forbidden):
   offending = {f: sorted(n for n in names if n.startswith(forbidden)) for f, names in _imports(package).items()}

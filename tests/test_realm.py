@@ -61,6 +61,40 @@ def test_random_token_masking_ablation_masks_15_percent_of_a_sentence(demo_store
     assert int(ex["mlm_weights"].sum()) == masked
 
 
+def test_random_span_masking_ablation_masks_disjoint_spans_of_one_sentence_up_to_the_budget(demo_store):
+  from realm_jax.data.realm import MAX_RANDOM_SPAN, random_spans
+
+  queries = MaskedQueries(demo_store, RealmDataConfig(masking="random_spans"))
+  assert len(queries.block_ids) == demo_store.num_blocks  # no salient span needed
+  lengths = []
+  for block_id in range(200):
+    ex = queries(block_id, np.random.default_rng(block_id))
+    assert all((queries(block_id, np.random.default_rng(block_id))[k] == v).all() for k, v in ex.items())
+    ids = ex["query_input_ids"][: ex["query_input_mask"].sum()]
+    # Replayed: the sentence drawn, then its spans.
+    replay = np.random.default_rng(block_id)
+    starts = [*demo_store.sentence_starts(block_id), len(demo_store.body_ids(block_id))]
+    s = int(replay.integers(len(starts) - 1))
+    sentence = demo_store.body_ids(block_id)[starts[s] : starts[s + 1]][:94]
+    budget = max(1, min(10, round(0.15 * len(sentence))))
+    spans = random_spans(len(sentence), budget, replay)
+    covered = np.concatenate([np.arange(a, b) for a, b in spans])
+    assert len(covered) == len(set(covered)) == budget  # disjoint, the budget exactly
+    assert all(1 <= b - a <= MAX_RANDOM_SPAN and 0 <= a and b <= len(sentence) for a, b in spans)
+    masked = np.flatnonzero(ids == 103)
+    np.testing.assert_array_equal(masked, np.sort(covered) + 1)  # the spans' word pieces, after [CLS]
+    np.testing.assert_array_equal(np.where(ids[1:-1] == 103, sentence, ids[1:-1]), sentence)  # the rest as is
+    np.testing.assert_array_equal(ex["mlm_positions"][:budget], masked)  # every mask scored, gold = the text
+    np.testing.assert_array_equal(ex["mlm_ids"][:budget], sentence[masked - 1])
+    assert ex["mlm_weights"].sum() == budget
+    lengths += [b - a for a, b in spans]
+  assert max(lengths) > 2 and np.mean(lengths) > 1.5  # spans, not single tokens
+  assert any((queries(i, np.random.default_rng(i + 1000))["query_input_ids"] !=
+              queries(i, np.random.default_rng(i))["query_input_ids"]).any() for i in range(20))  # other seeds
+  with pytest.raises(ValueError, match="a budget of 3 masks does not fit 2 positions"):
+    random_spans(2, 3, np.random.default_rng(0))
+
+
 def test_held_out_blocks_never_make_training_queries_and_each_gives_one_fixed_query(demo_store):
   from realm_jax.data.realm import realm_query_dataset
 
@@ -109,6 +143,48 @@ def test_blocks_sharing_the_source_sha1_are_excluded_too(demo_store):
   uids[42] = uids[7]  # block 42 has the same title and body as the query's source block 7
   candidates, _ = select_candidates(np.array([[42, 7, 3, 4]]), np.array([7]), uids, num_candidates=3)
   assert candidates.tolist() == [[NULL_BLOCK, 3, 4]]
+
+
+class _OwnContentFirst:
+  """A searcher whose best hits for the batch's queries are their source block and every block with the same
+  content, then blocks of content found nowhere else (records the depths it was asked for)."""
+
+  def __init__(self, store, sources):
+    uids = np.asarray(store.arrays["uids"])
+    _, group, counts = np.unique(uids, axis=0, return_inverse=True, return_counts=True)
+    group = group.ravel()
+    self.num_blocks, self.depths = store.num_blocks, []
+    self.rows = [[*np.flatnonzero(group == group[s]), *np.flatnonzero(counts[group] == 1)] for s in sources]
+
+  def search(self, queries, k):
+    self.depths.append(k)
+    return np.asarray([row[:k] for row in self.rows], np.int32), np.zeros((len(self.rows), k), np.float32)
+
+
+@pytest.mark.parametrize("null_document", [True, False])
+def test_a_query_whose_own_block_is_retrieved_still_fills_every_candidate_slot(demo_store, null_document):
+  import flax.linen as nn
+
+  from realm_jax.data.realm import most_blocks_per_uid, realm_query_dataset
+  from realm_jax.train.pretrain import RealmRun
+
+  data = RealmDataConfig(batch_size=8, query_len=32, block_len=48, joint_len=80, num_candidates=4)
+  spec = realm_spec(demo_store, data, null_document=null_document)
+  run = RealmRun(spec, demo_store, partitioning.make_mesh())
+  batch = realm_query_dataset(demo_store, data)[0]
+  uids = np.asarray(demo_store.arrays["uids"])
+  assert run.copies == most_blocks_per_uid(uids) > 1  # the demo store repeats some blocks' content
+  run.live.searcher = _OwnContentFirst(demo_store, batch["block_id"])
+  completed = run.complete(nn.meta.unbox(spec.objective().init_params(jax.random.key(0))), batch)
+  slots = 3 if null_document else 4
+  assert run.live.searcher.depths == [slots + run.copies]
+  assert completed["example_weight"].tolist() == [1.0] * 8
+  # The candidates: the blocks after the query's own content, the null block first where there is one.
+  others = [[i for i in row if (uids[i] != uids[s]).any()][:slots]
+            for row, s in zip(run.live.searcher.rows, batch["block_id"], strict=True)]
+  expected = np.asarray([[NULL_BLOCK] * (4 - slots) + row for row in others])
+  blocks, _ = candidate_inputs(demo_store, expected, batch["query_input_ids"], data)
+  np.testing.assert_array_equal(completed["block_input_ids"], blocks["input_ids"])
 
 
 def test_candidate_and_joint_inputs_follow_the_released_formats(demo_store):

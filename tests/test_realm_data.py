@@ -47,14 +47,14 @@ def shared_uid_pairs(store) -> np.ndarray:
 
 
 def random_retrievals(rng, store, batch: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-  """[B, k] retrieved ids (some rows with duplicates, with the source itself or a block sharing its uid) and
-  the [B] source blocks."""
+  """[B, k] retrieved ids (some rows with duplicates, with the source itself or a block sharing its uid, or with
+  two blocks of the same content) and the [B] source blocks."""
   n = store.num_blocks
   pairs = shared_uid_pairs(store)
   source = rng.integers(0, n, batch)
   retrieved = rng.integers(0, n, (batch, k))
   for b in range(batch):
-    kind = rng.integers(6)
+    kind = rng.integers(7)
     if kind == 0:  # duplicates
       retrieved[b] = rng.choice(retrieved[b, : max(1, k // 2)], k)
     elif kind == 1:  # the source block itself, anywhere
@@ -65,6 +65,8 @@ def random_retrievals(rng, store, batch: int, k: int) -> tuple[np.ndarray, np.nd
       retrieved[b, rng.choice(k, min(k, 2), replace=False)] = pair[: min(k, 2)][::-1]
     elif kind == 3:  # the source and its duplicate retrieval
       retrieved[b, rng.choice(k, min(k, 2), replace=False)] = source[b]
+    elif kind == 4 and len(pairs):  # two blocks with the same text, neither the source (unless drawn so)
+      retrieved[b, rng.choice(k, min(k, 2), replace=False)] = pairs[rng.integers(len(pairs))][: min(k, 2)]
   return retrieved, source
 
 
@@ -127,6 +129,19 @@ def test_select_candidates_equals_the_loop_on_blocks_sharing_the_source_uid(demo
         assert_same(select_candidates(*args), reference.select_candidates(*args))
   candidates, _ = select_candidates(retrieved, source, uids, 4)
   assert candidates[0].tolist() == [NULL_BLOCK, 3, 43, 4]
+
+
+def test_candidates_with_the_same_content_under_two_block_ids_drop_the_example(demo_store):
+  uids = np.array(demo_store.arrays["uids"])
+  uids[42] = uids[5]  # blocks 5 and 42: the same title and body
+  retrieved = np.array([[5, 42, 3, 4, 6], [5, 3, 4, 42, 6], [5, 42, 3, 4, 6]])
+  args = (retrieved, np.array([9, 9, 42]), uids, 4)  # the null block and 3 retrieved
+  candidates, weights = select_candidates(*args)
+  # Both among the candidates: dropped; the second past the slots the reader sees: kept; both with the source's
+  # content: removed as trivial, and the blocks after them fill the slots.
+  assert weights.tolist() == [0.0, 1.0, 1.0]
+  assert candidates.tolist() == [[NULL_BLOCK, 5, 42, 3], [NULL_BLOCK, 5, 3, 4], [NULL_BLOCK, 3, 4, 6]]
+  assert_same((candidates, weights), reference.select_candidates(*args))
 
 
 def test_select_candidates_refuses_no_room_for_the_null_document(demo_store):

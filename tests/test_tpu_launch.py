@@ -59,22 +59,53 @@ def test_pod_refuses_a_gs_block_store_binding_that_jobs_cannot_memory_map():
   assert "pass --block_store=gs://... instead" in result.stderr and not result.stdout.strip()
 
 
+def test_pod_gives_refresher_files_and_bindings_to_the_refresher_only():
+  result = _pod_dry_run("--refresh_gin=gin/ablations/slow_refresh.gin",
+                        "--refresh_bindings=refresher.RefreshJob.keep = 5", "--step=train", "--step=refresh")
+  assert result.returncode == 0, result.stderr
+  trainer, refresher = (_shell(shlex.split(line)) for line in result.stdout.strip().splitlines())
+  assert refresher.index("--gin_file=gin/runs/refresh.gin") < refresher.index(
+      "--gin_file=gin/ablations/slow_refresh.gin")  # after the job's defaults
+  assert "--gin_bindings=refresher.RefreshJob.keep = 5" in refresher
+  assert not [a for a in trainer if "slow_refresh" in a or "RefreshJob" in a]
+
+
 def test_sweep_expands_variants_into_pod_commands():
+  ablations = sorted(p.name for p in (REPO / "gin" / "ablations").glob("*.gin") if p.name != "slow_refresh.gin")
   result = subprocess.run(
       [sys.executable, "launch/sweep.py", "--gin_file=gin/models/bert_base.gin",
        "--run_gin=gin/runs/realm_pretrain.gin",
        "--variant=baseline=", "--variant=no_null=gin/ablations/no_null_document.gin",
-       "--variant=lr=optimizer.OptimizerConfig.learning_rate = 1e-4", "--workdir_root=gs://b/sweep", "--mode=tpu",
-       "--block_store=gs://b/blocks"],
+       "--variant=lr=optimizer.OptimizerConfig.learning_rate = 1e-4",
+       "--variant=stale=refresher:gin/ablations/slow_refresh.gin;refresher:refresher.RefreshJob.keep = 5",
+       *[f"--variant=a{i}=gin/ablations/{name}" for i, name in enumerate(ablations)],  # each parses
+       "--workdir_root=gs://b/sweep", "--mode=tpu", "--block_store=gs://b/blocks"],
       cwd=REPO, capture_output=True, text=True, timeout=120,
   )
   assert result.returncode == 0, result.stderr
   lines = [shlex.split(line) for line in result.stdout.strip().splitlines()]
-  assert [next(a for a in c if a.startswith("--workdir=")) for c in lines] == [
-      "--workdir=gs://b/sweep/baseline", "--workdir=gs://b/sweep/no_null", "--workdir=gs://b/sweep/lr"]
+  assert [next(a for a in c if a.startswith("--workdir=")) for c in lines[:4]] == [
+      "--workdir=gs://b/sweep/baseline", "--workdir=gs://b/sweep/no_null", "--workdir=gs://b/sweep/lr",
+      "--workdir=gs://b/sweep/stale"]
   assert "--run_gin=gin/ablations/no_null_document.gin" in lines[1]
   assert "--run_bindings=optimizer.OptimizerConfig.learning_rate = 1e-4" in lines[2]
+  refresher_only = [a for c in lines for a in c if a.startswith("--refresh_")]
+  assert refresher_only == ["--refresh_gin=gin/ablations/slow_refresh.gin",
+                            "--refresh_bindings=refresher.RefreshJob.keep = 5"]  # the stale variant's, to pod.py
+  assert not [a for a in lines[3] if a.startswith("--run_") and "refresh" in a.lower()]
   assert all("--block_store=gs://b/blocks" in c for c in lines)  # every pod stages the store on its hosts
+
+
+def test_sweep_refuses_refresher_items_of_a_variant_without_a_refresher():
+  result = subprocess.run(
+      [sys.executable, "launch/sweep.py", "--gin_file=gin/models/bert_base.gin",
+       "--run_gin=gin/runs/realm_pretrain.gin",
+       "--variant=x=gin/ablations/no_retrieval.gin;refresher:gin/ablations/slow_refresh.gin",
+       "--workdir_root=gs://b/sweep", "--mode=tpu", "--block_store=gs://b/blocks"],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+  )
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "--variant x: has refresher: items, but retrieval is off: no refresher runs" in result.stderr
 
 
 def test_sweep_refuses_a_missing_gin_file():

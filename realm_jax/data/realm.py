@@ -3,12 +3,16 @@
 Query (released `example_generator` / `featurization.mask_query`): one sentence of a block that
 holds a salient span (entity or date) wholly inside it; one such span is chosen uniformly at random
 and ALL its word pieces become [MASK]; at most `max_masks` (10) positions are scored.  Blocks with
-no valid span are never sampled (no fallback).  `masking="random_tokens"` is the BERT-style
-ablation (15% of the sentence's word pieces, at most `max_masks`).
+no valid span are never sampled (no fallback).  Table 2's masking ablations mask one random sentence's word
+pieces, 15% of them (at least 1, at most `max_masks`): `masking="random_tokens"` (BERT) at random positions,
+`masking="random_spans"` (SpanBERT) as contiguous spans of Geometric(0.2) lengths (at most 10) at random free
+positions until that budget is met (`random_spans`; SpanBERT's spans are whole words, the store's word pieces
+carry no word boundaries, so lengths count word pieces here).
 
-Candidates: top-k from the published index (stale), the query's own block removed (trivial
-retrieval), the null document prepended at index 0, truncated to `num_candidates` (8).  Examples
-whose retrieved candidates contain duplicates get weight 0 (the released code drops them).
+Candidates: the top `search_depth` blocks of the published index (stale), every block with the query's own
+content removed (trivial retrieval), the null document prepended at index 0, truncated to `num_candidates`
+(8).  Examples whose candidates hold the same content twice (SHA1 uid) get weight 0 (the released code drops
+them).
 
 Held-out evaluation (`eval_blocks` > 0; the paper has none): the first `eval_blocks` maskable blocks in
 SHA1-uid order (a pseudo-random choice that depends on the text only) never make training queries; each
@@ -32,6 +36,8 @@ from realm_jax.data.features import block_batches, pack
 from realm_jax.errors import InputError
 
 NULL_BLOCK = -1  # candidate id of the null document
+MASKINGS = ("salient_spans", "random_tokens", "random_spans")
+MAX_RANDOM_SPAN = 10  # SpanBERT's longest span
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +48,9 @@ class RealmDataConfig:
   joint_len: int = 384
   max_masks: int = 10
   num_candidates: int = 8  # including the null document
-  masking: str = "salient_spans"  # or "random_tokens" (Table 2 ablation)
-  random_mask_rate: float = 0.15
+  masking: str = "salient_spans"  # or "random_tokens" / "random_spans" (Table 2 ablations)
+  random_mask_rate: float = 0.15  # random_tokens / random_spans: the share of the sentence masked
+  random_span_p: float = 0.2  # random_spans: span lengths ~ Geometric(p), at most MAX_RANDOM_SPAN (SpanBERT's)
   excluded_labels: tuple[str, ...] = ("CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY")
   seed: int = 0
   eval_blocks: int = 0  # source blocks held out of training for a fixed evaluation query set
@@ -102,8 +109,8 @@ class MaskedQueries:
   """Random-access maker of masked queries: (block id, rng) -> features."""
 
   def __init__(self, store: BlockStore, config: RealmDataConfig):
-    if config.masking not in ("salient_spans", "random_tokens"):
-      raise InputError(f"masking must be 'salient_spans' or 'random_tokens', got {config.masking!r}")
+    if config.masking not in MASKINGS:
+      raise InputError(f"masking must be one of {', '.join(map(repr, MASKINGS))}, got {config.masking!r}")
     self.store, self.config = store, config
     special = store.manifest["special_ids"]
     self.cls, self.sep, self.mask = special["cls"], special["sep"], special["mask"]
@@ -176,8 +183,14 @@ class MaskedQueries:
     else:
       s = int(rng.integers(len(bounds) - 1))
       sentence = body[bounds[s] : bounds[s + 1]][: c.query_len - 2].copy()
-      count = max(1, min(c.max_masks, int(round(c.random_mask_rate * len(sentence)))))
-      masked = np.sort(rng.choice(len(sentence), size=min(count, len(sentence)), replace=False))
+      budget = min(len(sentence), max(1, min(c.max_masks, int(round(c.random_mask_rate * len(sentence))))))
+      if c.masking == "random_tokens":
+        masked = np.sort(rng.choice(len(sentence), size=budget, replace=False))
+      else:
+        covered = np.zeros(len(sentence), bool)
+        for start, end in random_spans(len(sentence), budget, rng, c.random_span_p):
+          covered[start:end] = True
+        masked = np.flatnonzero(covered)
     targets = sentence[masked].copy()
     sentence[masked] = self.mask
     query = pack([np.asarray([self.cls]), sentence, np.asarray([self.sep])], c.query_len)
@@ -195,12 +208,49 @@ class MaskedQueries:
     }
 
 
+def random_spans(length: int, budget: int, rng: np.random.Generator, p: float = 0.2) -> list[tuple[int, int]]:
+  """SpanBERT-style spans [(start, end)] over positions [0, length): disjoint, `budget` (<= length) positions in
+  all.  Each span's length is drawn from Geometric(p), at most MAX_RANDOM_SPAN and what is left of the budget, and
+  its start uniformly among the starts where it covers no masked position (shortened while there is none)."""
+  if not 0 <= budget <= length:
+    raise ValueError(f"a budget of {budget} masks does not fit {length} positions")
+  free, spans, left = np.ones(length, bool), [], budget
+  while left > 0:
+    span = min(int(rng.geometric(p)), MAX_RANDOM_SPAN, left)
+    while not (starts := np.flatnonzero(np.lib.stride_tricks.sliding_window_view(free, span).all(1))).size:
+      span -= 1  # stops at 1 at the latest: fewer than `length` positions are masked so far
+    start = int(starts[rng.integers(len(starts))])
+    free[start : start + span] = False
+    spans.append((start, start + span))
+    left -= span
+  return spans
+
+
 def realm_query_dataset(store: BlockStore, config: RealmDataConfig,
                         queries: MaskedQueries | None = None) -> grain.MapDataset:
   """Infinite, shuffled, batched masked training queries (candidates come later: `select_candidates`);
   `queries`: an already built `MaskedQueries(store, config)`."""
   queries = queries or MaskedQueries(store, config)
   return block_batches(queries.train_block_ids, queries, config.batch_size, config.seed)
+
+
+def most_blocks_per_uid(uids: np.ndarray) -> int:
+  """The most blocks of the store [N, 20] that share one SHA1 uid (the same title and body): 1 where no content
+  repeats.  Counted by the uids' first 8 bytes (an over-count only if two texts' SHA1s share them)."""
+  if not len(uids):
+    return 1
+  prefixes = np.ascontiguousarray(np.asarray(uids)[:, :8]).view(">u8")[:, 0]
+  return int(np.unique(prefixes, return_counts=True)[1].max())
+
+
+def search_depth(num_candidates: int, null_document: bool, exclude_trivial: bool, copies: int,
+                 num_blocks: int) -> int:
+  """How many blocks to retrieve per query so that removing the blocks with the query's own content (`copies`:
+  at most that many, `most_blocks_per_uid`) still leaves every candidate slot filled, at most the index's
+  `num_blocks`.  The released code's 8 (7 retrieved + the null document, one spare for the source block) where
+  content is unique; one more without the null document."""
+  slots = num_candidates - (1 if null_document else 0)
+  return min(num_blocks, slots + (copies if exclude_trivial else 0))
 
 
 def select_candidates(
@@ -211,8 +261,9 @@ def select_candidates(
 
   Every block whose SHA1 uid (`uids` [N, 20], from the block store) equals the source block's is
   removed (trivial retrieval; `exclude_trivial=False` keeps them, the paper's §3.4 counter-example); the
-  rest keep their order.  Examples whose retrieved ids hold duplicates, or with too few blocks left, get
-  weight 0 (the released code skips them).  Vectorised over the batch.
+  first blocks left fill the slots in order.  Examples whose candidates hold two blocks of the same uid (the
+  same content under two block ids, or one block twice), or with too few blocks left, get weight 0 (the
+  released code skips examples whose retrieved uids repeat).  Vectorised over the batch.
   """
   retrieved = np.asarray(retrieved)
   offset = 1 if null_document else 0
@@ -227,8 +278,11 @@ def select_candidates(
   rows, cols = np.nonzero(keep & (rank < slots))
   out = np.full((batch, num_candidates), NULL_BLOCK, np.int64)
   out[rows, offset + rank[rows, cols]] = retrieved[rows, cols]
-  ordered = np.sort(retrieved, 1)
-  duplicates = (ordered[:, 1:] == ordered[:, :-1]).any(1)
+  chosen = out[:, offset:]
+  content = np.ascontiguousarray(uids[np.maximum(chosen, 0)]).view(f"V{uids.shape[1]}")[..., 0]  # [B, slots]
+  real = chosen != NULL_BLOCK
+  same = (content[:, :, None] == content[:, None, :]) & real[:, :, None] & real[:, None, :]
+  duplicates = np.triu(same, 1).any((1, 2))
   weights = np.where(duplicates | (keep.sum(1) < slots), 0, 1).astype(np.float32)
   return out, weights
 

@@ -4,7 +4,7 @@ Every evaluation of a run, and of every run on the same block store with the sam
 `data.realm`), scores the same masked tokens (`MaskedQueries.eval_batches`), so two runs (e.g. retrieval vs
 the null block only) compare query by query: `paired_difference` gives the loss difference and its standard
 error over queries (the spread of the held-out queries, not of training seeds).  Unlike training, examples
-whose retrieved candidates hold duplicates, or that are short of blocks (filled up with null blocks), are
+whose candidates hold one text twice, or that are short of blocks (filled up with null blocks), are
 scored too, so every run scores the same tokens.  Per-query results go to `<workdir>/eval/mlm_step_<N>.json`.
 """
 

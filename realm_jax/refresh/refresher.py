@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import queue
 import threading
@@ -37,7 +36,13 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from realm_jax import partitioning, storage
-from realm_jax.checkpoints.train_dir import TRAINING_DONE, read_only_checkpoints, restore_params_subtree
+from realm_jax.checkpoints.train_dir import (
+  RETRIEVER_DESCRIPTION,
+  TRAINING_DONE,
+  RetrieverDescription,
+  read_only_checkpoints,
+  restore_params_subtree,
+)
 from realm_jax.data.blocks import BlockStore
 from realm_jax.data.features import embedding_batches
 from realm_jax.errors import InputError
@@ -46,8 +51,6 @@ from realm_jax.models.retriever import RetrieverConfig
 from realm_jax.retrieval import index as index_lib
 from realm_jax.retrieval.backends import get_backend
 from realm_jax.retrieval.mips import SearchConfig
-
-RETRIEVER_DESCRIPTION = "retriever.json"
 
 
 @dataclasses.dataclass
@@ -63,55 +66,7 @@ class RefreshConfig:
   abandon_check_seconds: float = 30.0  # how often a pass asks whether it is superseded (`AbandonCheck`)
   prefetch: int = 2  # input batches a background thread builds ahead of the device
   rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES  # the trainer's, for a job inside it (bootstrap)
-
-
-@dataclasses.dataclass(frozen=True)
-class RetrieverDescription:
-  """What a run's index must be embedded with, written by its trainer to `<workdir>/retriever.json`."""
-
-  retriever: RetrieverConfig
-  tower_path: tuple[str, ...]  # the block tower in the trainer's params
-  vocab: str  # tokenizer fingerprint of the block store the trainer reads
-
-  def to_json(self) -> dict:
-    return {**dataclasses.asdict(self.retriever), "tower_path": list(self.tower_path), "vocab": self.vocab}
-
-  @classmethod
-  def from_json(cls, value: dict, where: storage.PathLike) -> RetrieverDescription:
-    try:
-      fields = {k: v for k, v in value.items() if k not in ("encoder", "tower_path", "vocab")}
-      retriever = RetrieverConfig(BertConfig(**value["encoder"]), **fields)
-      return cls(retriever, tuple(value["tower_path"]), value["vocab"])
-    except (KeyError, TypeError, ValueError) as e:
-      raise InputError(f"{where}: not a retriever description ({type(e).__name__}: {e})") from e
-
-  def write(self, workdir: storage.PathLike) -> None:
-    """Process 0 records it once; a workdir whose trainer was started with another retriever is refused."""
-    path = storage.as_path(workdir) / RETRIEVER_DESCRIPTION
-    if path.exists():
-      written = RetrieverDescription.from_json(json.loads(storage.read_bytes(path)), path).to_json()
-      differ = {k: (v, self.to_json()[k]) for k, v in written.items() if v != self.to_json()[k]}
-      if differ:
-        raise InputError(f"{path}: this workdir's run was started with " + "; ".join(
-            f"{k}={old!r}, now {k}={new!r}" for k, (old, new) in differ.items()) + ": use a new workdir")
-    elif jax.process_index() == 0:
-      storage.write_json_once(path, self.to_json())
-    partitioning.barrier("retriever description written")
-
-  @classmethod
-  def read(cls, workdir: storage.PathLike, wait_seconds: float | None = 3600.0,
-           poll_seconds: float = 2.0) -> RetrieverDescription:
-    """The trainer's description, waiting for a trainer that has not started yet."""
-    path = storage.as_path(workdir) / RETRIEVER_DESCRIPTION
-    start, logged = time.monotonic(), False
-    while not path.exists():
-      if wait_seconds is not None and time.monotonic() - start > wait_seconds:
-        raise TimeoutError(f"{path}: no trainer wrote its retriever description within {wait_seconds} s")
-      if not logged:
-        logging.info("waiting for the trainer to write %s ...", path)
-        logged = True
-      time.sleep(poll_seconds)
-    return cls.from_json(json.loads(storage.read_bytes(path)), path)
+  slowdown: float = 1.0  # > 1: each index is held back (slowdown - 1) x its pass (`Refresher.hold_back`)
 
 
 @dataclasses.dataclass
@@ -120,6 +75,8 @@ class RefreshJob:
 
   encoder / projection_size / layer_norm_eps / tower_path / block_len: None takes the run's value; a value
   given here must equal it (a refresher that embeds with another tower or length is refused, both named).
+  `slowdown` > 1 makes the job that many times slower following the trainer (Table 2's "30x stale MIPS",
+  gin/ablations/slow_refresh.gin): see `Refresher.hold_back`.
   """
 
   batch_size: int = 256
@@ -133,6 +90,7 @@ class RefreshJob:
   layer_norm_eps: float | None = None
   tower_path: Sequence[str] | None = None
   block_len: int | None = None
+  slowdown: float = 1.0
 
   def config(self, run: RetrieverDescription, where: storage.PathLike) -> RefreshConfig:
     """The complete embedding config: the run's retriever with this job's batching and backend."""
@@ -142,8 +100,10 @@ class RefreshJob:
       if mine is not None and (tuple(mine) if field == "tower_path" else mine) != theirs:
         raise InputError(f"refresher.RefreshJob.{field} = {mine!r}, but the trainer of this run wrote "
                          f"{field} = {theirs!r} in {where}; drop the binding or use that value")
+    if self.slowdown < 1:
+      raise InputError(f"refresher.RefreshJob.slowdown = {self.slowdown}: a factor >= 1 (1: as fast as it can)")
     return RefreshConfig(run.retriever, run.tower_path, self.batch_size, self.length_bucket, self.search,
-                         self.keep, self.abandon_check_seconds, self.prefetch)
+                         self.keep, self.abandon_check_seconds, self.prefetch, slowdown=self.slowdown)
 
 
 def embed_step(config: RefreshConfig, mesh: Mesh) -> Callable[[dict, dict[str, jax.Array]], jax.Array]:
@@ -320,11 +280,20 @@ def embed_all_blocks(
 
 
 class Refresher:
-  """Watches `<train_workdir>/train`, publishes indexes to `<index_dir>`."""
+  """Watches `<train_workdir>/train`, publishes indexes to `<index_dir>`.
+
+  As fast as it can (`slowdown` 1), each pass embeds the newest checkpoint and the next starts at once: an index
+  of pass time T is T to 2T old while it is searched (1.5 T on average, in trainer steps: T x steps/s).  With
+  `config.slowdown` = f it is an f times slower index builder: each pass's index is held back (f - 1) T before
+  it is published (`hold_back`), so every index is fT to 2fT old, f times staler, and refreshes come f times
+  less often (Table 2's "30x stale MIPS" against the paper's ~500-step refresh: f = 30).
+  """
 
   def __init__(self, train_workdir: storage.PathLike, index_dir: storage.PathLike, store: BlockStore, mesh: Mesh,
-               config: RefreshConfig):
+               config: RefreshConfig, clock: Callable[[], float] = time.monotonic,
+               sleep: Callable[[float], None] = time.sleep):
     self.train_workdir, self.index_dir = storage.as_path(train_workdir), storage.as_path(index_dir)
+    self.clock, self.sleep = clock, sleep
     self.backend = get_backend(config.search)  # the assets it publishes
     self.store, self.mesh, self.config = store, mesh, config
     self.embedder = BlockEmbedder(config, mesh)  # its compiled steps serve every pass
@@ -340,19 +309,43 @@ class Refresher:
         self.config.retriever.abstract_tower_params(), NamedSharding(self.mesh, P()),
     )
 
-  def refresh(self, step: int, abandon_if_superseded: bool = False) -> epath.Path | None:
+  def refresh(self, step: int, abandon_if_superseded: bool = False, hold: bool = False) -> epath.Path | None:
     """Embeds all blocks with checkpoint `step` and publishes index `step`, each process its own rows.
 
     With `abandon_if_superseded`, a pass still running when the trainer has finished with a newer final
-    checkpoint is dropped (None): nobody will train on that index, and the final one is wanted sooner.
+    checkpoint is dropped (None): nobody will train on that index, and the final one is wanted sooner.  With
+    `hold`, the index is held back as `config.slowdown` says (`hold_back`) before it is published.
     """
+    began = self.clock()
     params = self.restore_block_tower(step)
     abandon = (lambda: self.superseded(step)) if abandon_if_superseded else None
     rows = self.embedder(params, self.store, desc=f"embed@{step}", abandon=abandon)
-    if rows is None:
+    if rows is None or (hold and not self.hold_back(step, (self.config.slowdown - 1) * (self.clock() - began))):
       logging.info("abandoned index %d: training is done and its final checkpoint is newer", step)
       return None
     return index_lib.publish_index(self.index_dir, step, rows, self.store, self.backend, self.config.keep)
+
+  def hold_back(self, step: int, seconds: float) -> bool:
+    """Waits `seconds` (process 0's count: its pass took `seconds` / (slowdown - 1)) before index `step` is
+    published, looking every `abandon_check_seconds` whether training is done: then the index is published at
+    once if it is of the final checkpoint (nobody trains on it, the final one is wanted soon), and dropped
+    (False) if that checkpoint is newer.  Every process sleeps as long as process 0 says."""
+    if self.config.slowdown <= 1:  # the same on every process (`seconds` is process 0's)
+      return True
+    logging.info("holding index %d back %.1f s (slowdown %gx)", step, seconds, self.config.slowdown)
+    deadline = self.clock() + seconds
+    while True:
+      decision = 0  # process 0: -1 drop, 0 publish, else milliseconds to wait before looking again
+      if jax.process_index() == 0:
+        left = deadline - self.clock()
+        if self.superseded(step):
+          decision = -1
+        elif left > 0 and not self.training_done():
+          decision = max(1, int(1000 * min(left, self.config.abandon_check_seconds)))
+      decision = partitioning.agree(decision)
+      if decision <= 0:
+        return decision == 0
+      self.sleep(decision / 1000)
 
   def pending_step(self) -> int | None:
     """Newest trainer checkpoint not yet indexed."""
@@ -401,7 +394,7 @@ class Refresher:
       pending = self.pending_step()
       pending = partitioning.agree(-1 if pending is None else pending)
       if pending >= 0:
-        if self.refresh(pending, abandon_if_superseded=True) is None:
+        if self.refresh(pending, abandon_if_superseded=True, hold=True) is None:
           continue  # the trainer finished meanwhile: index its final checkpoint instead
         published.append(pending)
         if once or (max_refreshes and len(published) >= max_refreshes):
@@ -409,7 +402,7 @@ class Refresher:
         continue
       if done or once:
         return published
-      time.sleep(poll_seconds)
+      self.sleep(poll_seconds)
 
 
 def run_refresh(

@@ -9,9 +9,9 @@ import jax
 from absl import logging
 
 from realm_jax.checkpoints import init as init_lib
+from realm_jax.checkpoints.train_dir import RetrieverDescription
 from realm_jax.data.ict import ict_iterator
 from realm_jax.objectives.ict import IctSpec
-from realm_jax.refresh.refresher import RetrieverDescription
 from realm_jax.retrieval.index import LiveIndex
 from realm_jax.train.live_index import LiveIndexConfig, following
 from realm_jax.train.optimizer import OptimizerConfig

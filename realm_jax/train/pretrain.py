@@ -2,12 +2,13 @@
 
 Each step: (1) the grain iterator yields salient-span masked queries; (2) `RealmRun.complete` embeds
 them with the CURRENT query tower, searches the newest published index (stale block embeddings,
-REALM's off-policy selection), removes trivial retrievals, prepends the null block and builds
-candidate/joint inputs; (3) the jit step re-scores the candidates with fresh parameters so
-gradients reach both towers and the reader.  Indexes are hot-swapped between steps.
-Logged besides the loss: MLM accuracy, retrieval utility (marginal vs null-block log-likelihood),
-p(null), `span_retrieved` (share of queries whose masked span is in a candidate the reader saw),
-index step and staleness, examples/s; with held-out blocks (`eval_blocks`), the held-out `eval_*` metrics.
+REALM's off-policy selection) deep enough that removing trivial retrievals still fills every candidate
+slot (`data.realm.search_depth`), removes them, prepends the null block and builds candidate/joint inputs;
+(3) the jit step re-scores the candidates with fresh parameters so gradients reach both towers and the reader.
+Indexes are hot-swapped between steps.  Logged besides the loss: MLM accuracy, retrieval utility (marginal vs
+null-block log-likelihood), p(null), `span_retrieved` (share of queries whose masked span is in a candidate the
+reader saw), index step and staleness, examples/s; with held-out blocks (`eval_blocks`), the held-out `eval_*`
+metrics.
 """
 
 from __future__ import annotations
@@ -24,19 +25,22 @@ from jax.sharding import PartitionSpec as P
 
 from realm_jax import partitioning, storage
 from realm_jax.checkpoints import init as init_lib
+from realm_jax.checkpoints.train_dir import RetrieverDescription
 from realm_jax.data.blocks import BlockStore
 from realm_jax.data.features import FEATURES
 from realm_jax.data.realm import (
   MaskedQueries,
   candidate_inputs,
+  most_blocks_per_uid,
   realm_query_dataset,
+  search_depth,
   select_candidates,
   span_in_candidates,
 )
 from realm_jax.errors import InputError
 from realm_jax.eval.realm_mlm import HeldOutMlm
 from realm_jax.objectives.realm import RealmModel, RealmSpec
-from realm_jax.refresh.refresher import RefreshConfig, RetrieverDescription, embed_all_blocks
+from realm_jax.refresh.refresher import RefreshConfig, embed_all_blocks
 from realm_jax.retrieval import index as index_lib
 from realm_jax.retrieval.backends import get_backend
 from realm_jax.retrieval.mips import SearchConfig
@@ -58,6 +62,7 @@ class RealmRun:
   def __post_init__(self):
     self.model = self.spec.model()
     self.live = index_lib.LiveIndex(self.mesh, self.search, self.rules)
+    self.copies = most_blocks_per_uid(self.store.arrays["uids"])  # blocks a query's own content may fill
     self._embed_queries = jax.jit(lambda p, q: self.model.apply(
         {"params": p}, q, True, method=RealmModel.embed_queries), out_shardings=NamedSharding(self.mesh, P()))
 
@@ -78,7 +83,8 @@ class RealmRun:
       queries = {k: batch[f"query_{k}"] for k in FEATURES}
       with jax.set_mesh(self.mesh):
         query_emb = np.asarray(self._embed_queries(params, partitioning.shard_batch(queries, self.mesh)))
-      retrieved, _ = self.live.searcher.search(query_emb, c.num_candidates)
+      depth = search_depth(c.num_candidates, spec.null_document, exclude_trivial, self.copies, self.store.num_blocks)
+      retrieved, _ = self.live.searcher.search(query_emb, depth)
       retrieved = retrieved[partitioning.process_rows(self.mesh, len(retrieved))]
       candidates, weights = select_candidates(retrieved, batch["block_id"], self.store.arrays["uids"],
                                               c.num_candidates, spec.null_document, exclude_trivial)
