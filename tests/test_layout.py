@@ -22,6 +22,14 @@ def test_the_probe_run_takes_trainer_and_optimizer_configs_too():
   assert {"trainer", "optimizer"} <= set(params) and len(params) <= 8
 
 
+def test_the_refresh_job_and_the_evaluation_take_config_objects_not_parameter_bags():
+  from realm_jax.eval.openqa_eval import run_evaluation
+  from realm_jax.refresh.refresher import run_refresh
+
+  assert "job" in inspect.signature(run_refresh).parameters and "config" in inspect.signature(run_evaluation).parameters
+  assert all(len(inspect.signature(run).parameters) <= 8 for run in (run_refresh, run_evaluation))
+
+
 def _imports(package: str) -> dict[str, set[str]]:
   """realm_jax modules imported by each file of `realm_jax/<package>`."""
   found = {}

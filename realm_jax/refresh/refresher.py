@@ -91,6 +91,7 @@ class RefreshJob:
   tower_path: Sequence[str] | None = None
   block_len: int | None = None
   slowdown: float = 1.0
+  description_wait_seconds: float | None = 3600.0  # how long to wait for the trainer's retriever.json (None: ever)
 
   def config(self, run: RetrieverDescription, where: storage.PathLike) -> RefreshConfig:
     """The complete embedding config: the run's retriever with this job's batching and backend."""
@@ -413,7 +414,6 @@ def run_refresh(
     once: bool = False,
     step: int | None = None,
     poll_seconds: float = 10.0,
-    description_wait_seconds: float | None = 3600.0,
     compilation_cache_dir: str | None = None,
 ) -> list[int]:
   """Refresh job for the trainer in `workdir` (its `retriever.json` says what to embed with); indexes go to
@@ -429,10 +429,11 @@ def run_refresh(
   if compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(compilation_cache_dir))
   store = BlockStore(block_store)
-  run = RetrieverDescription.read(workdir, description_wait_seconds)
+  job = job or RefreshJob()
+  run = RetrieverDescription.read(workdir, job.description_wait_seconds)
   if run.vocab != store.manifest["tokenizer"]:
     raise InputError(f"block store {store.path} was built with tokenizer {store.manifest['tokenizer']}, but the "
                      f"trainer of {workdir} reads blocks of tokenizer {run.vocab}")
-  config = (job or RefreshJob()).config(run, storage.as_path(workdir) / RETRIEVER_DESCRIPTION)
+  config = job.config(run, storage.as_path(workdir) / RETRIEVER_DESCRIPTION)
   refresher = Refresher(workdir, storage.as_path(workdir) / "index", store, mesh, config)
   return refresher.run(once=once, step=step, poll_seconds=poll_seconds)
