@@ -33,7 +33,7 @@ from realm_jax.checkpoints.hf_realm import (
 )
 from realm_jax.data.tokenization import WordPieceTokenizer
 from realm_jax.errors import InputError
-from realm_jax.models.reader import HF_INVALID_SPAN_LOGIT, SpanReader
+from realm_jax.models.reader import HF_INVALID_SPAN_LOGIT
 from realm_jax.models.retriever import DualEncoder
 from realm_jax.objectives.openqa import OpenQaModel
 from realm_jax.objectives.realm import RealmModel, marginal_loss
@@ -119,12 +119,25 @@ def hf_marginal_nll(logits, correct):
 
 
 def test_reader_span_logits_and_loss_match_hf(ckpt, ref):
-  c = ckpt["reader"]
+  """The Open-QA model's reader logits (its retriever logit added to each span) are HF RealmReader's."""
+  c, scorer = ckpt["reader"], ckpt["scorer"]
   arch = c.architecture
-  model = SpanReader(arch.bert, arch.span_hidden_size, arch.max_span_width, arch.reader_layer_norm_eps,
-                     invalid_span_logit=HF_INVALID_SPAN_LOGIT)
-  inputs = {k: v[None] for k, v in features(ref, "reader").items()} | {"block_mask": ref["reader_block_mask"][None]}
-  ours = np.asarray(model.apply({"params": c.params}, inputs))[0] + ref["reader_relevance_score"][:, None]
+  model = OpenQaModel(scorer.architecture.bert, arch.bert, scorer.architecture.projection_size,
+                      span_hidden_size=arch.span_hidden_size, max_span_width=arch.max_span_width,
+                      retriever_layer_norm_eps=HF_PROJECTION_EPS, invalid_span_logit=HF_INVALID_SPAN_LOGIT,
+                      reader_layer_norm_eps=arch.reader_layer_norm_eps)
+  params = {"retriever": scorer.params, "reader": c.params}
+  queries = {k: v[:1] for k, v in features(ref, "query").items()}
+  query = np.asarray(model.apply({"params": params}, queries, method=OpenQaModel.embed_queries))[0]
+  relevance = ref["reader_relevance_score"]
+  assert np.abs(relevance).min() > 1e-2  # far above the tolerance below: a missing retriever logit shows
+  batch = ({f"query_{k}": v for k, v in queries.items()}
+           | {f"reader_{k}": v[None] for k, v in features(ref, "reader").items()}
+           | {"reader_block_mask": ref["reader_block_mask"][None],
+              "block_embeddings": (relevance[:, None] * query / (query @ query))[None]})  # q . e_z = HF's score
+  retriever_logits, reader_logits = model.apply({"params": params}, batch)
+  np.testing.assert_allclose(retriever_logits[0], relevance, rtol=1e-5, atol=1e-6)
+  ours = np.asarray(reader_logits)[0]
   # HF orders spans by width then start and omits spans running past the sequence; ours is (start, width).
   starts, ends = ref["reader_span_starts"], ref["reader_span_ends"]
   ours = ours[:, starts * arch.max_span_width + (ends - starts)]

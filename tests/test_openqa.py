@@ -22,7 +22,7 @@ from realm_jax.data.questions import (
 )
 from realm_jax.models.bert import BertConfig
 from realm_jax.models.reader import INVALID_SPAN_LOGIT, SpanScorer
-from realm_jax.objectives.openqa import openqa_loss
+from realm_jax.objectives.openqa import OpenQaModel, openqa_loss
 
 QUESTIONS = DEMO / "questions"
 
@@ -128,14 +128,38 @@ def test_openqa_loss_equals_a_direct_numpy_computation():
 
 
 def test_the_retriever_logit_is_added_to_every_span_of_its_block():
-  """One softmax over (block, span): raising block 1's retriever logit moves mass to all its spans."""
-  span_logits = jnp.zeros((1, 2, 3))
-  low = openqa_loss(jnp.asarray([[0.0, 0.0]]), span_logits + jnp.asarray([0.0, 0.0])[None, :, None],
-                    jnp.asarray([[False, True]]), jnp.asarray([[[False] * 3, [True, False, False]]]))[1]
-  high = openqa_loss(jnp.asarray([[0.0, 2.0]]), span_logits + jnp.asarray([0.0, 2.0])[None, :, None],
-                     jnp.asarray([[False, True]]), jnp.asarray([[[False] * 3, [True, False, False]]]))[1]
-  assert float(high["reader_loss"]) < float(low["reader_loss"])
-  assert float(low["reader_loss"]) == pytest.approx(np.log(6.0), rel=1e-5)
+  """The model's reader logits are its span logits plus the block's retriever logit, for every span of each of
+  the top reader_k blocks; blocks past reader_k do not reach them."""
+  import flax.linen as nn
+
+  config = BertConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, vocab_size=50)
+  model = OpenQaModel(config, config, projection_size=8, span_hidden_size=8, max_span_width=3)
+  rng = np.random.default_rng(0)
+  queries = {"input_ids": rng.integers(1, 50, (2, 6)), "input_mask": np.ones((2, 6), np.int32),
+             "segment_ids": np.zeros((2, 6), np.int32)}
+  reader = {"input_ids": rng.integers(1, 50, (2, 2, 8)), "input_mask": np.ones((2, 2, 8), np.int32),
+            "segment_ids": np.tile([0, 0, 0, 1, 1, 1, 1, 1], (2, 2, 1)),
+            "block_mask": np.tile([0, 0, 0, 1, 1, 1, 1, 0], (2, 2, 1))}
+  batch = {f"query_{k}": v for k, v in queries.items()} | {f"reader_{k}": v for k, v in reader.items()}
+  zeros = np.zeros((2, 3, 8), np.float32)  # retrieve_k 3 blocks of which reader_k 2 are read
+  params = nn.meta.unbox(model.init(jax.random.key(0), batch | {"block_embeddings": zeros})["params"])
+  apply = lambda e: [np.asarray(x) for x in model.apply({"params": params}, batch | {"block_embeddings": e})]  # noqa: E731
+  query = np.asarray(model.apply({"params": params}, queries, method=OpenQaModel.embed_queries))
+  wanted = np.asarray([[1.5, -2.0, 0.7], [3.0, 0.5, -1.0]], np.float32)
+  embeddings = wanted[..., None] * (query / (query**2).sum(-1, keepdims=True))[:, None]  # q . e = wanted
+  retriever_logits, reader_logits = apply(embeddings)
+  _, span_logits = apply(zeros)  # retriever logits 0: the span scorer's own logits
+  np.testing.assert_allclose(retriever_logits, wanted, rtol=1e-5, atol=1e-5)
+  added = np.broadcast_to(retriever_logits[:, :2, None], reader_logits.shape)
+  np.testing.assert_allclose(reader_logits - span_logits, added, rtol=0, atol=2e-3)  # every span, invalid ones too
+  valid = span_logits > INVALID_SPAN_LOGIT / 2
+  assert valid.any() and (~valid).any()
+  np.testing.assert_allclose(reader_logits[valid], (span_logits + added)[valid], rtol=1e-5, atol=1e-5)
+  moved = embeddings.copy()
+  moved[:, 2] *= -3.0  # the third block: retrieved, not read
+  moved_retriever, moved_reader = apply(moved)
+  assert np.abs(moved_retriever[:, 2] - retriever_logits[:, 2]).min() > 0.1
+  np.testing.assert_array_equal(moved_reader, reader_logits)
 
 
 # ---- featurisation -----------------------------------------------------------------------------------------------

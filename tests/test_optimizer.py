@@ -4,7 +4,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from realm_jax.train.optimizer import bert_adamw, bert_schedule, bert_warmup_steps, decay_mask, subtree_multipliers
+from realm_jax.train.optimizer import (
+  OptimizerConfig,
+  bert_adamw,
+  bert_schedule,
+  bert_warmup_steps,
+  decay_mask,
+  subtree_multipliers,
+)
 
 
 @pytest.mark.parametrize("steps, warmup", [(500, 100), (5_000, 500), (200_000, 10_000), (10, 100)])
@@ -54,13 +61,30 @@ def test_two_updates_match_bert_adam_weight_decay_by_hand():
       np.testing.assert_allclose(params[k][n], p[k][n], rtol=1e-6)
 
 
+def _second_update_by_hand(first, second, clip_norm, lr=1.0, num_steps=10**6, b1=0.9, b2=0.999, eps=1e-6):
+  """BERT Adam's second update on two gradients, each clipped to global norm `clip_norm` first."""
+  clip = lambda g: g * min(1.0, clip_norm / np.linalg.norm(g))  # noqa: E731
+  g1, g2 = clip(np.asarray(first, np.float64)), clip(np.asarray(second, np.float64))
+  m = b1 * (1 - b1) * g1 + (1 - b1) * g2
+  v = b2 * (1 - b2) * g1**2 + (1 - b2) * g2**2
+  return -lr * (1 - 1 / num_steps) * m / (np.sqrt(v) + eps)
+
+
 def test_gradients_are_clipped_to_global_norm_one():
-  opt = bert_adamw(1.0, num_steps=10, weight_decay=0.0, warmup_steps=0)
+  """A gradient of norm 500 enters Adam's moments as its unit vector; one of norm 0.5 enters unchanged."""
+  first, second = [300.0, 400.0], [0.3, -0.4]
   params = {"kernel": jnp.zeros(2)}
-  state = opt.init(params)
-  big, _ = opt.update({"kernel": jnp.array([300.0, 400.0])}, state, params)
-  small, _ = opt.update({"kernel": jnp.array([0.6, 0.8])}, opt.init(params), params)
-  np.testing.assert_allclose(big["kernel"], small["kernel"], rtol=1e-6)
+  updates = {}
+  for clip_norm in (1.0, 1e9):
+    opt = bert_adamw(1.0, num_steps=10**6, weight_decay=0.0, clip_norm=clip_norm, warmup_steps=0)
+    state = opt.init(params)
+    _, state = opt.update({"kernel": jnp.asarray(first)}, state, params)
+    updates[clip_norm], _ = opt.update({"kernel": jnp.asarray(second)}, state, params)
+  clipped, unclipped = _second_update_by_hand(first, second, 1.0), _second_update_by_hand(first, second, 1e9)
+  np.testing.assert_allclose(updates[1.0]["kernel"], clipped, rtol=1e-5)
+  np.testing.assert_allclose(updates[1e9]["kernel"], unclipped, rtol=1e-5)
+  assert np.abs(clipped - unclipped).max() > 1.0  # far beyond Adam's epsilon: clipping is what tells them apart
+  assert OptimizerConfig(1e-4).clip_norm == 1.0  # the released code's global-norm clip
 
 
 def test_a_multiplier_scales_one_subtrees_learning_rate_and_a_wrong_name_is_refused():

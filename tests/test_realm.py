@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import TINY_BERT as TINY
+from conftest import TINY_BERT_H32 as TINY_H32
 
 from realm_jax import partitioning
 from realm_jax.data.realm import (
@@ -11,6 +12,8 @@ from realm_jax.data.realm import (
   MaskedQueries,
   RealmDataConfig,
   candidate_inputs,
+  most_blocks_per_uid,
+  search_depth,
   select_candidates,
   span_in_candidates,
 )
@@ -126,8 +129,32 @@ def test_the_trivial_block_is_never_a_candidate_and_null_comes_first(demo_store)
   candidates, weights = select_candidates(retrieved, np.array([9, 100, 2]), uids, num_candidates=4)
   assert candidates.tolist() == [[NULL_BLOCK, 5, 2, 7], [NULL_BLOCK, 3, 4, 6], [NULL_BLOCK, 1, 1, 3]]
   assert weights.tolist() == [1.0, 1.0, 0.0]  # duplicates drop the example
-  no_null, _ = select_candidates(retrieved, np.array([9, 100, 2]), uids, num_candidates=3, null_document=False)
-  assert no_null.tolist() == [[5, 2, 7], [3, 4, 6], [1, 1, 3]]
+
+
+def test_without_the_null_document_every_slot_holds_a_retrieved_block_and_the_example_counts(demo_store):
+  """At the run's search depth, a query whose own content (all its copies) is retrieved at any rank still gets
+  num_candidates retrieved blocks, none its own content nor the null block, and weight 1."""
+  uids = np.asarray(demo_store.arrays["uids"])
+  copies = most_blocks_per_uid(uids)
+  _, group, counts = np.unique(uids, axis=0, return_inverse=True, return_counts=True)
+  group = group.ravel()
+  source = int(np.flatnonzero(counts[group] == copies)[0])  # a block whose content repeats most
+  own = np.flatnonzero(group == group[source])
+  others = np.flatnonzero(counts[group] == 1)[:20]
+  assert copies > 1 and len(own) == copies
+  num_candidates = 4
+  depth = search_depth(num_candidates, False, True, copies, demo_store.num_blocks)
+  assert depth == num_candidates + copies  # no null slot: the own content's blocks all need spares
+  rows = []
+  for rank in range(depth - copies + 1):  # the own content anywhere among the retrieved
+    row = list(others[: depth - copies])
+    rows.append(row[:rank] + list(own) + row[rank:])
+  retrieved = np.asarray(rows)
+  candidates, weights = select_candidates(retrieved, np.full(len(rows), source), uids, num_candidates,
+                                          null_document=False)
+  assert weights.tolist() == [1.0] * len(rows)
+  assert (candidates == others[:num_candidates]).all()
+  assert (candidates[:, :, None] != own).all() and (candidates != NULL_BLOCK).all()
 
 
 def test_trivial_retrievals_stay_when_their_exclusion_is_switched_off(demo_store):
@@ -377,6 +404,30 @@ def test_sharded_realm_step_equals_one_device(demo_store):
     (loss8, _), grads8 = grad_fn(params, partitioning.shard_batch(batch, mesh))
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6), grads8, grads1)
-  # Gradients reach both the retriever (through the fresh candidate scores) and the reader.
+  # Not a vacuous comparison (which towers get gradients: the test below).
   assert np.abs(grads1["retriever"]["query_tower"]["projection"]["kernel"]).max() > 0
   assert np.abs(grads1["reader"]["layer_0"]["intermediate"]["kernel"]).max() > 0
+
+
+def _max_abs(tree):
+  return max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(tree))
+
+
+def test_separate_towers_get_gradients_the_block_tower_through_the_candidate_scores(demo_store):
+  """share_towers=False: the block tower is trained through the fresh scores of the candidates (it embeds nothing
+  else), the query tower through the queries' embeddings, the reader through the marginal."""
+  import flax.linen as nn
+
+  from realm_jax.objectives.realm import RealmModel, realm_loss
+
+  batch = {k: v[:4] for k, v in _batch_with_candidates(demo_store).items()}
+  assert batch["example_weight"].all() and batch["mlm_weights"].any()
+  model = RealmModel(TINY_H32, TINY_H32, projection_size=16, share_towers=False)
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), batch)["params"])
+  assert set(params["retriever"]) == {"query_tower", "block_tower"}
+  grads = jax.jit(jax.grad(lambda p: realm_loss(model, p, batch, jax.random.key(1))[0]))(params)
+  towers = grads["retriever"]
+  for tower in ("query_tower", "block_tower"):
+    for part in ("projection", "encoder"):
+      assert _max_abs(towers[tower][part]) > 1e-6, (tower, part)
+  assert _max_abs(grads["reader"]) > 0
