@@ -6,6 +6,10 @@ r"""Expands a set of gin variants into REALM pre-training runs: locally in seque
     --variant="lr_1e3=optimizer.OptimizerConfig.learning_rate = 1e-3" \
     --workdir_root=workdir/sweep --mode=local
 
+A variant with queries from a corpus of its own (X != Z, gin/runs/realm_pretrain_separate_corpora.gin) binds the
+trainer's QUERY_STORE: --variant="x_ne_z=QUERY_STORE = 'workdir/demo_xz/query_blocks'" (retrieval stays on the
+sweep's BLOCK_STORE, which the refresher embeds); in --mode=tpu, --query_store=gs://... is staged by every pod.
+
 A variant is NAME=ITEM;ITEM;... where an item ending in .gin is a gin file and anything else a
 binding.  A variant's items, like --run_bindings, reach the trainer only, and those written
 `refresher:ITEM` the refresher only (after gin/runs/refresh.gin; e.g.
@@ -48,6 +52,8 @@ _BASELINE = flags.DEFINE_string("baseline", None, "Variant whose final held-out 
 _DEVICES = flags.DEFINE_integer("local_devices", 1, "JAX_NUM_CPU_DEVICES for each local process.")
 _POD_BLOCK_STORE = flags.DEFINE_string("block_store", None, "--mode=tpu: the gs:// block store that each pod "
                                        "stages on every host (launch/tpu/pod.py --block_store).")
+_POD_QUERY_STORE = flags.DEFINE_string("query_store", None, "--mode=tpu: a gs:// query-corpus block store that "
+                                       "each pod stages on its trainer hosts (launch/tpu/pod.py --query_store).")
 
 REPO = Path(__file__).resolve().parents[1]
 REFRESHER = "refresher:"  # a variant item for the refresher
@@ -96,11 +102,12 @@ def check_variant(variant: Variant) -> None:
 
   name, retrieval = variant.name, uses_retrieval(variant.files, variant.bindings)
   staged = [f"BLOCK_STORE = {'/staged/by/pod.py'!r}"] if _POD_BLOCK_STORE.value else []  # pod.py binds it
+  trainer_staged = [f"QUERY_STORE = {'/staged/by/pod.py'!r}"] if _POD_QUERY_STORE.value else []
   if not retrieval and (variant.refresher_files or variant.refresher_bindings):
     raise InputError(f"--variant {name}: has {REFRESHER} items, but retrieval is off: no refresher runs")
   try:
     cli.parse_gin([*_GIN_FILES.value, *_RUN_GIN.value, *variant.files], [*_GIN_BINDINGS.value, *variant.bindings,
-                                                                        *staged])
+                                                                        *staged, *trainer_staged])
     if retrieval:
       gin.clear_config()
       cli.parse_gin(refresher_files(variant), [*_GIN_BINDINGS.value, *variant.refresher_bindings, *staged])
@@ -183,7 +190,8 @@ def main(argv):
                  *[f"--run_bindings={b}" for b in v.bindings],
                  *[f"--refresh_gin={f}" for f in v.refresher_files],
                  *[f"--refresh_bindings={b}" for b in v.refresher_bindings],
-                 *([f"--block_store={_POD_BLOCK_STORE.value}"] if _POD_BLOCK_STORE.value else []), "--dry_run"]
+                 *([f"--block_store={_POD_BLOCK_STORE.value}"] if _POD_BLOCK_STORE.value else []),
+                 *([f"--query_store={_POD_QUERY_STORE.value}"] if _POD_QUERY_STORE.value else []), "--dry_run"]
       print(shlex.join(command))
     else:
       results.append(run_local(v))

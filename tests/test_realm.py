@@ -1,5 +1,7 @@
 """REALM pre-training: masked queries, candidates without the trivial block, the marginal loss by hand."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -431,3 +433,86 @@ def test_separate_towers_get_gradients_the_block_tower_through_the_candidate_sco
     for part in ("projection", "encoder"):
       assert _max_abs(towers[tower][part]) > 1e-6, (tower, part)
   assert _max_abs(grads["reader"]) > 0
+
+
+@pytest.fixture(scope="module")
+def query_store(tmp_path_factory, wordpiece):
+  """A query corpus X of its own: demo passages 299 down to 0 (so X's block j is the demo store's block 299 - j),
+  the first 150 of them (passages 299..150) retitled, so their text is X's alone; the other 150 are also in Z."""
+  import json
+
+  from conftest import DEMO_ENTITIES, DEMO_PASSAGES
+
+  from realm_jax.data.blocks import BlockStore, build_block_store
+  from realm_jax.data.corpus import fingerprint_files, read_documents
+
+  root = tmp_path_factory.mktemp("query_corpus")
+  passages = DEMO_PASSAGES.read_text().splitlines()[:300][::-1]
+  entities = DEMO_ENTITIES.read_text().splitlines()[:300][::-1]
+  records = [json.loads(line) for line in passages]
+  for record in records[:150]:
+    record["title"] = f"News: {record['title']}"
+  (root / "passages.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  (root / "entities.jsonl").write_text("".join(line + "\n" for line in entities))
+  build_block_store(read_documents(root / "passages.jsonl", root / "entities.jsonl"), root / "blocks", wordpiece,
+                    fingerprint_files(root / "passages.jsonl", root / "entities.jsonl"))
+  return BlockStore(root / "blocks")
+
+
+def test_trivial_retrievals_are_excluded_by_uid_across_a_separate_query_store(demo_store, query_store):
+  import flax.linen as nn
+
+  from realm_jax.data.realm import realm_query_dataset
+  from realm_jax.train.pretrain import RealmRun
+
+  uids, query_uids = np.asarray(demo_store.arrays["uids"]), np.asarray(query_store.arrays["uids"])
+  assert (query_uids[150:] == uids[149::-1]).all() and not (query_uids[:150] == uids[299:149:-1]).all(-1).any()
+  data = RealmDataConfig(batch_size=8, query_len=32, block_len=48, joint_len=80, num_candidates=4, seed=3)
+  run = RealmRun(realm_spec(demo_store, data), demo_store, partitioning.make_mesh(), queries=query_store)
+  batch = realm_query_dataset(query_store, data)[0]
+  shared = batch["block_id"] >= 150
+  assert shared.any() and (~shared).any()  # queries with and without their text in Z
+  _, group, counts = np.unique(uids, axis=0, return_inverse=True, return_counts=True)
+  unique = [i for i in range(3000, 4000) if counts[group.ravel()[i]] == 1][:8]  # content found once in Z
+  # Each query's best hit: Z's copy of its text (shared) or a block with X's id (not X's text); then 3 others.
+  first = np.where(shared, 299 - batch["block_id"], batch["block_id"])
+  rows = np.stack([first, *np.asarray(unique[:3])[:, None].repeat(8, 1)], 1)
+  run.live.searcher = type("Searcher", (), {"search": lambda self, q, k: (rows[:, :k], np.zeros((8, k)))})()
+  completed = run.complete(nn.meta.unbox(run.spec.objective().init_params(jax.random.key(0))), batch)
+  expected = [[NULL_BLOCK, *(unique[:3] if s else (int(f), *unique[:2]))] for s, f in zip(shared, first, strict=True)]
+  blocks, _ = candidate_inputs(demo_store, np.array(expected), batch["query_input_ids"], data)
+  np.testing.assert_array_equal(completed["block_input_ids"], blocks["input_ids"])  # Z's copy excluded, none else
+  assert completed["example_weight"].tolist() == [1.0] * 8
+
+
+def test_pretraining_reads_queries_from_the_query_store_and_candidates_from_the_knowledge_store(
+    demo_store, query_store, tmp_path):
+  from realm_jax.eval.realm_mlm import load_eval
+
+  data = RealmDataConfig(batch_size=8, query_len=32, block_len=48, joint_len=80, num_candidates=4, eval_blocks=10)
+  spec = dataclasses.replace(realm_spec(demo_store, data), query_store=str(query_store.path))
+  history = run_pretrain(str(tmp_path), partitioning.make_mesh(), spec, TrainerConfig(2, log_every=1),
+                         OptimizerConfig(1e-3, 1))
+  assert all(np.isfinite(h["loss"]) for h in history) and history[-1]["eval_queries"] == 10
+  # The held-out queries are X's; the index holds Z's blocks.
+  held_out = MaskedQueries(query_store, data).eval_block_ids
+  assert sorted(load_eval(tmp_path)["block_id"].tolist()) == sorted(held_out.tolist())
+  assert index_lib.load_index(tmp_path / "index", 0, demo_store)[1].shape[0] == demo_store.num_blocks
+
+
+def test_a_query_store_with_another_tokenizer_is_refused_naming_the_field(demo_store, query_store, tmp_path):
+  import json
+  import shutil
+
+  from realm_jax.data.realm import query_store_for
+  from realm_jax.errors import InputError
+
+  copy = tmp_path / "blocks"
+  shutil.copytree(query_store.path, copy)
+  manifest = json.loads((copy / "manifest.json").read_text())
+  manifest["tokenizer"] = "wordpiece:cased:0123456789abcdef"
+  (copy / "manifest.json").write_text(json.dumps(manifest))
+  with pytest.raises(InputError, match=r"blocks/manifest.json: tokenizer 'wordpiece:cased:0123456789abcdef' differs "
+                     r"from the knowledge store's 'wordpiece:uncased:[0-9a-f]+'"):
+    query_store_for(demo_store, str(copy))
+  assert query_store_for(demo_store, None) is demo_store

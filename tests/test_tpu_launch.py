@@ -53,6 +53,22 @@ def test_pod_stages_the_block_store_on_every_host_of_both_slices_and_jobs_read_t
   assert "gs://bucket/blocks" not in " ".join(" ".join(_shell(c)) for c in jobs)
 
 
+def test_pod_stages_a_separate_query_corpus_on_the_trainer_hosts_only_and_the_trainer_reads_the_copy():
+  result = _pod_dry_run("--block_store=gs://bucket/wiki", "--query_store=gs://bucket/ccnews",
+                        "--local_query_store=/mnt/disk/ccnews",
+                        "--run_gin=gin/runs/realm_pretrain_separate_corpora.gin")
+  assert result.returncode == 0, result.stderr
+  commands = [shlex.split(line) for line in result.stdout.strip().splitlines()]
+  staged = [c for c in commands if "--source=gs://bucket/ccnews" in _shell(c)]
+  assert [c[5] for c in staged] == ["realm"]  # the refresher embeds the knowledge corpus only
+  assert _shell(staged[0])[-1] == "--dest=/mnt/disk/ccnews"
+  trainer, refresher = commands[-2:]
+  assert "--gin_bindings=QUERY_STORE = '/mnt/disk/ccnews'" in _shell(trainer)
+  assert not any("QUERY_STORE" in a for a in _shell(refresher))
+  refused = _pod_dry_run("--run_bindings=QUERY_STORE = 'gs://bucket/ccnews'")
+  assert refused.returncode != 0 and "pass --query_store=gs://... instead" in refused.stderr
+
+
 def test_pod_refuses_a_gs_block_store_binding_that_jobs_cannot_memory_map():
   result = _pod_dry_run("--gin_bindings=BLOCK_STORE = 'gs://bucket/blocks'")
   assert result.returncode != 0
@@ -94,6 +110,24 @@ def test_sweep_expands_variants_into_pod_commands():
                             "--refresh_bindings=refresher.RefreshJob.keep = 5"]  # the stale variant's, to pod.py
   assert not [a for a in lines[3] if a.startswith("--run_") and "refresh" in a.lower()]
   assert all("--block_store=gs://b/blocks" in c for c in lines)  # every pod stages the store on its hosts
+
+
+def test_sweep_passes_a_separate_query_corpus_to_every_pod_and_a_local_variant_binds_it_for_the_trainer():
+  result = subprocess.run(
+      [sys.executable, "launch/sweep.py", "--gin_file=gin/models/bert_base.gin",
+       "--run_gin=gin/runs/realm_pretrain_separate_corpora.gin", "--variant=baseline=",
+       "--workdir_root=gs://b/sweep", "--mode=tpu", "--block_store=gs://b/wiki", "--query_store=gs://b/ccnews"],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+  )
+  assert result.returncode == 0, result.stderr
+  assert "--query_store=gs://b/ccnews" in shlex.split(result.stdout)
+  without = subprocess.run(  # the separate-corpora run gin requires QUERY_STORE
+      [sys.executable, "launch/sweep.py", "--gin_file=gin/models/bert_base.gin",
+       "--run_gin=gin/runs/realm_pretrain_separate_corpora.gin", "--variant=baseline=",
+       "--workdir_root=gs://b/sweep", "--mode=tpu", "--block_store=gs://b/wiki"],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+  )
+  assert without.returncode != 0 and "QUERY_STORE" in without.stderr
 
 
 def test_sweep_refuses_refresher_items_of_a_variant_without_a_refresher():

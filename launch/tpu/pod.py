@@ -11,7 +11,9 @@ jobs, --run_gin/--run_bindings the trainer only, --refresh_gin/--refresh_binding
 --refresh_gin=gin/ablations/slow_refresh.gin, Table 2's "30x stale MIPS").  Block stores are memory-mapped
 from local disk: the `stage` step copies --block_store (from `launch/build_blocks.py --out=gs://...`) to
 --local_block_store on every host of both slices (`launch/stage_blocks.py`, a verified copy), and both jobs
-get `BLOCK_STORE = '<local_block_store>'`.  `--dry_run` prints the commands instead of running them.
+get `BLOCK_STORE = '<local_block_store>'`.  A separate query corpus (gin/runs/realm_pretrain_separate_corpora.gin)
+is staged the same way, on the trainer's hosts only, from --query_store to --local_query_store, and the trainer
+gets `QUERY_STORE = '<local_query_store>'`.  `--dry_run` prints the commands instead of running them.
 """
 
 from __future__ import annotations
@@ -44,9 +46,13 @@ _BLOCK_STORE = flags.DEFINE_string("block_store", None, "Block store on GCS (gs:
                                    "--local_block_store on every host; without it, bind a local BLOCK_STORE.")
 _LOCAL_BLOCK_STORE = flags.DEFINE_string("local_block_store", "/tmp/realm-jax-blocks",
                                          "Where every host stages --block_store; the jobs' BLOCK_STORE.")
+_QUERY_STORE = flags.DEFINE_string("query_store", None, "Query corpus block store on GCS, staged to "
+                                   "--local_query_store on every trainer host (the trainer's QUERY_STORE).")
+_LOCAL_QUERY_STORE = flags.DEFINE_string("local_query_store", "/tmp/realm-jax-query-blocks",
+                                         "Where every trainer host stages --query_store.")
 STEPS = ["create", "install", "stage", "train", "refresh"]
 _STEPS = flags.DEFINE_multi_enum("step", STEPS, STEPS, "Which commands to issue (always in this order; stage "
-                                 "only with --block_store).")
+                                 "only with --block_store or --query_store).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
 
 
@@ -62,20 +68,27 @@ def _on_all_workers(vm: str, shell: str) -> list[str]:
 
 
 def _check_block_store_flags() -> None:
-  """Jobs read a local block store: a gs:// BLOCK_STORE binding, or one beside --block_store, is refused."""
-  bound = [b for b in [*_GIN_BINDINGS.value, *_RUN_BINDINGS.value, *_REFRESH_BINDINGS.value]
-           if re.match(r"\s*BLOCK_STORE\s*=", b)]
-  if _BLOCK_STORE.value and bound:
-    raise app.UsageError(f"--block_store={_BLOCK_STORE.value} and the binding {bound[0]!r}: give one of them")
-  if any("gs://" in b for b in bound):
-    raise app.UsageError(f"{bound[0]!r}: a block store is memory-mapped from each host's disk; pass "
-                         "--block_store=gs://... instead, which the stage step copies to --local_block_store")
-  if "://" in _LOCAL_BLOCK_STORE.value:
-    raise app.UsageError(f"--local_block_store={_LOCAL_BLOCK_STORE.value} must be a directory on each host's disk")
+  """Jobs read local block stores: a gs:// BLOCK_STORE / QUERY_STORE binding, or one beside its flag, is refused."""
+  for macro, flag, local in (("BLOCK_STORE", _BLOCK_STORE, _LOCAL_BLOCK_STORE),
+                             ("QUERY_STORE", _QUERY_STORE, _LOCAL_QUERY_STORE)):
+    bound = [b for b in [*_GIN_BINDINGS.value, *_RUN_BINDINGS.value, *_REFRESH_BINDINGS.value]
+             if re.match(rf"\s*{macro}\s*=", b)]
+    if flag.value and bound:
+      raise app.UsageError(f"--{flag.name}={flag.value} and the binding {bound[0]!r}: give one of them")
+    if any("gs://" in b for b in bound):
+      raise app.UsageError(f"{bound[0]!r}: a block store is memory-mapped from each host's disk; pass "
+                           f"--{flag.name}=gs://... instead, which the stage step copies to --{local.name}")
+    if "://" in local.value:
+      raise app.UsageError(f"--{local.name}={local.value} must be a directory on each host's disk")
 
 
 def _block_store_binding() -> list[str]:
   return [f"BLOCK_STORE = {_LOCAL_BLOCK_STORE.value!r}"] if _BLOCK_STORE.value else []
+
+
+def _stage(source: str, dest: str) -> str:
+  return "cd ~/realm-jax && .venv/bin/python " + shlex.join(
+      ["launch/stage_blocks.py", f"--source={source}", f"--dest={dest}"])
 
 
 def _launcher(script: str, run_gins: list[str], extra_bindings: list[str]) -> str:
@@ -99,12 +112,15 @@ def pod_commands() -> list[list[str]]:
         commands.append(_gcloud("create", vm, f"--accelerator-type={accelerator}", f"--version={_VERSION.value}"))
     elif step == "install":
       commands += [_on_all_workers(trainer_vm, install), _on_all_workers(refresh_vm, install)]
-    elif step == "stage" and _BLOCK_STORE.value:
-      stage = "cd ~/realm-jax && .venv/bin/python " + shlex.join(
-          ["launch/stage_blocks.py", f"--source={_BLOCK_STORE.value}", f"--dest={_LOCAL_BLOCK_STORE.value}"])
-      commands += [_on_all_workers(trainer_vm, stage), _on_all_workers(refresh_vm, stage)]
+    elif step == "stage":
+      if _BLOCK_STORE.value:
+        stage = _stage(_BLOCK_STORE.value, _LOCAL_BLOCK_STORE.value)
+        commands += [_on_all_workers(trainer_vm, stage), _on_all_workers(refresh_vm, stage)]
+      if _QUERY_STORE.value:  # only the trainer reads the query corpus
+        commands.append(_on_all_workers(trainer_vm, _stage(_QUERY_STORE.value, _LOCAL_QUERY_STORE.value)))
     elif step == "train":
-      trainer = _launcher(f"launch/{_JOB.value}.py", _RUN_GIN.value, _RUN_BINDINGS.value)
+      queries = [f"QUERY_STORE = {_LOCAL_QUERY_STORE.value!r}"] if _QUERY_STORE.value else []
+      trainer = _launcher(f"launch/{_JOB.value}.py", _RUN_GIN.value, [*_RUN_BINDINGS.value, *queries])
       commands.append(_on_all_workers(trainer_vm, trainer))
     elif step == "refresh":
       # The refresher reads what to embed with (tower, block length, ...) from the trainer's <workdir>/retriever.json.

@@ -11,8 +11,10 @@ carry no word boundaries, so lengths count word pieces here).
 
 Candidates: the top `search_depth` blocks of the published index (stale), every block with the query's own
 content removed (trivial retrieval), the null document prepended at index 0, truncated to `num_candidates`
-(8).  Examples whose candidates hold the same content twice (SHA1 uid) get weight 0 (the released code drops
-them).
+(8).  Queries may come from a block store of their own (the paper's X = CC-News, Z = Wikipedia:
+`RealmSpec.query_store`, `query_store_for`): the query block's SHA1 uid is then compared with the knowledge
+store's, so a text present in both corpora is still never its own candidate.  Examples whose candidates hold
+the same content twice (SHA1 uid) get weight 0 (the released code drops them).
 
 Held-out evaluation (`eval_blocks` > 0; the paper has none): the first `eval_blocks` maskable blocks in
 SHA1-uid order (a pseudo-random choice that depends on the text only) never make training queries; each
@@ -234,6 +236,21 @@ def realm_query_dataset(store: BlockStore, config: RealmDataConfig,
   return block_batches(queries.train_block_ids, queries, config.batch_size, config.seed)
 
 
+def query_store_for(knowledge: BlockStore, query_store: str | None) -> BlockStore:
+  """The store the masked queries come from: `knowledge` itself (None) or the block store at `query_store`,
+  which must share the knowledge store's tokenizer and special ids (the reader joins a query with a retrieved
+  body, so both must be the same word pieces)."""
+  if query_store is None:
+    return knowledge
+  queries = BlockStore(query_store)
+  for field in ("tokenizer", "special_ids"):
+    if queries.manifest[field] != knowledge.manifest[field]:
+      raise InputError(f"{queries.path}/manifest.json: {field} {queries.manifest[field]!r} differs from the "
+                       f"knowledge store's {knowledge.manifest[field]!r} ({knowledge.path}): build both block stores "
+                       "with one --vocab")
+  return queries
+
+
 def most_blocks_per_uid(uids: np.ndarray) -> int:
   """The most blocks of the store [N, 20] that share one SHA1 uid (the same title and body): 1 where no content
   repeats.  Counted by the uids' first 8 bytes (an over-count only if two texts' SHA1s share them)."""
@@ -255,11 +272,12 @@ def search_depth(num_candidates: int, null_document: bool, exclude_trivial: bool
 
 def select_candidates(
     retrieved: np.ndarray, source: np.ndarray, uids: np.ndarray, num_candidates: int, null_document: bool = True,
-    exclude_trivial: bool = True,
+    exclude_trivial: bool = True, query_uids: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """[B, k] retrieved ids -> ([B, num_candidates] ids, NULL_BLOCK first if `null_document`; [B] weights).
 
-  Every block whose SHA1 uid (`uids` [N, 20], from the block store) equals the source block's is
+  Every block whose SHA1 uid (`uids` [N, 20], from the knowledge block store) equals the source block's (its
+  row of `query_uids`, the query store's uids, where queries come from a store of their own; None: `uids`) is
   removed (trivial retrieval; `exclude_trivial=False` keeps them, the paper's §3.4 counter-example); the
   first blocks left fill the slots in order.  Examples whose candidates hold two blocks of the same uid (the
   same content under two block ids, or one block twice), or with too few blocks left, get weight 0 (the
@@ -273,7 +291,8 @@ def select_candidates(
   batch, k = retrieved.shape
   keep = np.ones((batch, k), bool)
   if exclude_trivial:
-    keep = (uids[retrieved] != uids[np.asarray(source)][:, None]).any(-1)
+    source_uids = (uids if query_uids is None else query_uids)[np.asarray(source)]
+    keep = (uids[retrieved] != source_uids[:, None]).any(-1)
   rank = np.cumsum(keep, 1) - 1  # position among the kept blocks
   rows, cols = np.nonzero(keep & (rank < slots))
   out = np.full((batch, num_candidates), NULL_BLOCK, np.int64)

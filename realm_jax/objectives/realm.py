@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from realm_jax.checkpoints.train_dir import abstract_params
 from realm_jax.data.blocks import BlockStore
 from realm_jax.data.features import FEATURES
-from realm_jax.data.realm import RealmDataConfig
+from realm_jax.data.realm import RealmDataConfig, query_store_for
 from realm_jax.errors import InputError
 from realm_jax.models.bert import BertConfig, BertEncoder, MlmHead
 from realm_jax.models.retriever import DualEncoder, RetrieverConfig
@@ -172,6 +172,8 @@ class RealmSpec:
   `exclude_trivial=False` keeps the query's own block among the candidates (the paper's §3.4: the reader then
   learns to copy, the retriever to match surface strings): the `keep_trivial_retrievals` ablation.
   `retrieval=False` reads the null block only (the `no_retrieval` ablation).
+  `query_store`: the block store the masked queries (and held-out queries) come from, the paper's query corpus
+  X (CC-News); `block_store` is the knowledge corpus Z (Wikipedia) that is indexed and retrieved.  None: X = Z.
   """
 
   block_store: str
@@ -184,6 +186,7 @@ class RealmSpec:
   per_example_marginal: bool = False
   retriever_init: str | None = None
   reader_init: str | None = None
+  query_store: str | None = None
 
   def __post_init__(self):
     if self.data.block_len != self.retriever.block_len:
@@ -206,7 +209,12 @@ class RealmSpec:
                       r.projection_init, r.score_scale)
 
   def store(self) -> BlockStore:
+    """The knowledge store Z: what the index holds and candidates are read from."""
     return BlockStore(self.block_store)
+
+  def queries_store(self, knowledge: BlockStore) -> BlockStore:
+    """The query store X (`knowledge` itself without a `query_store`)."""
+    return query_store_for(knowledge, self.query_store)
 
   def batch_shapes(self, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     data = dataclasses.replace(self.data, batch_size=batch_size or self.data.batch_size)

@@ -51,16 +51,21 @@ from realm_jax.train.trainer import TrainerConfig, TrainHooks, TrainState, make_
 
 @dataclasses.dataclass
 class RealmRun:
-  """A REALM run's host-side work each step: candidates for the batch's queries from the live index."""
+  """A REALM run's host-side work each step: candidates for the batch's queries from the live index.
+
+  `store` is the knowledge store (the index's blocks), `queries` the store the batch's `block_id`s index
+  (the query corpus; None: `store`)."""
 
   spec: RealmSpec
   store: BlockStore
   mesh: Any
   search: SearchConfig = SearchConfig()
   rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES  # the trainer's: where the index rows go ("docs")
+  queries: BlockStore | None = None
 
   def __post_init__(self):
     self.model = self.spec.model()
+    self.query_uids = None if self.queries is None else self.queries.arrays["uids"]
     self.live = index_lib.LiveIndex(self.mesh, self.search, self.rules)
     self.copies = most_blocks_per_uid(self.store.arrays["uids"])  # blocks a query's own content may fill
     self._embed_queries = jax.jit(lambda p, q: self.model.apply(
@@ -87,7 +92,7 @@ class RealmRun:
       retrieved, _ = self.live.searcher.search(query_emb, depth)
       retrieved = retrieved[partitioning.process_rows(self.mesh, len(retrieved))]
       candidates, weights = select_candidates(retrieved, batch["block_id"], self.store.arrays["uids"],
-                                              c.num_candidates, spec.null_document, exclude_trivial)
+                                              c.num_candidates, spec.null_document, exclude_trivial, self.query_uids)
     blocks, joint = candidate_inputs(self.store, candidates, batch["query_input_ids"], c)
     return {
         **batch,
@@ -127,18 +132,23 @@ def run_pretrain(workdir: str, mesh: jax.sharding.Mesh, spec: RealmSpec, trainer
 
   With `data.eval_blocks` > 0 the held-out MLM evaluation (`eval.realm_mlm`) runs every `trainer.eval_every`
   steps (0: at the last step only) on the live index, never retrieving a query's own block.
+
+  With `spec.query_store` the queries (training and held-out) come from that store (X) and the candidates from
+  `spec.block_store` (Z), the store the refresher embeds; trivial retrievals are excluded by SHA1 uid across them.
   """
   data, index = spec.data, index or LiveIndexConfig()
   if trainer.eval_every and not data.eval_blocks:
     raise InputError(f"eval_every={trainer.eval_every} needs held-out blocks: set RealmDataConfig.eval_blocks > 0")
   store = spec.store()
+  query_store = spec.queries_store(store)
   RetrieverDescription(spec.retriever, spec.block_tower_path, store.manifest["tokenizer"]).write(workdir)
   pretrained = starting_weights(spec)
   train = make_trainer(spec.objective(), mesh, workdir, trainer, optimizer)
-  masked = MaskedQueries(store, data)
-  queries = iter(realm_query_dataset(store, data, masked).to_iter_dataset())
+  masked = MaskedQueries(query_store, data)
+  queries = iter(realm_query_dataset(query_store, data, masked).to_iter_dataset())
+  separate = query_store if spec.query_store is not None else None
   with contextlib.ExitStack() as stack:
-    state, run, poller = None, RealmRun(spec, store, mesh, index.search, train.rules), None
+    state, run, poller = None, RealmRun(spec, store, mesh, index.search, train.rules, separate), None
     if spec.retrieval:
       index_dir = storage.as_path(workdir) / INDEX_DIR
       fresh = not index_lib.committed_steps(index_dir) and train.checkpoints.latest_step() is None
