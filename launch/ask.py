@@ -1,4 +1,5 @@
-r"""Ask a fine-tuned Open-QA model: the answer, its score and the blocks it was read from.
+r"""Ask a fine-tuned Open-QA model: the answer, its score and the blocks it was read from.  The checkpoint is the
+best by dev exact match when fine-tuning recorded one (<workdir>/dev_eval/), else the newest (logged with why).
 
   python launch/ask.py --gin_file=gin/models/minilm.gin --gin_file=gin/runs/openqa_demo.gin \
     --workdir=workdir/demo/openqa --question="when was the last time anyone was on the moon"

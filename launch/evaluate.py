@@ -2,7 +2,9 @@ r"""Evaluates a fine-tuned Open-QA run: exact match and answer-recall@k per data
 
   python launch/evaluate.py --gin_file=gin/models/minilm.gin --gin_file=gin/runs/openqa_demo.gin \
     --workdir=workdir/demo/openqa
-Writes <workdir>/eval/<dataset>.json (predictions + the blocks they came from), results.json, results.md.
+Loads the best checkpoint by dev exact match when fine-tuning recorded one (<workdir>/dev_eval/), else the
+newest, and logs which step and why.  Writes <workdir>/eval/<dataset>.json (predictions + the blocks they came
+from), results.json, results.md.
 `--retrieval_only` skips the span reader (answer-recall@k of every system, no EM) and writes
 <workdir>/eval_retrieval/: fast enough for whole datasets on a CPU.
 """

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gin
 
 from launch import cli, common
+from realm_jax.checkpoints import best
 from realm_jax.train import finetune
 
 
@@ -24,6 +25,10 @@ def main(argv):
   print(f"Open-QA fine-tuning finished at step {last['step']}: loss {last['loss']:.3f}, "
         f"retrieval recall {last['retrieval_recall']:.3f}, reader oracle {last['reader_oracle']:.3f}, "
         f"span EM {last['span_exact_match']:.3f}")
+  record = best.newest_record(workdir)
+  if record is not None:
+    print(f"best dev exact match {record.best_dev_exact_match:.2f}% ({record.dev_questions} dev questions) at step "
+          f"{record.best_step}: evaluate.py and ask.py load that checkpoint ({workdir / best.DEV_EVAL_DIR})")
 
 
 if __name__ == "__main__":

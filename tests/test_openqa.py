@@ -299,13 +299,20 @@ def test_finetune_evaluate_and_ask_launchers_end_to_end_on_a_gcs_workdir(small_q
   flags = ["--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/openqa_demo.gin",
            f"--gin_bindings=BLOCK_STORE = '{store.path}'", f"--gin_bindings=TRAIN_QUESTIONS = '{root / 'q.jsonl'}'",
            f"--gin_bindings=QUESTIONS = '{QUESTIONS}'", "--gin_bindings=NUM_STEPS = 2",
-           "--gin_bindings=openqa_data.OpenQaDataConfig.retrieve_k = 8", f"--workdir={workdir}"]
+           "--gin_bindings=openqa_data.OpenQaDataConfig.retrieve_k = 8", f"--workdir={workdir}",
+           "--gin_bindings=finetune.FinetuneRecipe.dev_fraction = 0.3"]  # 1 of the 6 questions is dev
   result = run_launcher("finetune.py", *flags, "--gin_bindings=trainer.TrainerConfig.log_every = 1")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Open-QA fine-tuning finished at step 2" in result.stdout
+  assert "fine-tuning questions: 5 train, 1 dev" in result.stderr
+  assert "num_steps=2 = 1.6 epochs of 5 train questions at batch 4" in result.stderr
+  record = json.loads((workdir / "dev_eval" / "step_2.json").read_text())  # dev EM at the last step
+  assert record["step"] == record["best_step"] == 2 and record["dev_questions"] == 1
+  assert "at step 2: evaluate.py and ask.py load that checkpoint" in result.stdout
   result = run_launcher("evaluate.py", *flags, "--limit=3", "--gin_bindings=openqa_eval.EvaluationConfig.baselines = "
                         "('bm25',)")
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "loading fine-tuning checkpoint step 2 of" in result.stderr and "the best dev exact match" in result.stderr
   rows = json.loads((workdir / "eval" / "results.json").read_text())
   assert {(r["dataset"], r["system"]) for r in rows} >= {("nq_open_dev", "realm-jax"), ("curatedtrec_test", "BM25")}
   assert "| nq_open_dev | 3 |" in result.stdout
@@ -323,6 +330,7 @@ def test_finetune_evaluate_and_ask_launchers_end_to_end_on_a_gcs_workdir(small_q
   assert result.returncode == 0, result.stderr[-3000:]
   answer = json.loads(result.stdout.strip().splitlines()[-1])
   assert answer["answer"] and len(answer["blocks"]) == 5 and answer["blocks"][0]["snippet"]
+  assert "loading fine-tuning checkpoint step 2 of" in result.stderr and "the best dev exact match" in result.stderr
   assert (REPO / "gin" / "runs" / "openqa.gin").is_file()
 
 

@@ -62,7 +62,7 @@ def test_the_table_gives_batch_size_learning_rate_and_steps_of_every_paper_run()
     assert any(b.endswith(".batch_size") for b in by_file[run]), run
   assert all((REPO / f).is_file() for f in GIN_FILES)
   open_rows = [(stage, setting) for stage, setting, value, _, _ in ROWS if value.startswith(OPEN)]
-  assert open_rows == [("Open-QA fine-tuning", "training steps")]  # #25 item 5: NQ's step count is not settled
+  assert open_rows == [("Open-QA fine-tuning", "training steps")]  # NQ's step count is not in the released code
 
 
 @pytest.mark.parametrize("gin_file", GIN_FILES)

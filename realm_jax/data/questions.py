@@ -1,6 +1,7 @@
 """Open-QA question sets: JSONL files, a TFDS builder for them, and the TFDS catalog datasets.
 
-JSONL (the small corpus's `questions/*.jsonl`): `{"question": str, "answers": [str, ...]}` plus optional
+JSONL (the small corpus's `questions/*.jsonl`): `{"question": str, "answers": [str, ...]}` (ORQA's NQ-open files
+name the list `answer`, read alike; a record with both or neither is an error) plus optional
 `answer_is_regex` (true/false; CuratedTrec, whose answers must then compile as regexes), `gold_passage_ids`
 ([str, ...]), `answer_in_corpus` (true/false/null) and an id field (str or int).  The file is read as the corpus
 files are (`realm_jax.data.corpus`: UTF-8, optional BOM, LF or CRLF, maybe gzip-compressed).  Problems are
@@ -9,11 +10,15 @@ reported as `file:line: field: what is wrong`.
 TFDS: `RealmQuestions(path=...)` prepares any such file as array_record (no TensorFlow needed);
 `catalog_questions("natural_questions_open" | "web_questions", split)` reads the public catalog datasets
 once the user has prepared them (`tfds build ... --file_format=array_record`).
+
+`resplit` is ORQA's train/dev resplit of a training set: dev = the questions whose text hashes into a
+`dev_fraction` of the buckets (deterministic; equal texts land on the same side).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -23,6 +28,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from realm_jax.data.corpus import CorpusError, _field, _parse_json_line, _read_lines
+from realm_jax.errors import InputError
 from realm_jax.eval.answers import compile_answer_regex
 
 ID_FIELDS = ("id", "nq_example_id", "wq_id", "trec_id", "squad_id")
@@ -41,6 +47,7 @@ class Question:
   gold_passage_ids: tuple[str, ...] = ()
   answer_in_corpus: bool | None = None
   qid: str = ""
+  source: str = dataclasses.field(default="", compare=False)  # `file:line` (or TFDS record) it was read from
 
 
 def _shown(value: object) -> str:
@@ -77,11 +84,16 @@ def parse_question(record: dict, where: str, index: int) -> Question:
   question = _field(record, "question", str, where)
   if not question.strip():
     raise CorpusError(f"{where}: field 'question' is empty")
-  answers = _field(record, "answers", list, where)
-  if not answers or not all(isinstance(a, str) for a in answers):
-    raise CorpusError(f"{where}: field 'answers' must be a non-empty list of strings")
+  if "answers" in record and "answer" in record:
+    raise CorpusError(f"{where}: fields 'answers' and 'answer' both given; one list of answers expected")
+  name = "answer" if "answer" in record else "answers"
+  if name not in record:
+    raise CorpusError(f"{where}: missing field 'answers' (ORQA's files: 'answer')")
+  answers = record[name]
+  if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+    raise CorpusError(f"{where}: field {name!r} must be a non-empty list of strings")
   is_regex = _flag(record, "answer_is_regex", where, False)
-  invalid = _invalid_regexes(answers, where) if is_regex else {}
+  invalid = _invalid_regexes(answers, where, name) if is_regex else {}
   gold = record.get("gold_passage_ids", [])
   if not isinstance(gold, list) or not all(isinstance(g, str) for g in gold):
     raise CorpusError(f"{where}: field 'gold_passage_ids' must be a list of strings")
@@ -89,20 +101,20 @@ def parse_question(record: dict, where: str, index: int) -> Question:
   qid = _qid(record, where, index)
   usable = [a for k, a in enumerate(answers) if a.strip() and k not in invalid]
   if not usable:
-    raise UnanswerableQuestion(next(iter(invalid.values()), f"{where}: field 'answers' holds only empty strings"))
+    raise UnanswerableQuestion(next(iter(invalid.values()), f"{where}: field {name!r} holds only empty strings"))
   if invalid:
     raise CorpusError(next(iter(invalid.values())))
-  return Question(question, tuple(usable), is_regex, tuple(gold), in_corpus, qid)
+  return Question(question, tuple(usable), is_regex, tuple(gold), in_corpus, qid, where)
 
 
-def _invalid_regexes(patterns: list[str], where: str) -> dict[int, str]:
+def _invalid_regexes(patterns: list[str], where: str, name: str) -> dict[int, str]:
   """answers[k] -> the error message, for the patterns that do not compile as `regex_match` compiles them."""
   invalid = {}
   for k, pattern in enumerate(patterns):
     try:
       compile_answer_regex(pattern)
     except re.error as e:
-      invalid[k] = f"{where}: field 'answers': answers[{k}] is not a valid regular expression ({e})"
+      invalid[k] = f"{where}: field {name!r}: {name}[{k}] is not a valid regular expression ({e})"
   return invalid
 
 
@@ -126,6 +138,25 @@ def read_questions(path: str | Path, limit: int | None = None, skip_unanswerable
   if not out:
     raise CorpusError(f"{path}: no questions")
   return out
+
+
+def _dev_bucket(text: str, buckets: int) -> int:
+  return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") % buckets
+
+
+def resplit(questions: list[Question], dev_fraction: float) -> tuple[list[Question], list[Question]]:
+  """(train, dev): ORQA's resplit of a training set (`orqa/preprocessing`: dev = questions whose hash bucket is
+  0 mod 10, i.e. `dev_fraction` 0.1).  A question is dev when the SHA-256 of its text falls in the first
+  `dev_fraction` of 10^6 buckets: deterministic, independent of order and file, and every copy of a question
+  text is on the same side, so no dev question is trained on.  (ORQA hashed with TF's FarmHash, so its split
+  differs; its published split is `gs://orqa-data/resplit`.)"""
+  if not 0.0 <= dev_fraction < 1.0:
+    raise InputError(f"dev_fraction={dev_fraction}: must be in [0, 1)")
+  buckets = 10**6
+  cut = round(dev_fraction * buckets)
+  dev = [_dev_bucket(q.question, buckets) < cut for q in questions]
+  return ([q for q, d in zip(questions, dev, strict=True) if not d],
+          [q for q, d in zip(questions, dev, strict=True) if d])
 
 
 class RealmQuestions(tfds.core.GeneratorBasedBuilder):

@@ -67,6 +67,7 @@ class WordPieceTokenizer:
       raise InputError(f"{vocab_file}: vocabulary lacks special tokens {missing}")
     self._tok = BertWordPieceTokenizer(str(vocab_file), lowercase=lowercase)
     self.vocab_file = vocab_file
+    self.lowercase = lowercase
     self.vocab_size = self._tok.get_vocab_size()
     self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
         self._tok.token_to_id(t) for t in SPECIAL_TOKENS

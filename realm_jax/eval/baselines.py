@@ -64,7 +64,7 @@ class MeanPoolRetriever:
                rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES):
     check_baseline_size("minilm", store)
     self.store, self.mesh = store, mesh
-    self.featurizer = OpenQaFeaturizer(store, tokenizer, OpenQaDataConfig())
+    self.featurizer = OpenQaFeaturizer(store, tokenizer, OpenQaDataConfig(), encoder.max_position_embeddings)
     model = BertEncoder(dataclasses.replace(encoder, pooling="mean"))
 
     @jax.jit

@@ -2,7 +2,8 @@
 
 `Predictor` is what `launch/evaluate.py` and `launch/ask.py` use: it holds the model's parameters,
 the frozen index and the block store, and returns for each question the answer, its score and the
-blocks it was read from (ids, titles, snippets).
+blocks it was read from (ids, titles, snippets).  `load_predictor` loads the best checkpoint by dev exact
+match when fine-tuning recorded one (`checkpoints.best`), else the newest, and logs which and why.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from realm_jax import partitioning, storage
-from realm_jax.checkpoints.train_dir import abstract_params, latest_checkpoint_step, restore_params_subtree
+from realm_jax.checkpoints import best
+from realm_jax.checkpoints.train_dir import abstract_params, restore_params_subtree
 from realm_jax.data.blocks import BlockStore
 from realm_jax.data.features import FEATURES
 from realm_jax.data.openqa import OpenQaDataConfig, OpenQaFeaturizer
@@ -46,19 +48,24 @@ class Prediction:
 
 
 class Predictor:
-  """Fine-tuned retriever + reader over a frozen index."""
+  """Fine-tuned retriever + reader over a frozen index (`config.answer_text` forms the answer strings)."""
 
   def __init__(self, model: OpenQaModel, params, store: BlockStore, tokenizer: Tokenizer, embeddings: np.ndarray,
                searcher: Searcher, config: OpenQaDataConfig, mesh, snippet_chars: int = 200):
     self.model, self.store, self.config, self.mesh = model, store, config, mesh
-    self.featurizer = OpenQaFeaturizer(store, tokenizer, config)
+    self.featurizer = OpenQaFeaturizer(store, tokenizer, config, model.retriever_config.max_position_embeddings)
     self.embeddings = embeddings
     self.searcher = searcher
     self.snippet_chars = snippet_chars
-    with jax.set_mesh(mesh):
-      self.params = jax.device_put(params, NamedSharding(mesh, P()))
+    self.set_params(params)
     self._embed = jax.jit(lambda p, q: model.apply({"params": p}, q, True, method=OpenQaModel.embed_queries))
     self._read = jax.jit(lambda p, b: model.apply({"params": p}, b, True))
+
+  def set_params(self, params) -> None:
+    """Answers with `params` from now on (replicated over the mesh; fine-tuning's dev evaluation passes each
+    evaluated state's)."""
+    with jax.set_mesh(self.mesh):
+      self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
 
   def retrieve(self, questions: list[str], k: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     queries = self.featurizer.queries(questions)
@@ -122,11 +129,10 @@ class Predictor:
 
 
 def load_predictor(workdir: storage.PathLike, spec: OpenQaSpec, mesh) -> Predictor:
-  """The newest fine-tuning checkpoint of `workdir` and its frozen index."""
+  """`workdir`'s best fine-tuning checkpoint by dev exact match when recorded, else its newest (the step and the
+  reason are logged), with its frozen index."""
   workdir = storage.as_path(workdir)
-  step = latest_checkpoint_step(workdir / "train")
-  if step is None:
-    raise FileNotFoundError(f"{workdir / 'train'}: no fine-tuning checkpoint")
+  step = best.log_choice(workdir)
   store = spec.store()
   steps = index_lib.committed_steps(workdir / "index")
   if not steps:

@@ -4,11 +4,19 @@ The index is built once from the starting retriever (REALM's pre-trained block t
 in `<workdir>/index` (reused on resume).  Each step: the batch's questions are embedded with the
 CURRENT query tower, the frozen index gives the top `retrieve_k` blocks, and the jit step re-scores them
 exactly (gradients reach the query tower only) and reads the top `reader_k`.
+
+ORQA's recipe (`FinetuneRecipe`): the training questions are resplit into train and dev (ORQA: 1 in 10 by a hash
+of the question text) or a dev file is given; fine-tuning never sees a dev question.  Every
+`TrainerConfig.eval_every` steps (a multiple of `checkpoint_every`) and at the last, dev exact match is measured
+with the current parameters, and the best step (highest dev EM, ties to the earlier step) is recorded once its
+checkpoint is saved (`<workdir>/dev_eval/step_<N>.json`, `checkpoints.best`) and kept from orbax's clean-up;
+evaluation and `launch/ask.py` load it.  `num_epochs` gives the length in epochs over the train resplit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -16,12 +24,15 @@ import numpy as np
 from absl import logging
 
 from realm_jax import partitioning, storage
+from realm_jax.checkpoints import best
 from realm_jax.checkpoints import init as init_lib
 from realm_jax.data.blocks import BlockStore
 from realm_jax.data.features import FEATURES
 from realm_jax.data.openqa import OpenQaFeaturizer, question_dataset
-from realm_jax.data.questions import Question, read_questions
+from realm_jax.data.questions import Question, read_questions, resplit
 from realm_jax.errors import InputError
+from realm_jax.eval.answers import exact_match
+from realm_jax.eval.predict import Predictor
 from realm_jax.objectives.openqa import OpenQaModel, OpenQaSpec
 from realm_jax.objectives.realm import RealmModel
 from realm_jax.refresh.refresher import RefreshConfig, embed_all_blocks
@@ -115,17 +126,135 @@ def starting_weights(spec: OpenQaSpec) -> tuple[Any, tuple[storage.PathLike, int
   return pretrained, None
 
 
+@dataclasses.dataclass(frozen=True)
+class FinetuneRecipe:
+  """ORQA's fine-tuning recipe (gin: `finetune.FinetuneRecipe`).
+
+  `dev_fraction`: the share of the training questions held out as dev (`questions.resplit`, by a hash of the
+  question text; ORQA: 0.1); 0 with `dev_questions` None: no dev evaluation.  `dev_questions`: a dev JSONL file
+  instead (e.g. ORQA's published resplit); training questions with a dev question's text are dropped.
+  `num_epochs`: when set, the run's length in epochs over the train resplit (ceil(epochs * questions /
+  batch_size) steps), replacing `TrainerConfig.num_steps`.  `dev_batch_size`: questions answered at a time.
+  """
+
+  dev_fraction: float = 0.0
+  dev_questions: str | None = None
+  num_epochs: float | None = None
+  dev_batch_size: int = 8
+
+
+def split_questions(train_questions: str, recipe: FinetuneRecipe) -> tuple[list[Question], list[Question]]:
+  """(train, dev) questions of the recipe; neither may be empty when asked for."""
+  questions = read_questions(train_questions, skip_unanswerable=True)
+  if recipe.dev_questions is not None:
+    if recipe.dev_fraction:
+      raise InputError(f"FinetuneRecipe: dev_fraction={recipe.dev_fraction} and dev_questions="
+                       f"{recipe.dev_questions!r} both given; choose one")
+    dev = read_questions(recipe.dev_questions)
+    texts = {q.question for q in dev}
+    train = [q for q in questions if q.question not in texts]
+    if len(train) < len(questions):
+      logging.info("%s: %d training questions are dev questions of %s: not trained on", train_questions,
+                   len(questions) - len(train), recipe.dev_questions)
+  else:
+    train, dev = resplit(questions, recipe.dev_fraction)
+    if recipe.dev_fraction and not dev:
+      raise InputError(f"{train_questions}: dev_fraction={recipe.dev_fraction} holds out none of its "
+                       f"{len(questions)} questions; raise it or give dev_questions")
+  if not train:
+    raise InputError(f"{train_questions}: no training question left after the dev split")
+  logging.info("fine-tuning questions: %d train, %d dev", len(train), len(dev))
+  return train, dev
+
+
+def epochs_to_steps(trainer: TrainerConfig, recipe: FinetuneRecipe, num_train: int, batch_size: int
+                    ) -> TrainerConfig:
+  """`trainer` with `num_steps` from `recipe.num_epochs` when set (logged), else unchanged."""
+  if recipe.num_epochs is None:
+    logging.info("fine-tuning length: num_steps=%d = %.3g epochs of %d train questions at batch %d",
+                 trainer.num_steps, trainer.num_steps * batch_size / num_train, num_train, batch_size)
+    return trainer
+  if recipe.num_epochs <= 0:
+    raise InputError(f"FinetuneRecipe.num_epochs={recipe.num_epochs}: must be > 0")
+  steps = math.ceil(recipe.num_epochs * num_train / batch_size)
+  logging.info("fine-tuning length: num_epochs=%g over %d train questions at batch %d = %d steps "
+               "(TrainerConfig.num_steps=%d not used)", recipe.num_epochs, num_train, batch_size, steps,
+               trainer.num_steps)
+  return dataclasses.replace(trainer, num_steps=steps)
+
+
+class BestCheckpoint:
+  """The best dev evaluation so far (`checkpoints.best.DevRecord`): proposed at each evaluation, recorded once
+  that step's checkpoint is saved; `keep(step)` tells orbax not to delete the best (or a proposed) checkpoint."""
+
+  def __init__(self, workdir: storage.PathLike, record: best.DevRecord | None):
+    self.workdir, self.record, self.pending = workdir, record, None
+
+  def keep(self, step: int) -> bool:
+    return any(r is not None and r.best_step == step for r in (self.record, self.pending))
+
+  def propose(self, step: int, exact_match: float, questions: int, answer_text: str) -> best.DevRecord:
+    if self.record is None:
+      self.pending = best.DevRecord(step, exact_match, questions, answer_text, step, exact_match)
+    else:
+      self.pending = self.record.after(step, exact_match, questions, answer_text)
+    return self.pending
+
+  def commit(self, step: int, checkpoints) -> None:
+    """After step `step`'s save: its proposal is written once the checkpoint is on disk (process 0)."""
+    if self.pending is None or self.pending.step != step:
+      return
+    checkpoints.wait_until_finished()
+    if jax.process_index() == 0:
+      best.write_record(self.workdir, self.pending)
+    self.record, self.pending = self.pending, None
+
+
+def dev_evaluation(run: OpenQaRun, spec: OpenQaSpec, dev: list[Question], tracker: BestCheckpoint,
+                   batch_size: int):
+  """`TrainHooks.evaluate`: dev exact match (%) of the state's parameters, proposed to `tracker`."""
+  predictor: list[Predictor] = []
+
+  def evaluate(state: TrainState) -> dict[str, float]:
+    if predictor:
+      predictor[0].set_params(state.params)
+    else:
+      predictor.append(Predictor(run.model, state.params, run.featurizer.store, run.featurizer.tokenizer,
+                                 run.embeddings, run.searcher, spec.data, run.mesh))
+    answers = predictor[0].answer([q.question for q in dev], batch_size=batch_size)
+    em = 100.0 * float(np.mean([exact_match(p.answer, q.answers, q.is_regex)
+                                for p, q in zip(answers, dev, strict=True)]))
+    record = tracker.propose(int(state.step), em, len(dev), spec.data.answer_text)
+    return {"dev_exact_match": em, "dev_best_exact_match": record.best_dev_exact_match,
+            "dev_best_step": float(record.best_step)}
+
+  return evaluate
+
+
 def run_finetune(workdir: str, mesh: jax.sharding.Mesh, spec: OpenQaSpec, trainer: TrainerConfig,
-                 optimizer: OptimizerConfig, train_questions: str, index_batch_size: int = 256
-                 ) -> list[dict[str, float]]:
-  """ORQA fine-tuning (gin/runs/openqa.gin: lr 1e-5, one question per step) from the spec's inits.
-  `index_batch_size` (gin: INDEX_BATCH_SIZE, the refresh job's too) is the frozen index's embedding batch."""
+                 optimizer: OptimizerConfig, train_questions: str, index_batch_size: int = 256,
+                 recipe: FinetuneRecipe = FinetuneRecipe()) -> list[dict[str, float]]:
+  """ORQA fine-tuning (gin/runs/openqa.gin: lr 1e-5, one question per step) from the spec's inits, on the train
+  part of `train_questions` (`recipe`: dev split, dev evaluation, length in epochs).  `index_batch_size` (gin:
+  INDEX_BATCH_SIZE, the refresh job's too) is the frozen index's embedding batch."""
   workdir_path = storage.as_path(workdir)
   store = spec.store()
-  featurizer = OpenQaFeaturizer(store, spec.tokenizer(), spec.data)
-  questions = read_questions(train_questions, skip_unanswerable=True)
+  featurizer = OpenQaFeaturizer(store, spec.tokenizer(), spec.data, spec.retriever.encoder.max_position_embeddings)
+  questions, dev = split_questions(train_questions, recipe)
+  query_len = featurizer.check_questions(questions)
+  if dev:
+    featurizer.check_questions(dev)
+    if trainer.eval_every % trainer.checkpoint_every:
+      raise InputError(f"TrainerConfig.eval_every={trainer.eval_every}: must be a multiple of checkpoint_every="
+                       f"{trainer.checkpoint_every} (the best dev step must have a checkpoint)")
+  elif trainer.eval_every:
+    raise InputError(f"TrainerConfig.eval_every={trainer.eval_every} needs dev questions: set "
+                     "FinetuneRecipe.dev_fraction > 0 or FinetuneRecipe.dev_questions")
+  trainer = epochs_to_steps(trainer, recipe, len(questions), spec.data.batch_size)
   pretrained, pretrained_index = starting_weights(spec)
-  train = make_trainer(spec.objective(), mesh, workdir, trainer, optimizer)
+  tracker = BestCheckpoint(workdir_path, None)
+  train = make_trainer(spec.objective(), mesh, workdir, trainer, optimizer, preserve=tracker.keep)
+  tracker.record = best.newest_record(workdir_path, up_to=train.checkpoints.latest_step() or 0)
   state, tower = None, None  # no tower: the published index is reused
   if train.checkpoints.latest_step() is None and not index_lib.committed_steps(workdir_path / INDEX_DIR):
     state = train.init_state(pretrained)
@@ -134,7 +263,10 @@ def run_finetune(workdir: str, mesh: jax.sharding.Mesh, spec: OpenQaSpec, traine
                           search=spec.search, rules=train.rules)
   embeddings, searcher = frozen_index(workdir_path, tower, refresh, store, mesh, pretrained_index)
   run = OpenQaRun(spec.model(), featurizer, questions, embeddings, searcher, mesh)
-  batches = iter(question_dataset(questions, featurizer, spec.data).to_iter_dataset())
-  _, history = train.fit(batches, TrainHooks(pretrained=pretrained, prepare_batch=run.prepare_batch),
-                         initial_state=state)
+  batches = iter(question_dataset(questions, featurizer, spec.data, query_len).to_iter_dataset())
+  hooks = TrainHooks(pretrained=pretrained, prepare_batch=run.prepare_batch)
+  if dev:
+    hooks = dataclasses.replace(hooks, evaluate=dev_evaluation(run, spec, dev, tracker, recipe.dev_batch_size),
+                                after_step=lambda step, _: tracker.commit(step, train.checkpoints))
+  _, history = train.fit(batches, hooks, initial_state=state)
   return history

@@ -27,6 +27,7 @@ from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from realm_jax import partitioning, storage
+from realm_jax.checkpoints import best
 from realm_jax.checkpoints.train_dir import TRAIN_DIR, TRAINING_DONE, orbax_dir
 from realm_jax.objectives.objective import Objective
 from realm_jax.train.optimizer import OptimizerConfig
@@ -91,8 +92,11 @@ class Trainer:
       workdir: storage.PathLike | None,
       config: TrainerConfig,
       rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES,
+      preserve: Callable[[int], bool] | None = None,
   ):
-    """`workdir=None` builds a trainer without checkpoints: to compile its step (`lower`), or to `step` it by hand."""
+    """`workdir=None` builds a trainer without checkpoints: to compile its step (`lower`), or to `step` it by hand.
+    Orbax keeps the newest `config.keep_checkpoints` checkpoints and every one whose step `preserve(step)` is true
+    (fine-tuning: the best by dev exact match)."""
     self.mesh, self.rules, self.config = mesh, rules, config
     self.workdir = storage.as_path(workdir) if workdir is not None else None
     self.optimizer = optimizer
@@ -110,11 +114,11 @@ class Trainer:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         nn.meta.unbox(abstract), self.state_shardings,
     )
+    options = (ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True) if preserve is None
+               else ocp.CheckpointManagerOptions(
+                   create=True, preservation_policy=best.keep_newest_and(config.keep_checkpoints, preserve)))
     self.checkpoints = None if self.workdir is None else ocp.CheckpointManager(
-        orbax_dir(self.workdir / TRAIN_DIR),
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True),
-        item_names=("state", "data"),
-    )
+        orbax_dir(self.workdir / TRAIN_DIR), options=options, item_names=("state", "data"))
     self._step_fn = jax.jit(
         self._train_step,
         in_shardings=(self.state_shardings, None),
@@ -267,6 +271,8 @@ class Trainer:
 
 
 def make_trainer(objective: Objective, mesh: Mesh, workdir: storage.PathLike | None, trainer: TrainerConfig,
-                 optimizer: OptimizerConfig, rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES) -> Trainer:
-  """Every task's trainer (`workdir=None`: no checkpoints, for ahead-of-time compilation or stepping by hand)."""
-  return Trainer(objective, optimizer.make(trainer.num_steps), mesh, workdir, trainer, rules)
+                 optimizer: OptimizerConfig, rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES,
+                 preserve: Callable[[int], bool] | None = None) -> Trainer:
+  """Every task's trainer (`workdir=None`: no checkpoints, for ahead-of-time compilation or stepping by hand);
+  `preserve(step)`: checkpoints kept beside the newest `keep_checkpoints`."""
+  return Trainer(objective, optimizer.make(trainer.num_steps), mesh, workdir, trainer, rules, preserve)
