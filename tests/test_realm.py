@@ -516,3 +516,45 @@ def test_a_query_store_with_another_tokenizer_is_refused_naming_the_field(demo_s
                      r"from the knowledge store's 'wordpiece:uncased:[0-9a-f]+'"):
     query_store_for(demo_store, str(copy))
   assert query_store_for(demo_store, None) is demo_store
+
+
+def test_rerank_orders_the_retrieved_blocks_by_the_current_inner_products_ties_in_index_order():
+  from realm_jax.data.realm import rerank
+
+  retrieved = np.array([[7, 3, 9, 1]])
+  query = np.array([[1.0, 0.0]])
+  blocks = np.array([[[0.1, 5.0], [0.9, 0.0], [0.1, -1.0], [0.9, 2.0]]])
+  assert rerank(retrieved, query, blocks).tolist() == [[3, 1, 7, 9]]
+
+
+def test_reranking_chooses_the_candidates_by_the_current_block_tower_not_the_stale_index(demo_store):
+  import flax.linen as nn
+
+  from realm_jax.data.realm import block_inputs, realm_query_dataset
+  from realm_jax.objectives.realm import RealmModel
+  from realm_jax.train.pretrain import RealmRun
+
+  data = RealmDataConfig(batch_size=8, query_len=32, block_len=48, joint_len=80, num_candidates=4)
+  spec = dataclasses.replace(realm_spec(demo_store, data), rerank_depth=24)
+  run = RealmRun(spec, demo_store, partitioning.make_mesh())
+  batch = realm_query_dataset(demo_store, data)[0]
+  _, group, counts = np.unique(np.asarray(demo_store.arrays["uids"]), axis=0, return_inverse=True, return_counts=True)
+  unique = np.asarray([i for i in range(1000, 2000) if counts[group.ravel()[i]] == 1][:24])  # no source's copy
+  stale = np.stack([np.roll(unique, r) for r in range(8)])  # the stale index's order, one per query
+  asked = []
+  run.live.searcher = type("Searcher", (), {"search": lambda self, q, k: (asked.append(k), (stale[:, :k], None))[1]})()
+  params = nn.meta.unbox(spec.objective().init_params(jax.random.key(0)))
+  completed = run.complete(params, batch)
+  assert asked == [24]
+  model = RealmModel(TINY, TINY, 128)
+  queries = {k: batch[f"query_{k}"] for k in ("input_ids", "input_mask", "segment_ids")}
+  query_emb = np.asarray(model.apply({"params": params}, queries, method=RealmModel.embed_queries))
+  flat = {k: v.reshape(-1, 48) for k, v in block_inputs(demo_store, stale, 48).items()}
+  block_emb = np.asarray(model.apply({"params": params}, flat, method=RealmModel.embed_blocks)).reshape(8, 24, -1)
+  best = np.take_along_axis(stale, np.argsort(-np.einsum("bd,bld->bl", query_emb, block_emb), 1)[:, :3], 1)
+  assert (best != stale[:, :3]).any()  # the current tower's choice is not the stale one
+  expected, _ = candidate_inputs(demo_store, np.concatenate([np.full((8, 1), NULL_BLOCK), best], 1),
+                                 batch["query_input_ids"], data)
+  np.testing.assert_array_equal(completed["block_input_ids"], expected["input_ids"])
+  with pytest.raises(ValueError, match=r"RealmSpec.rerank_depth = -1"):
+    dataclasses.replace(spec, rerank_depth=-1)

@@ -339,6 +339,30 @@ def span_in_candidates(joint: dict[str, np.ndarray], mlm_ids: np.ndarray, mlm_we
   return found
 
 
+def block_inputs(store: BlockStore, ids: np.ndarray, block_len: int) -> dict[str, np.ndarray]:
+  """Block-tower inputs [*ids.shape, block_len] (`[CLS] title [SEP] body [SEP]`, null = `[CLS] [SEP] [SEP]`) of
+  block ids of any shape, packed straight from the memory-mapped CSR arrays (see `candidate_inputs`)."""
+  special = store.manifest["special_ids"]
+  flat = np.asarray(ids).reshape(-1)
+  real = flat != NULL_BLOCK
+  safe = np.where(real, flat, 0)
+  arrays = store.arrays
+  title_start, body_start = arrays["title_offsets"][safe], arrays["body_offsets"][safe]
+  title_len = np.where(real, arrays["title_offsets"][safe + 1] - title_start, 0)
+  body_len = np.where(real, arrays["body_offsets"][safe + 1] - body_start, 0)
+  body_kept = np.minimum(body_len, np.maximum(0, block_len - title_len - 3))
+  rows = pack_rows(block_len, special["cls"], special["sep"], arrays["title_ids"], title_start, title_len,
+                   arrays["body_ids"], body_start, body_kept)
+  return {n: x.reshape(*np.shape(ids), block_len) for n, x in rows.items()}
+
+
+def rerank(retrieved: np.ndarray, query_emb: np.ndarray, block_emb: np.ndarray) -> np.ndarray:
+  """[B, L] retrieved ids reordered by the current towers' inner products (`query_emb` [B, d] with `block_emb`
+  [B, L, d]), best first; ties keep the stale index's order."""
+  scores = np.einsum("bd,bld->bl", np.asarray(query_emb, np.float32), np.asarray(block_emb, np.float32))
+  return np.take_along_axis(np.asarray(retrieved), np.argsort(-scores, axis=1, kind="stable"), axis=1)
+
+
 def candidate_inputs(store: BlockStore, candidates: np.ndarray, query_ids: np.ndarray,
                      config: RealmDataConfig) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """Block inputs [B, K, block_len] (`[CLS] title [SEP] body [SEP]`, null = `[CLS] [SEP] [SEP]`) and joint
@@ -355,20 +379,16 @@ def candidate_inputs(store: BlockStore, candidates: np.ndarray, query_ids: np.nd
   is_sep = query_ids == sep
   if not is_sep.any(1).all():
     raise InputError(f"query rows {np.flatnonzero(~is_sep.any(1)).tolist()} have no [SEP] ({sep})")
+  blocks = block_inputs(store, candidates, config.block_len)
   query_len = np.repeat(np.maximum(is_sep.argmax(1) - 1, 0), k)  # [CLS] query [SEP]
   query_start = np.repeat(np.arange(batch, dtype=np.int64) * query_ids.shape[1] + 1, k)
   ids = candidates.reshape(-1)
   real = ids != NULL_BLOCK
   safe = np.where(real, ids, 0)
   arrays = store.arrays
-  title_start, body_start = arrays["title_offsets"][safe], arrays["body_offsets"][safe]
-  title_len = np.where(real, arrays["title_offsets"][safe + 1] - title_start, 0)
+  body_start = arrays["body_offsets"][safe]
   body_len = np.where(real, arrays["body_offsets"][safe + 1] - body_start, 0)
-  block_body = np.minimum(body_len, np.maximum(0, config.block_len - title_len - 3))
   joint_body = np.minimum(body_len, np.maximum(0, config.joint_len - query_len - 3))
-  blocks = pack_rows(config.block_len, cls, sep, arrays["title_ids"], title_start, title_len,
-                      arrays["body_ids"], body_start, block_body)
   joint = pack_rows(config.joint_len, cls, sep, query_ids.reshape(-1), query_start, query_len,
                      arrays["body_ids"], body_start, joint_body)
-  return ({n: x.reshape(batch, k, config.block_len) for n, x in blocks.items()},
-          {n: x.reshape(batch, k, config.joint_len) for n, x in joint.items()})
+  return blocks, {n: x.reshape(batch, k, config.joint_len) for n, x in joint.items()}

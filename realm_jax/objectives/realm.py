@@ -49,6 +49,9 @@ class RealmModel(nn.Module):
   def embed_queries(self, queries: dict[str, Array], deterministic: bool = True) -> Array:
     return self.retriever.embed_queries(queries, deterministic)
 
+  def embed_blocks(self, blocks: dict[str, Array], deterministic: bool = True) -> Array:
+    return self.retriever.embed_blocks(blocks, deterministic)
+
   def __call__(self, batch: dict[str, Array], deterministic: bool = True) -> tuple[Array, Array]:
     """Returns retrieval scores [B, K] (scaled by `score_scale`) and the reader's log p(.|z, x) at the masks
     [B, K, M, V]."""
@@ -174,6 +177,9 @@ class RealmSpec:
   `retrieval=False` reads the null block only (the `no_retrieval` ablation).
   `query_store`: the block store the masked queries (and held-out queries) come from, the paper's query corpus
   X (CC-News); `block_store` is the knowledge corpus Z (Wikipedia) that is indexed and retrieved.  None: X = Z.
+  `rerank_depth` L > 0 (beyond the paper; Atlas's re-rank mode): the stale index's top max(L, search depth)
+  blocks are re-embedded with the current block tower and re-ordered by the current inner products before the
+  candidates are chosen (L extra block-tower forward passes per query and step).  0: the paper's stale top-k.
   """
 
   block_store: str
@@ -187,8 +193,11 @@ class RealmSpec:
   retriever_init: str | None = None
   reader_init: str | None = None
   query_store: str | None = None
+  rerank_depth: int = 0
 
   def __post_init__(self):
+    if self.rerank_depth < 0:
+      raise InputError(f"RealmSpec.rerank_depth = {self.rerank_depth}: blocks to re-rank, 0 (off) or more")
     if self.data.block_len != self.retriever.block_len:
       raise InputError(f"RealmDataConfig.block_len = {self.data.block_len}, RetrieverConfig.block_len = "
                        f"{self.retriever.block_len}: candidates are the index's blocks; bind one BLOCK_LEN")

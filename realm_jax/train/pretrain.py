@@ -3,7 +3,8 @@
 Each step: (1) the grain iterator yields salient-span masked queries; (2) `RealmRun.complete` embeds
 them with the CURRENT query tower, searches the newest published index (stale block embeddings,
 REALM's off-policy selection) deep enough that removing trivial retrievals still fills every candidate
-slot (`data.realm.search_depth`), removes them, prepends the null block and builds candidate/joint inputs;
+slot (`data.realm.search_depth`; with `RealmSpec.rerank_depth`, at least that many, re-ordered by the current
+block tower), removes them, prepends the null block and builds candidate/joint inputs;
 (3) the jit step re-scores the candidates with fresh parameters so gradients reach both towers and the reader.
 Indexes are hot-swapped between steps.  Logged besides the loss: MLM accuracy, retrieval utility (marginal vs
 null-block log-likelihood), p(null), `span_retrieved` (share of queries whose masked span is in a candidate the
@@ -30,9 +31,11 @@ from realm_jax.data.blocks import BlockStore
 from realm_jax.data.features import FEATURES
 from realm_jax.data.realm import (
   MaskedQueries,
+  block_inputs,
   candidate_inputs,
   most_blocks_per_uid,
   realm_query_dataset,
+  rerank,
   search_depth,
   select_candidates,
   span_in_candidates,
@@ -68,8 +71,11 @@ class RealmRun:
     self.query_uids = None if self.queries is None else self.queries.arrays["uids"]
     self.live = index_lib.LiveIndex(self.mesh, self.search, self.rules)
     self.copies = most_blocks_per_uid(self.store.arrays["uids"])  # blocks a query's own content may fill
+    replicated = NamedSharding(self.mesh, P())
     self._embed_queries = jax.jit(lambda p, q: self.model.apply(
-        {"params": p}, q, True, method=RealmModel.embed_queries), out_shardings=NamedSharding(self.mesh, P()))
+        {"params": p}, q, True, method=RealmModel.embed_queries), out_shardings=replicated)
+    self._embed_blocks = jax.jit(lambda p, b: self.model.apply(
+        {"params": p}, b, True, method=RealmModel.embed_blocks), out_shardings=replicated)
 
   def prepare_batch(self, state: TrainState, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Completes this process's part of the batch; all processes search the whole batch's queries."""
@@ -89,8 +95,12 @@ class RealmRun:
       with jax.set_mesh(self.mesh):
         query_emb = np.asarray(self._embed_queries(params, partitioning.shard_batch(queries, self.mesh)))
       depth = search_depth(c.num_candidates, spec.null_document, exclude_trivial, self.copies, self.store.num_blocks)
+      depth = min(max(depth, spec.rerank_depth), self.store.num_blocks)
       retrieved, _ = self.live.searcher.search(query_emb, depth)
-      retrieved = retrieved[partitioning.process_rows(self.mesh, len(retrieved))]
+      rows = partitioning.process_rows(self.mesh, len(retrieved))
+      retrieved = retrieved[rows]
+      if spec.rerank_depth:
+        retrieved = self.rerank_retrieved(params, query_emb[rows], retrieved)
       candidates, weights = select_candidates(retrieved, batch["block_id"], self.store.arrays["uids"],
                                               c.num_candidates, spec.null_document, exclude_trivial, self.query_uids)
     blocks, joint = candidate_inputs(self.store, candidates, batch["query_input_ids"], c)
@@ -101,6 +111,16 @@ class RealmRun:
         "example_weight": weights,
         "span_retrieved": span_in_candidates(joint, batch["mlm_ids"], batch["mlm_weights"]),
     }
+
+
+  def rerank_retrieved(self, params: Any, query_emb: np.ndarray, retrieved: np.ndarray) -> np.ndarray:
+    """This process's [b, L] retrieved ids re-ordered by the current block tower (`RealmSpec.rerank_depth`)."""
+    blocks = block_inputs(self.store, retrieved, self.spec.data.block_len)
+    flat = {k: v.reshape(-1, v.shape[-1]) for k, v in blocks.items()}
+    with jax.set_mesh(self.mesh):
+      block_emb = np.asarray(self._embed_blocks(params, partitioning.shard_batch(flat, self.mesh)))
+    rows = partitioning.process_rows(self.mesh, len(block_emb) // retrieved.shape[1])  # the global batch's rows
+    return rerank(retrieved, query_emb, block_emb.reshape(-1, *retrieved.shape[1:], block_emb.shape[-1])[rows])
 
 
 def starting_weights(spec: RealmSpec) -> Any:
