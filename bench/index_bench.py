@@ -5,10 +5,18 @@ r"""Index-refresh benchmarks: matmul FLOP/s, block re-embedding throughput, MIPS
 Writes one section of BENCHMARKS.md (replacing an older copy of the same section).  Every figure
 is the median of `--repeats` runs on this machine.  Retrieval uses the real all-MiniLM-L6-v2
 encoder (trained on NQ/SQuAD question-passage pairs) with an untrained 128-d projection.
+
+  .venv/bin/python bench/index_bench.py --frontier --corpus_dir=../shared/data/realm_small_corpus
+
+instead measures ScaNN's recall/throughput frontier (several tree/reorder settings, ORQA's among them) against the
+exact backend, timed side by side, on the corpus's block embeddings and on the synthetic rows (its own section).
+The corpus's embeddings are cached in workdir/bench/<corpus>/ (keyed by corpus fingerprint and encoder), so a
+rerun does not embed again.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -24,11 +32,17 @@ _OUT = flags.DEFINE_string("out", "BENCHMARKS.md", "Markdown file to update.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions per figure (median reported).")
 _SYNTHETIC_ROWS = flags.DEFINE_integer("synthetic_rows", 1_000_000, "Rows of the synthetic 128-d matrix.")
 _EMBED_BLOCKS = flags.DEFINE_integer("embed_blocks", 512, "Blocks embedded for the throughput figure.")
+_FRONTIER = flags.DEFINE_bool("frontier", False, "Measure ScaNN's recall/throughput frontier against exact search "
+                               "(FRONTIER_SECTION) instead of the section above.")
 _CORPUS = flags.DEFINE_string("corpus_dir", "data/demo", "Corpus with passages.jsonl, entities and questions/ "
                               "(e.g. ../shared/data/realm_small_corpus for the 31k-passage small corpus).")
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Index refresh and MIPS (bench/index_bench.py)"
+FRONTIER_SECTION = "## Recall/throughput frontier: ScaNN vs exact search (bench/index_bench.py --frontier)"
+ENCODER = "all-MiniLM-L6-v2"  # + RetrieverTower's untrained 128-d projection, initialised from jax.random.key(0)
+# The issue's targets (#25): (k, recall@k against exact at least, queries/s at least this many times exact's).
+SMALL_TARGET, LARGE_TARGET = (5, 0.98, 2.0), (100, 0.98, 10.0)
 
 
 def encoder_flops_per_sequence(config, length: int) -> float:
@@ -103,6 +117,141 @@ def minilm_setup():
   return config, params
 
 
+def block_embeddings(store, params: dict, config, mesh, corpus_name: str):
+  """The store's blocks embedded by MiniLM + the untrained 128-d projection at 128 word pieces, cached as
+  workdir/bench/<corpus_name>/ .npy keyed by the corpus fingerprint and encoder (a rerun loads it)."""
+  import numpy as np
+
+  from realm_jax.models.retriever import RetrieverConfig
+  from realm_jax.refresh.refresher import RefreshConfig, embed_all_blocks
+
+  fingerprint = store.manifest["corpus_fingerprint"][:16]
+  cache = REPO / "workdir/bench" / corpus_name / f"block_emb-{fingerprint}-{ENCODER}-proj128-key0-len128.npy"
+  if cache.exists():
+    return np.load(cache, allow_pickle=False)
+  embeddings = embed_all_blocks(params, RefreshConfig(RetrieverConfig(config, block_len=128), batch_size=128), store,
+                                mesh).embeddings
+  partial = cache.with_name(cache.name + ".partial")
+  with partial.open("wb") as f:
+    np.save(f, embeddings, allow_pickle=False)
+  os.replace(partial, cache)
+  return embeddings
+
+
+def question_queries(corpus: Path, tok, tower, params: dict, limit: int = 1000):
+  """Query embeddings of the first `limit` NQ-open dev questions: [CLS] question (30 pieces at most) [SEP]."""
+  import jax
+  import numpy as np
+
+  from realm_jax.data.features import pack
+
+  questions = [json.loads(x)["question"] for x in (corpus / "questions/nq_open_dev.jsonl").open()][:limit]
+  feats = [pack([np.array([tok.cls_id]), tok.encode(q)[0][:30], np.array([tok.sep_id])], 32) for q in questions]
+  batch = {k: np.stack([f[k] for f in feats]) for k in feats[0]}
+  return np.asarray(jax.jit(lambda p, b: tower.apply(
+      {"params": p}, b["input_ids"], b["input_mask"], b["segment_ids"], True))(params, batch))
+
+
+def synthetic_index(n: int):
+  """`n` x 128 rows around 1000 Gaussian centres and 1000 queries near random rows (seed 0)."""
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  centers = rng.normal(size=(1000, 128)).astype(np.float32)
+  rows = centers[rng.integers(0, 1000, n)] + 0.5 * rng.normal(size=(n, 128)).astype(np.float32)
+  queries = rows[rng.integers(0, n, 1000)] + 0.3 * rng.normal(size=(1000, 128)).astype(np.float32)
+  return rows, queries
+
+
+def frontier_grid(rows: int) -> list:
+  """The ScaNN settings the frontier measures on an index of `rows` rows: ORQA's first, then coarser or finer
+  trees with exact reordering."""
+  from realm_jax.retrieval.mips import ORQA_SCANN, ScannConfig
+
+  if rows < 200_000:
+    grid = [ScannConfig(1000, 100, reorder=200), ScannConfig(200, 20, reorder=200), ScannConfig(200, 40, reorder=500),
+            ScannConfig(100, 10, reorder=500), ScannConfig(100, 20, reorder=1000)]
+  else:
+    grid = [ScannConfig(1000, 100, reorder=500), ScannConfig(1000, 50, reorder=500), ScannConfig(2000, 200, reorder=500),
+            ScannConfig(2000, 100, reorder=1000), ScannConfig(2000, 50, reorder=1000)]
+  return [ORQA_SCANN, *grid]
+
+
+def frontier_rows(blocks, queries, mesh, repeats: int, k: int = 100) -> list[dict]:
+  """Per ScaNN setting of `frontier_grid`: build time, recall@5/@100 against the exact backend's top-k, and
+  queries/s of ScaNN and of exact search timed just before it (same queries, batch of all of them, top `k`)."""
+  from realm_jax.retrieval.mips import ExactSearcher, ScannSearcher
+
+  exact = ExactSearcher(blocks, mesh)
+  truth = exact.search(queries, k)[0]
+  rows = []
+  for config in frontier_grid(len(blocks)):
+    exact_qps = len(queries) / median_time(lambda: exact.search(queries, k), repeats)
+    start = time.perf_counter()
+    scann = ScannSearcher.build(blocks, config)
+    build = time.perf_counter() - start
+    ids = scann.search(queries, k)[0]
+    scann_qps = len(queries) / median_time(functools.partial(scann.search, queries, k), repeats)
+    rows.append({"setting": config.for_rows(len(blocks)).describe(), "orqa": not config.reorder, "build_s": build,
+                 "recall@5": recall(ids[:, :5], truth[:, :5]), "recall@100": recall(ids, truth),
+                 "queries_per_s": scann_qps, "exact_queries_per_s": exact_qps, "speedup": scann_qps / exact_qps})
+    print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
+def frontier_table(rows: list[dict], target: tuple[int, float, float]) -> str:
+  """The frontier as markdown, each row marked against `target` (k, recall@k, speed-up over exact)."""
+  k, min_recall, min_speedup = target
+  lines = ["| ScaNN setting (as built) | build s | recall@5 | recall@100 | ScaNN q/s | exact q/s | speed-up | "
+           f"recall@{k} >= {min_recall} at >= {min_speedup:g}x |", "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    meets = r[f"recall@{k}"] >= min_recall and r["speedup"] >= min_speedup
+    name = f"{r['setting']}{' (ORQA)' if r['orqa'] else ''}"
+    lines.append(f"| {name} | {r['build_s']:.1f} | {r['recall@5']:.3f} | {r['recall@100']:.3f} | "
+                 f"{r['queries_per_s']:.0f} | {r['exact_queries_per_s']:.0f} | {r['speedup']:.2f}x | "
+                 f"{'**yes**' if meets else 'no'} |")
+  return "\n".join(lines)
+
+
+def frontier(corpus: Path, store, config, params: dict, tower, tok, mesh, repeats: int) -> None:
+  """Writes FRONTIER_SECTION's subsection for `corpus`: its block embeddings' frontier, then the synthetic one's
+  (each table written as soon as it is measured)."""
+  import jax
+
+  run = f"### `--frontier --corpus_dir={_CORPUS.value}`"
+  n = _SYNTHETIC_ROWS.value
+  head = f"""{run}
+
+Command: `.venv/bin/python bench/index_bench.py --frontier --repeats={repeats} --synthetic_rows={n} \
+--corpus_dir={_CORPUS.value}` (medians of {repeats} runs; {time.strftime('%Y-%m-%d')}).
+Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), jax {jax.__version__}, CPU
+backend, 1 device. Each row: ScaNN built with that `ScannConfig` (`ScannSearcher.build`, what the "scann" backend
+publishes), then the top 100 of every query in one batch; exact is the "exact" backend (`ExactSearcher`, JAX, both
+cores), timed just before that row on the same queries. Recall@k: the share of exact's top k that ScaNN's top k
+holds. ScaNN's `search_batched` runs on one thread.
+"""
+  blocks = block_embeddings(store, params, config, mesh, corpus.name)
+  queries = question_queries(corpus, tok, tower, params)
+  small = frontier_table(frontier_rows(blocks, queries, mesh, repeats), SMALL_TARGET)
+  text = f"""{head}
+`{_CORPUS.value}`: {len(blocks):,} real blocks (MiniLM + untrained 128-d projection, 128 word pieces), \
+{len(queries)} NQ-open dev questions; target recall@5 >= {SMALL_TARGET[1]} at >= {SMALL_TARGET[2]:g}x exact:
+
+{small}
+"""
+  write_section(REPO / _OUT.value, FRONTIER_SECTION, text + "\nSynthetic rows: running.\n", subsection=run)
+  rows, synthetic_queries = synthetic_index(n)
+  large = frontier_table(frontier_rows(rows, synthetic_queries, mesh, repeats), LARGE_TARGET)
+  text += f"""
+Synthetic {n:,} x 128 (1000 Gaussian clusters, 1000 queries near random rows); target recall@100 >= \
+{LARGE_TARGET[1]} at >= {LARGE_TARGET[2]:g}x exact:
+
+{large}
+"""
+  write_section(REPO / _OUT.value, FRONTIER_SECTION, text, subsection=run)
+  print(text)
+
+
 def swap_stall(mesh, repeats: int) -> dict:
   """Step time of a jit step + search while an IndexPoller swaps indexes, vs. no swaps."""
   import tempfile
@@ -154,7 +303,6 @@ def main(argv):
   from realm_jax import partitioning
   from realm_jax.data.blocks import BlockStore, build_block_store
   from realm_jax.data.corpus import fingerprint_files, read_documents
-  from realm_jax.data.features import pack
   from realm_jax.data.tokenization import WordPieceTokenizer, minilm_dir
   from realm_jax.models.retriever import RetrieverConfig, RetrieverTower
   from realm_jax.refresh.refresher import RefreshConfig, embed_all_blocks
@@ -168,10 +316,13 @@ def main(argv):
   if not (store_dir / "manifest.json").exists():
     build_block_store(read_documents(passages, entities), store_dir, tok, fingerprint_files(passages, entities))
   store = BlockStore(store_dir)
-
-  peak = matmul_flops(repeats)
   config, params = minilm_setup()
   tower = RetrieverTower(config)
+  if _FRONTIER.value:
+    frontier(corpus, store, config, params, tower, tok, mesh, repeats)
+    return
+
+  peak = matmul_flops(repeats)
 
   class Subset:  # the first N blocks of the store, for the throughput figure
     num_blocks = _EMBED_BLOCKS.value
@@ -192,20 +343,12 @@ def main(argv):
       "model_flops_per_s": padded_rate * flops_per_block,
       "fraction_of_matmul_peak": padded_rate * flops_per_block / peak,
   }
-  demo_blocks = embed_all_blocks(params, RefreshConfig(RetrieverConfig(config, block_len=128), batch_size=128),
-                                 store, mesh).embeddings
-  questions = [json.loads(x)["question"] for x in (corpus / "questions/nq_open_dev.jsonl").open()][:1000]
-  feats = [pack([np.array([tok.cls_id]), tok.encode(q)[0][:30], np.array([tok.sep_id])], 32) for q in questions]
-  batch = {k: np.stack([f[k] for f in feats]) for k in feats[0]}
-  demo_queries = np.asarray(jax.jit(lambda p, b: tower.apply(
-      {"params": p}, b["input_ids"], b["input_mask"], b["segment_ids"], True))(params, batch))
+  demo_blocks = block_embeddings(store, params, config, mesh, corpus.name)
+  demo_queries = question_queries(corpus, tok, tower, params)
   small = mips_rows(demo_blocks, demo_queries, repeats, mesh, faiss_nlist=max(16, int(np.sqrt(len(demo_blocks)))))
 
-  rng = np.random.default_rng(0)
   n = _SYNTHETIC_ROWS.value
-  centers = rng.normal(size=(1000, 128)).astype(np.float32)
-  synthetic = centers[rng.integers(0, 1000, n)] + 0.5 * rng.normal(size=(n, 128)).astype(np.float32)
-  synthetic_queries = synthetic[rng.integers(0, n, 1000)] + 0.3 * rng.normal(size=(1000, 128)).astype(np.float32)
+  synthetic, synthetic_queries = synthetic_index(n)
   large = mips_rows(synthetic, synthetic_queries, repeats, mesh, faiss_nlist=1000)
   if not (REPO / "workdir/bench/demo/blocks/manifest.json").exists():
     demo = REPO / "data/demo"

@@ -1,13 +1,21 @@
 """Index backends: one protocol, looked up by name; publish, load, search and hot swap for every entry; where the
 rules table's "docs" entry places the index rows."""
 
+import threading
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
+from conftest import TINY_BERT
 from jax.sharding import PartitionSpec as P
 
-from realm_jax import partitioning
+from realm_jax import partitioning, storage
+from realm_jax.data.realm import RealmDataConfig
 from realm_jax.errors import InputError
+from realm_jax.models.retriever import RetrieverConfig
+from realm_jax.objectives.realm import RealmSpec
+from realm_jax.refresh.refresher import RefreshJob, run_refresh
 from realm_jax.retrieval import index as index_lib
 from realm_jax.retrieval.backends import BACKENDS, get_backend
 from realm_jax.retrieval.mips import (
@@ -18,6 +26,10 @@ from realm_jax.retrieval.mips import (
   exact_top_k_numpy,
   index_axes,
 )
+from realm_jax.train.live_index import LiveIndexConfig
+from realm_jax.train.optimizer import OptimizerConfig
+from realm_jax.train.pretrain import run_pretrain
+from realm_jax.train.trainer import TrainerConfig
 
 SMALL_SCANN = ScannConfig(num_leaves=16, num_leaves_to_search=16, reorder=100)
 
@@ -155,3 +167,70 @@ def test_a_frozen_index_is_searched_by_the_backend_the_spec_names(name, demo_sto
   assert isinstance(searcher, ScannSearcher if name == "scann" else ExactSearcher)
   queries = rows[:4] * 10
   assert _recall(searcher.search(queries, 5)[0], exact_top_k_numpy(rows, queries, 5)[0]) >= 0.8
+
+
+def test_a_realm_run_hot_swaps_to_and_searches_the_scann_index_its_refresher_publishes(demo_store, tmp_path,
+                                                                                     monkeypatch):
+  # Coarse on purpose (2 of 50 leaves, no reordering): its top-k differs from the exact one, so an exact search
+  # cannot pass for it.
+  search = SearchConfig(backend="scann", scann=ScannConfig(50, 2, training_sample_size=4000, reorder=0))
+  installs, loads, scann_searches, exact_searches = [], [], [], []
+  install, load, scann_search = index_lib.LiveIndex.install, ScannSearcher.load.__func__, ScannSearcher.search
+
+  def recording_install(self, commit, prepared):
+    installs.append((commit, prepared))
+    install(self, commit, prepared)
+
+  def recording_load(cls, directory, num_blocks):
+    searcher = load(cls, directory, num_blocks)
+    loads.append((searcher, {f"scann/{f.name}": storage.sha256(f.read_bytes()) for f in Path(directory).iterdir()}))
+    return searcher
+
+  def recording_search(self, queries, k):
+    ids, scores = scann_search(self, queries, k)
+    scann_searches.append((self, np.array(queries), k, ids))
+    return ids, scores
+
+  monkeypatch.setattr(index_lib.LiveIndex, "install", recording_install)
+  monkeypatch.setattr(ScannSearcher, "load", classmethod(recording_load))
+  monkeypatch.setattr(ScannSearcher, "search", recording_search)
+  monkeypatch.setattr(ExactSearcher, "search", lambda self, queries, k: exact_searches.append(k))
+  mesh, refreshed, failed = partitioning.make_mesh(), [], []
+
+  def refresh_job():  # the refresh job beside the trainer, publishing with backend "scann"
+    try:
+      refreshed.extend(run_refresh(str(tmp_path), str(demo_store.path), mesh, RefreshJob(
+          batch_size=512, search=search, keep=10, abandon_check_seconds=0.5), poll_seconds=0.1))
+    except Exception as e:  # noqa: BLE001 - reported by the assertion below
+      failed.append(e)
+
+  refresher = threading.Thread(target=refresh_job)
+  refresher.start()
+  data = RealmDataConfig(batch_size=8, query_len=32, block_len=48, joint_len=80, num_candidates=4)
+  spec = RealmSpec(str(demo_store.path), RetrieverConfig(TINY_BERT, block_len=48), TINY_BERT, data)
+  # max_staleness 3: step 4 waits for an index of step >= 1, which only the refresher publishes.
+  history = run_pretrain(str(tmp_path), mesh, spec, TrainerConfig(6, checkpoint_every=2, log_every=1),
+                         OptimizerConfig(1e-3, 1),
+                         LiveIndexConfig(search=search, poll_seconds=0.1, max_staleness=3, wait_seconds=120))
+  refresher.join(timeout=300)
+  assert not failed and refreshed, failed
+  assert installs[0][0]["writer"] == "bootstrap" and installs[0][0]["train_step"] == 0
+  swapped = [(commit, searcher) for commit, searcher in installs if commit["writer"] == "refresher"]
+  assert swapped, "the run never swapped in an index of the refresher"
+  commit, searcher = swapped[0]
+  assert commit["backend"] == "scann" and commit["train_step"] in refreshed and commit["train_step"] > 0
+  assert history[-1]["index_step"] >= commit["train_step"] and not exact_searches
+  # What the run installed is the searcher loaded from that commit's published ScaNN assets, byte for byte.
+  published = {name: entry["sha256"] for name, entry in commit["files"].items() if name.startswith("scann/")}
+  assert published and [digests for loaded, digests in loads if loaded is searcher] == [published]
+  # The run searched with it, and got what the published index returns for the same queries, not exact top-k.
+  used = [(queries, k, ids) for used_by, queries, k, ids in scann_searches if used_by is searcher]
+  assert used
+  index_dir = tmp_path / "index"
+  again = ScannSearcher.load(index_dir / commit["data"] / "scann", demo_store.num_blocks)
+  _, rows = index_lib.load_index(index_dir, commit["train_step"], demo_store)
+  differs_from_exact = False
+  for queries, k, ids in used:
+    np.testing.assert_array_equal(ids, scann_search(again, queries, k)[0])
+    differs_from_exact |= not np.array_equal(ids, exact_top_k_numpy(np.asarray(rows), queries, k)[0])
+  assert differs_from_exact

@@ -197,3 +197,56 @@ def test_placing_a_memory_mapped_index_releases_each_slice_it_has_read(tmp_path)
   searcher = ExactSearcher(mapped, partitioning.make_mesh(8, 1))
   assert _resident_file_bytes() - before < 6 << 20  # at most about one device's slice (4 MiB) stays mapped
   np.testing.assert_array_equal(np.asarray(searcher.embeddings)[: len(rows)], rows)
+
+
+@pytest.mark.parametrize("run_gin, job", [
+    ("gin/runs/refresh.gin", "refresher.RefreshJob"),
+    ("gin/runs/realm_pretrain.gin", "live_index.LiveIndexConfig"),
+    ("gin/runs/openqa.gin", "openqa.OpenQaSpec"),
+])
+def test_gin_search_scann_orqa_gives_every_job_orqas_scann_settings(run_gin, job):
+  import gin
+
+  from realm_jax.retrieval.mips import ORQA_SCANN
+
+  gin.clear_config()
+  gin.add_config_file_search_path(str(REPO))
+  try:
+    gin.parse_config_files_and_bindings(["gin/models/tiny.gin", run_gin, "gin/search/scann_orqa.gin"], [
+        "BLOCK_STORE = 'unused'", "TRAIN_QUESTIONS = 'unused'"])
+    configured = gin.get_configurable(job)()
+  finally:
+    gin.clear_config()
+  assert configured.search == SearchConfig(backend="scann", scann=ORQA_SCANN)
+  # ORQA's orqa/utils/scann_utils.py: tree(1000, 100, 100000) + score_ah(2), ScaNN's default (isotropic) AH, no
+  # reordering.
+  assert (ORQA_SCANN.num_leaves, ORQA_SCANN.num_leaves_to_search, ORQA_SCANN.training_sample_size,
+          ORQA_SCANN.dimensions_per_block, ORQA_SCANN.anisotropic_quantization_threshold,
+          ORQA_SCANN.reorder) == (1000, 100, 100_000, 2, None, 0)
+
+
+def test_a_scann_tree_gets_at_most_a_leaf_per_40_rows_and_bad_settings_are_refused_naming_the_field():
+  from realm_jax.retrieval.mips import ORQA_SCANN, ScannConfig
+
+  assert ORQA_SCANN.for_rows(31_409).describe() == "tree 785/100, AH2, no reorder"
+  assert ORQA_SCANN.for_rows(1_000_000) == ORQA_SCANN
+  small = ScannConfig(reorder=200).for_rows(1000)
+  assert (small.num_leaves, small.num_leaves_to_search, small.training_sample_size) == (25, 25, 1000)
+  with pytest.raises(InputError, match=r"^ScannConfig.num_leaves_to_search: 200 exceeds num_leaves 100$"):
+    ScannConfig(100, 200)
+  with pytest.raises(InputError, match=r"^ScannConfig.reorder: -1 is negative"):
+    ScannConfig(reorder=-1)
+  with pytest.raises(InputError, match=r"^ScannConfig.dimensions_per_block: 0 is not a positive count$"):
+    ScannConfig(dimensions_per_block=0)
+
+
+def test_scann_without_reordering_returns_hashed_scores_and_with_it_exact_ones():
+  from realm_jax.retrieval.mips import ScannConfig, ScannSearcher
+
+  rng = np.random.default_rng(5)
+  rows = rng.normal(size=(2000, 16)).astype(np.float32)
+  queries = rng.normal(size=(8, 16)).astype(np.float32)
+  for reorder, exact in ((0, False), (50, True)):
+    ids, scores = ScannSearcher.build(rows, ScannConfig(10, 10, reorder=reorder)).search(queries, 5)
+    inner = np.einsum("bd,bkd->bk", queries, rows[ids])
+    assert np.allclose(scores, inner, atol=1e-4) == exact

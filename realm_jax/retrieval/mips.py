@@ -22,6 +22,7 @@ import math
 import mmap
 from pathlib import Path
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,19 +37,53 @@ _ROW_ALIGN = 8  # chunk sizes are multiples of a TPU tile's 8 sublanes
 
 @dataclasses.dataclass(frozen=True)
 class ScannConfig:
-  """ScaNN tree + asymmetric hashing + exact reordering.
+  """ScaNN tree + asymmetric hashing (AH), optionally followed by exact reordering.
 
-  For 10M+ blocks (REALM's 13.35M): num_leaves ~ sqrt(N) (2000-4000), num_leaves_to_search
-  ~ 5-10% of leaves, training_sample_size 250k, dimensions_per_block 2, reorder 4-10x k.
-  ORQA used 1000 leaves / 100 searched / 100k samples / 2 dims per block.
+  `anisotropic_quantization_threshold`: None is ScaNN's default, plain (isotropic) AH.  `reorder`: how many AH
+  candidates are re-scored exactly (0: none, the AH scores are returned).  A tree never has more than one leaf
+  per 40 rows (`for_rows`).  For 10M+ blocks (REALM's 13.35M): num_leaves ~ sqrt(N) (2000-4000),
+  num_leaves_to_search ~ 5-10% of leaves, training_sample_size 250k, dimensions_per_block 2, reorder 4-10x k.
+  ORQA's own settings are `ORQA_SCANN` (gin: gin/search/scann_orqa.gin).  Recall and queries/s of several
+  settings against exact search: BENCHMARKS.md, "Recall/throughput frontier".
   """
 
   num_leaves: int = 1000
   num_leaves_to_search: int = 100
   training_sample_size: int = 100_000
   dimensions_per_block: int = 2
-  anisotropic_quantization_threshold: float = 0.2
+  anisotropic_quantization_threshold: float | None = 0.2
   reorder: int = 100
+
+  def __post_init__(self):
+    for field in ("num_leaves", "num_leaves_to_search", "training_sample_size", "dimensions_per_block"):
+      if getattr(self, field) < 1:
+        raise InputError(f"ScannConfig.{field}: {getattr(self, field)} is not a positive count")
+    if self.num_leaves_to_search > self.num_leaves:
+      raise InputError(f"ScannConfig.num_leaves_to_search: {self.num_leaves_to_search} exceeds num_leaves "
+                       f"{self.num_leaves}")
+    if self.reorder < 0:
+      raise InputError(f"ScannConfig.reorder: {self.reorder} is negative (0: no reordering)")
+
+  def for_rows(self, rows: int) -> ScannConfig:
+    """The settings a searcher over `rows` rows is built with: at most one leaf per 40 rows (at least one), as
+    many searched as the tree has if fewer, training sample at most `rows`."""
+    leaves = max(1, min(self.num_leaves, rows // 40))
+    return dataclasses.replace(self, num_leaves=leaves, num_leaves_to_search=min(self.num_leaves_to_search, leaves),
+                               training_sample_size=min(self.training_sample_size, rows))
+
+  def describe(self) -> str:
+    """A short label: tree leaves/searched, AH dims per block (+ anisotropic threshold), reorder."""
+    threshold = "" if self.anisotropic_quantization_threshold is None else (
+        f" t={self.anisotropic_quantization_threshold:g}")
+    reorder = f"reorder {self.reorder}" if self.reorder else "no reorder"
+    return f"tree {self.num_leaves}/{self.num_leaves_to_search}, AH{self.dimensions_per_block}{threshold}, {reorder}"
+
+
+# ORQA's and REALM's fine-tuning searcher (orqa/utils/scann_utils.py): tree 1000 leaves, 100 searched, 100k
+# training sample, plain AH with 2 dimensions per block, no reordering.  In gin: %mips.ORQA_SCANN.
+ORQA_SCANN = ScannConfig(num_leaves=1000, num_leaves_to_search=100, training_sample_size=100_000,
+                         dimensions_per_block=2, anisotropic_quantization_threshold=None, reorder=0)
+gin.constant("mips.ORQA_SCANN", ORQA_SCANN)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -247,22 +282,20 @@ class ScannSearcher:
 
   @classmethod
   def build(cls, embeddings: np.ndarray, config: ScannConfig = ScannConfig(), k: int = 10) -> ScannSearcher:
+    """A dot-product ScaNN searcher over `embeddings`, built as `config.for_rows(len(embeddings))` says."""
     from scann.scann_ops.py import scann_ops_pybind
 
     n = len(embeddings)
-    leaves = max(1, min(config.num_leaves, n // 40))
+    config = config.for_rows(n)
     builder = scann_ops_pybind.builder(np.ascontiguousarray(embeddings, np.float32), k, "dot_product")
-    searcher = (
-        builder.tree(
-            num_leaves=leaves,
-            num_leaves_to_search=max(1, min(config.num_leaves_to_search, leaves)),
-            training_sample_size=min(config.training_sample_size, n),
-        )
-        .score_ah(config.dimensions_per_block,
-                  anisotropic_quantization_threshold=config.anisotropic_quantization_threshold)
-        .reorder(config.reorder)
-        .build()
-    )
+    threshold = config.anisotropic_quantization_threshold
+    builder = builder.tree(
+        num_leaves=config.num_leaves,
+        num_leaves_to_search=config.num_leaves_to_search,
+        training_sample_size=config.training_sample_size,
+    ).score_ah(config.dimensions_per_block,
+               anisotropic_quantization_threshold=float("nan") if threshold is None else threshold)
+    searcher = (builder.reorder(config.reorder) if config.reorder else builder).build()
     return cls(searcher, n)
 
   def serialize(self, directory: str | Path) -> None:
