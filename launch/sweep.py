@@ -176,6 +176,10 @@ def main(argv):
               for v in map(parse_variant, _VARIANTS.value)]
   if not variants:
     raise app.UsageError("give at least one --variant")
+  for flag in (_POD_BLOCK_STORE, _POD_QUERY_STORE):
+    if flag.value and _MODE.value != "tpu":
+      raise app.UsageError(f"--{flag.name} is staged by each pod (--mode=tpu); a local sweep reads local stores: "
+                           f"bind {'BLOCK_STORE' if flag is _POD_BLOCK_STORE else 'QUERY_STORE'} instead")
   names = [v.name for v in variants]
   if _BASELINE.value and (_MODE.value != "local" or _BASELINE.value not in names):
     raise app.UsageError(f"--baseline={_BASELINE.value} needs --mode=local and one of the variants {names}")

@@ -468,7 +468,7 @@ def test_trivial_retrievals_are_excluded_by_uid_across_a_separate_query_store(de
   uids, query_uids = np.asarray(demo_store.arrays["uids"]), np.asarray(query_store.arrays["uids"])
   assert (query_uids[150:] == uids[149::-1]).all() and not (query_uids[:150] == uids[299:149:-1]).all(-1).any()
   data = RealmDataConfig(batch_size=8, query_len=32, block_len=48, joint_len=80, num_candidates=4, seed=3)
-  run = RealmRun(realm_spec(demo_store, data), demo_store, partitioning.make_mesh(), queries=query_store)
+  run = RealmRun(realm_spec(demo_store, data), demo_store, partitioning.make_mesh(), query_store=query_store)
   batch = realm_query_dataset(query_store, data)[0]
   shared = batch["block_id"] >= 150
   assert shared.any() and (~shared).any()  # queries with and without their text in Z
@@ -498,6 +498,11 @@ def test_pretraining_reads_queries_from_the_query_store_and_candidates_from_the_
   held_out = MaskedQueries(query_store, data).eval_block_ids
   assert sorted(load_eval(tmp_path)["block_id"].tolist()) == sorted(held_out.tolist())
   assert index_lib.load_index(tmp_path / "index", 0, demo_store)[1].shape[0] == demo_store.num_blocks
+  # A restart whose queries would come from another store (its grain state indexes X's blocks) is refused.
+  with pytest.raises(ValueError, match=rf"queries.json: this run's queries came from {query_store.path} "
+                     rf"\(corpus_fingerprint .*\), now from {demo_store.path}/manifest.json"):
+    run_pretrain(str(tmp_path), partitioning.make_mesh(), realm_spec(demo_store, data), TrainerConfig(4),
+                 OptimizerConfig(1e-3, 1))
 
 
 def test_a_query_store_with_another_tokenizer_is_refused_naming_the_field(demo_store, query_store, tmp_path):
@@ -539,7 +544,8 @@ def test_reranking_chooses_the_candidates_by_the_current_block_tower_not_the_sta
   run = RealmRun(spec, demo_store, partitioning.make_mesh())
   batch = realm_query_dataset(demo_store, data)[0]
   _, group, counts = np.unique(np.asarray(demo_store.arrays["uids"]), axis=0, return_inverse=True, return_counts=True)
-  unique = np.asarray([i for i in range(1000, 2000) if counts[group.ravel()[i]] == 1][:24])  # no source's copy
+  sources = {int(i) for i in batch["block_id"]}
+  unique = np.asarray([i for i in range(1000, 2000) if counts[group.ravel()[i]] == 1 and i not in sources][:24])
   stale = np.stack([np.roll(unique, r) for r in range(8)])  # the stale index's order, one per query
   asked = []
   run.live.searcher = type("Searcher", (), {"search": lambda self, q, k: (asked.append(k), (stale[:, :k], None))[1]})()

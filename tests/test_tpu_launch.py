@@ -67,6 +67,8 @@ def test_pod_stages_a_separate_query_corpus_on_the_trainer_hosts_only_and_the_tr
   assert not any("QUERY_STORE" in a for a in _shell(refresher))
   refused = _pod_dry_run("--run_bindings=QUERY_STORE = 'gs://bucket/ccnews'")
   assert refused.returncode != 0 and "pass --query_store=gs://... instead" in refused.stderr
+  refused = _pod_dry_run("--query_store=gs://bucket/ccnews", "--job=ict")
+  assert refused.returncode != 0 and "only REALM pre-training (--job=pretrain) reads a query corpus" in refused.stderr
 
 
 def test_pod_refuses_a_gs_block_store_binding_that_jobs_cannot_memory_map():
@@ -128,6 +130,10 @@ def test_sweep_passes_a_separate_query_corpus_to_every_pod_and_a_local_variant_b
       cwd=REPO, capture_output=True, text=True, timeout=120,
   )
   assert without.returncode != 0 and "QUERY_STORE" in without.stderr
+  local = subprocess.run(  # a local sweep would ignore it: refused
+      [sys.executable, "launch/sweep.py", "--run_gin=gin/runs/realm_pretrain.gin", "--variant=baseline=",
+       "--mode=local", "--query_store=gs://b/ccnews"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert local.returncode != 0 and "--query_store is staged by each pod (--mode=tpu)" in local.stderr
 
 
 def test_sweep_refuses_refresher_items_of_a_variant_without_a_refresher():

@@ -80,6 +80,9 @@ def _check_block_store_flags() -> None:
                            f"--{flag.name}=gs://... instead, which the stage step copies to --{local.name}")
     if "://" in local.value:
       raise app.UsageError(f"--{local.name}={local.value} must be a directory on each host's disk")
+  if _QUERY_STORE.value and _JOB.value != "pretrain":
+    raise app.UsageError(f"--query_store: only REALM pre-training (--job=pretrain) reads a query corpus, not "
+                         f"--job={_JOB.value}")
 
 
 def _block_store_binding() -> list[str]:

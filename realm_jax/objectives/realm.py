@@ -179,7 +179,8 @@ class RealmSpec:
   X (CC-News); `block_store` is the knowledge corpus Z (Wikipedia) that is indexed and retrieved.  None: X = Z.
   `rerank_depth` L > 0 (beyond the paper; Atlas's re-rank mode): the stale index's top max(L, search depth)
   blocks are re-embedded with the current block tower and re-ordered by the current inner products before the
-  candidates are chosen (L extra block-tower forward passes per query and step).  0: the paper's stale top-k.
+  candidates are chosen (that many extra block-tower forward passes per query and step, in the held-out
+  evaluation too).  0: the paper's stale top-k.
   """
 
   block_store: str
@@ -221,7 +222,7 @@ class RealmSpec:
     """The knowledge store Z: what the index holds and candidates are read from."""
     return BlockStore(self.block_store)
 
-  def queries_store(self, knowledge: BlockStore) -> BlockStore:
+  def query_block_store(self, knowledge: BlockStore) -> BlockStore:
     """The query store X (`knowledge` itself without a `query_store`)."""
     return query_store_for(knowledge, self.query_store)
 

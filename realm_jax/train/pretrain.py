@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 from typing import Any
 
 import jax
@@ -51,12 +52,14 @@ from realm_jax.train.live_index import INDEX_DIR, LiveIndexConfig, following
 from realm_jax.train.optimizer import OptimizerConfig
 from realm_jax.train.trainer import TrainerConfig, TrainHooks, TrainState, make_trainer
 
+QUERY_CORPUS = "queries.json"  # the block store the run's masked queries come from (written once)
+
 
 @dataclasses.dataclass
 class RealmRun:
   """A REALM run's host-side work each step: candidates for the batch's queries from the live index.
 
-  `store` is the knowledge store (the index's blocks), `queries` the store the batch's `block_id`s index
+  `store` is the knowledge store (the index's blocks), `query_store` the store the batch's `block_id`s index
   (the query corpus; None: `store`)."""
 
   spec: RealmSpec
@@ -64,11 +67,11 @@ class RealmRun:
   mesh: Any
   search: SearchConfig = SearchConfig()
   rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES  # the trainer's: where the index rows go ("docs")
-  queries: BlockStore | None = None
+  query_store: BlockStore | None = None
 
   def __post_init__(self):
     self.model = self.spec.model()
-    self.query_uids = None if self.queries is None else self.queries.arrays["uids"]
+    self.query_uids = None if self.query_store is None else self.query_store.arrays["uids"]
     self.live = index_lib.LiveIndex(self.mesh, self.search, self.rules)
     self.copies = most_blocks_per_uid(self.store.arrays["uids"])  # blocks a query's own content may fill
     replicated = NamedSharding(self.mesh, P())
@@ -123,6 +126,27 @@ class RealmRun:
     return rerank(retrieved, query_emb, block_emb.reshape(-1, *retrieved.shape[1:], block_emb.shape[-1])[rows])
 
 
+def record_query_corpus(workdir: storage.PathLike, query_store: BlockStore) -> None:
+  """Process 0 records the query corpus in `<workdir>/queries.json` once; a restart on another one (its grain
+  state would index other blocks) is refused, naming both manifests."""
+  path = storage.as_path(workdir) / QUERY_CORPUS
+  now = {"block_store": str(query_store.path), "corpus_fingerprint": query_store.manifest["corpus_fingerprint"],
+         "num_blocks": query_store.num_blocks}
+  if path.exists():
+    try:
+      written = json.loads(storage.read_bytes(path))
+      differ = [k for k in ("corpus_fingerprint", "num_blocks") if written[k] != now[k]]
+    except (KeyError, TypeError, ValueError) as e:
+      raise InputError(f"{path}: not a query corpus record ({type(e).__name__}: {e})") from e
+    if differ:
+      raise InputError(f"{path}: this run's queries came from {written['block_store']} ({differ[0]} "
+                       f"{written[differ[0]]!r}), now from {now['block_store']}/manifest.json ({now[differ[0]]!r}): "
+                       "use a new workdir")
+  elif jax.process_index() == 0:
+    storage.write_json_once(path, now)
+  partitioning.barrier("query corpus recorded")
+
+
 def starting_weights(spec: RealmSpec) -> Any:
   """`TrainHooks.pretrained` for the spec's `retriever_init` and `reader_init` (None where both are unset)."""
   retriever = init_lib.load_retriever(spec.retriever_init, spec.retriever) if spec.retriever_init else None
@@ -160,15 +184,15 @@ def run_pretrain(workdir: str, mesh: jax.sharding.Mesh, spec: RealmSpec, trainer
   if trainer.eval_every and not data.eval_blocks:
     raise InputError(f"eval_every={trainer.eval_every} needs held-out blocks: set RealmDataConfig.eval_blocks > 0")
   store = spec.store()
-  query_store = spec.queries_store(store)
+  query_store = spec.query_block_store(store)
+  record_query_corpus(workdir, query_store)
   RetrieverDescription(spec.retriever, spec.block_tower_path, store.manifest["tokenizer"]).write(workdir)
   pretrained = starting_weights(spec)
   train = make_trainer(spec.objective(), mesh, workdir, trainer, optimizer)
   masked = MaskedQueries(query_store, data)
   queries = iter(realm_query_dataset(query_store, data, masked).to_iter_dataset())
-  separate = query_store if spec.query_store is not None else None
   with contextlib.ExitStack() as stack:
-    state, run, poller = None, RealmRun(spec, store, mesh, index.search, train.rules, separate), None
+    state, run, poller = None, RealmRun(spec, store, mesh, index.search, train.rules, query_store), None
     if spec.retrieval:
       index_dir = storage.as_path(workdir) / INDEX_DIR
       fresh = not index_lib.committed_steps(index_dir) and train.checkpoints.latest_step() is None
