@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import gin
-import jax
 import numpy as np
 from absl import app, flags
 
