@@ -3,8 +3,10 @@ r"""Converts REALM checkpoints between Hugging Face format and realm-jax, both w
 HF -> realm-jax (one safetensors file of realm-jax parameters, with the HF config and unused HF tensors):
   python launch/convert.py --to=jax --hf_dir=$CKPT/realm-cc-news-pretrained-scorer --params=$W/scorer.safetensors
 
-realm-jax -> HF, from such a file or from a run's latest checkpoint (`--subtree` picks the model inside
-the trainer's params: 'retriever' or 'reader,mlm_head' of a REALM pre-training run, '' for ICT or Open-QA):
+realm-jax -> HF, from such a file or from a run's checkpoint (`--subtree` picks the model inside the trainer's
+params: 'retriever' or 'reader,mlm_head' of a REALM pre-training run, '' for ICT or Open-QA; the checkpoint is
+`--step`, else an Open-QA run's best by dev exact match when fine-tuning recorded one, else the newest, printed with
+why):
   python launch/convert.py --to=hf --params=$W/scorer.safetensors --hf_dir=$OUT/scorer
   python launch/convert.py --to=hf --workdir=$W/realm --subtree=retriever --kind=scorer \
     --like=$CKPT/realm-cc-news-pretrained-scorer --hf_dir=$OUT/scorer
@@ -19,20 +21,29 @@ import jax
 from absl import app, flags
 
 from launch import cli
-from realm_jax.checkpoints import hf_realm
-from realm_jax.checkpoints.train_dir import latest_checkpoint_step, restore_params_subtree
+from realm_jax.checkpoints import best, hf_realm
+from realm_jax.checkpoints.train_dir import TRAIN_DIR, restore_params_subtree
 
 TO = flags.DEFINE_enum("to", None, ["jax", "hf"], "Direction: 'jax' (HF -> realm-jax) or 'hf' (realm-jax -> HF).",
                        required=True)
 HF_DIR = flags.DEFINE_string("hf_dir", None, "HF REALM directory (config.json + model.safetensors).", required=True)
 PARAMS = flags.DEFINE_string("params", None, "realm-jax parameter file (written by --to=jax).")
 KIND = flags.DEFINE_enum("kind", None, sorted(hf_realm.HF_CLASSES), "Checkpoint kind (default: from config.json).")
-WORKDIR = flags.DEFINE_string("workdir", None, "--to=hf: export the latest checkpoint of this run instead.")
-STEP = flags.DEFINE_integer("step", None, "--workdir: checkpoint step (default: latest).")
+WORKDIR = flags.DEFINE_string("workdir", None, "--to=hf: export a checkpoint of this run instead.")
+STEP = flags.DEFINE_integer("step", None, "--workdir: checkpoint step (default: the best by dev exact match that "
+                            "Open-QA fine-tuning recorded, else the newest).")
 SUBTREE = flags.DEFINE_list("subtree", [], "--workdir: keys of the model inside the trainer's params.")
 LIKE = flags.DEFINE_string("like", None, "--workdir: HF directory giving config.json and unused HF tensors.")
 OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an earlier output (a realm-jax parameter file, or an HF "
                               "directory holding only config.json and model.safetensors); anything else is refused.")
+
+
+def export_step(workdir: str, step: int | None) -> tuple[int, str]:
+  """(step, why) of the checkpoint to export: `step` when given, else `best.choose_checkpoint`'s (an Open-QA run's
+  best by dev exact match when recorded, else the newest)."""
+  if step is not None:
+    return step, "given by --step"
+  return best.choose_checkpoint(workdir)
 
 
 def from_workdir() -> hf_realm.HfRealmCheckpoint:
@@ -40,10 +51,8 @@ def from_workdir() -> hf_realm.HfRealmCheckpoint:
   if not LIKE.value or not KIND.value:
     raise app.UsageError("--workdir needs --like (HF directory of the same architecture) and --kind")
   like = hf_realm.load_hf_realm(LIKE.value, KIND.value)
-  train_dir = f"{WORKDIR.value}/train"
-  step = STEP.value if STEP.value is not None else latest_checkpoint_step(train_dir)
-  if step is None:
-    raise FileNotFoundError(f"{train_dir}: no checkpoint")
+  train_dir = f"{WORKDIR.value}/{TRAIN_DIR}"
+  step, why = export_step(WORKDIR.value, STEP.value)
   share = KIND.value != "scorer" or "block_tower" not in like.params
   shapes = hf_realm.expected_shapes(KIND.value, like.architecture, share)
   abstract = {}
@@ -57,7 +66,7 @@ def from_workdir() -> hf_realm.HfRealmCheckpoint:
     params = {key: restore_params_subtree(train_dir, step, (key,), abstract[key], sharding) for key in SUBTREE.value}
   else:
     params = restore_params_subtree(train_dir, step, tuple(SUBTREE.value), abstract, sharding)
-  print(f"{train_dir}: step {step}")
+  print(f"{train_dir}: step {step}: {why}")
   return hf_realm.HfRealmCheckpoint(KIND.value, like.architecture, jax.device_get(params), like.passthrough,
                                     like.hf_config)
 

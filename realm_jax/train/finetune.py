@@ -10,22 +10,27 @@ of the question text) or a dev file is given; fine-tuning never sees a dev quest
 `TrainerConfig.eval_every` steps (a multiple of `checkpoint_every`) and at the last, dev exact match is measured
 with the current parameters, and the best step (highest dev EM, ties to the earlier step) is recorded once its
 checkpoint is saved (`<workdir>/dev_eval/step_<N>.json`, `checkpoints.best`) and kept from orbax's clean-up;
-evaluation and `launch/ask.py` load it.  `num_epochs` gives the length in epochs over the train resplit.
+evaluation, `launch/ask.py` and `launch/convert.py` load it.  A restart refuses another dev set or stale records
+(`best.resume_record`) and first evaluates a restored evaluation step left without a record.  The dev evaluation
+runs on one JAX process only.  `num_epochs` gives the length in epochs over the train resplit.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
 
 from realm_jax import partitioning, storage
 from realm_jax.checkpoints import best
 from realm_jax.checkpoints import init as init_lib
+from realm_jax.checkpoints.train_dir import TRAIN_DIR, latest_checkpoint_step
 from realm_jax.data.blocks import BlockStore
 from realm_jax.data.features import FEATURES
 from realm_jax.data.openqa import OpenQaFeaturizer, question_dataset
@@ -184,23 +189,25 @@ def epochs_to_steps(trainer: TrainerConfig, recipe: FinetuneRecipe, num_train: i
 
 
 class BestCheckpoint:
-  """The best dev evaluation so far (`checkpoints.best.DevRecord`): proposed at each evaluation, recorded once
-  that step's checkpoint is saved; `keep(step)` tells orbax not to delete the best (or a proposed) checkpoint."""
+  """The best dev evaluation so far (`checkpoints.best.DevRecord`) on the run's dev set: proposed at each
+  evaluation, recorded once that step's checkpoint is saved; `keep(step)` tells orbax not to delete the best (or a
+  proposed) checkpoint."""
 
-  def __init__(self, workdir: storage.PathLike, record: best.DevRecord | None):
-    self.workdir, self.record, self.pending = workdir, record, None
+  def __init__(self, workdir: storage.PathLike, record: best.DevRecord | None, dev: best.DevSet):
+    self.workdir, self.record, self.dev = workdir, record, dev
+    self.pending: best.DevRecord | None = None
 
   def keep(self, step: int) -> bool:
+    """Whether checkpoint `step` is the recorded or the proposed best (orbax's `KeepSteps`)."""
     return any(r is not None and r.best_step == step for r in (self.record, self.pending))
 
-  def propose(self, step: int, exact_match: float, questions: int, answer_text: str) -> best.DevRecord:
-    if self.record is None:
-      self.pending = best.DevRecord(step, exact_match, questions, answer_text, step, exact_match)
-    else:
-      self.pending = self.record.after(step, exact_match, questions, answer_text)
+  def propose(self, step: int, exact_match: float) -> best.DevRecord:
+    """The record of an evaluation at `step` scoring `exact_match` (%), pending until `commit(step, ...)`."""
+    self.pending = (best.DevRecord.first(step, exact_match, self.dev) if self.record is None
+                    else self.record.after(step, exact_match))
     return self.pending
 
-  def commit(self, step: int, checkpoints) -> None:
+  def commit(self, step: int, checkpoints: ocp.CheckpointManager) -> None:
     """After step `step`'s save: its proposal is written once the checkpoint is on disk (process 0)."""
     if self.pending is None or self.pending.step != step:
       return
@@ -211,7 +218,7 @@ class BestCheckpoint:
 
 
 def dev_evaluation(run: OpenQaRun, spec: OpenQaSpec, dev: list[Question], tracker: BestCheckpoint,
-                   batch_size: int):
+                   batch_size: int) -> Callable[[TrainState], dict[str, float]]:
   """`TrainHooks.evaluate`: dev exact match (%) of the state's parameters, proposed to `tracker`."""
   predictor: list[Predictor] = []
 
@@ -224,11 +231,29 @@ def dev_evaluation(run: OpenQaRun, spec: OpenQaSpec, dev: list[Question], tracke
     answers = predictor[0].answer([q.question for q in dev], batch_size=batch_size)
     em = 100.0 * float(np.mean([exact_match(p.answer, q.answers, q.is_regex)
                                 for p, q in zip(answers, dev, strict=True)]))
-    record = tracker.propose(int(state.step), em, len(dev), spec.data.answer_text)
+    record = tracker.propose(int(state.step), em)
     return {"dev_exact_match": em, "dev_best_exact_match": record.best_dev_exact_match,
             "dev_best_step": float(record.best_step)}
 
   return evaluate
+
+
+def evaluate_restored(evaluate: Callable[[TrainState], dict[str, float]], tracker: BestCheckpoint,
+                      trainer: TrainerConfig, checkpoints: ocp.CheckpointManager) -> Callable[[TrainState], None]:
+  """`TrainHooks.after_restore`: a restored evaluation step newer than the newest dev record (the job died
+  between its checkpoint and its record) is evaluated and recorded before training continues."""
+
+  def after_restore(state: TrainState) -> None:
+    step = int(state.step)
+    due = step == trainer.num_steps or (trainer.eval_every > 0 and step % trainer.eval_every == 0)
+    if not due or (tracker.record is not None and tracker.record.step >= step):
+      return
+    metrics = evaluate(state)
+    tracker.commit(step, checkpoints)
+    logging.info("restored step %d had no dev record: %s", step,
+                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+  return after_restore
 
 
 def run_finetune(workdir: str, mesh: jax.sharding.Mesh, spec: OpenQaSpec, trainer: TrainerConfig,
@@ -243,6 +268,10 @@ def run_finetune(workdir: str, mesh: jax.sharding.Mesh, spec: OpenQaSpec, traine
   questions, dev = split_questions(train_questions, recipe)
   query_len = featurizer.check_questions(questions)
   if dev:
+    if jax.process_count() > 1:
+      raise InputError(f"FinetuneRecipe: a dev evaluation ({len(dev)} dev questions) runs on one JAX process only, "
+                       f"this run has {jax.process_count()}: set FinetuneRecipe.dev_fraction = 0.0, dev_questions = "
+                       "None and TrainerConfig.eval_every = 0, and evaluate checkpoints with launch/evaluate.py")
     featurizer.check_questions(dev)
     if trainer.eval_every % trainer.checkpoint_every:
       raise InputError(f"TrainerConfig.eval_every={trainer.eval_every}: must be a multiple of checkpoint_every="
@@ -252,9 +281,11 @@ def run_finetune(workdir: str, mesh: jax.sharding.Mesh, spec: OpenQaSpec, traine
                      "FinetuneRecipe.dev_fraction > 0 or FinetuneRecipe.dev_questions")
   trainer = epochs_to_steps(trainer, recipe, len(questions), spec.data.batch_size)
   pretrained, pretrained_index = starting_weights(spec)
-  tracker = BestCheckpoint(workdir_path, None)
-  train = make_trainer(spec.objective(), mesh, workdir, trainer, optimizer, preserve=tracker.keep)
-  tracker.record = best.newest_record(workdir_path, up_to=train.checkpoints.latest_step() or 0)
+  dev_set = best.DevSet.of([q.question for q in dev], spec.data.answer_text) if dev else None
+  record = best.resume_record(workdir_path, latest_checkpoint_step(workdir_path / TRAIN_DIR), dev_set)
+  tracker = BestCheckpoint(workdir_path, record, dev_set) if dev_set is not None else None
+  train = make_trainer(spec.objective(), mesh, workdir, trainer, optimizer,
+                       preserve=tracker.keep if tracker is not None else None)
   state, tower = None, None  # no tower: the published index is reused
   if train.checkpoints.latest_step() is None and not index_lib.committed_steps(workdir_path / INDEX_DIR):
     state = train.init_state(pretrained)
@@ -265,8 +296,10 @@ def run_finetune(workdir: str, mesh: jax.sharding.Mesh, spec: OpenQaSpec, traine
   run = OpenQaRun(spec.model(), featurizer, questions, embeddings, searcher, mesh)
   batches = iter(question_dataset(questions, featurizer, spec.data, query_len).to_iter_dataset())
   hooks = TrainHooks(pretrained=pretrained, prepare_batch=run.prepare_batch)
-  if dev:
-    hooks = dataclasses.replace(hooks, evaluate=dev_evaluation(run, spec, dev, tracker, recipe.dev_batch_size),
-                                after_step=lambda step, _: tracker.commit(step, train.checkpoints))
+  if tracker is not None:
+    evaluate = dev_evaluation(run, spec, dev, tracker, recipe.dev_batch_size)
+    hooks = dataclasses.replace(hooks, evaluate=evaluate,
+                                after_step=lambda step, _: tracker.commit(step, train.checkpoints),
+                                after_restore=evaluate_restored(evaluate, tracker, trainer, train.checkpoints))
   _, history = train.fit(batches, hooks, initial_state=state)
   return history

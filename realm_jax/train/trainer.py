@@ -71,7 +71,9 @@ class TrainHooks:
   TensorBoard every step and logged with their latest value (not a window mean).  `prepare_batch(state,
   host_batch)` completes a batch with the current parameters (REALM: retrieval of candidates for its queries).
   `after_step(step, state)` runs after each step.  `evaluate(state)` runs at the last step and every
-  `TrainerConfig.eval_every` steps; its metrics join that step's logged ones.
+  `TrainerConfig.eval_every` steps; its metrics join that step's logged ones.  `after_restore(state)` runs once on
+  a state restored from a checkpoint, before training continues (fine-tuning: the dev evaluation a killed job
+  did not record).
   """
 
   pretrained: Callable[[Any], Any] | None = None
@@ -79,6 +81,7 @@ class TrainHooks:
   prepare_batch: Callable[[TrainState, dict], dict] | None = None
   after_step: Callable[[int, TrainState], None] | None = None
   evaluate: Callable[[TrainState], dict[str, float]] | None = None
+  after_restore: Callable[[TrainState], None] | None = None
 
 
 class Trainer:
@@ -204,7 +207,10 @@ class Trainer:
     """
     cfg = self.config
     before_step, prepare_batch, evaluate = hooks.before_step, hooks.prepare_batch, hooks.evaluate
+    restoring = self.checkpoints.latest_step() is not None
     state = self.restore_or_init(data, hooks.pretrained, initial_state)
+    if restoring and hooks.after_restore:
+      hooks.after_restore(state)
     start = int(state.step)
     writer = SummaryWriter(str(self.workdir / "tensorboard")) if jax.process_index() == 0 else None
     history: list[dict[str, float]] = []
