@@ -176,6 +176,7 @@ def test_a_realm_run_hot_swaps_to_and_searches_the_scann_index_its_refresher_pub
   search = SearchConfig(backend="scann", scann=ScannConfig(50, 2, training_sample_size=4000, reorder=0))
   installs, loads, scann_searches, exact_searches = [], [], [], []
   install, load, scann_search = index_lib.LiveIndex.install, ScannSearcher.load.__func__, ScannSearcher.search
+  exact_search = ExactSearcher.search
 
   def recording_install(self, commit, prepared):
     installs.append((commit, prepared))
@@ -194,7 +195,8 @@ def test_a_realm_run_hot_swaps_to_and_searches_the_scann_index_its_refresher_pub
   monkeypatch.setattr(index_lib.LiveIndex, "install", recording_install)
   monkeypatch.setattr(ScannSearcher, "load", classmethod(recording_load))
   monkeypatch.setattr(ScannSearcher, "search", recording_search)
-  monkeypatch.setattr(ExactSearcher, "search", lambda self, queries, k: exact_searches.append(k))
+  monkeypatch.setattr(ExactSearcher, "search",
+                      lambda self, queries, k: exact_searches.append(k) or exact_search(self, queries, k))
   mesh, refreshed, failed = partitioning.make_mesh(), [], []
 
   def refresh_job():  # the refresh job beside the trainer, publishing with backend "scann"
