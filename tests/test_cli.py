@@ -33,9 +33,13 @@ def run_ict(*args):
 
 
 def required_macros(gin_file):
-  """Bindings for the macros a gin file leaves `%gin.REQUIRED` (a launcher flag or the user sets them)."""
+  """Bindings for the macros a gin file, or a file it includes, leaves `%gin.REQUIRED` and does not bind itself
+  (a launcher flag or the user sets them)."""
   lines = (REPO / gin_file).read_text().splitlines()
-  return [f"{line.split('=')[0].strip()} = 'x'" for line in lines if "= %gin.REQUIRED" in line]
+  included = [b for line in lines if line.startswith("include ") for b in required_macros(line.split('"')[1])]
+  bound = {line.split("=")[0].strip() for line in lines if "=" in line and not line.startswith((" ", "#"))}
+  own = [f"{line.split('=')[0].strip()} = 'x'" for line in lines if "= %gin.REQUIRED" in line]
+  return [b for b in included if b.split(" = ")[0] not in bound] + own
 
 
 @pytest.mark.parametrize("run_gin", RUN_GINS)
