@@ -169,6 +169,7 @@ def test_a_frozen_index_is_searched_by_the_backend_the_spec_names(name, demo_sto
   assert _recall(searcher.search(queries, 5)[0], exact_top_k_numpy(rows, queries, 5)[0]) >= 0.8
 
 
+@pytest.mark.slow  # a REALM run beside a ScaNN-publishing refresher: minutes on 2 cores
 def test_a_realm_run_hot_swaps_to_and_searches_the_scann_index_its_refresher_publishes(demo_store, tmp_path,
                                                                                      monkeypatch):
   # Coarse on purpose (2 of 50 leaves, no reordering): its top-k differs from the exact one, so an exact search
