@@ -115,7 +115,6 @@ class RealmRun:
         "span_retrieved": span_in_candidates(joint, batch["mlm_ids"], batch["mlm_weights"]),
     }
 
-
   def rerank_retrieved(self, params: Any, query_emb: np.ndarray, retrieved: np.ndarray) -> np.ndarray:
     """This process's [b, L] retrieved ids re-ordered by the current block tower (`RealmSpec.rerank_depth`)."""
     blocks = block_inputs(self.store, retrieved, self.spec.data.block_len)
