@@ -165,12 +165,12 @@ def synthetic_index(n: int):
 
 def frontier_grid(rows: int) -> list:
   """The ScaNN settings the frontier measures on an index of `rows` rows: ORQA's first, then coarser or finer
-  trees with exact reordering."""
+  trees with exact reordering (below 200k rows also half the leaves searched, and one leaf: AH over every row)."""
   from realm_jax.retrieval.mips import ORQA_SCANN, ScannConfig
 
   if rows < 200_000:
-    grid = [ScannConfig(1000, 100, reorder=200), ScannConfig(200, 20, reorder=200), ScannConfig(200, 40, reorder=500),
-            ScannConfig(100, 10, reorder=500), ScannConfig(100, 20, reorder=1000)]
+    grid = [ScannConfig(1000, 100, reorder=200), ScannConfig(200, 40, reorder=500), ScannConfig(200, 100, reorder=200),
+            ScannConfig(100, 50, reorder=200), ScannConfig(1, 1, reorder=100), ScannConfig(1, 1, reorder=200)]
   else:
     grid = [ScannConfig(1000, 100, reorder=500), ScannConfig(1000, 50, reorder=500), ScannConfig(2000, 200, reorder=500),
             ScannConfig(2000, 100, reorder=1000), ScannConfig(2000, 50, reorder=1000)]

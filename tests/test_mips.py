@@ -230,6 +230,7 @@ def test_a_scann_tree_gets_at_most_a_leaf_per_40_rows_and_bad_settings_are_refus
 
   assert ORQA_SCANN.for_rows(31_409).describe() == "tree 785/100, AH2, no reorder"
   assert ORQA_SCANN.for_rows(1_000_000) == ORQA_SCANN
+  assert ScannConfig(1, 1, reorder=100).describe() == "no tree (1 leaf), AH2 t=0.2, reorder 100"
   small = ScannConfig(reorder=200).for_rows(1000)
   assert (small.num_leaves, small.num_leaves_to_search, small.training_sample_size) == (25, 25, 1000)
   with pytest.raises(InputError, match=r"^ScannConfig.num_leaves_to_search: 200 exceeds num_leaves 100$"):
@@ -240,13 +241,13 @@ def test_a_scann_tree_gets_at_most_a_leaf_per_40_rows_and_bad_settings_are_refus
     ScannConfig(dimensions_per_block=0)
 
 
-def test_scann_without_reordering_returns_hashed_scores_and_with_it_exact_ones():
+def test_scann_without_reordering_returns_hashed_scores_and_with_it_exact_ones_with_a_tree_or_one_leaf():
   from realm_jax.retrieval.mips import ScannConfig, ScannSearcher
 
   rng = np.random.default_rng(5)
   rows = rng.normal(size=(2000, 16)).astype(np.float32)
   queries = rng.normal(size=(8, 16)).astype(np.float32)
-  for reorder, exact in ((0, False), (50, True)):
-    ids, scores = ScannSearcher.build(rows, ScannConfig(10, 10, reorder=reorder)).search(queries, 5)
+  for leaves, reorder, exact in ((10, 0, False), (10, 50, True), (1, 0, False), (1, 50, True)):
+    ids, scores = ScannSearcher.build(rows, ScannConfig(leaves, leaves, reorder=reorder)).search(queries, 5)
     inner = np.einsum("bd,bkd->bk", queries, rows[ids])
     assert np.allclose(scores, inner, atol=1e-4) == exact

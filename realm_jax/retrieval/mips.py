@@ -43,6 +43,8 @@ class ScannConfig:
   candidates are re-scored exactly (0: none, the AH scores are returned).  A tree never has more than one leaf
   per 40 rows (`for_rows`).  For 10M+ blocks (REALM's 13.35M): num_leaves ~ sqrt(N) (2000-4000),
   num_leaves_to_search ~ 5-10% of leaves, training_sample_size 250k, dimensions_per_block 2, reorder 4-10x k.
+  Below ~100k rows one leaf (`num_leaves=1`: AH scores of every row, then reordering) beats a tree: on the 31k
+  small corpus a query's top 5 spreads over many leaves.
   ORQA's own settings are `ORQA_SCANN` (gin: gin/search/scann_orqa.gin).  Recall and queries/s of several
   settings against exact search: BENCHMARKS.md, "Recall/throughput frontier".
   """
@@ -76,7 +78,8 @@ class ScannConfig:
     threshold = "" if self.anisotropic_quantization_threshold is None else (
         f" t={self.anisotropic_quantization_threshold:g}")
     reorder = f"reorder {self.reorder}" if self.reorder else "no reorder"
-    return f"tree {self.num_leaves}/{self.num_leaves_to_search}, AH{self.dimensions_per_block}{threshold}, {reorder}"
+    tree = "no tree (1 leaf)" if self.num_leaves == 1 else f"tree {self.num_leaves}/{self.num_leaves_to_search}"
+    return f"{tree}, AH{self.dimensions_per_block}{threshold}, {reorder}"
 
 
 # ORQA's and REALM's fine-tuning searcher (orqa/utils/scann_utils.py): tree 1000 leaves, 100 searched, 100k
