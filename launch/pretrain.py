@@ -24,8 +24,9 @@ def main(argv):
   print(f"REALM pre-training finished at step {last['step']}: loss {last['loss']:.3f}, "
         f"MLM accuracy {last['mlm_accuracy']:.3f}, retrieval utility {last['retrieval_utility']:.3f}, "
         f"p(null) {last['p_null']:.3f}, masked span retrieved {last['span_retrieved']:.3f}"
-        + (f"; held-out loss {last['eval_loss']:.3f}, MLM accuracy {last['eval_mlm_accuracy']:.3f}, retrieval "
-           f"utility {last['eval_retrieval_utility']:.3f} ({last['eval_queries']:.0f} queries)"
+        + (f"; held-out ({last['eval_queries']:.0f} queries): loss {last['eval_loss']:.3f} with retrieval, "
+           f"{last['eval_loss'] + last['eval_retrieval_utility']:.3f} reading the null block only (retrieval "
+           f"utility {last['eval_retrieval_utility']:.3f}), MLM accuracy {last['eval_mlm_accuracy']:.3f}"
            if "eval_loss" in last else ""))
 
 

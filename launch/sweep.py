@@ -19,7 +19,10 @@ its own workdir `<workdir_root>/<NAME>` with its output in `trainer.log` / `refr
 prints a results table; with `--baseline=NAME` (and held-out blocks,
 `realm_data.RealmDataConfig.eval_blocks`) also each variant's held-out loss minus the baseline's on the
 same queries, with its standard error over those queries (a second seed is what measures training
-noise).  `--mode=tpu` prints the `launch/tpu/pod.py --dry_run` command of each variant instead.
+noise).  With held-out evaluations it also writes `<workdir_root>/report.md` (each variant's held-out loss at every
+evaluated step, ± its standard error over queries, then the lines above) and `heldout_loss.png` (the same as a
+plot).  Rerunning the same command resumes each variant from its checkpoints (a finished one is not retrained)
+and appends to its logs.  `--mode=tpu` prints the `launch/tpu/pod.py --dry_run` command of each variant instead.
 """
 
 from __future__ import annotations
@@ -142,12 +145,13 @@ def run_local(variant: Variant) -> dict:
   print(f"variant {name}: logs in {trainer_log}" + (f" and {refresher_log}" if with_refresher else ""), flush=True)
   # Files, not pipes: an undrained pipe would block the process writing to it.
   with contextlib.ExitStack() as stack:
-    trainer_out = stack.enter_context(open(trainer_log, "w"))
+    # Appended: a rerun resumes the variant from its checkpoints (a finished one prints so) and keeps earlier logs.
+    trainer_out = stack.enter_context(open(trainer_log, "a"))
     trainer = subprocess.Popen([sys.executable, "launch/pretrain.py", *trainer_args], cwd=REPO, env=env,
                                stdout=trainer_out, stderr=subprocess.STDOUT, text=True)
     refresher = None
     if with_refresher:
-      refresher_out = stack.enter_context(open(refresher_log, "w"))
+      refresher_out = stack.enter_context(open(refresher_log, "a"))
       refresher = subprocess.Popen(
           [sys.executable, "launch/refresh_index.py", *refresher_args, f"--workdir={workdir}", "--poll_seconds=2"],
           cwd=REPO, env=env, stdout=refresher_out, stderr=subprocess.STDOUT, text=True,
@@ -200,16 +204,22 @@ def main(argv):
     else:
       results.append(run_local(v))
       print(json.dumps(results[-1]))
-  for r in results:
-    print(f"{r['variant']:>20}: {r['summary']}")
+  lines = [f"{r['variant']:>20}: {r['summary']}" for r in results]
   if results and _BASELINE.value:
-    print_paired_differences(names, _BASELINE.value)
+    lines += paired_differences(names, _BASELINE.value)
+  print("\n".join(lines))
+  if results:
+    from realm_jax.eval import sweep_report  # JAX: only when there is something to report
+
+    for path in sweep_report.write_report(_ROOT.value, names, lines):
+      print(f"wrote {path}")
 
 
-def print_paired_differences(names: list[str], baseline: str) -> None:
-  """Each variant's final held-out loss minus the baseline's, over the same queries."""
+def paired_differences(names: list[str], baseline: str) -> list[str]:
+  """Each variant's final held-out loss minus the baseline's, over the same queries: one line per variant."""
   from realm_jax.eval import realm_mlm  # JAX: only when there is something to compare
 
+  lines = []
   for name in names:
     if name == baseline:
       continue
@@ -218,12 +228,14 @@ def print_paired_differences(names: list[str], baseline: str) -> None:
       evaluation = realm_mlm.load_eval(storage.as_path(_ROOT.value) / name)
       d = realm_mlm.paired_difference(evaluation, reference)
     except (OSError, ValueError) as e:
-      print(f"{name:>20}: not comparable with {baseline}: {e}")
+      lines.append(f"{name:>20}: not comparable with {baseline}: {e}")
       continue
     steps = f"step {evaluation['step']} vs {reference['step']}"
-    print(f"{name:>20}: held-out loss minus {baseline}'s {d['loss_difference']:+.4f} +- {d['standard_error']:.4f} "
-          f"s.e. over queries ({steps}, {d['queries']:.0f} queries, {d['masks']:.0f} masks; "
-          f"better on {d['queries_better']:.0%} of queries, worse on {d['queries_worse']:.0%})")
+    lines.append(f"{name:>20}: held-out loss minus {baseline}'s {d['loss_difference']:+.4f} +- "
+                 f"{d['standard_error']:.4f} s.e. over queries ({steps}, {d['queries']:.0f} queries, "
+                 f"{d['masks']:.0f} masks; better on {d['queries_better']:.0%} of queries, worse on "
+                 f"{d['queries_worse']:.0%})")
+  return lines
 
 
 if __name__ == "__main__":

@@ -113,3 +113,37 @@ def test_a_realm_retriever_of_another_architecture_is_refused_naming_it(realm_ru
     init_lib.load_retriever(f"realm:{realm_run}", RetrieverConfig(TINY, 16, block_len=48))
   with pytest.raises(FileNotFoundError, match=r"retriever.json: no retriever description"):
     init_lib.load_retriever(f"realm:{realm_run / 'train'}", RetrieverConfig(TINY))
+
+
+def test_a_pretrained_retriever_searches_its_runs_index_of_its_newest_checkpoint_with_its_query_tower(
+    demo_store, realm_run, tmp_path):
+  import shutil
+
+  from realm_jax import partitioning
+  from realm_jax.data.openqa import OpenQaDataConfig
+  from realm_jax.eval.openqa_eval import EvaluationConfig, run_evaluation
+  from realm_jax.eval.predict import PretrainedRetriever
+  from realm_jax.objectives.openqa import OpenQaSpec
+  from realm_jax.refresh.refresher import RefreshConfig, embed_all_blocks
+  from realm_jax.retrieval import index as index_lib
+  from realm_jax.retrieval.mips import exact_top_k_numpy
+
+  run_dir = tmp_path / "realm"
+  shutil.copytree(realm_run, run_dir)
+  retriever = RetrieverConfig(TINY, block_len=48)
+  spec = OpenQaSpec(str(demo_store.path), retriever, TINY, OpenQaDataConfig(query_len=16))
+  mesh = partitioning.make_mesh()
+  with pytest.raises(FileNotFoundError, match=r"index: no index of step 2, the run's newest checkpoint"):
+    PretrainedRetriever(run_dir, spec, mesh)
+  run, _ = init_lib.load_realm_run(run_dir, RealmModel(TINY, TINY), ("retriever",))
+  rows = embed_all_blocks(run["retriever"]["query_tower"], RefreshConfig(retriever, batch_size=64), demo_store, mesh)
+  index_lib.publish_index(run_dir / "index", 2, rows, demo_store)
+  pretrained = PretrainedRetriever(run_dir, spec, mesh)
+  questions = ["who wrote the origin of species", "when did the first moon landing happen", "what is the capital"]
+  queries = pretrained.featurizer.queries(questions)
+  tower = retriever.tower()
+  query_emb = np.asarray(tower.apply({"params": run["retriever"]["query_tower"]}, queries["input_ids"],
+                                     queries["input_mask"], queries["segment_ids"], True))
+  np.testing.assert_array_equal(pretrained.search(questions, 5), exact_top_k_numpy(rows.embeddings, query_emb, 5)[0])
+  with pytest.raises(InputError, match=r"a pre-training run has no span reader; evaluate its retrieval only"):
+    run_evaluation(str(tmp_path / "eval"), mesh, spec, EvaluationConfig({}), pretrained_run=str(run_dir))

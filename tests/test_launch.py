@@ -129,16 +129,25 @@ def test_sweep_runs_each_variant_locally_with_its_refresher_and_tabulates_the_re
        f"--gin_bindings=BLOCK_STORE = '{demo_store.path}'", "--gin_bindings=BLOCK_LEN = 32",
        "--gin_bindings=NUM_STEPS = 4", "--run_bindings=trainer.TrainerConfig.checkpoint_every = 2",
        "--run_bindings=realm_data.RealmDataConfig.eval_blocks = 8",
+       "--run_bindings=trainer.TrainerConfig.eval_every = 2",
        "--variant=retrieval=", "--variant=null_only=gin/ablations/no_retrieval.gin", "--baseline=null_only",
        f"--workdir_root={root}"],
       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900,
   )
   assert result.returncode == 0, result.stderr[-3000:]
-  *table, paired = result.stdout.strip().splitlines()[-3:]
+  *table, paired, wrote_report, wrote_plot = result.stdout.strip().splitlines()[-5:]
+  assert (wrote_report, wrote_plot) == (f"wrote {root / 'report.md'}", f"wrote {root / 'heldout_loss.png'}")
+  assert (root / "heldout_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  report = (root / "report.md").read_text()
+  assert re.search(r"\| retrieval \| \d+\.\d{3} ± \d\.\d{3} \| \d+\.\d{3} ± \d\.\d{3} \|", report), report  # steps 2, 4
+  assert paired in report
   assert [line.split(":")[0].strip() for line in table] == ["retrieval", "null_only"]
   assert all("REALM pre-training finished at step 4" in line for line in table)
   assert "p(null) 1.000, masked span retrieved 0.000" in table[1]  # the null block only
-  assert "held-out loss" in table[0] and "(8 queries)" in table[1]
+  assert "reading the null block only" in table[0]
+  # The null-only variant reads nothing else: its held-out loss is its null-block reading's.
+  assert re.search(r"held-out \(8 queries\): loss (\d+\.\d{3}) with retrieval, \1 reading the null block only "
+                   r"\(retrieval utility -?0\.000\)", table[1]), table[1]
   # Both variants read the same 8 held-out queries at their last step: a paired comparison.
   assert re.fullmatch(r"\s*retrieval: held-out loss minus null_only's [+-]\d\.\d{4} \+- \d\.\d{4} s\.e\. over queries "
                       r"\(step 4 vs 4, 8 queries, \d+ masks; .*\)", paired), paired

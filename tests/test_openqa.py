@@ -128,8 +128,8 @@ def test_openqa_loss_equals_a_direct_numpy_computation():
 
 
 def test_the_retriever_logit_is_added_to_every_span_of_its_block():
-  """The model's reader logits are its span logits plus the block's retriever logit, for every span of each of
-  the top reader_k blocks; blocks past reader_k do not reach them."""
+  """The model's reader logits are its span logits plus the block's retriever logit (score_scale times the inner
+  product), for every span of each of the top reader_k blocks; blocks past reader_k do not reach them."""
   import flax.linen as nn
 
   config = BertConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, vocab_size=50)
@@ -160,6 +160,11 @@ def test_the_retriever_logit_is_added_to_every_span_of_its_block():
   moved_retriever, moved_reader = apply(moved)
   assert np.abs(moved_retriever[:, 2] - retriever_logits[:, 2]).min() > 0.1
   np.testing.assert_array_equal(moved_reader, reader_logits)
+  scaled = model.clone(retriever_score_scale=0.25)  # RetrieverConfig.score_scale: the logit itself is scaled
+  scaled_retriever, scaled_reader = (np.asarray(x) for x in scaled.apply(
+      {"params": params}, batch | {"block_embeddings": embeddings}))
+  np.testing.assert_allclose(scaled_retriever, 0.25 * wanted, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(scaled_reader[valid], (span_logits + 0.25 * added)[valid], rtol=1e-5, atol=1e-5)
 
 
 # ---- featurisation -----------------------------------------------------------------------------------------------
@@ -326,12 +331,44 @@ def test_finetune_evaluate_and_ask_launchers_end_to_end_on_a_gcs_workdir(small_q
   ours = [r for r in recall_rows if r["system"] == "realm-jax"]
   assert len(ours) >= 3 and all("recall@5" in r and "exact_match" not in r for r in ours)
   assert {r["dataset"]: r["questions"] for r in ours}["nq_open_dev"] == 3
+  outside = [json.loads(line) for line in (QUESTIONS / "curatedtrec_test.jsonl").open()][:4]
+  for record in outside:  # a question file from elsewhere: regex answers it does not mark as regexes
+    del record["answer_is_regex"]
+  question_file = epath.Path(f"{gcs_bucket}/elsewhere/outside.jsonl")  # gs://, outside the workdir
+  question_file.parent.mkdir(parents=True, exist_ok=True)
+  question_file.write_text("".join(json.dumps(r) + "\n" for r in outside))
+  result = run_launcher("evaluate.py", *flags, "--retrieval_only", f"--questions=mine={question_file}",
+                        "--answer_format=mine=regex", "--gin_bindings=openqa_eval.EvaluationConfig.baselines = ()")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "| mine | 4 |" in result.stdout and "nq_open_dev" not in result.stdout
+  assert [r["dataset"] for r in json.loads((workdir / "eval_retrieval" / "results.json").read_text())] == ["mine"]
   result = run_launcher("ask.py", *flags, "--question=when was the last time anyone was on the moon", "--json")
   assert result.returncode == 0, result.stderr[-3000:]
   answer = json.loads(result.stdout.strip().splitlines()[-1])
   assert answer["answer"] and len(answer["blocks"]) == 5 and answer["blocks"][0]["snippet"]
   assert "loading fine-tuning checkpoint step 2 of" in result.stderr and "the best dev exact match" in result.stderr
   assert (REPO / "gin" / "runs" / "openqa.gin").is_file()
+
+
+def test_evaluation_question_files_are_named_safely_and_read_with_their_declared_answer_format(tmp_path):
+  from realm_jax.data.corpus import CorpusError
+  from realm_jax.errors import InputError
+  from realm_jax.eval.openqa_eval import EvaluationConfig, read_datasets
+
+  (tmp_path / "trec.jsonl").write_text('{"question": "tallest?", "answers": ["Ever\\\\s?est"]}\n')
+  (tmp_path / "marked.jsonl").write_text('{"question": "who?", "answers": ["x"], "answer_is_regex": false}\n')
+  sets = read_datasets(EvaluationConfig({"a": "trec.jsonl", "b": str(tmp_path / "trec.jsonl")}, str(tmp_path),
+                                        answer_formats={"a": "regex"}))
+  assert sets["a"][0].is_regex and not sets["b"][0].is_regex  # "b": absolute path, read "auto"
+  with pytest.raises(CorpusError, match=r"marked.jsonl:1: field 'answer_is_regex' is false in a file read as "
+                                        r"answer_format='regex'$"):
+    read_datasets(EvaluationConfig({"m": "marked.jsonl"}, str(tmp_path), answer_formats={"m": "regex"}))
+  with pytest.raises(InputError, match=r"answer format 'regexes': expected one of auto, strings, regex$"):
+    read_datasets(EvaluationConfig({"m": "marked.jsonl"}, str(tmp_path), answer_formats={"m": "regexes"}))
+  with pytest.raises(InputError, match=r"^EvaluationConfig.answer_formats: 'x' is not a dataset"):
+    read_datasets(EvaluationConfig({"m": "marked.jsonl"}, str(tmp_path), answer_formats={"x": "regex"}))
+  with pytest.raises(InputError, match=r"^EvaluationConfig.datasets: name '../m': letters, digits"):
+    read_datasets(EvaluationConfig({"../m": "marked.jsonl"}, str(tmp_path)))
 
 
 def test_evaluation_reads_its_question_files_before_loading_anything(tmp_path):

@@ -102,7 +102,7 @@ def _lines_at(path: Path, start: tuple[int, int] = (0, 0)) -> Iterator[tuple[int
   with path.open("rb") as f:
     gzipped = f.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC
   offset, lineno = start
-  with gzip.open(path, "rb") if gzipped else path.open("rb") as f:
+  with path.open("rb") as stored, gzip.GzipFile(fileobj=stored) if gzipped else stored as f:
     try:
       f.seek(offset)
     except (OSError, EOFError, zlib.error) as e:

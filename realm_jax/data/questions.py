@@ -11,6 +11,10 @@ TFDS: `RealmQuestions(path=...)` prepares any such file as array_record (no Tens
 `catalog_questions("natural_questions_open" | "web_questions", split)` reads the public catalog datasets
 once the user has prepared them (`tfds build ... --file_format=array_record`).
 
+A file's answer format (`answer_format`): "auto" reads `answer_is_regex` per record; "strings" or "regex"
+declares it for the whole file (for question sets from elsewhere that lack the field); a record whose
+`answer_is_regex` says otherwise is an error.
+
 `resplit` is ORQA's train/dev resplit of a training set: dev = the questions whose text hashes into a
 `dev_fraction` of the buckets (deterministic; equal texts land on the same side).
 """
@@ -27,11 +31,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from realm_jax import storage
 from realm_jax.data.corpus import CorpusError, _field, _parse_json_line, _read_lines
 from realm_jax.errors import InputError
 from realm_jax.eval.answers import compile_answer_regex
 
 ID_FIELDS = ("id", "nq_example_id", "wq_id", "trec_id", "squad_id")
+ANSWER_FORMATS = ("auto", "strings", "regex")
 
 
 class UnanswerableQuestion(CorpusError):
@@ -79,8 +85,9 @@ def _qid(record: dict, where: str, index: int) -> str:
   return str(index)
 
 
-def parse_question(record: dict, where: str, index: int) -> Question:
-  """One question record, validated; `index` is its qid when the record has no id field."""
+def parse_question(record: dict, where: str, index: int, answer_format: str = "auto") -> Question:
+  """One question record, validated; `index` is its qid when the record has no id field; `answer_format` as
+  the module docstring says."""
   question = _field(record, "question", str, where)
   if not question.strip():
     raise CorpusError(f"{where}: field 'question' is empty")
@@ -92,7 +99,10 @@ def parse_question(record: dict, where: str, index: int) -> Question:
   answers = record[name]
   if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
     raise CorpusError(f"{where}: field {name!r} must be a non-empty list of strings")
-  is_regex = _flag(record, "answer_is_regex", where, False)
+  is_regex = _flag(record, "answer_is_regex", where, answer_format == "regex")
+  if answer_format != "auto" and is_regex != (answer_format == "regex"):
+    raise CorpusError(f"{where}: field 'answer_is_regex' is {json.dumps(is_regex)} in a file read as "
+                      f"answer_format={answer_format!r}")
   invalid = _invalid_regexes(answers, where, name) if is_regex else {}
   gold = record.get("gold_passage_ids", [])
   if not isinstance(gold, list) or not all(isinstance(g, str) for g in gold):
@@ -118,17 +128,20 @@ def _invalid_regexes(patterns: list[str], where: str, name: str) -> dict[int, st
   return invalid
 
 
-def read_questions(path: str | Path, limit: int | None = None, skip_unanswerable: bool = False) -> list[Question]:
-  """Questions of a JSONL file.  `skip_unanswerable` (for training sets) skips, and logs by line, questions
-  without a usable answer (all empty, or no regex that compiles); otherwise they are an error like any other
-  malformed line."""
-  path = Path(path)
+def read_questions(path: str | Path, limit: int | None = None, skip_unanswerable: bool = False,
+                   answer_format: str = "auto") -> list[Question]:
+  """Questions of a JSONL file (local or `gs://`).  `skip_unanswerable` (for training sets) skips, and logs by
+  line, questions without a usable answer (all empty, or no regex that compiles); otherwise they are an error like
+  any other malformed line.  `answer_format`: one of ANSWER_FORMATS (module docstring)."""
+  if answer_format not in ANSWER_FORMATS:
+    raise InputError(f"{path}: answer format {answer_format!r}: expected one of {', '.join(ANSWER_FORMATS)}")
+  path = storage.as_path(path)
   out, skipped = [], []
   for lineno, line in _read_lines(path):
     if limit is not None and len(out) >= limit:
       break
     try:
-      out.append(parse_question(_parse_json_line(path, lineno, line), f"{path}:{lineno}", len(out)))
+      out.append(parse_question(_parse_json_line(path, lineno, line), f"{path}:{lineno}", len(out), answer_format))
     except UnanswerableQuestion:
       if not skip_unanswerable:
         raise

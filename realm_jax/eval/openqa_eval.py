@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -27,7 +28,7 @@ from realm_jax.errors import InputError
 from realm_jax.eval.answers import exact_match, has_answer
 from realm_jax.eval.baselines import Bm25Retriever, MeanPoolRetriever, check_baseline_size
 from realm_jax.eval.corpus_answers import cached_answer_in_corpus
-from realm_jax.eval.predict import Predictor, load_predictor
+from realm_jax.eval.predict import Predictor, PretrainedRetriever, load_predictor
 from realm_jax.models.bert import BertConfig
 from realm_jax.objectives.openqa import OpenQaSpec
 
@@ -61,7 +62,7 @@ def subsets(name: str, questions: list[Question], gold_in_corpus: np.ndarray) ->
 
 
 def evaluate(
-    predictor: Predictor | None,
+    predictor: Predictor | Retriever | None,
     baselines: Mapping[str, Retriever],
     datasets: Mapping[str, list[Question]],
     store: BlockStore,
@@ -71,7 +72,8 @@ def evaluate(
     read: bool = True,
 ) -> list[dict]:
   """Runs every system on every dataset; writes `<out_dir>/<dataset>.json` and returns the table rows.
-  `read=False` skips the span reader: retrieval recall only, no EM and no per-question predictions."""
+  `read=False` skips the span reader: retrieval recall only, no EM and no per-question predictions (then
+  `predictor` may be any `Retriever`, e.g. a `PretrainedRetriever`)."""
   out_dir = storage.as_path(out_dir)
   storage.make_dirs(out_dir)
   k_max = min(max(ks), store.num_blocks)
@@ -127,29 +129,58 @@ def results_table(rows: list[dict], ks: Sequence[int] = RECALL_KS) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationConfig:
-  """What `run_evaluation` evaluates: `datasets` {name: .jsonl file in `questions_dir`}, beside the `baselines`
-  ('bm25', 'minilm': MiniLM zero-shot from `minilm_checkpoint`), `batch_size` questions at a time."""
+  """What `run_evaluation` evaluates: `datasets` {name: JSONL question file, a path relative to `questions_dir`,
+  absolute or `gs://`}, each read with its `answer_formats` entry ("auto" when absent; see
+  `realm_jax.data.questions`), beside the `baselines` ('bm25', 'minilm': MiniLM zero-shot from
+  `minilm_checkpoint`), `batch_size` questions at a time."""
 
   datasets: Mapping[str, str]
   questions_dir: str = "."
+  answer_formats: Mapping[str, str] = dataclasses.field(default_factory=dict)
   baselines: Sequence[str] = ("bm25", "minilm")
   minilm_checkpoint: str = "minilm"
   batch_size: int = 8
 
 
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def read_datasets(config: EvaluationConfig, limit: int | None = None) -> dict[str, list[Question]]:
+  """{name: the first `limit` questions} of every dataset of `config`; names must be file-name safe (each
+  becomes `<out>/<name>.json`) and every `answer_formats` entry must name a dataset."""
+  for name in config.datasets:
+    if not DATASET_NAME.fullmatch(name):
+      raise InputError(f"EvaluationConfig.datasets: name {name!r}: letters, digits, '_', '.', '-' only (it names "
+                       "the output file)")
+  stray = sorted(set(config.answer_formats) - set(config.datasets))
+  if stray:
+    raise InputError(f"EvaluationConfig.answer_formats: {stray[0]!r} is not a dataset (datasets: "
+                     f"{', '.join(config.datasets)})")
+  def located(file: str) -> storage.PathLike:
+    return file if storage.is_remote(file) or os.path.isabs(file) else storage.as_path(config.questions_dir) / file
+
+  return {name: read_questions(located(file), limit, answer_format=config.answer_formats.get(name, "auto"))
+          for name, file in config.datasets.items()}
+
+
 def run_evaluation(workdir: str, mesh, spec: OpenQaSpec, config: EvaluationConfig, limit: int | None = None,
-                   read: bool = True) -> list[dict]:
+                   read: bool = True, pretrained_run: str | None = None) -> list[dict]:
   """Evaluates `workdir`'s fine-tuned model (and the baselines) on the first `limit` questions (None: all) of each
   dataset; writes `<workdir>/eval/{<name>.json,results.json,results.md}` (`read=False`: recall only, into
-  `<workdir>/eval_retrieval/`).  The question files are read first: a bad one fails before any loading."""
-  questions = {name: read_questions(Path(config.questions_dir) / file, limit) for name, file in config.datasets.items()}
+  `<workdir>/eval_retrieval/`).  `pretrained_run` (recall only): the "realm-jax" rows are that REALM pre-training
+  run's retriever with its own index (`PretrainedRetriever`), not a fine-tuned model's; results still go to
+  `workdir`.  The question files are read first: a bad one fails before any loading."""
+  if pretrained_run is not None and read:
+    raise InputError(f"pretrained_run={pretrained_run!r}: a pre-training run has no span reader; evaluate its "
+                     "retrieval only (--retrieval_only)")
+  questions = read_datasets(config, limit)
   unknown = sorted(set(config.baselines) - {"bm25", "minilm"})
   if unknown:
     raise InputError(f"EvaluationConfig.baselines: unknown baseline {unknown[0]!r}; known: bm25, minilm")
   store = spec.store()
   for name in config.baselines:
     check_baseline_size(name, store)
-  predictor = load_predictor(workdir, spec, mesh)
+  predictor = PretrainedRetriever(pretrained_run, spec, mesh) if pretrained_run else load_predictor(workdir, spec, mesh)
   systems: dict[str, Retriever] = {}
   for name in config.baselines:
     if name == "bm25":

@@ -4,6 +4,7 @@
 the frozen index and the block store, and returns for each question the answer, its score and the
 blocks it was read from (ids, titles, snippets).  `load_predictor` loads the best checkpoint by dev exact
 match when fine-tuning recorded one (`checkpoints.best`), else the newest, and logs which and why.
+`PretrainedRetriever` is a REALM pre-training run's retriever with its own index, before any fine-tuning.
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ from jax.sharding import PartitionSpec as P
 
 from realm_jax import partitioning, storage
 from realm_jax.checkpoints import best
+from realm_jax.checkpoints import init as init_lib
 from realm_jax.checkpoints.train_dir import abstract_params, restore_params_subtree
 from realm_jax.data.blocks import BlockStore
 from realm_jax.data.features import FEATURES
 from realm_jax.data.openqa import OpenQaDataConfig, OpenQaFeaturizer
 from realm_jax.data.tokenization import Tokenizer
 from realm_jax.objectives.openqa import READER_FEATURES, OpenQaModel, OpenQaSpec
+from realm_jax.objectives.realm import RealmModel
 from realm_jax.retrieval import index as index_lib
 from realm_jax.retrieval.backends import Searcher
+from realm_jax.train.live_index import INDEX_DIR
 
 
 @dataclasses.dataclass
@@ -142,3 +146,39 @@ def load_predictor(workdir: storage.PathLike, spec: OpenQaSpec, mesh) -> Predict
   abstract = abstract_params(model, spec.example_batch())
   params = restore_params_subtree(workdir / "train", step, (), abstract, NamedSharding(mesh, P()))
   return Predictor(model, jax.device_get(params), store, spec.tokenizer(), embeddings, searcher, spec.data, mesh)
+
+
+class PretrainedRetriever:
+  """A REALM pre-training run's retriever as it stands: its newest checkpoint's query tower over the run's own
+  index of that very checkpoint (published by its refresher), for zero-shot answer-recall (`search` only)."""
+
+  def __init__(self, realm_workdir: storage.PathLike, spec: OpenQaSpec, mesh):
+    realm_dir = storage.as_path(realm_workdir)
+    r = spec.retriever
+    towers, step = init_lib.load_realm_run(realm_dir, RealmModel(r.encoder, spec.reader, r.projection_size,
+                                                                 r.share_towers), ("retriever",))
+    index_dir = realm_dir / INDEX_DIR
+    if step not in index_lib.committed_steps(index_dir):
+      raise FileNotFoundError(f"{index_dir}: no index of step {step}, the run's newest checkpoint; run its refresher "
+                              "until it publishes that step")
+    store = spec.store()
+    _, self.searcher = index_lib.load_searcher(index_dir, step, store, mesh, spec.search)
+    self.step, self.mesh = step, mesh
+    self.featurizer = OpenQaFeaturizer(store, spec.tokenizer(), spec.data, r.encoder.max_position_embeddings)
+    tower = r.tower()
+    self._embed = jax.jit(lambda p, q: tower.apply({"params": p}, q["input_ids"], q["input_mask"], q["segment_ids"],
+                                                   True))
+    with jax.set_mesh(mesh):
+      self.params = jax.device_put(towers["retriever"]["query_tower"], NamedSharding(mesh, P()))
+
+  def search(self, questions: list[str], k: int, batch_size: int = 64) -> np.ndarray:
+    """[len(questions), k] block ids, best first."""
+    data_size = self.mesh.shape["data"]
+    out = []
+    for first in range(0, len(questions), batch_size):
+      chunk = questions[first : first + batch_size]
+      queries = self.featurizer.queries(chunk + [chunk[-1]] * (-len(chunk) % data_size))
+      with jax.set_mesh(self.mesh):
+        query_emb = np.asarray(self._embed(self.params, partitioning.shard_batch(queries, self.mesh)))
+      out.append(self.searcher.search(query_emb, k)[0][: len(chunk)])
+    return np.concatenate(out)

@@ -94,15 +94,20 @@ def summarize(queries: dict[str, np.ndarray]) -> dict[str, float]:
   }
 
 
+def eval_steps(workdir: storage.PathLike) -> list[int]:
+  """The steps of a run's held-out evaluations (`<workdir>/eval/mlm_step_<N>.json`), in order."""
+  directory = storage.as_path(workdir) / EVAL_DIR
+  names = [p.name for p in directory.iterdir()] if directory.exists() else []
+  return sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"mlm_step_(\d+)\.json", n)))
+
+
 def load_eval(workdir: storage.PathLike, step: int | None = None) -> dict[str, Any]:
   """A run's per-query evaluation at `step` (None: its newest) as arrays, with 'step'."""
-  directory = storage.as_path(workdir) / EVAL_DIR
   if step is None:
-    names = [p.name for p in directory.iterdir()] if directory.exists() else []
-    steps = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"mlm_step_(\d+)\.json", n)))
+    steps = eval_steps(workdir)
     if not steps:
-      raise FileNotFoundError(f"{directory}: no held-out evaluation (mlm_step_<N>.json); set eval_blocks and "
-                              "eval_every")
+      raise FileNotFoundError(f"{storage.as_path(workdir) / EVAL_DIR}: no held-out evaluation (mlm_step_<N>.json); "
+                              "set eval_blocks and eval_every")
     step = steps[-1]
   path = eval_path(workdir, step)
   try:
@@ -130,9 +135,22 @@ def paired_difference(run: dict[str, Any], baseline: dict[str, Any]) -> dict[str
     raise InputError("the two evaluations scored different masked tokens (block store, eval_blocks or the "
                      "query settings differ)")
   gain = run["log_likelihood"] - baseline["log_likelihood"]  # per query, summed over its masks
-  masks, count = float(np.sum(run["num_masks"])), len(gain)
-  mean = float(np.sum(gain)) / masks
-  residual = gain - mean * run["num_masks"]
-  error = math.sqrt(count / (count - 1) * float(np.sum(residual**2))) / masks if count > 1 else math.nan
-  return {"loss_difference": -mean, "standard_error": error, "queries": float(count), "masks": masks,
-          "queries_better": float(np.mean(gain > 0)), "queries_worse": float(np.mean(gain < 0))}
+  mean, error = per_mask_mean(gain, run["num_masks"])
+  return {"loss_difference": -mean, "standard_error": error, "queries": float(len(gain)),
+          "masks": float(np.sum(run["num_masks"])), "queries_better": float(np.mean(gain > 0)),
+          "queries_worse": float(np.mean(gain < 0))}
+
+
+def held_out_loss(evaluation: dict[str, Any]) -> tuple[float, float]:
+  """(held-out loss per masked token, its standard error over queries) of one evaluation (`load_eval`)."""
+  return per_mask_mean(-evaluation["log_likelihood"], evaluation["num_masks"])
+
+
+def per_mask_mean(per_query: np.ndarray, masks: np.ndarray) -> tuple[float, float]:
+  """sum(per_query) / sum(masks) and its standard error over queries (the ratio estimator's linearisation: queries
+  hold different numbers of masks; nan for one query)."""
+  total, count = float(np.sum(masks)), len(per_query)
+  mean = float(np.sum(per_query)) / total
+  residual = per_query - mean * masks
+  error = math.sqrt(count / (count - 1) * float(np.sum(residual**2))) / total if count > 1 else math.nan
+  return mean, error

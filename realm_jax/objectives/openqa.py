@@ -44,6 +44,7 @@ class OpenQaModel(nn.Module):
   invalid_span_logit: float = INVALID_SPAN_LOGIT
   retriever_projection_init: str = "normal"  # DualEncoder.projection_init
   reader_layer_norm_eps: float = 1e-3  # SpanReader.layer_norm_eps (a HF REALM config's `reader_layer_norm_eps`)
+  retriever_score_scale: float = 1.0  # RetrieverConfig.score_scale: retriever logit = scale * <query, block>
 
   def setup(self):
     self.retriever = DualEncoder(self.retriever_config, self.projection_size, self.share_towers,
@@ -62,7 +63,7 @@ class OpenQaModel(nn.Module):
     """Retriever logits [B, retrieve_k] and reader logits [B, reader_k, num_spans] (retriever logit added)."""
     queries = {k[len("query_"):]: v for k, v in batch.items() if k.startswith("query_")}
     query_emb = self.retriever.embed_queries(queries, deterministic)
-    retriever_logits = jnp.einsum("bd,bkd->bk", query_emb, batch["block_embeddings"])
+    retriever_logits = self.retriever_score_scale * jnp.einsum("bd,bkd->bk", query_emb, batch["block_embeddings"])
     span_logits = self.reader({k: batch[f"reader_{k}"] for k in READER_FEATURES}, deterministic)
     reader_k = span_logits.shape[1]
     return retriever_logits, span_logits + retriever_logits[:, :reader_k, None]
@@ -125,7 +126,7 @@ class OpenQaSpec:
     r = self.retriever
     return OpenQaModel(r.encoder, self.reader, r.projection_size, r.share_towers, self.span_hidden_size,
                        self.data.max_span_width, r.layer_norm_eps, self.invalid_span_logit, r.projection_init,
-                       self.reader_layer_norm_eps)
+                       self.reader_layer_norm_eps, r.score_scale)
 
   def store(self) -> BlockStore:
     return BlockStore(self.block_store)

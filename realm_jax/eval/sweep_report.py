@@ -1,0 +1,68 @@
+"""A sweep's held-out report: each variant's held-out MLM loss at every evaluated step, with its standard error
+over queries, as a markdown table (`report.md`) and a PNG plot (`heldout_loss.png`) in the sweep's root."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+
+from realm_jax import storage
+from realm_jax.eval import realm_mlm
+
+Curve = list[tuple[int, float, float]]  # (step, held-out loss, standard error)
+PLOT = "heldout_loss.png"
+REPORT = "report.md"
+
+
+def held_out_curve(workdir: storage.PathLike) -> Curve:
+  """(step, loss, standard error) of every held-out evaluation of the run in `workdir`."""
+  return [(step, *realm_mlm.held_out_loss(realm_mlm.load_eval(workdir, step)))
+          for step in realm_mlm.eval_steps(workdir)]
+
+
+def loss_table(curves: Mapping[str, Curve]) -> str:
+  """Markdown: one row per variant, one column per evaluated step, `loss ± s.e.`."""
+  steps = sorted({step for curve in curves.values() for step, _, _ in curve})
+  lines = ["| variant | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+  for name, curve in curves.items():
+    at = {step: f"{loss:.3f} ± {error:.3f}" for step, loss, error in curve}
+    lines.append(f"| {name} | " + " | ".join(at.get(s, "–") for s in steps) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_curves(curves: Mapping[str, Curve], title: str) -> bytes:
+  """PNG bytes: held-out loss against step per variant, error bars of one standard error over queries."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+  for name, curve in curves.items():
+    steps, losses, errors = zip(*curve, strict=True)
+    axes.errorbar(steps, losses, yerr=errors, marker="o", capsize=3, label=name)
+  axes.set_xlabel("training step")
+  axes.set_ylabel("held-out MLM loss (nats per masked token)")
+  axes.set_title(title, fontsize=9)
+  axes.grid(alpha=0.3)
+  axes.legend(fontsize=8)
+  figure.tight_layout()
+  out = io.BytesIO()
+  figure.savefig(out, format="png")
+  plt.close(figure)
+  return out.getvalue()
+
+
+def write_report(root: storage.PathLike, names: Sequence[str], summary_lines: Sequence[str]) -> list[str]:
+  """Writes `report.md` (the loss table, then `summary_lines`) and `heldout_loss.png` for the variants with
+  held-out evaluations; returns the paths written (none when no variant has any)."""
+  root = storage.as_path(root)
+  curves = {name: curve for name in names if (curve := held_out_curve(root / name))}
+  if not curves:
+    return []
+  title = f"{root.name}: held-out MLM loss ± 1 s.e. over queries"
+  report = (f"# {root.name}\n\nHeld-out MLM loss ± standard error over queries (`<variant>/eval/mlm_step_<N>.json`):"
+            f"\n\n{loss_table(curves)}\n![held-out loss]({PLOT})\n\n```\n" + "\n".join(summary_lines) + "\n```\n")
+  (root / REPORT).write_text(report)
+  (root / PLOT).write_bytes(plot_curves(curves, title))
+  return [str(root / REPORT), str(root / PLOT)]
