@@ -141,6 +141,18 @@ def test_sweep_runs_each_variant_locally_with_its_refresher_and_tabulates_the_re
   report = (root / "report.md").read_text()
   assert re.search(r"\| retrieval \| \d+\.\d{3} ± \d\.\d{3} \| \d+\.\d{3} ± \d\.\d{3} \|", report), report  # steps 2, 4
   assert paired in report
+  # Table 2's ablation table from the same sweep: final losses, the paired difference, each variant's R@5.
+  from realm_jax.eval import sweep_report
+
+  recall = root / "recall" / "retrieval" / "eval_retrieval" / "results.json"
+  recall.parent.mkdir(parents=True)
+  recall.write_text(json.dumps([{"dataset": "nq_open_dev", "system": "realm-jax", "recall@5": 12.5}]))
+  table, plot = sweep_report.ablation_table(root, ["null_only", "retrieval"], "null_only")
+  rows = table.splitlines()
+  assert re.fullmatch(r"\| null_only \| 4 \| \d+\.\d{3} ± \d\.\d{3} \| – \| – \| – \|", rows[2]), rows[2]
+  assert re.fullmatch(r"\| retrieval \| 4 \| \d+\.\d{3} ± \d\.\d{3} \| [+-]\d\.\d{3} ± \d\.\d{3} \| \d+% \| 12\.5 \|",
+                      rows[3]), rows[3]
+  assert plot[:4] == b"\x89PNG"
   assert [line.split(":")[0].strip() for line in table] == ["retrieval", "null_only"]
   assert all("REALM pre-training finished at step 4" in line for line in table)
   assert "p(null) 1.000, masked span retrieved 0.000" in table[1]  # the null block only

@@ -1,9 +1,11 @@
 """A sweep's held-out report: each variant's held-out MLM loss at every evaluated step, with its standard error
-over queries, as a markdown table (`report.md`) and a PNG plot (`heldout_loss.png`) in the sweep's root."""
+over queries, as a markdown table (`report.md`) and a PNG plot (`heldout_loss.png`) in the sweep's root; and the
+ablation table (Table 2 at small scale) of final held-out losses, paired differences and zero-shot recalls."""
 
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Mapping, Sequence
 
 from realm_jax import storage
@@ -66,3 +68,59 @@ def write_report(root: storage.PathLike, names: Sequence[str], summary_lines: Se
   (root / REPORT).write_text(report)
   (root / PLOT).write_bytes(plot_curves(curves, title))
   return [str(root / REPORT), str(root / PLOT)]
+
+
+def recall_at(results_json: storage.PathLike, dataset: str, k: int = 5) -> float | None:
+  """The "realm-jax" answer-recall@k of `dataset` in an evaluate.py results.json (None when absent)."""
+  path = storage.as_path(results_json)
+  if not path.exists():
+    return None
+  rows = json.loads(path.read_text())
+  return next((r[f"recall@{k}"] for r in rows if r["dataset"] == dataset and r["system"] == "realm-jax"), None)
+
+
+def ablation_table(root: storage.PathLike, names: Sequence[str], baseline: str, dataset: str = "nq_open_dev",
+                   recall_dir: str = "recall") -> tuple[str, bytes | None]:
+  """Table 2 at small scale from a sweep root: per variant its final held-out loss ± s.e., minus the baseline's
+  (paired over queries) ± s.e., and the zero-shot answer-recall@5 of its pre-trained retriever on `dataset`
+  (`<root>/<recall_dir>/<variant>/eval_retrieval/results.json`, written by evaluate.py --pretrained_run); with
+  a PNG bar chart of the recalls (None when no variant has one)."""
+  root = storage.as_path(root)
+  reference = realm_mlm.load_eval(root / baseline)
+  lines = [f"| variant | step | held-out loss ± s.e. | minus {baseline} ± s.e. | better on | {dataset} R@5 |",
+           "|---|---|---|---|---|---|"]
+  recalls = {}
+  for name in names:
+    evaluation = realm_mlm.load_eval(root / name)
+    loss, error = realm_mlm.held_out_loss(evaluation)
+    if name == baseline:
+      diff, better = "–", "–"
+    else:
+      d = realm_mlm.paired_difference(evaluation, reference)
+      diff, better = f"{d['loss_difference']:+.3f} ± {d['standard_error']:.3f}", f"{d['queries_better']:.0%}"
+    recall = recall_at(root / recall_dir / name / "eval_retrieval" / "results.json", dataset)
+    if recall is not None:
+      recalls[name] = recall
+    lines.append(f"| {name} | {evaluation['step']} | {loss:.3f} ± {error:.3f} | {diff} | {better} | "
+                 + ("–" if recall is None else f"{recall:.1f}") + " |")
+  return "\n".join(lines) + "\n", (plot_recalls(recalls, f"{dataset}: answer-recall@5 of each pre-trained retriever")
+                                   if recalls else None)
+
+
+def plot_recalls(recalls: Mapping[str, float], title: str) -> bytes:
+  """PNG bytes: one bar per variant."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
+  axes.bar(list(recalls), list(recalls.values()))
+  axes.set_ylabel("answer-recall@5 (%)")
+  axes.set_title(title, fontsize=9)
+  axes.tick_params(axis="x", labelrotation=30, labelsize=8)
+  figure.tight_layout()
+  out = io.BytesIO()
+  figure.savefig(out, format="png")
+  plt.close(figure)
+  return out.getvalue()
