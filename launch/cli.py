@@ -98,6 +98,8 @@ def check_workdir(workdir: storage.PathLike) -> epath.Path:
   if not storage.retrying(workdir.exists, str(workdir)):
     return workdir
   if not workdir.is_dir():
+    if not storage.retrying(workdir.exists, str(workdir)):
+      return workdir  # an object-store prefix that emptied meanwhile (another job's write probe): absent now
     raise InputError(f"{workdir}: --workdir exists and is not a directory")
   names = sorted(os.path.basename(str(entry).rstrip("/")) for entry in storage.retrying(
       lambda: list(workdir.iterdir()), str(workdir)))

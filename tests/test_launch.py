@@ -147,8 +147,8 @@ def test_sweep_runs_each_variant_locally_with_its_refresher_and_tabulates_the_re
   recall = root / "recall" / "retrieval" / "eval_retrieval" / "results.json"
   recall.parent.mkdir(parents=True)
   recall.write_text(json.dumps([{"dataset": "nq_open_dev", "system": "realm-jax", "recall@5": 12.5}]))
-  table, plot = sweep_report.ablation_table(root, ["null_only", "retrieval"], "null_only")
-  rows = table.splitlines()
+  ablation, plot = sweep_report.ablation_table(root, ["null_only", "retrieval"], "null_only")
+  rows = ablation.splitlines()
   assert re.fullmatch(r"\| null_only \| 4 \| \d+\.\d{3} ± \d\.\d{3} \| – \| – \| – \|", rows[2]), rows[2]
   assert re.fullmatch(r"\| retrieval \| 4 \| \d+\.\d{3} ± \d\.\d{3} \| [+-]\d\.\d{3} ± \d\.\d{3} \| \d+% \| 12\.5 \|",
                       rows[3]), rows[3]
