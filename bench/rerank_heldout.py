@@ -28,7 +28,7 @@ from realm_jax.data.realm import MaskedQueries
 from realm_jax.eval import realm_mlm
 from realm_jax.objectives.realm import RealmSpec
 from realm_jax.retrieval import index as index_lib
-from realm_jax.train.live_index import INDEX_DIR
+from realm_jax.retrieval.index import INDEX_DIR
 from realm_jax.train.pretrain import RealmRun
 
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "The run's gin files.")

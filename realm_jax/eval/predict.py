@@ -28,7 +28,7 @@ from realm_jax.objectives.openqa import READER_FEATURES, OpenQaModel, OpenQaSpec
 from realm_jax.objectives.realm import RealmModel
 from realm_jax.retrieval import index as index_lib
 from realm_jax.retrieval.backends import Searcher
-from realm_jax.train.live_index import INDEX_DIR
+from realm_jax.retrieval.index import INDEX_DIR
 
 
 @dataclasses.dataclass

@@ -46,6 +46,7 @@ from realm_jax.errors import InputError
 from realm_jax.retrieval.backends import EXACT, IndexBackend, Searcher, get_backend
 from realm_jax.retrieval.mips import SearchConfig
 
+INDEX_DIR = "index"  # a run's published indexes, under its workdir
 COMMITS = "commits"
 DATA = "data"
 EMBEDDINGS = "embeddings.npy"

@@ -43,7 +43,7 @@ from realm_jax.objectives.realm import RealmModel
 from realm_jax.refresh.refresher import RefreshConfig, embed_all_blocks
 from realm_jax.retrieval import index as index_lib
 from realm_jax.retrieval.backends import Searcher, get_backend
-from realm_jax.train.live_index import INDEX_DIR
+from realm_jax.retrieval.index import INDEX_DIR
 from realm_jax.train.optimizer import OptimizerConfig
 from realm_jax.train.trainer import TrainerConfig, TrainHooks, TrainState, make_trainer
 

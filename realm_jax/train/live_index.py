@@ -11,8 +11,6 @@ from realm_jax.data.blocks import BlockStore
 from realm_jax.retrieval import index as index_lib
 from realm_jax.retrieval.mips import SearchConfig
 
-INDEX_DIR = "index"  # a run's published indexes, under its workdir
-
 
 @dataclasses.dataclass(frozen=True)
 class LiveIndexConfig:
@@ -39,7 +37,7 @@ class LiveIndexConfig:
 def following(live: index_lib.LiveIndex, workdir: storage.PathLike, store: BlockStore,
               config: LiveIndexConfig) -> Iterator[index_lib.IndexPoller]:
   """A started poller installing `<workdir>/index`'s new commits into `live`, closed on exit."""
-  poller = live.poller(storage.as_path(workdir) / INDEX_DIR, store, config.poll_seconds, config.max_staleness,
+  poller = live.poller(storage.as_path(workdir) / index_lib.INDEX_DIR, store, config.poll_seconds, config.max_staleness,
                        config.wait_seconds, config.max_failures).start()
   try:
     yield poller
