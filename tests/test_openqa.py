@@ -367,8 +367,9 @@ def test_evaluation_question_files_are_named_safely_and_read_with_their_declared
     read_datasets(EvaluationConfig({"m": "marked.jsonl"}, str(tmp_path), answer_formats={"m": "regexes"}))
   with pytest.raises(InputError, match=r"^EvaluationConfig.answer_formats: 'x' is not a dataset"):
     read_datasets(EvaluationConfig({"m": "marked.jsonl"}, str(tmp_path), answer_formats={"x": "regex"}))
-  with pytest.raises(InputError, match=r"^EvaluationConfig.datasets: name '../m': letters, digits"):
-    read_datasets(EvaluationConfig({"../m": "marked.jsonl"}, str(tmp_path)))
+  for bad in ("../m", "results"):
+    with pytest.raises(InputError, match=rf"^EvaluationConfig.datasets: name '{re.escape(bad)}': letters, digits"):
+      read_datasets(EvaluationConfig({bad: "marked.jsonl"}, str(tmp_path)))
 
 
 def test_evaluation_reads_its_question_files_before_loading_anything(tmp_path):

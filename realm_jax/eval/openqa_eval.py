@@ -149,9 +149,9 @@ def read_datasets(config: EvaluationConfig, limit: int | None = None) -> dict[st
   """{name: the first `limit` questions} of every dataset of `config`; names must be file-name safe (each
   becomes `<out>/<name>.json`) and every `answer_formats` entry must name a dataset."""
   for name in config.datasets:
-    if not DATASET_NAME.fullmatch(name):
-      raise InputError(f"EvaluationConfig.datasets: name {name!r}: letters, digits, '_', '.', '-' only (it names "
-                       "the output file)")
+    if not DATASET_NAME.fullmatch(name) or name == "results":
+      raise InputError(f"EvaluationConfig.datasets: name {name!r}: letters, digits, '_', '.', '-' only, and not "
+                       "'results' (it names the output file <name>.json)")
   stray = sorted(set(config.answer_formats) - set(config.datasets))
   if stray:
     raise InputError(f"EvaluationConfig.answer_formats: {stray[0]!r} is not a dataset (datasets: "
