@@ -16,6 +16,25 @@ PLOT = "heldout_loss.png"
 REPORT = "report.md"
 
 
+def _pyplot():
+  """matplotlib's pyplot on the Agg backend (no display)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot
+
+  return pyplot
+
+
+def _png(plt, figure) -> bytes:
+  """`figure` laid out and saved as PNG bytes, then closed."""
+  figure.tight_layout()
+  out = io.BytesIO()
+  figure.savefig(out, format="png")
+  plt.close(figure)
+  return out.getvalue()
+
+
 def held_out_curve(workdir: storage.PathLike) -> Curve:
   """(step, loss, standard error) of every held-out evaluation of the run in `workdir`."""
   return [(step, *realm_mlm.held_out_loss(realm_mlm.load_eval(workdir, step)))
@@ -34,11 +53,7 @@ def loss_table(curves: Mapping[str, Curve]) -> str:
 
 def plot_curves(curves: Mapping[str, Curve], title: str) -> bytes:
   """PNG bytes: held-out loss against step per variant, error bars of one standard error over queries."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
-
+  plt = _pyplot()
   figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
   for name, curve in curves.items():
     steps, losses, errors = zip(*curve, strict=True)
@@ -48,11 +63,7 @@ def plot_curves(curves: Mapping[str, Curve], title: str) -> bytes:
   axes.set_title(title, fontsize=9)
   axes.grid(alpha=0.3)
   axes.legend(fontsize=8)
-  figure.tight_layout()
-  out = io.BytesIO()
-  figure.savefig(out, format="png")
-  plt.close(figure)
-  return out.getvalue()
+  return _png(plt, figure)
 
 
 def write_report(root: storage.PathLike, names: Sequence[str], summary_lines: Sequence[str]) -> list[str]:
@@ -109,18 +120,10 @@ def ablation_table(root: storage.PathLike, names: Sequence[str], baseline: str, 
 
 def plot_recalls(recalls: Mapping[str, float], title: str) -> bytes:
   """PNG bytes: one bar per variant."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
-
+  plt = _pyplot()
   figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
   axes.bar(list(recalls), list(recalls.values()))
   axes.set_ylabel("answer-recall@5 (%)")
   axes.set_title(title, fontsize=9)
   axes.tick_params(axis="x", labelrotation=30, labelsize=8)
-  figure.tight_layout()
-  out = io.BytesIO()
-  figure.savefig(out, format="png")
-  plt.close(figure)
-  return out.getvalue()
+  return _png(plt, figure)
