@@ -32,7 +32,10 @@ def paired_difference(a: np.ndarray, b: np.ndarray, samples: int = 10_000, seed:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   if a.shape != b.shape:
     raise InputError(f"paired bootstrap: the two systems answered {len(a)} and {len(b)} questions; expected the same")
-  diff = interval(a - b, samples, seed, level)
+  if a.ndim != 1 or not len(a):
+    raise InputError(f"paired bootstrap: expected non-empty lists of per-question results, got shape {a.shape}")
   means = _resampled_means(a - b, samples, seed)
-  return {"difference": diff["em"], "low": diff["low"], "high": diff["high"], "questions": diff["questions"],
+  tail = 100 * (1 - level) / 2
+  return {"difference": 100 * float((a - b).mean()), "low": 100 * float(np.percentile(means, tail)),
+          "high": 100 * float(np.percentile(means, 100 - tail)), "questions": float(len(a)),
           "p_not_better": float(np.mean(means <= 0))}
