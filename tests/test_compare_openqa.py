@@ -37,8 +37,9 @@ def test_a_paired_difference_is_resampled_by_question_so_shared_noise_cancels():
 
 
 def _eval_dir(path, correct, recall5):
-  path.mkdir(parents=True)
-  records = [{"qid": str(i), "correct": bool(c)} for i, c in enumerate(correct)]
+  path.mkdir(parents=True)  # the first 30 questions have an answer in their top 5 blocks (at rank 5)
+  records = [{"qid": str(i), "correct": bool(c), "retrieved_has_answer": [False] * 4 + [i < 30] + [True]}
+             for i, c in enumerate(correct)]
   (path / "nq_open_dev.json").write_text(json.dumps(records))
   rows = [{"dataset": "nq_open_dev", "system": "realm-jax", "recall@5": recall5},
           {"dataset": "nq_open_dev (gold passage in corpus)", "system": "realm-jax", "recall@5": 1.0},
@@ -54,9 +55,10 @@ def test_compare_openqa_tabulates_each_run_with_intervals_and_the_paired_differe
                            "--baseline=orqa", "--samples=2000"], cwd=REPO, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
-  assert lines[2].startswith("| nq_open_dev | 40 | orqa | 25.0 [") and lines[2].endswith("| – | 60.0 |")
+  assert lines[2].startswith("| nq_open_dev | 40 | orqa | 25.0 [") and lines[2].endswith("| – | 60.0 | 33.3 (30) |")
   assert lines[3].startswith("| nq_open_dev | 40 | realm | 50.0 [") and "| +25.0 [+" in lines[3]
-  assert lines[4] == "| nq_open_dev | 40 | BM25 | – | – | 40.0 |" and len(lines) == 5
+  assert lines[3].endswith("| 70.0 | 66.7 (30) |")  # 20 right, all among the 30 whose top 5 hold an answer
+  assert lines[4] == "| nq_open_dev | 40 | BM25 | – | – | 40.0 | – |" and len(lines) == 5
   other = _eval_dir(tmp_path / "other", [True] * 39, 1.0)
   result = subprocess.run([sys.executable, "tools/compare_openqa.py", f"--run=orqa={base}", f"--run=x={other}"],
                           cwd=REPO, capture_output=True, text=True)

@@ -304,7 +304,8 @@ def test_finetune_evaluate_and_ask_launchers_end_to_end_on_a_gcs_workdir(small_q
   flags = ["--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/openqa_demo.gin",
            f"--gin_bindings=BLOCK_STORE = '{store.path}'", f"--gin_bindings=TRAIN_QUESTIONS = '{root / 'q.jsonl'}'",
            f"--gin_bindings=QUESTIONS = '{QUESTIONS}'", "--gin_bindings=NUM_STEPS = 2",
-           "--gin_bindings=openqa_data.OpenQaDataConfig.retrieve_k = 8", f"--workdir={workdir}",
+           "--gin_bindings=NUM_EPOCHS = None", "--gin_bindings=openqa_data.OpenQaDataConfig.retrieve_k = 8",
+           f"--workdir={workdir}",
            "--gin_bindings=finetune.FinetuneRecipe.dev_fraction = 0.3"]  # 1 of the 6 questions is dev
   result = run_launcher("finetune.py", *flags, "--gin_bindings=trainer.TrainerConfig.log_every = 1")
   assert result.returncode == 0, result.stderr[-3000:]

@@ -26,12 +26,12 @@ _BASELINE = flags.DEFINE_string("baseline", None, "The run the others are compar
 _SAMPLES = flags.DEFINE_integer("samples", 10_000, "Bootstrap resamples.")
 
 
-def per_question(directory: Path, dataset: str) -> dict[str, bool]:
-  """{qid: correct} of one dataset's records."""
+def per_question(directory: Path, dataset: str) -> dict[str, tuple[bool, bool]]:
+  """{qid: (correct, an answer in the top 5 retrieved blocks)} of one dataset's records."""
   path = directory / f"{dataset}.json"
   try:
     records = json.loads(path.read_text())
-    return {str(r["qid"]): bool(r["correct"]) for r in records}
+    return {str(r["qid"]): (bool(r["correct"]), any(r["retrieved_has_answer"][:5])) for r in records}
   except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
     raise InputError(f"{path}: not an evaluate.py per-question file ({type(e).__name__}: {e})") from e
 
@@ -45,12 +45,13 @@ def datasets_of(directory: Path) -> list[str]:
 
 
 def table(runs: dict[str, Path], baseline: str | None, samples: int) -> str:
-  """The markdown table: per dataset, each run's EM [95% interval], minus the baseline's, then the retrieval
+  """The markdown table: per dataset, each run's EM [95% interval], minus the baseline's, its R@5 and its EM on
+  the questions whose top 5 blocks hold an answer (the reader's share of the misses), then the retrieval
   baselines' R@5 (from the first run's results.json)."""
   first = next(iter(runs.values()))
   results = {name: json.loads((d / "results.json").read_text()) for name, d in runs.items()}
-  lines = ["| dataset | questions | system | EM [95% CI] | minus " + (baseline or "–") + " [95% CI] | R@5 |",
-           "|---|---|---|---|---|---|"]
+  lines = ["| dataset | questions | system | EM [95% CI] | minus " + (baseline or "–") + " [95% CI] | R@5 | "
+           "EM where the top 5 hold an answer |", "|---|---|---|---|---|---|---|"]
   for dataset in datasets_of(first):
     answers = {name: per_question(d, dataset) for name, d in runs.items()}
     qids = sorted(answers[next(iter(runs))])
@@ -59,18 +60,20 @@ def table(runs: dict[str, Path], baseline: str | None, samples: int) -> str:
         raise InputError(f"{runs[name]}/{dataset}.json: answers other questions than {first}/{dataset}.json")
     recall = {r["system"]: r["recall@5"] for rows in results.values() for r in rows if r["dataset"] == dataset}
     for name, got in answers.items():
-      correct = [got[q] for q in qids]
+      correct = [got[q][0] for q in qids]
       em = bootstrap.interval(correct, samples)
+      retrieved = [got[q][0] for q in qids if got[q][1]]
+      reader = f"{100 * sum(retrieved) / len(retrieved):.1f} ({len(retrieved)})" if retrieved else "–"
       diff = "–"
       if baseline and name != baseline:
-        d = bootstrap.paired_difference(correct, [answers[baseline][q] for q in qids], samples)
+        d = bootstrap.paired_difference(correct, [answers[baseline][q][0] for q in qids], samples)
         diff = f"{d['difference']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
       mine = next(r["recall@5"] for r in results[name] if r["dataset"] == dataset and r["system"] == "realm-jax")
       lines.append(f"| {dataset} | {len(qids)} | {name} | {em['em']:.1f} [{em['low']:.1f}, {em['high']:.1f}] | "
-                   f"{diff} | {mine:.1f} |")
+                   f"{diff} | {mine:.1f} | {reader} |")
     for system in ("BM25", "MiniLM zero-shot"):
       if system in recall:
-        lines.append(f"| {dataset} | {len(qids)} | {system} | – | – | {recall[system]:.1f} |")
+        lines.append(f"| {dataset} | {len(qids)} | {system} | – | – | {recall[system]:.1f} | – |")
   return "\n".join(lines) + "\n"
 
 

@@ -19,9 +19,9 @@ run() {  # $1: revision; prints the jobs' results
     $PY launch/pretrain.py --gin_file=gin/models/minilm.gin --gin_file=gin/runs/realm_pretrain_demo.gin "$S" \
       --gin_bindings="NUM_STEPS = 4" --workdir="$w/realm" $L 2>/dev/null | tail -1
     $PY launch/finetune.py --gin_file=gin/models/minilm.gin --gin_file=gin/runs/openqa_demo.gin "$S" \
-      --gin_bindings="NUM_STEPS = 6" --workdir="$w/openqa" $L 2>/dev/null | tail -1
+      --gin_bindings="NUM_STEPS = 6" --gin_bindings="NUM_EPOCHS = None" --workdir="$w/openqa" $L 2>/dev/null | tail -1
     $PY launch/finetune.py --gin_file=gin/models/minilm.gin --gin_file=gin/runs/openqa_demo.gin "$S" \
-      --gin_bindings="NUM_STEPS = 4" --gin_bindings="FINETUNE_INIT = 'realm:$w/realm'" --workdir="$w/openqa_realm" \
+      --gin_bindings="NUM_STEPS = 4" --gin_bindings="NUM_EPOCHS = None" --gin_bindings="FINETUNE_INIT = 'realm:$w/realm'" --workdir="$w/openqa_realm" \
       $L 2>/dev/null | tail -1
     $PY launch/evaluate.py --gin_file=gin/models/minilm.gin --gin_file=gin/runs/openqa_demo.gin "$S" \
       --workdir="$w/openqa" --limit=20 $L 2>/dev/null | grep "^|" ) | tee "$OUT/$1.out"
