@@ -125,6 +125,21 @@ def test_held_out_blocks_never_make_training_queries_and_each_gives_one_fixed_qu
     MaskedQueries(demo_store, RealmDataConfig(eval_blocks=100_000))
 
 
+def test_runs_with_other_training_masking_score_the_same_held_out_queries_under_one_eval_masking(demo_store):
+  spans = RealmDataConfig(batch_size=5, query_len=32, eval_blocks=12)
+  reference = MaskedQueries(demo_store, spans).eval_batches(5)
+  for masking in ("random_tokens", "random_spans"):
+    queries = MaskedQueries(demo_store, dataclasses.replace(spans, masking=masking, eval_masking="salient_spans"))
+    for a, b in zip(queries.eval_batches(5), reference, strict=True):
+      jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert not set(queries.train_block_ids.tolist()) & set(queries.eval_block_ids.tolist())
+    assert len(queries.train_block_ids) > len(MaskedQueries(demo_store, spans).train_block_ids)  # every block trains
+    own = MaskedQueries(demo_store, dataclasses.replace(spans, masking=masking)).eval_batches(5)  # its own masks
+    assert any((a["mlm_ids"] != b["mlm_ids"]).any() for a, b in zip(own, reference, strict=True))
+  with pytest.raises(ValueError, match="eval_masking must be one of .*, got 'entities'"):
+    MaskedQueries(demo_store, dataclasses.replace(spans, eval_masking="entities"))
+
+
 def test_the_trivial_block_is_never_a_candidate_and_null_comes_first(demo_store):
   uids = demo_store.arrays["uids"]
   retrieved = np.array([[5, 9, 2, 7], [3, 4, 6, 8], [1, 1, 2, 3]])

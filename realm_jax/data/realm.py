@@ -19,9 +19,10 @@ the same content twice (SHA1 uid) get weight 0 (the released code drops them).
 Held-out evaluation (`eval_blocks` > 0; the paper has none): the first `eval_blocks` maskable blocks in
 SHA1-uid order (a pseudo-random choice that depends on the text only) never make training queries; each
 makes one fixed query (`MaskedQueries.eval_batches`).  Runs on the same block store with the same
-`eval_blocks`, `masking`, `query_len`, `max_masks` and `excluded_labels` share these queries, whatever their
-`seed`.  The blocks stay in the index: other queries may retrieve them, their own queries never do (the
-evaluation excludes trivial retrievals even in the keep-trivial ablation).
+`eval_blocks`, held-out masking (`eval_masking`, else `masking`), `query_len`, `max_masks` and `excluded_labels`
+share these queries, whatever their `seed` or training masking.  The blocks stay in the index: other queries may
+retrieve them, their own queries never do (the evaluation excludes trivial retrievals even in the keep-trivial
+ablation).
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class RealmDataConfig:
   excluded_labels: tuple[str, ...] = ("CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY")
   seed: int = 0
   eval_blocks: int = 0  # source blocks held out of training for a fixed evaluation query set
+  # The held-out queries' masking; None: `masking`.  Table 2's masking ablations set "salient_spans", so that
+  # every variant of a sweep scores the same held-out queries (gin/ablations/random_*_masking.gin).
+  eval_masking: str | None = None
 
 
 def maskable_blocks(store: BlockStore, excluded: np.ndarray, query_len: int,
@@ -111,37 +115,44 @@ class MaskedQueries:
   """Random-access maker of masked queries: (block id, rng) -> features."""
 
   def __init__(self, store: BlockStore, config: RealmDataConfig):
-    if config.masking not in MASKINGS:
-      raise InputError(f"masking must be one of {', '.join(map(repr, MASKINGS))}, got {config.masking!r}")
+    self.eval_masking = config.eval_masking or config.masking
+    for field, masking in (("masking", config.masking), ("eval_masking", self.eval_masking)):
+      if masking not in MASKINGS:
+        raise InputError(f"{field} must be one of {', '.join(map(repr, MASKINGS))}, got {masking!r}")
     self.store, self.config = store, config
     special = store.manifest["special_ids"]
     self.cls, self.sep, self.mask = special["cls"], special["sep"], special["mask"]
     excluded = {store.manifest["span_labels"][x] for x in config.excluded_labels if x in store.manifest["span_labels"]}
     self.excluded = np.asarray(sorted(excluded), np.int32)
-    if config.masking == "salient_spans":
-      self.block_ids = maskable_blocks(store, self.excluded, config.query_len)
-    else:
-      self.block_ids = np.arange(store.num_blocks)
-    if not len(self.block_ids):
-      raise InputError(f"{store.path}: no block has a salient span usable for masking")
-    self.train_block_ids, self.eval_block_ids = self._hold_out(config.eval_blocks)
+    self.block_ids = self._sources(config.masking)
+    pool = self.block_ids if self.eval_masking == config.masking else self._sources(self.eval_masking)
+    self.train_block_ids, self.eval_block_ids = self._hold_out(config.eval_blocks, pool)
 
-  def _hold_out(self, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """(training source blocks, `count` held-out ones): blocks sharing a held-out uid never train."""
+  def _sources(self, masking: str) -> np.ndarray:
+    """The blocks that can make a query under `masking`: those with a usable salient span, or every block."""
+    ids = (maskable_blocks(self.store, self.excluded, self.config.query_len) if masking == "salient_spans"
+           else np.arange(self.store.num_blocks))
+    if not len(ids):
+      raise InputError(f"{self.store.path}: no block has a salient span usable for masking")
+    return ids
+
+  def _hold_out(self, count: int, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(training source blocks, `count` held-out ones from `pool`): blocks sharing a held-out uid never train."""
     if count == 0:
       return self.block_ids, self.block_ids[:0]
-    if not 0 < count < len(self.block_ids):
-      raise InputError(f"eval_blocks={count}: {self.store.path} has {len(self.block_ids)} maskable blocks; "
+    if not 0 < count < len(pool):
+      raise InputError(f"eval_blocks={count}: {self.store.path} has {len(pool)} maskable blocks; "
                        "hold out fewer so some are left to train on")
     uids = self.store.arrays["uids"]
     prefix = lambda rows: np.ascontiguousarray(rows[:, :8]).view(">u8")[:, 0]  # noqa: E731
-    prefixes = prefix(uids[self.block_ids])
+    pool_prefixes = prefix(uids[pool])
     # The `count` smallest uids (by bytes; ties keep block order): only blocks whose 8-byte prefix is at most the
     # count-th smallest prefix can be among them, so only those are sorted by all 20 bytes.
-    maybe_first = np.flatnonzero(prefixes <= np.partition(prefixes, count - 1)[count - 1])
-    order = maybe_first[np.lexsort(uids[self.block_ids[maybe_first]].T[::-1])]
-    held_out = np.sort(self.block_ids[order[:count]])
+    maybe_first = np.flatnonzero(pool_prefixes <= np.partition(pool_prefixes, count - 1)[count - 1])
+    order = maybe_first[np.lexsort(uids[pool[maybe_first]].T[::-1])]
+    held_out = np.sort(pool[order[:count]])
     held_uids = {bytes(uids[i]) for i in held_out}
+    prefixes = prefix(uids[self.block_ids])
     maybe_held = np.flatnonzero(np.isin(prefixes, prefix(uids[held_out])))
     shares_uid = [j for j in maybe_held if bytes(uids[self.block_ids[j]]) in held_uids]
     return np.delete(self.block_ids, shares_uid), held_out
@@ -149,7 +160,7 @@ class MaskedQueries:
   def eval_batches(self, batch_size: int) -> list[dict[str, np.ndarray]]:
     """One fixed query per held-out block (its rng seeded by the block id), in global batches of `batch_size`;
     the last is filled up with copies of the first query whose masks are not scored (`mlm_weights` 0)."""
-    examples = [self(int(i), np.random.default_rng(int(i))) for i in self.eval_block_ids]
+    examples = [self(int(i), np.random.default_rng(int(i)), self.eval_masking) for i in self.eval_block_ids]
     filler = {**examples[0], "mlm_weights": np.zeros_like(examples[0]["mlm_weights"])}
     examples += [filler] * (-len(examples) % batch_size)
     return [{k: np.stack([e[k] for e in examples[i : i + batch_size]]) for k in examples[0]}
@@ -173,11 +184,13 @@ class MaskedQueries:
         valid.append((int(start), int(end), s))
     return valid
 
-  def __call__(self, block_id: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  def __call__(self, block_id: int, rng: np.random.Generator, masking: str | None = None) -> dict[str, np.ndarray]:
+    """The masked query of `block_id` under `masking` (None: the training masking)."""
     c = self.config
+    masking = masking or c.masking
     body = self.store.body_ids(block_id)
     bounds = self._sentence_bounds(block_id)
-    if c.masking == "salient_spans":
+    if masking == "salient_spans":
       valid = self._valid_spans(block_id)
       start, end, s = valid[int(rng.integers(len(valid)))]
       sentence = body[bounds[s] : bounds[s + 1]][: c.query_len - 2].copy()
@@ -186,7 +199,7 @@ class MaskedQueries:
       s = int(rng.integers(len(bounds) - 1))
       sentence = body[bounds[s] : bounds[s + 1]][: c.query_len - 2].copy()
       budget = min(len(sentence), max(1, min(c.max_masks, int(round(c.random_mask_rate * len(sentence))))))
-      if c.masking == "random_tokens":
+      if masking == "random_tokens":
         masked = np.sort(rng.choice(len(sentence), size=budget, replace=False))
       else:
         covered = np.zeros(len(sentence), bool)
