@@ -4,7 +4,7 @@ r"""Evaluates a fine-tuned Open-QA run: exact match and answer-recall@k per data
     --workdir=workdir/demo/openqa
 Loads the best checkpoint by dev exact match when fine-tuning recorded one (<workdir>/dev_eval/), else the
 newest, and logs which step and why.  Writes <workdir>/eval/<dataset>.json (predictions + the blocks they came
-from), results.json, results.md.
+from), results.json, results.md; `--step=N` evaluates checkpoint N instead, into <workdir>/eval_step_N/.
 `--retrieval_only` skips the span reader (answer-recall@k of every system, no EM) and writes
 <workdir>/eval_retrieval/: fast enough for whole datasets on a CPU.
 `--pretrained_run=<REALM workdir> --retrieval_only` measures a pre-trained retriever before any fine-tuning (the
@@ -29,6 +29,8 @@ from realm_jax.errors import InputError
 from realm_jax.eval import openqa_eval
 
 _LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N questions of each dataset.")
+_STEP = flags.DEFINE_integer("step", None, "Evaluate this fine-tuning checkpoint, not the best by dev EM "
+                             "(results in <workdir>/eval_step_<N>/).")
 _RETRIEVAL_ONLY = flags.DEFINE_bool("retrieval_only", False, "Recall@k only: skip the span reader (no EM).")
 _PRETRAINED_RUN = flags.DEFINE_string("pretrained_run", None, "With --retrieval_only: the recall of this REALM "
                                       "pre-training workdir's retriever (newest checkpoint, its own index) instead "
@@ -70,11 +72,12 @@ def main(argv):
   workdir, mesh = common.setup("evaluate")
   rows = gin.get_configurable(openqa_eval.run_evaluation)(workdir=str(workdir), mesh=mesh, limit=_LIMIT.value,
                                                           read=not _RETRIEVAL_ONLY.value, config=evaluation_config(),
-                                                          pretrained_run=_PRETRAINED_RUN.value)
+                                                          pretrained_run=_PRETRAINED_RUN.value, step=_STEP.value)
   common.save_operative_config(workdir, "evaluate")
   if jax.process_index() == 0:
     print(openqa_eval.results_table(rows))
-    print(f"results: {workdir / ('eval_retrieval' if _RETRIEVAL_ONLY.value else 'eval')}")
+    suffix = "" if _STEP.value is None else f"_step_{_STEP.value}"
+    print(f"results: {workdir / (('eval_retrieval' if _RETRIEVAL_ONLY.value else 'eval') + suffix)}")
 
 
 if __name__ == "__main__":

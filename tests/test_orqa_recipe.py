@@ -126,6 +126,9 @@ def test_evaluation_loads_the_newest_checkpoint_without_a_usable_record(tmp_path
   assert step == 7 and "the recorded best step 5" in why and "has no checkpoint left" in why
   with pytest.raises(FileNotFoundError, match="no fine-tuning checkpoint"):
     best.choose_checkpoint(tmp_path / "empty")
+  assert best.choose_checkpoint(tmp_path, 3) == (3, "the step asked for")  # evaluate.py --step
+  with pytest.raises(InputError, match=r"no checkpoint of step 4; saved: \[3, 7\]"):
+    best.choose_checkpoint(tmp_path, 4)
 
 
 def test_a_dev_record_that_cannot_be_read_names_its_file_and_field(tmp_path):

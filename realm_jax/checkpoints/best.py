@@ -151,12 +151,17 @@ def resume_record(workdir: storage.PathLike, latest_checkpoint: int | None, dev:
   return record
 
 
-def choose_checkpoint(workdir: storage.PathLike) -> tuple[int, str]:
-  """(step, why): the best checkpoint by dev EM when one is recorded and still saved, else the newest."""
+def choose_checkpoint(workdir: storage.PathLike, step: int | None = None) -> tuple[int, str]:
+  """(step, why): `step` when given (it must be saved), else the best checkpoint by dev EM when one is recorded
+  and still saved, else the newest."""
   workdir = storage.as_path(workdir)
   steps = read_only_checkpoints(workdir / TRAIN_DIR).all_steps()
   if not steps:
     raise FileNotFoundError(f"{workdir / TRAIN_DIR}: no fine-tuning checkpoint")
+  if step is not None:
+    if step not in steps:
+      raise InputError(f"{workdir / TRAIN_DIR}: no checkpoint of step {step}; saved: {sorted(steps)}")
+    return step, "the step asked for"
   newest = max(steps)
   record = newest_record(workdir)
   if record is None:
@@ -169,9 +174,9 @@ def choose_checkpoint(workdir: storage.PathLike) -> tuple[int, str]:
                             f"({record_path(workdir, record.step)})")
 
 
-def log_choice(workdir: storage.PathLike) -> int:
+def log_choice(workdir: storage.PathLike, step: int | None = None) -> int:
   """`choose_checkpoint`'s step, logged with its reason."""
-  step, why = choose_checkpoint(workdir)
+  step, why = choose_checkpoint(workdir, step)
   logging.info("loading fine-tuning checkpoint step %d of %s: %s", step, storage.as_path(workdir) / TRAIN_DIR, why)
   return step
 

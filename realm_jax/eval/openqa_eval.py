@@ -164,12 +164,16 @@ def read_datasets(config: EvaluationConfig, limit: int | None = None) -> dict[st
 
 
 def run_evaluation(workdir: str, mesh, spec: OpenQaSpec, config: EvaluationConfig, limit: int | None = None,
-                   read: bool = True, pretrained_run: str | None = None) -> list[dict]:
+                   read: bool = True, pretrained_run: str | None = None, step: int | None = None) -> list[dict]:
   """Evaluates `workdir`'s fine-tuned model (and the baselines) on the first `limit` questions (None: all) of each
   dataset; writes `<workdir>/eval/{<name>.json,results.json,results.md}` (`read=False`: recall only, into
   `<workdir>/eval_retrieval/`).  `pretrained_run` (recall only): the "realm-jax" rows are that REALM pre-training
   run's retriever with its own index (`PretrainedRetriever`), not a fine-tuned model's; results still go to
-  `workdir`.  The question files are read first: a bad one fails before any loading."""
+  `workdir`.  `step`: that fine-tuning checkpoint instead of the best, results in `eval_step_<step>/` (or
+  `eval_retrieval_step_<step>/`).  The question files are read first: a bad one fails before any loading."""
+  if pretrained_run is not None and step is not None:
+    raise InputError(f"step={step} picks a fine-tuning checkpoint; pretrained_run={pretrained_run!r} reads the "
+                     "pre-training run's newest")
   if pretrained_run is not None and read:
     raise InputError(f"pretrained_run={pretrained_run!r}: a pre-training run has no span reader; evaluate its "
                      "retrieval only (--retrieval_only)")
@@ -180,7 +184,8 @@ def run_evaluation(workdir: str, mesh, spec: OpenQaSpec, config: EvaluationConfi
   store = spec.store()
   for name in config.baselines:
     check_baseline_size(name, store)
-  predictor = PretrainedRetriever(pretrained_run, spec, mesh) if pretrained_run else load_predictor(workdir, spec, mesh)
+  predictor = (PretrainedRetriever(pretrained_run, spec, mesh) if pretrained_run
+               else load_predictor(workdir, spec, mesh, step))
   systems: dict[str, Retriever] = {}
   for name in config.baselines:
     if name == "bm25":
@@ -189,5 +194,5 @@ def run_evaluation(workdir: str, mesh, spec: OpenQaSpec, config: EvaluationConfi
       encoder = BertConfig.from_hf_json(checkpoint_dir(config.minilm_checkpoint) / "config.json")
       systems["MiniLM zero-shot"] = MeanPoolRetriever(encoder, load_encoder(config.minilm_checkpoint, encoder),
                                                       store, spec.tokenizer(), mesh, spec.retriever.block_len)
-  out = storage.as_path(workdir) / ("eval" if read else "eval_retrieval")
+  out = storage.as_path(workdir) / (("eval" if read else "eval_retrieval") + ("" if step is None else f"_step_{step}"))
   return evaluate(predictor, systems, questions, store, out, batch_size=config.batch_size, read=read)

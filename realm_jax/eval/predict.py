@@ -132,11 +132,11 @@ class Predictor:
     return out
 
 
-def load_predictor(workdir: storage.PathLike, spec: OpenQaSpec, mesh) -> Predictor:
-  """`workdir`'s best fine-tuning checkpoint by dev exact match when recorded, else its newest (the step and the
-  reason are logged), with its frozen index."""
+def load_predictor(workdir: storage.PathLike, spec: OpenQaSpec, mesh, step: int | None = None) -> Predictor:
+  """`workdir`'s fine-tuning checkpoint `step`, else its best by dev exact match when recorded, else its newest
+  (the step and the reason are logged), with its frozen index."""
   workdir = storage.as_path(workdir)
-  step = best.log_choice(workdir)
+  step = best.log_choice(workdir, step)
   store = spec.store()
   steps = index_lib.committed_steps(workdir / "index")
   if not steps:
