@@ -30,6 +30,7 @@ _MACRO_REFERENCE = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)")
 WORKDIR_ENTRIES = (
     "blocks", ".blocks.staging-*", ".blocks.replaced-*", "*.config.gin", "*.operative_config.gin", "retriever.json",
     "TRAINING_DONE", "train", "tensorboard", "trainer.log", "refresher.log", "index", "eval", "eval_retrieval",
+    "eval_step_*", "eval_retrieval_step_*",
     "reader_copy.json", "dev_eval", "queries.json", ".write_probe-*", ".*.partial",
 )
 

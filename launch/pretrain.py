@@ -21,13 +21,18 @@ def main(argv):
     print(f"REALM pre-training already finished: {workdir} holds its final checkpoint (nothing to do)")
     return
   last = history[-1]
+  null = (f"retrieval utility {last['retrieval_utility']:.3f}, p(null) {last['p_null']:.3f}, "
+          if "p_null" in last else "no null block, ")
+  held_out = ""
+  if "eval_loss" in last:
+    held_out = f"; held-out ({last['eval_queries']:.0f} queries): loss {last['eval_loss']:.3f} with retrieval, "
+    if "eval_retrieval_utility" in last:
+      held_out += (f"{last['eval_loss'] + last['eval_retrieval_utility']:.3f} reading the null block only "
+                   f"(retrieval utility {last['eval_retrieval_utility']:.3f}), ")
+    held_out += f"MLM accuracy {last['eval_mlm_accuracy']:.3f}"
   print(f"REALM pre-training finished at step {last['step']}: loss {last['loss']:.3f}, "
-        f"MLM accuracy {last['mlm_accuracy']:.3f}, retrieval utility {last['retrieval_utility']:.3f}, "
-        f"p(null) {last['p_null']:.3f}, masked span retrieved {last['span_retrieved']:.3f}"
-        + (f"; held-out ({last['eval_queries']:.0f} queries): loss {last['eval_loss']:.3f} with retrieval, "
-           f"{last['eval_loss'] + last['eval_retrieval_utility']:.3f} reading the null block only (retrieval "
-           f"utility {last['eval_retrieval_utility']:.3f}), MLM accuracy {last['eval_mlm_accuracy']:.3f}"
-           if "eval_loss" in last else ""))
+        f"MLM accuracy {last['mlm_accuracy']:.3f}, {null}masked span retrieved {last['span_retrieved']:.3f}"
+        + held_out)
 
 
 if __name__ == "__main__":

@@ -338,11 +338,19 @@ def test_finetune_evaluate_and_ask_launchers_end_to_end_on_a_gcs_workdir(small_q
   question_file = epath.Path(f"{gcs_bucket}/elsewhere/outside.jsonl")  # gs://, outside the workdir
   question_file.parent.mkdir(parents=True, exist_ok=True)
   question_file.write_text("".join(json.dumps(r) + "\n" for r in outside))
-  result = run_launcher("evaluate.py", *flags, "--retrieval_only", f"--questions=mine={question_file}",
-                        "--answer_format=mine=regex", "--gin_bindings=openqa_eval.EvaluationConfig.baselines = ()")
+  mine = ["--retrieval_only", f"--questions=mine={question_file}", "--answer_format=mine=regex",
+          "--gin_bindings=openqa_eval.EvaluationConfig.baselines = ()"]
+  result = run_launcher("evaluate.py", *flags, *mine, "--step=2")  # a given checkpoint, into its own folder
   assert result.returncode == 0, result.stderr[-3000:]
   assert "| mine | 4 |" in result.stdout and "nq_open_dev" not in result.stdout
-  assert [r["dataset"] for r in json.loads((workdir / "eval_retrieval" / "results.json").read_text())] == ["mine"]
+  assert "loading fine-tuning checkpoint step 2 of" in result.stderr and "the step asked for" in result.stderr
+  rows = json.loads((workdir / "eval_retrieval_step_2" / "results.json").read_text())
+  assert [r["dataset"] for r in rows] == ["mine"]
+  assert {r["dataset"] for r in json.loads((workdir / "eval_retrieval" / "results.json").read_text())} >= {
+      "nq_open_dev"}  # the best checkpoint's results are left as they were
+  result = run_launcher("evaluate.py", *flags, *mine, "--step=1")
+  assert result.returncode != 0 and re.search(r"no checkpoint of step 1; saved: \[2\]", result.stderr), \
+      result.stderr[-2000:]
   result = run_launcher("ask.py", *flags, "--question=when was the last time anyone was on the moon", "--json")
   assert result.returncode == 0, result.stderr[-3000:]
   answer = json.loads(result.stdout.strip().splitlines()[-1])

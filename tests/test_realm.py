@@ -320,6 +320,15 @@ def realm_spec(store, data=None, **switches) -> RealmSpec:
   return RealmSpec(str(store.path), RetrieverConfig(TINY, block_len=data.block_len), TINY, data, **switches)
 
 
+def test_a_run_without_the_null_document_reports_no_null_block_metrics(demo_store, tmp_path):
+  data = RealmDataConfig(batch_size=8, query_len=32, block_len=48, joint_len=80, num_candidates=4, eval_blocks=12)
+  history = run_pretrain(str(tmp_path), partitioning.make_mesh(), realm_spec(demo_store, data, null_document=False),
+                         TrainerConfig(2, checkpoint_every=2, log_every=1), OptimizerConfig(1e-3, 1))
+  last = history[-1]  # candidate 0 is a retrieved block: "utility over the null block" would be over it
+  assert "eval_loss" in last and "span_retrieved" in last
+  assert not {"p_null", "retrieval_utility", "eval_p_null", "eval_retrieval_utility"} & set(last)
+
+
 def test_pretraining_runs_on_the_live_index_and_logs_staleness(demo_store, tmp_path):
   from realm_jax.eval.realm_mlm import load_eval
 

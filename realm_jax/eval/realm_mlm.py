@@ -39,15 +39,18 @@ class HeldOutMlm:
   """`held_out(params, step) -> {'eval_loss', ...}` over fixed global batches of held-out queries.
 
   `prepare_batch(params, host_batch)` completes this process's rows of a batch with candidates
-  (`RealmRun.complete`); `workdir` (process 0 writes) receives the per-query JSON of each step.
+  (`RealmRun.complete`); `workdir` (process 0 writes) receives the per-query JSON of each step.  Without a
+  `null_document` candidate 0 is a retrieved block: its `null_log_likelihood` / `p_null` in the per-query file are
+  that block's, and the summary leaves out the retrieval utility and p(null).
   """
 
   def __init__(self, model: RealmModel, mesh: jax.sharding.Mesh, batches: list[dict[str, np.ndarray]],
                prepare_batch: Callable[[Any, dict[str, np.ndarray]], dict[str, np.ndarray]],
-               workdir: storage.PathLike | None = None):
+               workdir: storage.PathLike | None = None, null_document: bool = True):
     if not batches:
       raise ValueError("held-out evaluation needs at least one batch (RealmDataConfig.eval_blocks > 0)")
     self.mesh, self.batches, self.prepare_batch, self.workdir = mesh, batches, prepare_batch, workdir
+    self.null_document = null_document
 
     def score(params, batch):
       scores, log_probs = model.apply({"params": params}, batch, True)
@@ -78,7 +81,10 @@ class HeldOutMlm:
       # One write: a sweep reading it sees all of it or nothing (an object store has no rename).
       storage.write_json_once(eval_path(self.workdir, step),
                               {"step": step, **{k: queries[k].tolist() for k in PER_QUERY}})
-    return summarize(queries)
+    summary = summarize(queries)
+    if not self.null_document:
+      del summary["eval_retrieval_utility"], summary["eval_p_null"]
+    return summary
 
 
 def summarize(queries: dict[str, np.ndarray]) -> dict[str, float]:

@@ -128,17 +128,21 @@ def per_example_scores(scores: Array, log_probs: Array, mask_ids: Array, mask_we
   }
 
 
-def realm_loss(model: RealmModel, params, batch: dict[str, Array], rng: Array, per_example_marginal: bool = False):
+def realm_loss(model: RealmModel, params, batch: dict[str, Array], rng: Array, per_example_marginal: bool = False,
+               null_document: bool = True):
   """Loss for the Trainer: fresh scores and reader log-probs under dropout, duplicates weighted out.
 
   Adds `span_retrieved`: the share of scored examples whose masked span occurs in a candidate the reader
-  saw (the batch's host-computed `span_retrieved`, see `data.realm.span_in_candidates`).
+  saw (the batch's host-computed `span_retrieved`, see `data.realm.span_in_candidates`).  Without a null
+  document candidate 0 is a retrieved block, so `retrieval_utility` and `p_null` are not reported.
   """
   scores, log_probs = model.apply({"params": params}, batch, False, rngs={"dropout": rng})
   weights = batch["mlm_weights"] * batch["example_weight"][:, None]
   loss, metrics = marginal_loss(scores, log_probs, batch["mlm_ids"], weights, per_example_marginal)
   scored = (weights.sum(-1) > 0).astype(jnp.float32)
   metrics["span_retrieved"] = (batch["span_retrieved"] * scored).sum() / jnp.maximum(scored.sum(), 1.0)
+  if not null_document:
+    del metrics["retrieval_utility"], metrics["p_null"]
   return loss, metrics
 
 
@@ -234,6 +238,7 @@ class RealmSpec:
     model, example = self.model(), _zeros(self.batch_shapes(1))
     return Objective(
         init_params=lambda rng: model.init(rng, example)["params"],
-        loss_fn=lambda params, batch, rng: realm_loss(model, params, batch, rng, self.per_example_marginal),
+        loss_fn=lambda params, batch, rng: realm_loss(model, params, batch, rng, self.per_example_marginal,
+                                                        self.null_document),
         batch_size=self.data.batch_size,
     )

@@ -204,7 +204,7 @@ def run_pretrain(workdir: str, mesh: jax.sharding.Mesh, spec: RealmSpec, trainer
     evaluate = None
     if data.eval_blocks:
       held_out = HeldOutMlm(run.model, mesh, masked.eval_batches(data.batch_size),
-                            functools.partial(run.complete, exclude_trivial=True), workdir)
+                            functools.partial(run.complete, exclude_trivial=True), workdir, spec.null_document)
       evaluate = lambda state: held_out(state.params, int(state.step))  # noqa: E731
     hooks = TrainHooks(pretrained=pretrained, before_step=poller.maybe_swap if poller else None,
                        prepare_batch=run.prepare_batch, evaluate=evaluate)
