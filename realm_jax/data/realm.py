@@ -125,7 +125,8 @@ class MaskedQueries:
     excluded = {store.manifest["span_labels"][x] for x in config.excluded_labels if x in store.manifest["span_labels"]}
     self.excluded = np.asarray(sorted(excluded), np.int32)
     self.block_ids = self._sources(config.masking)
-    pool = self.block_ids if self.eval_masking == config.masking else self._sources(self.eval_masking)
+    other = config.eval_blocks and self.eval_masking != config.masking
+    pool = self._sources(self.eval_masking) if other else self.block_ids
     self.train_block_ids, self.eval_block_ids = self._hold_out(config.eval_blocks, pool)
 
   def _sources(self, masking: str) -> np.ndarray:
