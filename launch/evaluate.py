@@ -76,8 +76,7 @@ def main(argv):
   common.save_operative_config(workdir, "evaluate")
   if jax.process_index() == 0:
     print(openqa_eval.results_table(rows))
-    suffix = "" if _STEP.value is None else f"_step_{_STEP.value}"
-    print(f"results: {workdir / (('eval_retrieval' if _RETRIEVAL_ONLY.value else 'eval') + suffix)}")
+    print(f"results: {openqa_eval.output_dir(workdir, not _RETRIEVAL_ONLY.value, _STEP.value)}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from realm_jax import storage
@@ -163,6 +164,12 @@ def read_datasets(config: EvaluationConfig, limit: int | None = None) -> dict[st
           for name, file in config.datasets.items()}
 
 
+def output_dir(workdir: storage.PathLike, read: bool = True, step: int | None = None) -> epath.Path:
+  """Where `run_evaluation` writes: `<workdir>/eval` (`read=False`: `eval_retrieval`), `_step_<step>` appended
+  for a given checkpoint."""
+  return storage.as_path(workdir) / (("eval" if read else "eval_retrieval") + ("" if step is None else f"_step_{step}"))
+
+
 def run_evaluation(workdir: str, mesh, spec: OpenQaSpec, config: EvaluationConfig, limit: int | None = None,
                    read: bool = True, pretrained_run: str | None = None, step: int | None = None) -> list[dict]:
   """Evaluates `workdir`'s fine-tuned model (and the baselines) on the first `limit` questions (None: all) of each
@@ -194,5 +201,5 @@ def run_evaluation(workdir: str, mesh, spec: OpenQaSpec, config: EvaluationConfi
       encoder = BertConfig.from_hf_json(checkpoint_dir(config.minilm_checkpoint) / "config.json")
       systems["MiniLM zero-shot"] = MeanPoolRetriever(encoder, load_encoder(config.minilm_checkpoint, encoder),
                                                       store, spec.tokenizer(), mesh, spec.retriever.block_len)
-  out = storage.as_path(workdir) / (("eval" if read else "eval_retrieval") + ("" if step is None else f"_step_{step}"))
-  return evaluate(predictor, systems, questions, store, out, batch_size=config.batch_size, read=read)
+  return evaluate(predictor, systems, questions, store, output_dir(workdir, read, step), batch_size=config.batch_size,
+                  read=read)
