@@ -100,7 +100,7 @@ def _save_steps(directory, steps, options=None):
 DEV = best.DevSet.of(["who", "what"], "orqa")
 
 
-def test_the_best_checkpoint_survives_keeping_only_the_newest(tmp_path):
+def test_the_best_checkpoint_survives_keeping_only_the_newest_and_a_tie_goes_to_the_later_step(tmp_path):
   tracker = BestCheckpoint(tmp_path, None, DEV)
   options = ocp.CheckpointManagerOptions(create=True, preservation_policy=best.keep_newest_and(2, tracker.keep))
   manager = _save_steps(tmp_path / "train", [], options)
@@ -109,11 +109,12 @@ def test_the_best_checkpoint_survives_keeping_only_the_newest(tmp_path):
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"x": np.full(2, step)}),
                                                data=ocp.args.JsonSave({})))
     tracker.commit(step, manager)
-  assert manager.all_steps() == [2, 5, 6]  # the best (2; 3 only ties it) and the newest two
+  assert manager.all_steps() == [3, 5, 6]  # the best (3: it ties 2 and trained longer) and the newest two
   record = best.newest_record(tmp_path)
-  assert (record.step, record.best_step, record.best_dev_exact_match, record.dev_exact_match) == (6, 2, 30.0, 25.0)
-  assert json.loads(best.record_path(tmp_path, 3).read_text())["best_step"] == 2
-  assert best.choose_checkpoint(tmp_path) == (2, "the best dev exact match, 30.00% of 2 dev questions, of the "
+  assert (record.step, record.best_step, record.best_dev_exact_match, record.dev_exact_match) == (6, 3, 30.0, 25.0)
+  assert json.loads(best.record_path(tmp_path, 2).read_text())["best_step"] == 2
+  assert json.loads(best.record_path(tmp_path, 4).read_text())["best_step"] == 3
+  assert best.choose_checkpoint(tmp_path) == (3, "the best dev exact match, 30.00% of 2 dev questions, of the "
                                               f"evaluations up to step 6 ({best.record_path(tmp_path, 6)})")
 
 
@@ -226,6 +227,10 @@ def test_a_restart_records_the_checkpoint_a_killed_job_did_not_and_keeps_the_bes
   """Killed between its last checkpoint (2) and that step's record, the restart evaluates and records step 2;
   with keep_checkpoints=1 the best (step 1) outlives newer checkpoints."""
   write_record = best.write_record
+  propose = BestCheckpoint.propose
+  # The tiny reader scores the same dev EM at every step and a tie goes to the later step: one point less per
+  # step makes step 1 the best.
+  monkeypatch.setattr(BestCheckpoint, "propose", lambda self, step, em: propose(self, step, em - step))
 
   def killed_at_step_2(workdir, record):
     if record.step == 2:

@@ -3,10 +3,10 @@ which checkpoint evaluation, `launch/ask.py` and `launch/convert.py` load.
 
 After each dev evaluation at step N (whose checkpoint is saved first), process 0 writes
 `<workdir>/dev_eval/step_<N>.json` once: {step, dev_exact_match, dev_questions, answer_text, dev_fingerprint,
-best_step, best_dev_exact_match}, the best being the highest dev EM so far, ties to the earlier step.  No file is
-ever rewritten (object-store rule, WORKSPACE.md), so the newest record holds the run's best.  A run starts only
-where every record is at or before its latest checkpoint and the newest was measured on the same dev set
-(`resume_record`).  Orbax keeps the newest `keep_checkpoints` and, through `KeepSteps`, the best one.
+best_step, best_dev_exact_match}, the best being the highest dev EM so far, ties to the later step (it has trained
+on more questions; small dev splits tie often).  No file is ever rewritten (object-store rule, WORKSPACE.md), so
+the newest record holds the run's best.  A run starts only where every record is at or before its latest
+checkpoint and the newest was measured on the same dev set (`resume_record`).  Orbax keeps the newest `keep_checkpoints` and, through `KeepSteps`, the best one.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ class DevRecord:
     return DevSet(self.dev_questions, self.answer_text, self.dev_fingerprint)
 
   def after(self, step: int, exact_match: float) -> DevRecord:
-    """The record of a later evaluation on the same dev set: its best is this one's unless strictly beaten."""
-    better = exact_match > self.best_dev_exact_match
+    """The record of a later evaluation on the same dev set: it becomes the best unless it scores lower."""
+    better = exact_match >= self.best_dev_exact_match
     return dataclasses.replace(self, step=step, dev_exact_match=exact_match,
                                best_step=step if better else self.best_step,
                                best_dev_exact_match=exact_match if better else self.best_dev_exact_match)

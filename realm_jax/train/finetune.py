@@ -8,7 +8,7 @@ exactly (gradients reach the query tower only) and reads the top `reader_k`.
 ORQA's recipe (`FinetuneRecipe`): the training questions are resplit into train and dev (ORQA: 1 in 10 by a hash
 of the question text) or a dev file is given; fine-tuning never sees a dev question.  Every
 `TrainerConfig.eval_every` steps (a multiple of `checkpoint_every`) and at the last, dev exact match is measured
-with the current parameters, and the best step (highest dev EM, ties to the earlier step) is recorded once its
+with the current parameters, and the best step (highest dev EM, ties to the later step) is recorded once its
 checkpoint is saved (`<workdir>/dev_eval/step_<N>.json`, `checkpoints.best`) and kept from orbax's clean-up;
 evaluation, `launch/ask.py` and `launch/convert.py` load it.  A restart refuses another dev set or stale records
 (`best.resume_record`) and first evaluates a restored evaluation step left without a record.  The dev evaluation
