@@ -28,7 +28,8 @@ def main(argv):
     held_out = f"; held-out ({last['eval_queries']:.0f} queries): loss {last['eval_loss']:.3f} with retrieval, "
     if "eval_retrieval_utility" in last:
       held_out += (f"{last['eval_loss'] + last['eval_retrieval_utility']:.3f} reading the null block only "
-                   f"(retrieval utility {last['eval_retrieval_utility']:.3f}), ")
+                   f"(retrieval utility {last['eval_retrieval_utility']:.3f} ± "
+                   f"{last['eval_retrieval_utility_se']:.3f} s.e. over queries), ")
     held_out += f"MLM accuracy {last['eval_mlm_accuracy']:.3f}"
   print(f"REALM pre-training finished at step {last['step']}: loss {last['loss']:.3f}, "
         f"MLM accuracy {last['mlm_accuracy']:.3f}, {null}masked span retrieved {last['span_retrieved']:.3f}"

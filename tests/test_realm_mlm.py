@@ -11,7 +11,7 @@ from conftest import TINY_BERT_H32 as TINY
 
 from realm_jax import partitioning
 from realm_jax.data.realm import MaskedQueries, RealmDataConfig, candidate_inputs
-from realm_jax.eval.realm_mlm import HeldOutMlm, eval_path, load_eval, paired_difference
+from realm_jax.eval.realm_mlm import HeldOutMlm, eval_path, load_eval, paired_difference, summarize
 from realm_jax.models.retriever import RetrieverConfig
 from realm_jax.objectives.realm import RealmModel, RealmSpec, marginal_loss
 from realm_jax.train.pretrain import RealmRun
@@ -109,6 +109,17 @@ def test_paired_difference_is_the_per_token_loss_difference_with_its_standard_er
   for field, other in (("block_id", np.arange(1, 5)), ("mlm_ids", np.arange(1, 9).reshape(4, 2))):
     with pytest.raises(ValueError, match="different masked tokens"):
       paired_difference({**run, field: other}, baseline)
+
+
+def test_the_held_out_retrieval_utility_comes_with_its_standard_error_over_queries():
+  queries = {"num_masks": np.array([1.0, 1.0, 2.0]), "log_likelihood": np.array([-3.0, -4.0, -4.0]),
+             "null_log_likelihood": np.array([-4.0, -3.0, -6.0]), "correct": np.zeros(3), "p_null": np.zeros(3),
+             "span_retrieved": np.ones(3)}
+  summary = summarize(queries)
+  assert summary["eval_retrieval_utility"] == 0.5  # (1 - 1 + 2) nats over 4 masks
+  # Residuals of the ratio estimator: gain - 0.5 * masks = (0.5, -1.5, 1.0).
+  np.testing.assert_allclose(summary["eval_retrieval_utility_se"], np.sqrt(3 / 2 * 3.5) / 4)
+  assert np.isnan(summarize({k: v[:1] for k, v in queries.items()})["eval_retrieval_utility_se"])
 
 
 def test_a_missing_or_damaged_evaluation_file_is_named(tmp_path):

@@ -6,7 +6,8 @@ After each dev evaluation at step N (whose checkpoint is saved first), process 0
 best_step, best_dev_exact_match}, the best being the highest dev EM so far, ties to the later step (it has trained
 on more questions; small dev splits tie often).  No file is ever rewritten (object-store rule, WORKSPACE.md), so
 the newest record holds the run's best.  A run starts only where every record is at or before its latest
-checkpoint and the newest was measured on the same dev set (`resume_record`).  Orbax keeps the newest `keep_checkpoints` and, through `KeepSteps`, the best one.
+checkpoint and the newest was measured on the same dev set (`resume_record`).  Orbax keeps the newest
+`keep_checkpoints` and, through `KeepSteps`, the best one.
 """
 
 from __future__ import annotations

@@ -83,17 +83,21 @@ class HeldOutMlm:
                               {"step": step, **{k: queries[k].tolist() for k in PER_QUERY}})
     summary = summarize(queries)
     if not self.null_document:
-      del summary["eval_retrieval_utility"], summary["eval_p_null"]
+      del summary["eval_retrieval_utility"], summary["eval_retrieval_utility_se"], summary["eval_p_null"]
     return summary
 
 
 def summarize(queries: dict[str, np.ndarray]) -> dict[str, float]:
-  """Per-token means over all scored masks, per-query means of p(null) and span_retrieved."""
+  """Per-token means over all scored masks (the retrieval utility with its standard error over queries), per-query
+  means of p(null) and span_retrieved."""
   masks = float(np.sum(queries["num_masks"]))
+  utility, utility_error = per_mask_mean(queries["log_likelihood"] - queries["null_log_likelihood"],
+                                         queries["num_masks"])
   return {
       "eval_loss": -float(np.sum(queries["log_likelihood"])) / masks,
       "eval_mlm_accuracy": float(np.sum(queries["correct"])) / masks,
-      "eval_retrieval_utility": float(np.sum(queries["log_likelihood"] - queries["null_log_likelihood"])) / masks,
+      "eval_retrieval_utility": utility,
+      "eval_retrieval_utility_se": utility_error,
       "eval_p_null": float(np.mean(queries["p_null"])),
       "eval_span_retrieved": float(np.mean(queries["span_retrieved"])),
       "eval_queries": float(len(queries["num_masks"])),
