@@ -159,7 +159,7 @@ def test_sweep_runs_each_variant_locally_with_its_refresher_and_tabulates_the_re
   assert "reading the null block only" in table[0]
   # The null-only variant reads nothing else: its held-out loss is its null-block reading's.
   assert re.search(r"held-out \(8 queries\): loss (\d+\.\d{3}) with retrieval, \1 reading the null block only "
-                   r"\(retrieval utility -?0\.000\)", table[1]), table[1]
+                   r"\(retrieval utility -?0\.000 ± 0\.000 s\.e\. over queries\)", table[1]), table[1]
   # Both variants read the same 8 held-out queries at their last step: a paired comparison.
   assert re.fullmatch(r"\s*retrieval: held-out loss minus null_only's [+-]\d\.\d{4} \+- \d\.\d{4} s\.e\. over queries "
                       r"\(step 4 vs 4, 8 queries, \d+ masks; .*\)", paired), paired
