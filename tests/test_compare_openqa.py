@@ -63,3 +63,22 @@ def test_compare_openqa_tabulates_each_run_with_intervals_and_the_paired_differe
   result = subprocess.run([sys.executable, "tools/compare_openqa.py", f"--run=orqa={base}", f"--run=x={other}"],
                           cwd=REPO, capture_output=True, text=True)
   assert result.returncode == 2 and "other/nq_open_dev.json: answers other questions than" in result.stderr
+
+
+def test_a_name_given_twice_is_one_row_over_seeds_paired_run_by_run_with_the_baseline(tmp_path):
+  orqa = [_eval_dir(tmp_path / f"orqa{k}", [True] * n + [False] * (40 - n), 60.0) for k, n in ((1, 10), (2, 14))]
+  realm = [_eval_dir(tmp_path / f"realm{k}", [True] * n + [False] * (40 - n), 70.0) for k, n in ((1, 20), (2, 16))]
+  args = [sys.executable, "tools/compare_openqa.py", "--baseline=orqa", "--samples=500"]
+  runs = [f"--run=orqa={d}" for d in orqa] + [f"--run=realm={d}" for d in realm]
+  result = subprocess.run(args + runs, cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert lines[0] == "Run 1 of each row" and "| realm:1 | 50.0 [" in lines[5] and "| +25.0 [+" in lines[5]
+  assert "| realm:2 | 40.0 [" in result.stdout and "| +5.0 [" in result.stdout  # 16 vs 14 of 40 right
+  summary = lines[lines.index("Over runs (fine-tuning seeds)") + 4:]
+  assert summary[0] == "| nq_open_dev | orqa | 2 | 25.0 / 35.0 | 30.0 ± 5.0 | – | – |"
+  # Differences +25 and +5: mean +15, s.e. 10, t(1) 97.5% = 12.706.
+  assert summary[1] == "| nq_open_dev | realm | 2 | 50.0 / 40.0 | 45.0 ± 5.0 | +25.0 / +5.0 | +15.0 [-112.1, +142.1] |"
+  result = subprocess.run(args + runs[:3], cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 2 and result.stdout == ""
+  assert "every row needs as many runs (orqa 2, realm 1)" in result.stderr

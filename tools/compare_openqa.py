@@ -5,7 +5,13 @@ difference to a baseline row over the same questions, and the retrieval baseline
     --run=realm=workdir/table1/realm/openqa/eval --baseline=orqa > workdir/table1/table1.md
 
 Each --run is an `evaluate.py` output folder (`<dataset>.json` per-question records, `results.json`); the runs
-must have answered the same questions (by qid) of each dataset they share.
+must have answered the same questions (by qid) of each dataset they share.  A NAME given more than once is one row
+over several fine-tuning seeds (runs NAME:1, NAME:2, ... in the order given; run K of a row is paired with run K
+of the baseline, so give both rows' seeds in the same order): each run gets its line, and a second table gives
+each row's mean EM over its runs and its mean paired difference with a 95% t-interval over runs.
+
+  python tools/compare_openqa.py --run=orqa=workdir/s2/orqa_openqa/eval --run=orqa=workdir/s3/orqa_openqa/eval \
+    --run=realm=workdir/s2/realm_openqa/eval --run=realm=workdir/s3/realm_openqa/eval --baseline=orqa
 """
 
 from __future__ import annotations
@@ -14,14 +20,17 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 from absl import app, flags
+from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from realm_jax.errors import InputError  # noqa: E402
 from realm_jax.eval import bootstrap  # noqa: E402
 
-_RUNS = flags.DEFINE_multi_string("run", [], "NAME=DIR: an evaluate.py output folder (<workdir>/eval).")
+_RUNS = flags.DEFINE_multi_string("run", [], "NAME=DIR: an evaluate.py output folder (<workdir>/eval); a NAME "
+                                   "given again adds a seed to that row.")
 _BASELINE = flags.DEFINE_string("baseline", None, "The run the others are compared with, question by question.")
 _SAMPLES = flags.DEFINE_integer("samples", 10_000, "Bootstrap resamples.")
 
@@ -77,20 +86,66 @@ def table(runs: dict[str, Path], baseline: str | None, samples: int) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _mean_interval(values: list[float], level: float = 0.95) -> str:
+  """'mean [low, high]' of per-run values: Student's t interval over the runs ('mean' alone for one run)."""
+  mean = float(np.mean(values))
+  if len(values) < 2:
+    return f"{mean:+.1f}"
+  half = stats.t.ppf((1 + level) / 2, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values))
+  return f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]"
+
+
+def seed_table(rows: dict[str, list[Path]], baseline: str | None) -> str:
+  """Per dataset and row: EM of each run, their mean ± standard error over runs, and the paired difference to
+  the baseline row run by run (run K with run K) with its mean and 95% t-interval over runs.  The interval covers
+  the fine-tuning seeds' spread on these questions, not the questions' sampling (the per-run intervals do)."""
+  if baseline and any(len(runs) != len(rows[baseline]) for runs in rows.values()):
+    counts = ", ".join(f"{name} {len(runs)}" for name, runs in rows.items())
+    raise InputError(f"seeds are paired run by run with the baseline's, so every row needs as many runs ({counts})")
+  lines = ["| dataset | system | runs | EM per run | mean EM ± s.e. | minus " + (baseline or "–") + " per run | "
+           "mean difference [95% t-interval over runs] |", "|---|---|---|---|---|---|---|"]
+  for dataset in datasets_of(next(iter(rows.values()))[0]):
+    answers = {d: per_question(d, dataset) for runs in rows.values() for d in runs}
+    first = next(iter(answers))
+    for d, got in answers.items():
+      if sorted(got) != sorted(answers[first]):
+        raise InputError(f"{d}/{dataset}.json: answers other questions than {first}/{dataset}.json")
+    em = {name: [100 * float(np.mean([c for c, _ in answers[d].values()])) for d in runs]
+          for name, runs in rows.items()}
+    for name, values in em.items():
+      spread = f" ± {np.std(values, ddof=1) / np.sqrt(len(values)):.1f}" if len(values) > 1 else ""
+      diff, mean_diff = "–", "–"
+      if baseline and name != baseline:
+        differences = [v - b for v, b in zip(values, em[baseline], strict=True)]
+        diff = " / ".join(f"{d:+.1f}" for d in differences)
+        mean_diff = _mean_interval(differences)
+      lines.append(f"| {dataset} | {name} | {len(values)} | {' / '.join(f'{v:.1f}' for v in values)} | "
+                   f"{np.mean(values):.1f}{spread} | {diff} | {mean_diff} |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv):
   del argv
-  runs = {}
+  rows: dict[str, list[Path]] = {}
   for value in _RUNS.value:
     name, sep, directory = value.partition("=")
     if not sep or not name or not directory:
       raise app.UsageError(f"--run={value}: expected NAME=DIR")
-    runs[name] = Path(directory)
-  if not runs:
+    rows.setdefault(name, []).append(Path(directory))
+  if not rows:
     raise app.UsageError("give at least one --run")
-  if _BASELINE.value and _BASELINE.value not in runs:
-    raise app.UsageError(f"--baseline={_BASELINE.value}: not one of the runs {sorted(runs)}")
+  if _BASELINE.value and _BASELINE.value not in rows:
+    raise app.UsageError(f"--baseline={_BASELINE.value}: not one of the runs {sorted(rows)}")
   try:
-    print(table(runs, _BASELINE.value, _SAMPLES.value), end="")
+    if all(len(dirs) == 1 for dirs in rows.values()):
+      print(table({name: dirs[0] for name, dirs in rows.items()}, _BASELINE.value, _SAMPLES.value), end="")
+      return
+    summary = seed_table(rows, _BASELINE.value)  # refuses unpaired seeds before anything is printed
+    for k in range(max(len(dirs) for dirs in rows.values())):  # run K of each row beside run K of the baseline
+      position = {f"{name}:{k + 1}": dirs[k] for name, dirs in rows.items() if k < len(dirs)}
+      base = f"{_BASELINE.value}:{k + 1}" if _BASELINE.value else None
+      print(f"Run {k + 1} of each row\n\n" + table(position, base, _SAMPLES.value))
+    print("Over runs (fine-tuning seeds)\n\n" + summary, end="")
   except (InputError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
