@@ -82,3 +82,21 @@ def test_a_name_given_twice_is_one_row_over_seeds_paired_run_by_run_with_the_bas
   result = subprocess.run(args + runs[:3], cwd=REPO, capture_output=True, text=True)
   assert result.returncode == 2 and result.stdout == ""
   assert "every row needs as many runs (orqa 2, realm 1)" in result.stderr
+
+
+def test_a_kept_copy_of_an_evaluation_compares_exactly_as_the_full_folder(tmp_path):
+  full = _eval_dir(tmp_path / "full", [True] * 12 + [False] * 28, 65.0)
+  records = json.loads((full / "nq_open_dev.json").read_text())
+  for r in records:
+    r.update(prediction="x", blocks=[{"text": "a long block"}] * 5)
+  (full / "nq_open_dev.json").write_text(json.dumps(records))
+  keep = [sys.executable, "tools/keep_eval_records.py", f"--eval={full}", f"--out={tmp_path / 'kept'}"]
+  result = subprocess.run(keep, cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 0 and "kept nq_open_dev in" in result.stdout, result.stderr
+  kept = json.loads((tmp_path / "kept" / "nq_open_dev.json").read_text())
+  assert kept[0] == {"qid": "0", "prediction": "x", "correct": True, "retrieved_has_answer": [False] * 4 + [True]}
+  tables = [subprocess.run([sys.executable, "tools/compare_openqa.py", f"--run=a={d}", "--samples=300"], cwd=REPO,
+                           capture_output=True, text=True).stdout for d in (full, tmp_path / "kept")]
+  assert tables[0] == tables[1] and "| a | 30.0 [" in tables[0]
+  result = subprocess.run(keep, cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 2 and "kept: exists; give a new folder" in result.stderr
