@@ -45,7 +45,8 @@ def keep(source: Path, out: Path) -> list[str]:
   out.mkdir(parents=True)
   (out / "results.json").write_text(results)
   for name, records in kept.items():
-    (out / name).write_text(json.dumps(records, indent=0, ensure_ascii=False) + "\n")
+    lines = ",\n".join(json.dumps(r, ensure_ascii=False) for r in records)  # one question per line
+    (out / name).write_text(f"[\n{lines}\n]\n")
   return [name.removesuffix(".json") for name in kept]
 
 
