@@ -53,6 +53,15 @@ def datasets_of(directory: Path) -> list[str]:
   return [n for n in names if (directory / f"{n}.json").exists()]
 
 
+def same_questions(answers: dict[Path, dict[str, tuple[bool, bool]]], dataset: str) -> list[str]:
+  """The qids every run of `answers` ({directory: per_question(...)}) answered; refuses runs that answered others."""
+  first, qids = next(iter(answers)), sorted(next(iter(answers.values())))
+  for directory, got in answers.items():
+    if sorted(got) != qids:
+      raise InputError(f"{directory}/{dataset}.json: answers other questions than {first}/{dataset}.json")
+  return qids
+
+
 def table(runs: dict[str, Path], baseline: str | None, samples: int) -> str:
   """The markdown table: per dataset, each run's EM [95% interval], minus the baseline's, its R@5 and its EM on
   the questions whose top 5 blocks hold an answer (the reader's share of the misses), then the retrieval
@@ -63,10 +72,7 @@ def table(runs: dict[str, Path], baseline: str | None, samples: int) -> str:
            "EM where the top 5 hold an answer |", "|---|---|---|---|---|---|---|"]
   for dataset in datasets_of(first):
     answers = {name: per_question(d, dataset) for name, d in runs.items()}
-    qids = sorted(answers[next(iter(runs))])
-    for name, got in answers.items():
-      if sorted(got) != qids:
-        raise InputError(f"{runs[name]}/{dataset}.json: answers other questions than {first}/{dataset}.json")
+    qids = same_questions({runs[name]: got for name, got in answers.items()}, dataset)
     recall = {r["system"]: r["recall@5"] for rows in results.values() for r in rows if r["dataset"] == dataset}
     for name, got in answers.items():
       correct = [got[q][0] for q in qids]
@@ -106,10 +112,7 @@ def seed_table(rows: dict[str, list[Path]], baseline: str | None) -> str:
            "mean difference [95% t-interval over runs] |", "|---|---|---|---|---|---|---|"]
   for dataset in datasets_of(next(iter(rows.values()))[0]):
     answers = {d: per_question(d, dataset) for runs in rows.values() for d in runs}
-    first = next(iter(answers))
-    for d, got in answers.items():
-      if sorted(got) != sorted(answers[first]):
-        raise InputError(f"{d}/{dataset}.json: answers other questions than {first}/{dataset}.json")
+    same_questions(answers, dataset)
     em = {name: [100 * float(np.mean([c for c, _ in answers[d].values()])) for d in runs]
           for name, runs in rows.items()}
     for name, values in em.items():
