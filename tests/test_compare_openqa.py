@@ -36,10 +36,13 @@ def test_a_paired_difference_is_resampled_by_question_so_shared_noise_cancels():
     bootstrap.paired_difference(better, base[:3])
 
 
-def _eval_dir(path, correct, recall5):
+def _eval_dir(path, correct, recall5, minilm_top5=None):
   path.mkdir(parents=True)  # the first 30 questions have an answer in their top 5 blocks (at rank 5)
   records = [{"qid": str(i), "correct": bool(c), "retrieved_has_answer": [False] * 4 + [i < 30] + [True]}
              for i, c in enumerate(correct)]
+  if minilm_top5 is not None:  # evaluated beside MiniLM: its first `minilm_top5` questions have an answer at rank 1
+    for i, r in enumerate(records):
+      r["baselines_has_answer"] = {"MiniLM zero-shot": [i < minilm_top5] + [False] * 5}
   (path / "nq_open_dev.json").write_text(json.dumps(records))
   rows = [{"dataset": "nq_open_dev", "system": "realm-jax", "recall@5": recall5},
           {"dataset": "nq_open_dev (gold passage in corpus)", "system": "realm-jax", "recall@5": 1.0},
@@ -55,14 +58,29 @@ def test_compare_openqa_tabulates_each_run_with_intervals_and_the_paired_differe
                            "--baseline=orqa", "--samples=2000"], cwd=REPO, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
-  assert lines[2].startswith("| nq_open_dev | 40 | orqa | 25.0 [") and lines[2].endswith("| – | 60.0 | 33.3 (30) |")
+  assert lines[2].startswith("| nq_open_dev | 40 | orqa | 25.0 [") and lines[2].endswith("| – | 60.0 | – | 33.3 (30) |")
   assert lines[3].startswith("| nq_open_dev | 40 | realm | 50.0 [") and "| +25.0 [+" in lines[3]
-  assert lines[3].endswith("| 70.0 | 66.7 (30) |")  # 20 right, all among the 30 whose top 5 hold an answer
-  assert lines[4] == "| nq_open_dev | 40 | BM25 | – | – | 40.0 | – |" and len(lines) == 5
+  assert lines[3].endswith("| 70.0 | – | 66.7 (30) |")  # 20 right, all among the 30 whose top 5 hold an answer
+  assert lines[4] == "| nq_open_dev | 40 | BM25 | – | – | 40.0 | – | – |" and len(lines) == 5
   other = _eval_dir(tmp_path / "other", [True] * 39, 1.0)
   result = subprocess.run([sys.executable, "tools/compare_openqa.py", f"--run=orqa={base}", f"--run=x={other}"],
                           cwd=REPO, capture_output=True, text=True)
   assert result.returncode == 2 and "other/nq_open_dev.json: answers other questions than" in result.stderr
+
+
+def test_recall_is_compared_with_minilm_question_by_question_from_any_run_evaluated_beside_it(tmp_path):
+  orqa = _eval_dir(tmp_path / "orqa", [True] * 10 + [False] * 30, 75.0, minilm_top5=32)  # MiniLM: 32 of 40
+  realm = _eval_dir(tmp_path / "realm", [True] * 20 + [False] * 20, 75.0)  # evaluated without the baselines
+  args = [sys.executable, "tools/compare_openqa.py", f"--run=orqa={orqa}", "--baseline=orqa", "--samples=2000"]
+  result = subprocess.run([*args, f"--run=realm={realm}"], cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert "MiniLM zero-shot [95% CI]" in lines[0]
+  for line in lines[2:4]:  # both rows retrieve 30 of the 40 (questions 0-29), MiniLM 32 (0-31): 2 lost of 40
+    assert "| 75.0 | -5.0 [-12.5, +0.0] |" in line, line
+  other = _eval_dir(tmp_path / "other", [True] * 20 + [False] * 20, 75.0, minilm_top5=31)
+  result = subprocess.run([*args, f"--run=other={other}"], cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 2 and "MiniLM zero-shot's retrievals differ from" in result.stderr
 
 
 def test_a_name_given_twice_is_one_row_over_seeds_paired_run_by_run_with_the_baseline(tmp_path):
@@ -85,7 +103,7 @@ def test_a_name_given_twice_is_one_row_over_seeds_paired_run_by_run_with_the_bas
 
 
 def test_a_kept_copy_of_an_evaluation_compares_exactly_as_the_full_folder(tmp_path):
-  full = _eval_dir(tmp_path / "full", [True] * 12 + [False] * 28, 65.0)
+  full = _eval_dir(tmp_path / "full", [True] * 12 + [False] * 28, 65.0, minilm_top5=35)
   records = json.loads((full / "nq_open_dev.json").read_text())
   for r in records:
     r.update(prediction="x", blocks=[{"text": "a long block"}] * 5)
@@ -94,7 +112,8 @@ def test_a_kept_copy_of_an_evaluation_compares_exactly_as_the_full_folder(tmp_pa
   result = subprocess.run(keep, cwd=REPO, capture_output=True, text=True)
   assert result.returncode == 0 and "kept nq_open_dev in" in result.stdout, result.stderr
   kept = json.loads((tmp_path / "kept" / "nq_open_dev.json").read_text())
-  assert kept[0] == {"qid": "0", "prediction": "x", "correct": True, "retrieved_has_answer": [False] * 4 + [True]}
+  assert kept[0] == {"qid": "0", "prediction": "x", "correct": True, "retrieved_has_answer": [False] * 4 + [True],
+                     "baselines_has_answer": {"MiniLM zero-shot": [True] + [False] * 4}}
   tables = [subprocess.run([sys.executable, "tools/compare_openqa.py", f"--run=a={d}", "--samples=300"], cwd=REPO,
                            capture_output=True, text=True).stdout for d in (full, tmp_path / "kept")]
   assert tables[0] == tables[1] and "| a | 30.0 [" in tables[0]

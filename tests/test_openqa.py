@@ -325,6 +325,10 @@ def test_finetune_evaluate_and_ask_launchers_end_to_end_on_a_gcs_workdir(small_q
   records = json.loads((workdir / "eval" / "webquestions_test.json").read_text())
   assert len(records) == 3 and {"prediction", "blocks", "correct"} <= set(records[0])
   assert records[0]["blocks"][0]["title"]
+  assert all(len(r["baselines_has_answer"]["BM25"]) == len(r["retrieved_has_answer"]) for r in records)
+  bm25 = next(r for r in rows if (r["dataset"], r["system"]) == ("webquestions_test", "BM25"))
+  assert bm25["recall@20"] == pytest.approx(100 * np.mean([any(r["baselines_has_answer"]["BM25"][:20])
+                                                           for r in records]))
   result = run_launcher("evaluate.py", *flags, "--limit=3", "--retrieval_only",  # 3 questions on 2 devices: padded
                         "--gin_bindings=openqa_eval.EvaluationConfig.baselines = ('bm25',)")
   assert result.returncode == 0, result.stderr[-3000:]

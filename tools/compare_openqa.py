@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from absl import app, flags
@@ -35,14 +36,40 @@ _BASELINE = flags.DEFINE_string("baseline", None, "The run the others are compar
 _SAMPLES = flags.DEFINE_integer("samples", 10_000, "Bootstrap resamples.")
 
 
-def per_question(directory: Path, dataset: str) -> dict[str, tuple[bool, bool]]:
-  """{qid: (correct, an answer in the top 5 retrieved blocks)} of one dataset's records."""
+REFERENCE = "MiniLM zero-shot"  # the retriever both rows start from: realm-jax's R@5 is compared with it
+
+
+class Answer(NamedTuple):
+  correct: bool
+  retrieved: bool  # an answer in realm-jax's top 5 blocks
+  baselines: dict[str, bool]  # {baseline: an answer in its top 5}, for the baselines evaluated beside the run
+
+
+def per_question(directory: Path, dataset: str) -> dict[str, Answer]:
+  """{qid: Answer} of one dataset's records."""
   path = directory / f"{dataset}.json"
   try:
     records = json.loads(path.read_text())
-    return {str(r["qid"]): (bool(r["correct"]), any(r["retrieved_has_answer"][:5])) for r in records}
-  except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+    return {str(r["qid"]): Answer(bool(r["correct"]), any(r["retrieved_has_answer"][:5]),
+                                  {s: any(h[:5]) for s, h in r.get("baselines_has_answer", {}).items()})
+            for r in records}
+  except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
     raise InputError(f"{path}: not an evaluate.py per-question file ({type(e).__name__}: {e})") from e
+
+
+def reference_hits(answers: dict[Path, dict[str, Answer]], dataset: str, qids: list[str]) -> list[bool] | None:
+  """Per qid, whether `REFERENCE` retrieved an answer in its top 5, from the runs evaluated beside it (None when
+  none was); refuses runs whose reference retrievals differ (then they searched different block stores)."""
+  found = {d: [got[q].baselines[REFERENCE] for q in qids] for d, got in answers.items()
+           if all(REFERENCE in got[q].baselines for q in qids)}
+  if not found:
+    return None
+  (first, hits), *others = found.items()
+  for directory, other in others:
+    if other != hits:
+      raise InputError(f"{directory}/{dataset}.json: {REFERENCE}'s retrievals differ from {first}/{dataset}.json's "
+                       "(evaluated over another block store?)")
+  return hits
 
 
 def datasets_of(directory: Path) -> list[str]:
@@ -53,7 +80,7 @@ def datasets_of(directory: Path) -> list[str]:
   return [n for n in names if (directory / f"{n}.json").exists()]
 
 
-def same_questions(answers: dict[Path, dict[str, tuple[bool, bool]]], dataset: str) -> list[str]:
+def same_questions(answers: dict[Path, dict[str, Answer]], dataset: str) -> list[str]:
   """The qids every run of `answers` ({directory: per_question(...)}) answered; refuses runs that answered others."""
   first, qids = next(iter(answers)), sorted(next(iter(answers.values())))
   for directory, got in answers.items():
@@ -63,32 +90,37 @@ def same_questions(answers: dict[Path, dict[str, tuple[bool, bool]]], dataset: s
 
 
 def table(runs: dict[str, Path], baseline: str | None, samples: int) -> str:
-  """The markdown table: per dataset, each run's EM [95% interval], minus the baseline's, its R@5 and its EM on
+  """The markdown table: per dataset, each run's EM [95% interval], minus the baseline's, its R@5, its R@5 minus
+  MiniLM zero-shot's over the same questions [95% interval] (when a run was evaluated beside MiniLM) and its EM on
   the questions whose top 5 blocks hold an answer (the reader's share of the misses), then the retrieval
-  baselines' R@5 (from the first run's results.json)."""
+  baselines' R@5 (from the runs' results.json)."""
   first = next(iter(runs.values()))
   results = {name: json.loads((d / "results.json").read_text()) for name, d in runs.items()}
   lines = ["| dataset | questions | system | EM [95% CI] | minus " + (baseline or "–") + " [95% CI] | R@5 | "
-           "EM where the top 5 hold an answer |", "|---|---|---|---|---|---|---|"]
+           f"R@5 minus {REFERENCE} [95% CI] | EM where the top 5 hold an answer |", "|---|---|---|---|---|---|---|---|"]
   for dataset in datasets_of(first):
     answers = {name: per_question(d, dataset) for name, d in runs.items()}
     qids = same_questions({runs[name]: got for name, got in answers.items()}, dataset)
+    reference = reference_hits({runs[name]: got for name, got in answers.items()}, dataset, qids)
     recall = {r["system"]: r["recall@5"] for rows in results.values() for r in rows if r["dataset"] == dataset}
     for name, got in answers.items():
-      correct = [got[q][0] for q in qids]
+      correct = [got[q].correct for q in qids]
       em = bootstrap.interval(correct, samples)
-      retrieved = [got[q][0] for q in qids if got[q][1]]
+      retrieved = [got[q].correct for q in qids if got[q].retrieved]
       reader = f"{100 * sum(retrieved) / len(retrieved):.1f} ({len(retrieved)})" if retrieved else "–"
-      diff = "–"
+      diff, versus_reference = "–", "–"
       if baseline and name != baseline:
-        d = bootstrap.paired_difference(correct, [answers[baseline][q][0] for q in qids], samples)
+        d = bootstrap.paired_difference(correct, [answers[baseline][q].correct for q in qids], samples)
         diff = f"{d['difference']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
+      if reference is not None:
+        d = bootstrap.paired_difference([got[q].retrieved for q in qids], reference, samples)
+        versus_reference = f"{d['difference']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
       mine = next(r["recall@5"] for r in results[name] if r["dataset"] == dataset and r["system"] == "realm-jax")
       lines.append(f"| {dataset} | {len(qids)} | {name} | {em['em']:.1f} [{em['low']:.1f}, {em['high']:.1f}] | "
-                   f"{diff} | {mine:.1f} | {reader} |")
-    for system in ("BM25", "MiniLM zero-shot"):
+                   f"{diff} | {mine:.1f} | {versus_reference} | {reader} |")
+    for system in ("BM25", REFERENCE):
       if system in recall:
-        lines.append(f"| {dataset} | {len(qids)} | {system} | – | – | {recall[system]:.1f} | – |")
+        lines.append(f"| {dataset} | {len(qids)} | {system} | – | – | {recall[system]:.1f} | – | – |")
   return "\n".join(lines) + "\n"
 
 
@@ -113,7 +145,7 @@ def seed_table(rows: dict[str, list[Path]], baseline: str | None) -> str:
   for dataset in datasets_of(next(iter(rows.values()))[0]):
     answers = {d: per_question(d, dataset) for runs in rows.values() for d in runs}
     same_questions(answers, dataset)
-    em = {name: [100 * float(np.mean([c for c, _ in answers[d].values()])) for d in runs]
+    em = {name: [100 * float(np.mean([a.correct for a in answers[d].values()])) for d in runs]
           for name, runs in rows.items()}
     for name, values in em.items():
       spread = f" ± {np.std(values, ddof=1) / np.sqrt(len(values)):.1f}" if len(values) > 1 else ""

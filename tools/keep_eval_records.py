@@ -1,6 +1,7 @@
 r"""A small copy of an `evaluate.py` folder for the repository: results.json and, per question, what
-tools/compare_openqa.py reads (qid, prediction, correct, whether each of the top 5 blocks holds an answer), so
-runs measured in one session can be compared with runs of later ones (e.g. more fine-tuning seeds).
+tools/compare_openqa.py reads (qid, prediction, correct, whether each of the top 5 blocks of realm-jax and of each
+baseline evaluated beside it holds an answer), so runs measured in one session can be compared with runs of later
+ones (e.g. more fine-tuning seeds).
 
   python tools/keep_eval_records.py --eval=workdir/demo/openqa/eval \
     --out=docs/experiments/paper_tables_demo/table1_runs/realm_seed0
@@ -39,7 +40,9 @@ def keep(source: Path, out: Path) -> list[str]:
       continue
     try:
       kept[path.name] = [{**{f: r[f] for f in KEPT_FIELDS},
-                          "retrieved_has_answer": r["retrieved_has_answer"][:TOP_K_KEPT]}
+                          "retrieved_has_answer": r["retrieved_has_answer"][:TOP_K_KEPT],
+                          **({"baselines_has_answer": {s: h[:TOP_K_KEPT] for s, h in r["baselines_has_answer"].items()}}
+                             if "baselines_has_answer" in r else {})}
                          for r in json.loads(path.read_text())]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
       raise InputError(f"{path}: not an evaluate.py per-question file ({type(e).__name__}: {e})") from e

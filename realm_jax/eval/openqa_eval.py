@@ -5,7 +5,8 @@ Answer-recall@k: an answer string (or the CuratedTrec regex) occurs in the text 
 ceiling is the share of questions with an answer somewhere in the block store: one streaming pass over the texts
 for all questions of a dataset (`corpus_answers`), cached in the output folder.  For NQ-open the subset whose
 gold passage is in the store is also reported (found in the same pass).  Per dataset, `<out>/<name>.json` holds
-every prediction with the blocks it was read from.
+every prediction with the blocks it was read from, and whether each of the top k blocks of realm-jax and of each
+baseline holds an answer (so recall can be compared question by question).
 """
 
 from __future__ import annotations
@@ -94,16 +95,18 @@ def evaluate(
       systems["realm-jax"] = [answer_hits(store, q, p.retrieved) for q, p in zip(questions, predictions, strict=True)]
       correct = np.asarray([exact_match(p.answer, q.answers, q.is_regex)
                             for q, p in zip(questions, predictions, strict=True)])
+    for system, retriever in baselines.items():
+      ids = retriever.search(strings, k_max)
+      systems[system] = [answer_hits(store, q, ids[i]) for i, q in enumerate(questions)]
+    if correct is not None:
       records = [{
           "qid": q.qid, "question": q.question, "answers": list(q.answers), "prediction": p.answer,
           "correct": bool(c), "score": p.score, "probability": p.probability, "block_id": p.block_id,
           "blocks": [dataclasses.asdict(b) for b in p.blocks],
           "retrieved_has_answer": systems["realm-jax"][i][:k_max].tolist(),
+          **({"baselines_has_answer": {s: systems[s][i][:k_max].tolist() for s in baselines}} if baselines else {}),
       } for i, (q, p, c) in enumerate(zip(questions, predictions, correct, strict=True))]
       storage.write_once(out_dir / f"{name}.json", json.dumps(records, indent=1, ensure_ascii=False).encode())
-    for system, retriever in baselines.items():
-      ids = retriever.search(strings, k_max)
-      systems[system] = [answer_hits(store, q, ids[i]) for i, q in enumerate(questions)]
     for subset in subsets(name, questions, gold_in_corpus):
       for system, hits in systems.items():
         row = {"dataset": subset.name, "system": system, "questions": len(subset.indices),
