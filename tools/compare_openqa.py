@@ -1,5 +1,6 @@
 r"""Table 1 of several Open-QA evaluations: EM per dataset with 95% bootstrap intervals, each row's paired
-difference to a baseline row over the same questions, and the retrieval baselines' answer-recall beside them.
+difference to a baseline row over the same questions, and the retrieval baselines' answer-recall beside them
+(each run's R@5 also minus MiniLM zero-shot's, question by question, when a run was evaluated beside MiniLM).
 
   python tools/compare_openqa.py --run=orqa=workdir/table1/orqa/openqa/eval \
     --run=realm=workdir/table1/realm/openqa/eval --baseline=orqa > workdir/table1/table1.md
@@ -36,7 +37,7 @@ _BASELINE = flags.DEFINE_string("baseline", None, "The run the others are compar
 _SAMPLES = flags.DEFINE_integer("samples", 10_000, "Bootstrap resamples.")
 
 
-REFERENCE = "MiniLM zero-shot"  # the retriever both rows start from: realm-jax's R@5 is compared with it
+REFERENCE = "MiniLM zero-shot"  # the sentence encoder both rows start from, as sentence-transformers retrieves
 
 
 class Answer(NamedTuple):
