@@ -2,8 +2,8 @@ r"""Table 1 of several Open-QA evaluations: EM per dataset with 95% bootstrap in
 difference to a baseline row over the same questions, and the retrieval baselines' answer-recall beside them
 (each run's R@5 also minus MiniLM zero-shot's, question by question, when a run was evaluated beside MiniLM).
 
-  python tools/compare_openqa.py --run=orqa=workdir/table1/orqa/openqa/eval \
-    --run=realm=workdir/table1/realm/openqa/eval --baseline=orqa > workdir/table1/table1.md
+  python tools/compare_openqa.py --run=orqa=workdir/table1/orqa_openqa_nq_open_dev/eval \
+    --run=realm=workdir/table1/realm_openqa_nq_open_dev/eval --baseline=orqa
 
 Each --run is an `evaluate.py` output folder (`<dataset>.json` per-question records, `results.json`); the runs
 must have answered the same questions (by qid) of each dataset they share.  A NAME given more than once is one row
@@ -101,8 +101,9 @@ def table(runs: dict[str, Path], baseline: str | None, samples: int) -> str:
            f"R@5 minus {REFERENCE} [95% CI] | EM where the top 5 hold an answer |", "|---|---|---|---|---|---|---|---|"]
   for dataset in datasets_of(first):
     answers = {name: per_question(d, dataset) for name, d in runs.items()}
-    qids = same_questions({runs[name]: got for name, got in answers.items()}, dataset)
-    reference = reference_hits({runs[name]: got for name, got in answers.items()}, dataset, qids)
+    by_directory = {runs[name]: got for name, got in answers.items()}
+    qids = same_questions(by_directory, dataset)
+    reference = reference_hits(by_directory, dataset, qids)
     recall = {r["system"]: r["recall@5"] for rows in results.values() for r in rows if r["dataset"] == dataset}
     for name, got in answers.items():
       correct = [got[q].correct for q in qids]
